@@ -1,0 +1,37 @@
+# Quick start: `make demo` (small benchmark run), `make test` (the test suite).
+# Both bootstrap .venv on a fresh machine first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flexbench-installed
+
+.PHONY: venv demo test test-all lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	$(VENV)/bin/flexbench train --arch slimmable_mobilenet_v1 --dataset synthetic --method ipkd_ta --profile smoke --restart
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	$(VENV)/bin/flexbench train --arch msdnet --dataset synthetic --method ipkd_ta --profile smoke --restart
+
+test: venv
+	$(PY) -m pytest -q
+
+test-all: venv
+	$(PY) -m pytest -q -m ''
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: venv
+	$(PY) scripts/bench_throughput.py
+
+clean:
+	rm -rf $(VENV) mlruns mlartifacts flexbench_runs

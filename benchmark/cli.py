@@ -1,0 +1,168 @@
+"""`flexbench` command line: ls, info, train (grid, study, report and server plug in here)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from benchmark.errors import ConfigError, TrainingError
+
+
+def _add_cell_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True, help="architecture (see `flexbench ls`)")
+    p.add_argument(
+        "--dataset",
+        default="cifar10",
+        help="cifar10 | cifar100 | synthetic | imagefolder:<dir or .zip>",
+    )
+    p.add_argument("--profile", default="smoke", help="smoke | mini | paper")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a setting, e.g. --set method.T=4 --set train.epochs=10",
+    )
+    p.add_argument("--data-root", help="folder holding the standard CIFAR files (data.root)")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from benchmark.config import parse_sets
+
+    sets = parse_sets(args.sets)
+    if args.data_root:
+        sets["data.root"] = args.data_root
+    if args.download:
+        sets["data.download"] = True
+    return sets
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from benchmark.config import PROFILES
+    from benchmark.data import DATASETS
+    from benchmark.methods import METHODS
+    from benchmark.models import ARCHS
+
+    print("architectures:")
+    for name in ARCHS.names():
+        print(f"  {name:26s} {ARCHS.get(name).description}")
+    print("methods:")
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        params = ", ".join(f"{k}={v.default:g}" for k, v in cls.PARAMS.items())
+        print(f"  {name:26s} {cls.description}" + (f" [{params}]" if params else ""))
+    print("datasets:")
+    for name in DATASETS.names():
+        spec = DATASETS.get(name)
+        label = f"{name}:<path>" if spec.needs_arg else name
+        print(f"  {label:26s} {spec.description}")
+    print("profiles:")
+    for name, prof in PROFILES.items():
+        print(f"  {name:26s} {prof['description']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmark import data as datasets
+    from benchmark.config import resolve
+    from benchmark.flops import count_costs, measure_latency
+    from benchmark.train import make_model
+
+    cfg = resolve(args.arch, args.dataset, "joint", 0, args.profile, _overrides(args))
+    num_classes, image_size = datasets.describe(args.dataset, cfg["data"])
+    model = make_model(cfg, num_classes, image_size)
+    costs = count_costs(model, image_size)
+    lat = measure_latency(model, image_size, torch.device("cpu"), warmup=2, repeats=args.repeats)
+    arch = {k: v for k, v in cfg["arch"].items() if k != "name"}
+    print(
+        f"{args.arch} for {args.dataset} ({num_classes} classes, {image_size}px), "
+        f"profile {args.profile}: {arch}"
+    )
+    print(
+        f"{'sub-model':10s} {'MMACs':>10s} {'MFLOPs':>10s} {'params (M)':>11s} {'latency ms':>11s}"
+    )
+    for c, ms in zip(costs, lat):
+        print(f"{c.name:10s} {c.mmacs:10.3f} {c.mflops:10.3f} {c.params_m:11.4f} {ms:11.2f}")
+    print(
+        "MMACs: conv+linear multiply-adds; MFLOPs: FlopCounterMode (2 x MACs);"
+        " exits are cumulative incl. earlier heads; latency: CPU, batch 1, median"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from benchmark.config import resolve
+    from benchmark.train import train_cell
+
+    cfg = resolve(args.arch, args.dataset, args.method, args.seed, args.profile, _overrides(args))
+    result = train_cell(
+        cfg,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        resume=args.resume,
+        restart=args.restart,
+    )
+    print(f"cell {result.key}: MLflow run {result.run_id}")
+    for row in result.rows:
+        print(
+            f"  {row['name']:10s} top1 {row['top1']:6.2f}%  top5 {row['top5']:6.2f}%  "
+            f"{row['mflops']:9.3f} MFLOPs  {row['params_m']:.4f} M params  "
+            f"{row['latency_ms']:.2f} ms"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexbench", description="Benchmark training methods of flexible neural networks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ls", help="list architectures, methods, datasets and profiles")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("info", help="print the sub-model cost table of an architecture")
+    _add_cell_args(p)
+    p.add_argument("--repeats", type=int, default=10, help="latency repeats per sub-model")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train one cell and log it to MLflow")
+    _add_cell_args(p)
+    p.add_argument("--method", required=True, help="training method (see `flexbench ls`)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+        "else MLflow's default sqlite:///mlflow.db)",
+    )
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: flexbench)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue from the cell's checkpoint")
+    group.add_argument("--restart", action="store_true", help="discard the cell's checkpoint")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"flexbench: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"flexbench: training failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("flexbench: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Cell configuration: defaults, profiles, `--set` overrides, validation and the cell key.
+
+A cell is (arch, dataset, method, seed, profile, overrides). Resolving it gives one nested dict
+(the "resolved config") that is logged to MLflow as flattened params and hashed into the cell key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from benchmark import data as datasets
+from benchmark.errors import ConfigError
+from benchmark.methods import METHODS
+from benchmark.models import ARCHS
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    # MSDNet's CIFAR recipe (reference code): SGD 0.1, momentum 0.9, wd 1e-4, batch 64,
+    # 300 epochs, lr x0.1 at 50% and 75% of the epochs.
+    "train": {
+        "epochs": 300,
+        "batch_size": 64,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 1e-4,
+        "schedule": "multistep",
+        "milestones": [0.5, 0.75],
+        "gamma": 0.1,
+        "warmup_epochs": 0,
+        "label_smoothing": 0.0,
+        "eval_batch_size": 500,
+    },
+    "data": {
+        "root": "./data",
+        "download": False,
+        "val_size": 5000,
+        "train_subset": None,
+        "test_subset": None,
+        "split_seed": 0,
+        "image_size": None,
+    },
+    "runtime": {
+        "device": "auto",
+        "amp": True,
+        "compile": False,
+        "threads": 0,
+        "latency_batch": 1,
+        "latency_warmup": 10,
+        "latency_repeats": 50,
+        "log_every": 50,
+        "workdir": "./flexbench_runs",
+        "log_checkpoint": False,
+    },
+}
+
+# Where a cell's result does not depend on a key, it stays out of the cell key.
+NON_SEMANTIC = {("data", "root"), ("data", "download")}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "description": "published schedules: MSDNet's CIFAR recipe for both families, full data",
+    },
+    "mini": {
+        "description": "real CIFAR-10 subset, scaled-down models, minutes per cell on 2 CPU cores",
+        "train": {
+            "epochs": 8,
+            "batch_size": 64,
+            "lr": 0.05,
+            "schedule": "cosine",
+            "eval_batch_size": 500,
+        },
+        "data": {"val_size": 1000, "train_subset": 10000},
+        "runtime": {"latency_warmup": 3, "latency_repeats": 10, "log_every": 20},
+        "arch": {
+            "msdnet": {
+                "n_blocks": 4,
+                "base": 2,
+                "step": 2,
+                "n_channels": 8,
+                "growth_rate": 4,
+                "head_channels": 32,
+            },
+            "slimmable_mobilenet_v1": {"width_mult": 0.5, "stage_blocks": [1, 1, 1, 2, 1]},
+        },
+    },
+    "smoke": {
+        "description": "seconds per cell on CPU: tiny models and data, for tests and demos",
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256},
+        "data": {"val_size": 100, "train_subset": 320, "test_subset": 200},
+        "runtime": {"latency_warmup": 1, "latency_repeats": 3, "log_every": 5},
+        "arch": {
+            "msdnet": {
+                "n_blocks": 3,
+                "base": 2,
+                "step": 1,
+                "n_channels": 4,
+                "growth_rate": 2,
+                "head_channels": 8,
+            },
+            "slimmable_mobilenet_v1": {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1]},
+        },
+    },
+}
+
+SECTIONS = ("arch", "method", "train", "data", "runtime")
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`["train.epochs=3", "method.T=4"]` -> {"train.epochs": 3, "method.T": 4.0} (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(
+                f"--set expects section.key=value with section in {', '.join(SECTIONS)}, "
+                f"got {item!r}"
+            )
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: cannot parse value: {exc}") from exc
+    return out
+
+
+def _split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    by_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in overrides.items():
+        section, _, sub = key.partition(".")
+        if section not in by_section or not sub:
+            raise ConfigError(f"unknown setting {key!r}; sections: {', '.join(SECTIONS)}")
+        by_section[section][sub] = value
+    return by_section
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], section: str) -> dict[str, Any]:
+    unknown = sorted(set(extra) - set(base))
+    if unknown:
+        raise ConfigError(
+            f"unknown {section} setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(base))}"
+        )
+    merged = dict(base)
+    merged.update(extra)
+    return merged
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_train(t: dict[str, Any]) -> None:
+    _check(
+        _is_int(t["epochs"]) and t["epochs"] >= 1, f"train.epochs must be >= 1, got {t['epochs']!r}"
+    )
+    _check(
+        _is_int(t["batch_size"]) and t["batch_size"] >= 2,
+        f"train.batch_size must be an integer >= 2, got {t['batch_size']!r}",
+    )
+    _check(_is_num(t["lr"]) and t["lr"] > 0, f"train.lr must be > 0, got {t['lr']!r}")
+    _check(
+        _is_num(t["momentum"]) and 0 <= t["momentum"] < 1,
+        f"train.momentum must be in [0, 1), got {t['momentum']!r}",
+    )
+    _check(isinstance(t["nesterov"], bool), "train.nesterov must be true or false")
+    _check(_is_num(t["weight_decay"]) and t["weight_decay"] >= 0, "train.weight_decay must be >= 0")
+    _check(
+        t["schedule"] in ("multistep", "cosine"),
+        f"train.schedule {t['schedule']!r}; valid: multistep, cosine",
+    )
+    ms = t["milestones"]
+    _check(
+        isinstance(ms, list) and all(_is_num(m) and 0 < m <= 1 for m in ms) and ms == sorted(ms),
+        f"train.milestones must be increasing fractions in (0, 1], got {ms!r}",
+    )
+    _check(_is_num(t["gamma"]) and 0 < t["gamma"] <= 1, "train.gamma must be in (0, 1]")
+    _check(
+        _is_int(t["warmup_epochs"]) and 0 <= t["warmup_epochs"] < t["epochs"],
+        "train.warmup_epochs must be an integer in [0, epochs)",
+    )
+    _check(
+        _is_num(t["label_smoothing"]) and 0 <= t["label_smoothing"] < 1,
+        "train.label_smoothing must be in [0, 1)",
+    )
+    _check(
+        _is_int(t["eval_batch_size"]) and t["eval_batch_size"] >= 1,
+        "train.eval_batch_size must be an integer >= 1",
+    )
+
+
+def validate_runtime(r: dict[str, Any]) -> None:
+    dev = str(r["device"])
+    _check(
+        dev in ("auto", "cpu") or dev.startswith("cuda"),
+        f"runtime.device {dev!r}; valid: auto, cpu, cuda, cuda:N",
+    )
+    for key in ("amp", "compile", "log_checkpoint"):
+        _check(isinstance(r[key], bool), f"runtime.{key} must be true or false")
+    for key in ("threads", "latency_warmup"):
+        _check(_is_int(r[key]) and r[key] >= 0, f"runtime.{key} must be an integer >= 0")
+    for key in ("latency_batch", "latency_repeats", "log_every"):
+        _check(_is_int(r[key]) and r[key] >= 1, f"runtime.{key} must be an integer >= 1")
+
+
+def resolve(
+    arch: str,
+    dataset: str,
+    method: str,
+    seed: int = 0,
+    profile: str = "smoke",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full, validated config of one cell. Raises ConfigError with the valid choices."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    arch_spec = ARCHS.get(arch)
+    method_cls = METHODS.get(method)
+    datasets.parse_name(dataset)
+    _check(_is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    prof = PROFILES[profile]
+    sets = _split_overrides(overrides or {})
+    cfg: dict[str, Any] = {}
+    for section in ("train", "data", "runtime"):
+        base = _merge(DEFAULTS[section], prof.get(section, {}), section)
+        cfg[section] = _merge(base, sets[section], section)
+    arch_over = {**prof.get("arch", {}).get(arch, {}), **sets["arch"]}
+    cfg["arch"] = {"name": arch, **arch_spec.resolve(arch_over)}
+    cfg["method"] = {"name": method, **method_cls.resolve(sets["method"])}
+    cfg["data"] = {"name": dataset, **cfg["data"]}
+    cfg["seed"] = seed
+    cfg["profile"] = profile
+    validate_train(cfg["train"])
+    validate_runtime(cfg["runtime"])
+    return cfg
+
+
+def cell_key(cfg: dict[str, Any]) -> str:
+    """Stable hash of everything that determines a cell's result (not runtime or paths)."""
+    semantic = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "runtime"}
+    for section, key in NON_SEMANTIC:
+        semantic[section].pop(key, None)
+    blob = json.dumps(semantic, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.lr": "0.1", ...} for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out

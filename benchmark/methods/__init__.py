@@ -1,0 +1,22 @@
+"""Method registry: one file per training method, registered by name."""
+
+from __future__ import annotations
+
+from benchmark.methods.base import Method, Stage, kd_loss
+from benchmark.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.register(name)(cls)
+        return cls
+
+    return deco
+
+
+from benchmark.methods import independent, ipkd, ipkd_ta, joint, takd  # noqa: E402,F401
+
+__all__ = ["METHODS", "Method", "Stage", "kd_loss", "register_method"]

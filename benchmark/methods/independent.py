@@ -1,0 +1,14 @@
+"""independent: K separate networks (no weight sharing), each trained alone with CE."""
+
+from benchmark.methods import register_method
+from benchmark.methods.base import Method
+
+
+@register_method("independent")
+class Independent(Method):
+    description = "K separate networks, each trained alone with CE (no sharing, no KD)"
+    separate_networks = True
+
+    def loss(self, k, logits, teachers, y, num_submodels):
+        ce = self.ce(logits, y)
+        return ce, {"ce": ce}

@@ -1,0 +1,24 @@
+"""ipkd (inplace KD, Yu & Huang 2019): the full model teaches every smaller sub-model.
+
+L = CE(z_K, y) + sum_{k<K} [(1-a) CE(z_k, y) + a KD(z_k, z_K; T)]. US-Nets used a=1, T=1.
+"""
+
+from benchmark.methods import register_method
+from benchmark.methods.base import Method, kd_loss, temperature, weight
+
+
+@register_method("ipkd")
+class IPKD(Method):
+    description = "inplace KD: the full model (same step, detached) teaches every sub-model"
+    PARAMS = {"T": temperature(), "a": weight()}
+
+    def teacher_of(self, k: int, num_submodels: int) -> int:
+        return num_submodels - 1
+
+    def loss(self, k, logits, teachers, y, num_submodels):
+        ce = self.ce(logits, y)
+        if k == num_submodels - 1:
+            return ce, {"ce": ce}
+        a, T = self.params["a"], self.params["T"]
+        kd = kd_loss(logits, teachers[self.teacher_of(k, num_submodels)], T)
+        return (1 - a) * ce + a * kd, {"ce": ce, "kd": kd}

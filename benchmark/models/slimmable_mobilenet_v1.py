@@ -1,0 +1,184 @@
+"""Slimmable MobileNet-V1 (Yu et al., ICLR 2019) with a CIFAR stem.
+
+As in the reference slimmable networks: one set of conv/linear weights, each width uses the
+prefix slice `weight[:out, :in]`, channels are `make_divisible(c * width)`, and every width has its
+own (switchable) BatchNorm with private affine parameters and running statistics. The CIFAR stem
+(our choice; the IPKD-TA paper's adaptation is unpublished) makes the first conv stride 1, so a
+32x32 input ends at 2x2 (total stride 16) before global average pooling; with `stem_stride=2` and
+224x224 inputs the network is the ImageNet model of the reference.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from benchmark.errors import ConfigError
+from benchmark.models import register_arch
+from benchmark.models.base import FlexibleModel, SubModel
+
+# (channels, blocks, stride) of MobileNet-V1 after the stem, as in the reference.
+STAGES = [(64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2)]
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int = 8) -> int:
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class _Switch:
+    """Mixin: the index of the active width, set by SlimmableMobileNetV1.set_width."""
+
+    active: int = -1
+
+
+class SlimConv2d(nn.Conv2d, _Switch):
+    """Conv whose width-k variant uses the first in_list[k]/out_list[k] channels."""
+
+    def __init__(self, in_list, out_list, kernel, stride, depthwise=False):
+        super().__init__(
+            max(in_list),
+            max(out_list),
+            kernel,
+            stride,
+            kernel // 2,
+            groups=max(in_list) if depthwise else 1,
+            bias=False,
+        )
+        self.in_list, self.out_list, self.depthwise = list(in_list), list(out_list), depthwise
+
+    def forward(self, x: Tensor) -> Tensor:
+        c_in, c_out = self.in_list[self.active], self.out_list[self.active]
+        groups = c_in if self.depthwise else 1
+        weight = self.weight[:c_out, : c_in // groups]
+        return F.conv2d(x, weight, None, self.stride, self.padding, 1, groups)
+
+    def active_num_params(self) -> int:
+        c_in, c_out = self.in_list[self.active], self.out_list[self.active]
+        k = self.kernel_size[0] * self.kernel_size[1]
+        return c_out * (1 if self.depthwise else c_in) * k
+
+
+class SlimLinear(nn.Linear, _Switch):
+    def __init__(self, in_list, num_classes):
+        super().__init__(max(in_list), num_classes)
+        self.in_list = list(in_list)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c_in = self.in_list[self.active]
+        return F.linear(x, self.weight[:, :c_in], self.bias)
+
+    def active_num_params(self) -> int:
+        return self.in_list[self.active] * self.out_features + self.out_features
+
+
+class SwitchableBatchNorm2d(nn.Module, _Switch):
+    """One private BatchNorm2d (affine + running stats) per width."""
+
+    def __init__(self, channels_list):
+        super().__init__()
+        self.bn = nn.ModuleList(nn.BatchNorm2d(c) for c in channels_list)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn[self.active](x)
+
+
+def _dw_separable(in_list, out_list, stride) -> list[nn.Module]:
+    return [
+        SlimConv2d(in_list, in_list, 3, stride, depthwise=True),
+        SwitchableBatchNorm2d(in_list),
+        nn.ReLU6(inplace=True),
+        SlimConv2d(in_list, out_list, 1, 1),
+        SwitchableBatchNorm2d(out_list),
+        nn.ReLU6(inplace=True),
+    ]
+
+
+class SlimmableMobileNetV1(FlexibleModel):
+    single_pass = False
+
+    def __init__(self, num_classes, widths, width_mult, stage_blocks, stem_stride):
+        super().__init__()
+        self.widths = list(widths)
+
+        def chans(c: int) -> list[int]:
+            return [make_divisible(c * w * width_mult) for w in self.widths]
+
+        layers: list[nn.Module] = []
+        c_in = chans(32)
+        layers += [
+            SlimConv2d([3] * len(widths), c_in, 3, stem_stride),
+            SwitchableBatchNorm2d(c_in),
+            nn.ReLU6(inplace=True),
+        ]
+        for (c, _, s), n in zip(STAGES, stage_blocks):
+            c_out = chans(c)
+            for i in range(n):
+                layers += _dw_separable(c_in, c_out, s if i == 0 else 1)
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.classifier = SlimLinear(c_in, num_classes)
+        self.channels = c_in
+        self.switches = [m for m in self.modules() if isinstance(m, _Switch)]
+        self.submodels = [SubModel(i, f"w{w}") for i, w in enumerate(self.widths)]
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """The reference initialisation: He-normal convs, N(0, 0.01) classifier, BN (1, 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0, (2.0 / n) ** 0.5)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def set_width(self, k: int) -> None:
+        for m in self.switches:
+            m.active = k
+
+    def forward_sub(self, x: Tensor, k: int) -> Tensor:
+        self.set_width(k)
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def _validate_widths(widths) -> list[float]:
+    if not isinstance(widths, (list, tuple)) or not widths:
+        raise ConfigError(f"widths must be a non-empty list of numbers, got {widths!r}")
+    if any(not isinstance(w, (int, float)) or w <= 0 for w in widths):
+        raise ConfigError(f"widths must be positive numbers, got {widths!r}")
+    if any(b <= a for a, b in zip(widths, widths[1:])):
+        raise ConfigError(
+            f"widths must be strictly increasing (smallest sub-model first), got {widths!r}"
+        )
+    return [float(w) for w in widths]
+
+
+@register_arch(
+    "slimmable_mobilenet_v1",
+    defaults={
+        "widths": [0.25, 0.5, 0.75, 1.0],
+        "width_mult": 1.0,
+        "stage_blocks": [1, 2, 2, 6, 2],
+        "stem_stride": 1,
+    },
+    description="Slimmable MobileNet-V1 (CIFAR stem): one forward per width, switchable BN",
+)
+def build_slimmable_mobilenet_v1(num_classes: int, image_size: int, **p) -> SlimmableMobileNetV1:
+    widths = _validate_widths(p["widths"])
+    if not isinstance(p["width_mult"], (int, float)) or p["width_mult"] <= 0:
+        raise ConfigError(f"width_mult must be a positive number, got {p['width_mult']!r}")
+    blocks = p["stage_blocks"]
+    if (
+        not isinstance(blocks, (list, tuple))
+        or len(blocks) != len(STAGES)
+        or any(not isinstance(b, int) or b < 1 for b in blocks)
+    ):
+        raise ConfigError(f"stage_blocks must be {len(STAGES)} integers >= 1, got {blocks!r}")
+    if p["stem_stride"] not in (1, 2):
+        raise ConfigError(f"stem_stride must be 1 or 2, got {p['stem_stride']!r}")
+    return SlimmableMobileNetV1(
+        num_classes, widths, float(p["width_mult"]), list(blocks), p["stem_stride"]
+    )

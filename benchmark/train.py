@@ -1,0 +1,538 @@
+"""Train one cell: data -> model -> method -> epochs -> final evaluation -> MLflow.
+
+Read top to bottom: `train_cell` validates everything first, then runs the stages of the method
+(one stage for online methods), checkpointing atomically after every epoch, and finally
+evaluates every sub-model on the test split once and writes the MLflow record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+from tqdm import tqdm
+
+from benchmark import checkpoint, tracking
+from benchmark import data as datasets
+from benchmark.config import cell_key, flatten
+from benchmark.data.pipeline import Normalizer, TrainBatches, eval_batches
+from benchmark.errors import ConfigError, TrainingError
+from benchmark.flops import SubCost, count_costs, measure_latency
+from benchmark.methods import METHODS, Method, Stage
+from benchmark.models import FlexibleModel, IndependentModel, build_model
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class CellResult:
+    key: str
+    run_id: str
+    rows: list[dict[str, Any]]
+    metrics: dict[str, float]
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device {spec!r} requested but CUDA is not available; use cpu")
+    return dev
+
+
+def make_model(cfg: dict[str, Any], num_classes: int, image_size: int) -> FlexibleModel:
+    """Same seed -> same initial weights for every method (independent copies included)."""
+    torch.manual_seed(cfg["seed"])
+    arch = {k: v for k, v in cfg["arch"].items() if k != "name"}
+    model = build_model(cfg["arch"]["name"], arch, num_classes, image_size)
+    if METHODS.get(cfg["method"]["name"]).separate_networks:
+        model = IndependentModel(model)
+    return model
+
+
+def make_method(cfg: dict[str, Any]) -> Method:
+    params = {k: v for k, v in cfg["method"].items() if k != "name"}
+    return METHODS.get(cfg["method"]["name"])(params, cfg["train"]["label_smoothing"])
+
+
+def lr_at(t: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at (epoch, step): linear warm-up, then multi-step or cosine decay."""
+    pos = epoch + step / steps_per_epoch
+    warm = t["warmup_epochs"]
+    if warm and pos < warm:
+        return t["lr"] * (pos + 1 / steps_per_epoch) / warm
+    if t["schedule"] == "multistep":
+        return t["lr"] * t["gamma"] ** sum(epoch >= m * t["epochs"] for m in t["milestones"])
+    frac = (pos - warm) / max(t["epochs"] - warm, 1e-9)
+    return 0.5 * t["lr"] * (1 + math.cos(math.pi * frac))
+
+
+@torch.no_grad()
+def evaluate(
+    model: FlexibleModel,
+    x: Tensor,
+    y: Tensor,
+    batch: int,
+    norm: Normalizer,
+    device: torch.device,
+    amp: bool,
+) -> tuple[list[float], list[float]]:
+    """Top-1/top-5 (%) of every sub-model in one pass over (x, y); one host sync at the end."""
+    was_training = model.training
+    model.eval()
+    k = model.num_submodels
+    c1 = torch.zeros(k, device=device)
+    c5 = torch.zeros(k, device=device)
+    for xb, yb in eval_batches(x, y, batch, norm, device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            outs = model.forward_all(xb)
+        for i, z in enumerate(outs):
+            top = z.topk(min(5, z.shape[1]), dim=1).indices
+            hit = top == yb[:, None]
+            c1[i] += hit[:, 0].sum()
+            c5[i] += hit.any(1).sum()
+    model.train(was_training)
+    n = max(1, x.shape[0])
+    return (c1 * 100 / n).tolist(), (c5 * 100 / n).tolist()
+
+
+def auc_top1(mflops: list[float], top1: list[float]) -> float:
+    """Normalised area under top-1 vs MFLOPs (trapezoid / FLOPs range): the mean accuracy over
+    the cost range; equals top-1 when there is a single sub-model."""
+    pts = sorted(zip(mflops, top1))
+    span = pts[-1][0] - pts[0][0]
+    if span <= 0:
+        return sum(t for _, t in pts) / len(pts)
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
+    return area / span
+
+
+class _Step:
+    """One optimisation step of a stage; teachers' logits are reused, detached, never recomputed."""
+
+    def __init__(
+        self,
+        model: FlexibleModel,
+        method: Method,
+        stage: Stage,
+        amp: bool,
+        device: torch.device,
+        compile_model: bool,
+    ) -> None:
+        self.model, self.method, self.stage, self.amp, self.device = (
+            model,
+            method,
+            stage,
+            amp,
+            device,
+        )
+        self.k = model.num_submodels
+        self.fwd_all = torch.compile(model.forward_all) if compile_model else model.forward_all
+        self.fwd_sub = torch.compile(model.forward_sub) if compile_model else model.forward_sub
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], dict[int, Tensor]]:
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
+        teachers: dict[int, Tensor] = {}
+        with torch.no_grad(), autocast:
+            for t in self.stage.frozen_teachers:
+                teachers[t] = self.fwd_sub(x, t).float()
+        terms: dict[str, Tensor] = {}
+        order = sorted(self.stage.train, reverse=True)  # largest first: teachers exist in time
+        total = torch.zeros((), device=self.device)
+        if self.model.single_pass:
+            with autocast:
+                outs = dict(zip(order, self.fwd_all(x, order)))
+            outs = {k: z.float() for k, z in outs.items()}
+            teachers.update({k: z.detach() for k, z in outs.items()})
+            for k in order:
+                loss_k, tk = self.method.loss(k, outs[k], teachers, y, self.k)
+                total = total + loss_k
+                self._terms(terms, k, tk)
+            total.backward()
+        else:  # one forward per sub-model; backward each at once so memory stays at one sub-model
+            outs = {}
+            for k in order:
+                with autocast:
+                    z = self.fwd_sub(x, k)
+                z = z.float()
+                loss_k, tk = self.method.loss(k, z, teachers, y, self.k)
+                loss_k.backward()
+                teachers[k] = outs[k] = z.detach()
+                total = total + loss_k.detach()
+                self._terms(terms, k, tk)
+        return total.detach(), terms, outs
+
+    def _terms(self, terms: dict[str, Tensor], k: int, tk: dict[str, Tensor]) -> None:
+        name = self.model.submodels[k].name
+        for term, v in tk.items():
+            terms[f"{term}/{name}"] = v.detach()
+
+
+def _train_epoch(
+    model,
+    stage,
+    step_fn,
+    optimizer,
+    batches,
+    t_cfg,
+    r_cfg,
+    epoch,
+    g_epoch,
+    total_epochs,
+    names,
+    progress,
+    device,
+) -> dict[str, float]:
+    """One pass over the training batches; metrics stay on the device until the epoch ends."""
+    t0 = time.perf_counter()
+    model.train()
+    if isinstance(model, IndependentModel):
+        for t in stage.frozen_teachers:
+            model.members[t].eval()
+    loss_sum = torch.zeros((), device=device)
+    term_sums: dict[str, Tensor] = {}
+    correct = torch.zeros(model.num_submodels, device=device)
+    steps = len(batches)
+    bar = tqdm(
+        total=steps,
+        disable=not (progress and sys.stderr.isatty()),
+        desc=f"epoch {g_epoch + 1}/{total_epochs}",
+        leave=False,
+    )
+    lr = t_cfg["lr"]
+    for i, (xb, yb) in enumerate(batches.epoch(epoch)):
+        lr = lr_at(t_cfg, epoch, i, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, terms, outs = step_fn(xb, yb)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss
+        for name, v in terms.items():
+            term_sums[name] = term_sums.get(name, 0) + v
+        for k, z in outs.items():
+            correct[k] += (z.argmax(1) == yb).sum()
+        if (i + 1) % r_cfg["log_every"] == 0:
+            mean_loss = loss_sum.item() / (i + 1)  # one host sync per log_every steps
+            if not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"non-finite loss at epoch {g_epoch + 1}, step {i + 1}; "
+                    f"lower train.lr or check the data"
+                )
+            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}")
+        bar.update()
+    bar.close()
+    metrics = {"train/loss": loss_sum.item() / steps, "lr": lr}
+    if not math.isfinite(metrics["train/loss"]):
+        raise TrainingError(
+            f"non-finite loss in epoch {g_epoch + 1}; lower train.lr or check the data"
+        )
+    metrics.update({f"train/loss_terms/{n}": float(v) / steps for n, v in term_sums.items()})
+    seen = steps * batches.batch_size
+    for k in stage.train:
+        metrics[f"train/top1/{names[k]}"] = float(correct[k]) * 100 / seen
+    metrics["time/epoch_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def _progress_line(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_dir(cfg: dict[str, Any], experiment: str, key: str) -> Path:
+    return Path(cfg["runtime"]["workdir"]) / experiment / key
+
+
+def train_cell(
+    cfg: dict[str, Any],
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    evaluate_test: bool = True,
+    epoch_callback: EpochCallback | None = None,
+    progress: bool = True,
+    extra_tags: dict[str, str] | None = None,
+) -> CellResult:
+    """Train and evaluate one resolved cell; returns its per-sub-model results.
+
+    `evaluate_test=False` seals the test split (studies): final metrics are then on val only.
+    `epoch_callback(epoch, metrics)` runs after every epoch (e.g. Optuna pruning); an exception
+    it raises ends the cell, which is marked failed unless the exception is TrialPruned-like.
+    """
+    experiment = experiment or tracking.DEFAULT_EXPERIMENT
+    key = cell_key(cfg)
+    t_cfg, r_cfg = cfg["train"], cfg["runtime"]
+    # --- validate everything before any work -------------------------------------------
+    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+    device = pick_device(str(r_cfg["device"]))
+    model = make_model(cfg, num_classes, image_size)
+    method = make_method(cfg)
+    uri = tracking.resolve_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    ckpt_path = run_dir(cfg, experiment, key) / "checkpoint.pt"
+    state = None
+    if ckpt_path.exists():
+        if restart:
+            ckpt_path.unlink()
+        elif resume:
+            state = checkpoint.load(ckpt_path)
+        else:
+            raise ConfigError(
+                f"a checkpoint of this cell exists ({ckpt_path}); pass --resume to continue it "
+                f"or --restart to discard it"
+            )
+    if r_cfg["threads"]:
+        torch.set_num_threads(r_cfg["threads"])
+    splits = datasets.load_splits(cfg["data"]["name"], cfg["data"])
+    splits.sealed = not evaluate_test
+    amp = bool(r_cfg["amp"]) and device.type == "cuda"
+    arch_key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
+    costs: list[SubCost] = count_costs(model, image_size, cache_key=arch_key)
+
+    model = model.to(device, memory_format=torch.channels_last)
+    method = method.to(device)
+    names = [s.name for s in model.submodels]
+    stages = method.stages(model.num_submodels)
+    params = list(model.parameters()) + list(method.parameters())
+
+    def new_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            params,
+            lr=t_cfg["lr"],
+            momentum=t_cfg["momentum"],
+            nesterov=t_cfg["nesterov"],
+            weight_decay=t_cfg["weight_decay"],
+        )
+
+    optimizer = new_optimizer()
+    stage_idx, epoch = 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        stage_idx, epoch = state["stage"], state["epoch"]
+
+    run = tracking.CellRun(uri, experiment)
+    tags = {
+        tracking.TAG + "device": str(device)
+        + (
+            f" ({torch.cuda.get_device_name(device)})"
+            if device.type == "cuda"
+            else f" ({torch.get_num_threads()} threads)"
+        ),
+        tracking.TAG + "split_seed": str(cfg["data"]["split_seed"]),
+        tracking.TAG + "val_hash": splits.val_hash,
+        tracking.TAG + "torch": torch.__version__,
+        tracking.TAG + "test_evaluated": str(evaluate_test).lower(),
+        **(extra_tags or {}),
+    }
+    run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
+    if state:
+        _progress_line(f"resuming cell {key} at stage {stage_idx + 1}, epoch {epoch + 1}")
+
+    norm = Normalizer(splits.mean, splits.std, device)
+    batches = TrainBatches(
+        splits.train_x, splits.train_y, t_cfg["batch_size"], norm, cfg["seed"], device
+    )
+    if len(batches) == 0:
+        raise ConfigError(
+            f"train.batch_size {t_cfg['batch_size']} exceeds the {splits.train_x.shape[0]} "
+            f"training images"
+        )
+    n_epochs = t_cfg["epochs"]
+    total_epochs = n_epochs * len(stages)
+    try:
+        while stage_idx < len(stages):
+            stage = stages[stage_idx]
+            step_fn = _Step(model, method, stage, amp, device, bool(r_cfg["compile"]))
+            while epoch < n_epochs:
+                g_epoch = stage_idx * n_epochs + epoch
+                metrics = _train_epoch(
+                    model,
+                    stage,
+                    step_fn,
+                    optimizer,
+                    batches,
+                    t_cfg,
+                    r_cfg,
+                    epoch,
+                    g_epoch,
+                    total_epochs,
+                    names,
+                    progress,
+                    device,
+                )
+                val1, _ = evaluate(
+                    model, splits.val_x, splits.val_y, t_cfg["eval_batch_size"], norm, device, amp
+                )
+                metrics.update({f"val/top1/{n}": v for n, v in zip(names, val1)})
+                metrics["val/top1_mean"] = sum(val1) / len(val1)
+                run.log_metrics(metrics, g_epoch)
+                epoch += 1
+                if epoch == n_epochs and stage_idx + 1 < len(stages):
+                    optimizer = new_optimizer()  # each stage of a chain starts fresh
+                next_pos = (stage_idx + 1, 0) if epoch == n_epochs else (stage_idx, epoch)
+                checkpoint.save(
+                    ckpt_path,
+                    {
+                        "model": model.state_dict(),
+                        "method": method.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "stage": next_pos[0],
+                        "epoch": next_pos[1],
+                        "rng_cpu": torch.get_rng_state(),
+                        "rng_cuda": torch.cuda.get_rng_state(device)
+                        if device.type == "cuda"
+                        else None,
+                        "run_id": run.run_id,
+                        "key": key,
+                    },
+                )
+                if progress:
+                    eta = metrics["time/epoch_s"] * (total_epochs - g_epoch - 1)
+                    _progress_line(
+                        f"[{key}] epoch {g_epoch + 1}/{total_epochs}"
+                        f" loss {metrics['train/loss']:.4f}"
+                        f" val top1 {' '.join(f'{v:.1f}' for v in val1)}"
+                        f" ({metrics['time/epoch_s']:.1f}s, ETA {eta:.0f}s)"
+                    )
+                if epoch_callback is not None:
+                    epoch_callback(g_epoch, metrics)
+            stage_idx, epoch = stage_idx + 1, 0
+        return _finish(
+            cfg,
+            key,
+            run,
+            model,
+            splits,
+            norm,
+            device,
+            amp,
+            costs,
+            evaluate_test,
+            total_epochs,
+            ckpt_path,
+        )
+    except KeyboardInterrupt:
+        run.interrupted()
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "TrialPruned":
+            run.set_tags({tracking.TAG + "status": "pruned"})
+            run.client.set_terminated(run.run_id, "KILLED")
+        else:
+            run.fail(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _finish(
+    cfg, key, run, model, splits, norm, device, amp, costs, evaluate_test, total_epochs, ckpt_path
+) -> CellResult:
+    """Final evaluation of every sub-model in one pass, latency, and the MLflow record."""
+    r_cfg, t_cfg = cfg["runtime"], cfg["train"]
+    split = "test" if evaluate_test else "val"
+    x, y = splits.test() if evaluate_test else (splits.val_x, splits.val_y)
+    top1, top5 = evaluate(model, x, y, t_cfg["eval_batch_size"], norm, device, amp)
+    lat = measure_latency(
+        model,
+        splits.image_size,
+        device,
+        r_cfg["latency_batch"],
+        r_cfg["latency_warmup"],
+        r_cfg["latency_repeats"],
+    )
+    rows = []
+    final: dict[str, float] = {}
+    for sub, c, a1, a5, ms in zip(model.submodels, costs, top1, top5, lat):
+        row = {
+            "index": sub.index,
+            "name": sub.name,
+            "top1": a1,
+            "top5": a5,
+            "mmacs": c.mmacs,
+            "mflops": c.mflops,
+            "params_m": c.params_m,
+            "latency_ms": ms,
+        }
+        rows.append(row)
+        final.update(
+            {
+                f"{split}/top1/{sub.name}": a1,
+                f"{split}/top5/{sub.name}": a5,
+                f"mmacs/{sub.name}": c.mmacs,
+                f"mflops/{sub.name}": c.mflops,
+                f"params_m/{sub.name}": c.params_m,
+                f"latency_ms/{sub.name}": ms,
+            }
+        )
+    final[f"{split}/top1_mean"] = sum(top1) / len(top1)
+    final[f"{split}/top1_auc"] = auc_top1([r["mflops"] for r in rows], top1)
+    with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
+        art = _artifacts(Path(tmp), cfg, rows, split, r_cfg["log_checkpoint"], ckpt_path)
+        run.finish(final, rows, art, cfg, key, total_epochs)
+    _progress_line(
+        f"[{key}] finished: "
+        + ", ".join(f"{r['name']} {r['top1']:.1f}% @ {r['mflops']:.2f} MFLOPs" for r in rows)
+        + f" ({split})"
+    )
+    return CellResult(key, run.run_id, rows, final)
+
+
+def _artifacts(
+    folder: Path, cfg, rows, split, log_checkpoint, ckpt_path
+) -> list[tuple[Path, str | None]]:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with open(folder / "submodels.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
+    xs, ys = [r["mflops"] for r in rows], [r["top1"] for r in rows]
+    ax.plot(xs, ys, marker="o")
+    for r in rows:
+        ax.annotate(
+            r["name"],
+            (r["mflops"], r["top1"]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+        )
+    ax.set_xlabel("MFLOPs (FlopCounterMode, forward)")
+    ax.set_ylabel(f"{split} top-1 (%)")
+    ax.set_title(
+        f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}", fontsize=8
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "acc_vs_flops.png")
+    plt.close(fig)
+    out = [
+        (folder / "config.yaml", None),
+        (folder / "submodels.csv", None),
+        (folder / "acc_vs_flops.png", "plots"),
+    ]
+    if log_checkpoint and ckpt_path.exists():
+        out.append((ckpt_path, "checkpoint"))
+    return out
