@@ -1,0 +1,318 @@
+"""Build a report: load -> statistics -> tables and figures -> index.html / report.md -> MLflow.
+
+`build_report` is what `flexbench report` runs; it returns a `Report` with every table as a
+DataFrame, so the numbers can also be checked or reused without parsing the rendered files.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pandas as pd
+
+from benchmark.errors import ConfigError
+from reports import figures as figs
+from reports import tables as tb
+from reports.load import CELL, PANEL, Experiment, histories, load_experiment
+from reports.references import Reference, compare, load_references, sources_frame
+from reports.stats import AUC, MEAN, paired, scores, summarize
+from reports.style import method_order, method_styles
+
+FORMATS = ("md", "html", "tex", "csv")
+MARKER = ".flexbench-report"
+KIND_TAG = "flexbench.kind"
+
+
+@dataclass
+class Report:
+    experiment: Experiment
+    out: Path
+    baseline: str | None
+    order: list[str]
+    scores: pd.DataFrame
+    summary: pd.DataFrame
+    pairs: pd.DataFrame
+    tables: list[tb.ResultTable]
+    figures: dict[tuple, list[figs.Figure]]
+    methods: pd.DataFrame  # one-number summaries per panel x method, rendered strings
+    coverage: pd.DataFrame  # finished seeds per panel x method
+    problems: pd.DataFrame  # cells that are not finished
+    ref_table: pd.DataFrame
+    ref_sources: pd.DataFrame
+    ref_unrelated: list[Reference]
+    study_figures: list[figs.Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    run_id: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def uri_display(self) -> str:
+        return redact(self.experiment.uri)
+
+
+def redact(uri: str) -> str:
+    """The tracking URI without credentials."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def pick_baseline(methods: list[str], requested: str | None) -> str | None:
+    if requested:
+        if methods and requested not in methods:
+            raise ConfigError(
+                f"baseline method {requested!r} has no finished cell in this experiment; "
+                f"methods with finished cells: {', '.join(sorted(methods)) or '(none)'}"
+            )
+        return requested
+    return "joint" if "joint" in methods else None
+
+
+def parse_formats(spec: str) -> set[str]:
+    wanted = {f.strip().lower() for f in spec.split(",") if f.strip()}
+    bad = sorted(wanted - set(FORMATS))
+    if bad or not wanted:
+        raise ConfigError(
+            f"unknown format(s) {', '.join(bad) or '(none given)'}; choose from {','.join(FORMATS)}"
+        )
+    return wanted
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    if n == 0 or math.isnan(mean):
+        return "—"
+    return tb.fmt_num(mean) if n < 2 or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def method_summaries(summary: pd.DataFrame, pairs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Per panel x method: n, top-1 mean and AUC (mean ± std), and their paired gain."""
+    rows = []
+    if summary.empty:
+        return pd.DataFrame()
+    s = summary[summary["key"].isin([MEAN, AUC])].set_index([*PANEL, "method", "key"])
+    p = pairs.set_index([*PANEL, "method", "key"]) if not pairs.empty else None
+    for panel, g in summary.groupby(PANEL, sort=True):
+        for m in [m for m in order if m in set(g["method"])]:
+            row = {**dict(zip(PANEL, panel)), "method": m}
+            for key, label in ((MEAN, "top-1 mean"), (AUC, "AUC")):
+                idx = (*panel, m, key)
+                if idx in s.index:
+                    r = s.loc[idx]
+                    row["n"] = int(r["n"])
+                    row[label] = _pm(r["mean"], r["std"], int(r["n"]))
+                else:
+                    row[label] = "—"
+                if p is not None and idx in p.index:
+                    q = p.loc[idx]
+                    row[f"Δ {label}"] = (
+                        f"{q['diff_mean']:+.2f}{q['mark']} (n={int(q['n'])}, p={tb.fmt_p(q['p'])})"
+                        if int(q["n"]) > 0
+                        else "—"
+                    )
+                else:
+                    row[f"Δ {label}"] = ""
+            rows.append(row)
+    cols = [*PANEL, "method", "n", "top-1 mean", "Δ top-1 mean", "AUC", "Δ AUC"]
+    return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def coverage(cells: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Per panel x method: finished / expected cells, and which seeds are not finished."""
+    if cells.empty:
+        return pd.DataFrame(columns=[*PANEL, "method", "finished", "not finished"])
+    rows = []
+    for key, g in cells.groupby([*PANEL, "method"], sort=True):
+        done = g[g["status"] == "finished"]
+        other = g[g["status"] != "finished"].sort_values("seed")
+        rows.append(
+            {
+                **dict(zip([*PANEL, "method"], key)),
+                "finished": f"{len(done)}/{len(g)}",
+                "not finished": ", ".join(f"seed {r.seed}: {r.status}" for r in other.itertuples())
+                or "",
+            }
+        )
+    out = pd.DataFrame(rows)
+    rank = {m: i for i, m in enumerate(order)}
+    out["_r"] = out["method"].map(lambda m: rank.get(m, len(rank)))
+    return out.sort_values([*PANEL, "_r", "method"]).drop(columns="_r").reset_index(drop=True)
+
+
+def problems(cells: pd.DataFrame) -> pd.DataFrame:
+    cols = [*CELL, "status", "error", "run_id"]
+    if cells.empty:
+        return pd.DataFrame(columns=cols)
+    bad = cells[cells["status"] != "finished"].copy()
+    bad["error"] = bad["error"].map(lambda e: "" if not isinstance(e, str) else e[:300])
+    bad["run_id"] = bad["run_id"].fillna("")
+    return bad[cols].reset_index(drop=True)
+
+
+def _prepare_out(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MARKER).exists():  # a previous report: drop its generated files, nothing else
+        for sub in ("figures", "tables"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for name in ("index.html", "report.md"):
+            (out / name).unlink(missing_ok=True)
+    (out / MARKER).write_text("written by `flexbench report`; safe to delete\n")
+
+
+def build_report(
+    experiment: str,
+    tracking_uri: str | None = None,
+    out: Path | str | None = None,
+    baseline: str | None = None,
+    formats: set[str] | str = "md,html,tex,csv",
+    references_dir: Path | None = None,
+    studies: list | None = None,
+    log_to_mlflow: bool = True,
+) -> Report:
+    """Everything `flexbench report` writes; see the module docstring."""
+    t0 = time.perf_counter()
+    if isinstance(formats, str):
+        formats = parse_formats(formats)
+    refs = load_references(references_dir)  # a broken reference file fails before any work
+    exp = load_experiment(experiment, tracking_uri)
+    out = Path(out) if out else Path(f"report-{tb.panel_slug((experiment,))}")
+    _prepare_out(out)
+
+    finished_methods = sorted(exp.tidy["method"].unique()) if not exp.tidy.empty else []
+    all_methods = sorted(exp.cells["method"].unique()) if not exp.cells.empty else []
+    base = pick_baseline(finished_methods, baseline)
+    order = method_order(all_methods, base)
+    styles = method_styles(all_methods)
+
+    sc = scores(exp.tidy)
+    summary = summarize(sc)
+    pairs = paired(sc, base)
+    tables = tb.build_tables(summary, pairs, base, order)
+
+    finished = exp.cells[exp.cells["status"] == "finished"]
+    hist = (
+        histories(exp.uri, finished["run_id"].tolist())
+        if not finished.empty
+        else pd.DataFrame(columns=["run_id", "key", "step", "value"])
+    )
+    figures: dict[tuple, list[figs.Figure]] = {}
+    for t in tables:
+        sel = (summary[PANEL] == pd.Series(t.panel, index=PANEL)).all(axis=1)
+        s_panel = summary[sel]
+        p_panel = pairs[(pairs[PANEL] == pd.Series(t.panel, index=PANEL)).all(axis=1)]
+        c_panel = finished[(finished[PANEL] == pd.Series(t.panel, index=PANEL)).all(axis=1)]
+        h_panel = hist[hist["run_id"].isin(c_panel["run_id"])]
+        made = [
+            figs.acc_vs_flops(s_panel, t.panel, order, styles, base, out),
+            figs.gain(p_panel, s_panel, t.panel, order, styles, base, out),
+            figs.curves(h_panel, c_panel, t.panel, order, styles, base, out),
+        ]
+        figures[t.panel] = [f for f in made if f is not None]
+
+    ref_table, unrelated = compare(refs, exp.tidy)
+    report = Report(
+        experiment=exp,
+        out=out,
+        baseline=base,
+        order=order,
+        scores=sc,
+        summary=summary,
+        pairs=pairs,
+        tables=tables,
+        figures=figures,
+        methods=method_summaries(summary, pairs, order),
+        coverage=coverage(exp.cells, order),
+        problems=problems(exp.cells),
+        ref_table=ref_table,
+        ref_sources=sources_frame([r for r in refs if r not in unrelated]),
+        ref_unrelated=unrelated,
+    )
+    report.notes += _notes(report, baseline)
+    if studies:
+        from reports.optuna_plots import study_figures
+
+        for study in studies:
+            made, skipped = study_figures(study, out)
+            report.study_figures += made
+            report.notes += skipped
+
+    from reports import page  # rendering last: it only reads the Report
+
+    report.files = page.write(report, formats)
+    report.seconds = time.perf_counter() - t0
+    if log_to_mlflow:
+        report.run_id = log_report(report)
+    return report
+
+
+def _notes(r: Report, requested: str | None) -> list[str]:
+    notes = []
+    exp = r.experiment
+    if exp.cells.empty:
+        notes.append(f"Experiment {exp.name!r} holds no flexbench cell yet.")
+    elif exp.tidy.empty:
+        notes.append("No cell has finished yet: no table or figure can be drawn.")
+    if r.baseline is None and not exp.tidy.empty:
+        notes.append(
+            "No baseline: `joint` has no finished cell and --baseline was not given, so there "
+            "are no paired tests, gain figures or significance marks."
+        )
+    for reason, count in exp.ignored.items():
+        if count and not reason.startswith("report"):  # earlier reports: expected, no news
+            notes.append(f"Ignored {count} run(s): {reason}.")
+    dup = int(exp.cells.get("superseded", pd.Series(dtype=int)).fillna(0).sum())
+    if dup:
+        notes.append(
+            f"{dup} older run(s) of cells that were run again are superseded by the latest "
+            f"finished run of the same cell."
+        )
+    if not r.summary.empty and (r.summary["n"] == 1).any():
+        notes.append(
+            "Some methods have a single seed: their std and CIs are undefined (shown as —) "
+            "and they are never marked significant."
+        )
+    return notes
+
+
+def log_report(r: Report) -> str:
+    """Log the report folder as the artifacts of a `report` run in the same experiment."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=r.experiment.uri)
+    run = client.create_run(
+        r.experiment.experiment_id,
+        run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={KIND_TAG: "report", "flexbench.report_of": r.experiment.name},
+    )
+    rid = run.info.run_id
+    n_done = (
+        int((r.experiment.cells["status"] == "finished").sum()) if len(r.experiment.cells) else 0
+    )
+    client.log_batch(
+        rid,
+        params=[
+            Param("baseline", str(r.baseline)),
+            Param("finished_cells", str(n_done)),
+            Param("cells", str(len(r.experiment.cells))),
+        ],
+        tags=[RunTag("mlflow.note.content", "flexbench report: open index.html")],
+    )
+    for path in sorted(r.out.iterdir()):
+        if path.name == MARKER:
+            continue
+        if path.is_dir():
+            client.log_artifacts(rid, str(path), artifact_path=path.name)
+        else:
+            client.log_artifact(rid, str(path))
+    client.set_terminated(rid, "FINISHED")
+    return rid

@@ -1,0 +1,257 @@
+"""Figures, each saved as PNG and PDF: accuracy vs MFLOPs, gain over the baseline, curves per epoch.
+
+Every figure takes the already computed statistics (never raw runs), uses the colour and marker
+of `reports.style.method_styles` for each method, and fits one column (3.4 in) of a two-column
+paper, except the per-epoch curves which span both columns. Each builder returns a `Figure`
+record (files + caption) or None when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from reports.stats import AUC, MEAN  # noqa: E402
+from reports.style import COLUMN_WIDTH, PAGE_WIDTH, RC  # noqa: E402
+from reports.tables import fmt_flops, panel_slug, panel_title  # noqa: E402
+
+
+@dataclass
+class Figure:
+    stem: str  # path of the files without suffix, relative to the report folder
+    title: str
+    caption: str
+    files: list[Path] = field(default_factory=list)
+
+
+def save(fig, out: Path, stem: str) -> list[Path]:
+    """Write `stem`.png and `stem`.pdf under `out`; close the figure."""
+    files = []
+    for ext in ("png", "pdf"):
+        path = out / f"{stem}.{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight")
+        files.append(path)
+    plt.close(fig)
+    return files
+
+
+def _legend_label(method: str, n: int, baseline: str | None) -> str:
+    base = " (baseline)" if method == baseline else ""
+    return f"{method}{base}, n={n}"
+
+
+def acc_vs_flops(
+    summary: pd.DataFrame,
+    panel: tuple[str, str, str],
+    order: list[str],
+    styles: dict,
+    baseline: str | None,
+    out: Path,
+) -> Figure | None:
+    """Mean test top-1 vs MFLOPs per sub-model, one line per method, ±1 std error bars."""
+    g = summary[summary["mflops"].notna()]
+    if g.empty:
+        return None
+    methods = [m for m in order if m in set(g["method"])]
+    subs = g.sort_values("key_index").drop_duplicates("key")
+    xs_all = subs["mflops"].to_numpy()
+    log = xs_all.min() > 0 and xs_all.max() / xs_all.min() > 8
+    span = (xs_all.max() - xs_all.min()) or max(xs_all.max(), 1e-9)
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+        for i, m in enumerate(methods):
+            h = g[g["method"] == m].sort_values("key_index")
+            dodge = (i - (len(methods) - 1) / 2) * 0.008
+            x = h["mflops"].to_numpy()
+            x = x * (1 + dodge * 4) if log else x + dodge * span
+            yerr = h["std"].to_numpy() if (h["n"] > 1).any() else None
+            st = styles[m]
+            ax.errorbar(
+                x,
+                h["mean"],
+                yerr=yerr,
+                color=st["color"],
+                marker=st["marker"],
+                capsize=2,
+                elinewidth=0.8,
+                label=_legend_label(m, int(h["n"].max()), baseline),
+            )
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("MFLOPs per image (forward)")
+        ax.set_ylabel("test top-1 (%)")
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(xs_all, labels=subs["key"].tolist(), fontsize=6)
+        top.tick_params(length=2, pad=1)
+        if log:
+            top.minorticks_off()
+        ax.legend(frameon=False, loc="best")
+        ax.set_title(panel_title(panel), pad=14)
+        stem = f"figures/acc_vs_mflops_{panel_slug(panel)}"
+        files = save(fig, out, stem)
+    ns = sorted(set(int(n) for n in summary["n"]))
+    n_text = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
+    cap = (
+        f"Test top-1 at the last epoch vs MFLOPs of each sub-model, {panel_title(panel)}: "
+        f"mean over seeds ({n_text} seeds per method, see legend), error bars ±1 std "
+        f"(none with n = 1); sub-model names on the top axis. Points are dodged sideways "
+        f"slightly so that error bars do not hide each other."
+    )
+    return Figure(stem, f"Accuracy vs MFLOPs — {panel_title(panel)}", cap, files)
+
+
+def gain(
+    pairs: pd.DataFrame,
+    summary: pd.DataFrame,
+    panel: tuple[str, str, str],
+    order: list[str],
+    styles: dict,
+    baseline: str | None,
+    out: Path,
+) -> Figure | None:
+    """Paired gain in top-1 over the baseline per sub-model (and the summaries), 95% CI bars."""
+    if baseline is None or pairs.empty:
+        return None
+    methods = [m for m in order if m in set(pairs["method"]) and m != baseline]
+    if not methods:
+        return None
+    keys = pairs.sort_values("key_index").drop_duplicates("key")["key"].tolist()
+    flops = summary.drop_duplicates("key").set_index("key")["mflops"]
+    labels = []
+    for k in keys:
+        f = flops.get(k, math.nan)
+        labels.append(k if k in (MEAN, AUC) or math.isnan(f) else f"{k}\n{fmt_flops(f)} MF")
+    width = 0.8 / len(methods)
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8), layout="constrained")
+        for i, m in enumerate(methods):
+            h = pairs[pairs["method"] == m].set_index("key").reindex(keys)
+            x = np.arange(len(keys)) + (i - (len(methods) - 1) / 2) * width
+            y = h["diff_mean"].to_numpy(dtype=float)
+            err = h["diff_ci95"].to_numpy(dtype=float)
+            st = styles[m]
+            n = int(h["n"].max()) if h["n"].notna().any() else 0
+            ax.bar(
+                x,
+                np.nan_to_num(y),
+                width * 0.9,
+                color=st["color"],
+                alpha=0.85,
+                label=f"{m}, n={n} pair{'s' if n != 1 else ''}",
+                yerr=None if np.all(np.isnan(err)) else np.nan_to_num(err),
+                error_kw={"elinewidth": 0.8, "capsize": 2},
+            )
+            for xi, yi, ei, mk in zip(x, y, err, h["mark"].fillna("")):
+                if mk and not math.isnan(yi):
+                    off = (0 if math.isnan(ei) else ei) * np.sign(yi or 1)
+                    ax.annotate(
+                        mk,
+                        (xi, yi + off),
+                        ha="center",
+                        va="bottom" if yi >= 0 else "top",
+                        fontsize=8,
+                    )
+        ax.axhline(0, color="black", linewidth=0.8)
+        summaries = [i for i, k in enumerate(keys) if k in (MEAN, AUC)]
+        if summaries and summaries[0] > 0:
+            ax.axvline(summaries[0] - 0.5, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xticks(np.arange(len(keys)), labels=labels, fontsize=6)
+        ax.set_ylabel(f"top-1 gain over {baseline} (pp)")
+        ax.grid(axis="x", visible=False)
+        fig.legend(frameon=False, loc="outside lower center", ncol=min(3, len(methods)))
+        ax.set_title(panel_title(panel))
+        stem = f"figures/gain_{panel_slug(panel)}"
+        files = save(fig, out, stem)
+    cap = (
+        f"Gain in test top-1 (percentage points) over {baseline}, {panel_title(panel)}: mean "
+        f"of the paired differences over the seeds both methods finished (n in the legend), "
+        f"error bars = 95% t-interval of that mean (n ≥ 2). * / ** mark paired t-test "
+        f"p < 0.05 / 0.01, only with n ≥ 3 pairs. Right of the dotted line: the per-cell "
+        f"summaries ('{MEAN}', '{AUC}')."
+    )
+    return Figure(stem, f"Gain over {baseline} — {panel_title(panel)}", cap, files)
+
+
+def curves(
+    hist: pd.DataFrame,
+    cells: pd.DataFrame,
+    panel: tuple[str, str, str],
+    order: list[str],
+    styles: dict,
+    baseline: str | None,
+    out: Path,
+) -> Figure | None:
+    """Validation top-1 (mean over sub-models) and training loss per epoch, mean ± std band."""
+    if hist.empty:
+        return None
+    h = hist.merge(cells[["run_id", "method", "seed"]], on="run_id")
+    if h.empty:
+        return None
+    panels = [
+        ("val/top1_mean", "val. top-1, mean of sub-models (%)"),
+        ("train/loss", "training loss"),
+    ]
+    with plt.rc_context(RC):
+        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 2.5), layout="constrained")
+        for ax, (key, label) in zip(axes, panels):
+            k = h[h["key"] == key]
+            for m in [m for m in order if m in set(k["method"])]:
+                km = k[k["method"] == m]
+                g = km.groupby("step")["value"].agg(["mean", "std", "count"])
+                x = g.index.to_numpy() + 1
+                st = styles[m]
+                ax.plot(
+                    x,
+                    g["mean"],
+                    color=st["color"],
+                    marker=st["marker"],
+                    markevery=_every(x),
+                    label=_legend_label(m, int(km["run_id"].nunique()), baseline),
+                )
+                band = (g["count"] > 1).to_numpy()
+                if band.any():
+                    ax.fill_between(
+                        x[band],
+                        (g["mean"] - g["std"])[band],
+                        (g["mean"] + g["std"])[band],
+                        color=st["color"],
+                        alpha=0.15,
+                        linewidth=0,
+                    )
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles, labels = axes[0].get_legend_handles_labels()
+        if not handles:
+            handles, labels = axes[1].get_legend_handles_labels()
+        fig.legend(
+            handles,
+            labels,
+            frameon=False,
+            loc="outside lower center",
+            ncol=min(4, max(1, len(labels))),
+        )
+        fig.suptitle(panel_title(panel), fontsize=8)
+        stem = f"figures/curves_{panel_slug(panel)}"
+        files = save(fig, out, stem)
+    cap = (
+        f"Per-epoch validation top-1 (mean over sub-models, on the validation split carved "
+        f"from the training set) and training loss, {panel_title(panel)}: mean over seeds "
+        f"(n per method in the legend), band ±1 std. For chained methods (takd) the epochs of "
+        f"all stages follow each other."
+    )
+    return Figure(stem, f"Curves per epoch — {panel_title(panel)}", cap, files)
+
+
+def _every(x) -> int:
+    return max(1, len(x) // 12)

@@ -1,0 +1,228 @@
+"""Read a flexbench experiment from MLflow into tidy pandas tables.
+
+`load_experiment` returns
+- `cells`: one row per cell (arch, dataset, profile, method, seed) with its status: `finished`,
+  the parent run's own status (`failed`, `running`, `interrupted`, `pruned`), `incomplete`
+  (finished but without test metrics), or `missing` (no run at all, although the experiment
+  holds that arch/dataset and that method and that seed elsewhere);
+- `tidy`: one row per finished cell x sub-model with top-1/top-5 (test split, last epoch),
+  MMACs, MFLOPs, parameters and latency, read from the parent run's final metrics
+  (`test/top1/<sub>`, ...), with the sub-model's position from its child run.
+
+Runs tagged `flexbench.kind` (e.g. `report`), runs without `flexbench.cell`, child runs and cells
+whose final metrics are on the validation split (study trials, `flexbench.test_evaluated=false`)
+are not cells of the benchmark and are only counted in `ignored`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from benchmark.errors import ConfigError
+
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+PANEL = ["arch", "dataset", "profile"]
+CELL = [*PANEL, "method", "seed"]
+SUB_METRICS = ("top1", "top5", "mmacs", "mflops", "params_m", "latency_ms")
+_METRIC_KEY = {
+    "top1": "test/top1/",
+    "top5": "test/top5/",
+    "mmacs": "mmacs/",
+    "mflops": "mflops/",
+    "params_m": "params_m/",
+    "latency_ms": "latency_ms/",
+}
+T = "tags.flexbench."
+
+
+@dataclass
+class Experiment:
+    name: str
+    experiment_id: str
+    uri: str
+    cells: pd.DataFrame
+    tidy: pd.DataFrame
+    ignored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> pd.DataFrame:
+        return self.cells[self.cells["status"] == "finished"]
+
+
+def resolve_experiment(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "active":
+        names = sorted(e.name for e in client.search_experiments())
+        listing = ", ".join(names) if names else "(none)"
+        raise ConfigError(
+            f"no MLflow experiment named {name!r} at {client.tracking_uri}; "
+            f"experiments there: {listing}"
+        )
+    return exp
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index)
+
+
+def _parents(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Cell runs only; the others are counted by reason."""
+    kind = _col(runs, T + "kind")
+    cell = _col(runs, T + "cell")
+    is_child = _col(runs, "tags.mlflow.parentRunId").notna()
+    ignored = {
+        "report and other non-cell flexbench runs": int((kind.notna()).sum()),
+        "runs without flexbench tags": int((cell.isna() & kind.isna()).sum()),
+    }
+    parents = runs[cell.notna() & kind.isna() & ~is_child].copy()
+    val_only = _col(parents, T + "test_evaluated").astype(str).str.lower() == "false"
+    ignored["cells evaluated on the validation split only (study trials)"] = int(val_only.sum())
+    return parents[~val_only], ignored
+
+
+def _sub_order(runs: pd.DataFrame) -> dict[tuple[str, str], int]:
+    """(parent run id, sub-model name) -> sub-model index, from the child runs."""
+    sub, idx = _col(runs, T + "submodel"), _col(runs, T + "submodel_index")
+    parent = _col(runs, "tags.mlflow.parentRunId")
+    ok = sub.notna() & parent.notna()
+    out = {}
+    for p, s, i in zip(parent[ok], sub[ok], idx[ok]):
+        try:
+            out[(p, s)] = int(i)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _cell_frame(parents: pd.DataFrame) -> pd.DataFrame:
+    seed = pd.to_numeric(_col(parents, T + "seed"), errors="coerce")
+    cells = pd.DataFrame(
+        {
+            "arch": _col(parents, T + "arch").fillna("?"),
+            "dataset": _col(parents, T + "dataset").fillna("?"),
+            "profile": _col(parents, T + "profile").fillna("?"),
+            "method": _col(parents, T + "method").fillna("?"),
+            "seed": seed,
+            "status": _col(parents, T + "status").fillna("unknown"),
+            "error": _col(parents, T + "error"),
+            "run_id": parents["run_id"],
+            "cell": _col(parents, T + "cell"),
+            "start_time": parents["start_time"],
+        }
+    )
+    cells = cells[cells["seed"].notna()].copy()
+    cells["seed"] = cells["seed"].astype(int)
+    return cells
+
+
+def _tidy_rows(
+    parents: pd.DataFrame, cells: pd.DataFrame, order: dict[tuple[str, str], int]
+) -> tuple[pd.DataFrame, set[str]]:
+    """One row per finished cell x sub-model; returns also the finished runs lacking metrics."""
+    prefix = "metrics." + _METRIC_KEY["top1"]
+    sub_cols = [c for c in parents.columns if c.startswith(prefix)]
+    by_id = parents.set_index("run_id")
+    rows, incomplete = [], set()
+    for cell in cells[cells["status"] == "finished"].itertuples(index=False):
+        run = by_id.loc[cell.run_id]
+        subs = [c[len(prefix) :] for c in sub_cols if pd.notna(run[c])]
+        if not subs:
+            incomplete.add(cell.run_id)
+            continue
+        for sub in subs:
+            row = {k: getattr(cell, k) for k in CELL}
+            row.update(submodel=sub, run_id=cell.run_id)
+            for name, key in _METRIC_KEY.items():
+                col = "metrics." + key + sub
+                row[name] = float(run[col]) if col in run.index and pd.notna(run[col]) else None
+            row["submodel_index"] = order.get((cell.run_id, sub))
+            rows.append(row)
+    tidy = pd.DataFrame(rows, columns=[*CELL, "submodel", "submodel_index", "run_id", *SUB_METRICS])
+    if tidy.empty:
+        return tidy, incomplete
+    # Sub-models without a child run: order by cost (sub-models are smallest first).
+    tidy["mflops"] = pd.to_numeric(tidy["mflops"])
+    missing = tidy["submodel_index"].isna()
+    if missing.any():
+        rank = tidy.groupby("run_id")["mflops"].rank(method="first") - 1
+        tidy.loc[missing, "submodel_index"] = rank[missing]
+    tidy["submodel_index"] = tidy["submodel_index"].astype(int)
+    for name in SUB_METRICS:
+        tidy[name] = pd.to_numeric(tidy[name])
+    return tidy.sort_values([*CELL, "submodel_index"]).reset_index(drop=True), incomplete
+
+
+def _dedupe(cells: pd.DataFrame) -> pd.DataFrame:
+    """One run per cell: the latest finished one, else the latest one; others `superseded`."""
+    if cells.empty:
+        return cells.assign(superseded=pd.Series(dtype=int))
+    cells = cells.copy()
+    cells["_done"] = cells["status"] == "finished"
+    cells = cells.sort_values(["_done", "start_time"], ascending=[False, False])
+    dup = cells.duplicated(CELL, keep="first")
+    counts = cells[dup].groupby(CELL).size().rename("superseded")
+    keep = cells[~dup].drop(columns="_done").set_index(CELL)
+    keep = keep.join(counts).fillna({"superseded": 0}).reset_index()
+    keep["superseded"] = keep["superseded"].astype(int)
+    return keep
+
+
+def _with_missing(cells: pd.DataFrame) -> pd.DataFrame:
+    """Add `missing` rows: observed (arch, dataset, profile) x methods x seeds without a run."""
+    if cells.empty:
+        return cells
+    methods = sorted(cells["method"].unique())
+    seeds = sorted(cells["seed"].unique())
+    have = set(map(tuple, cells[CELL].itertuples(index=False)))
+    rows = []
+    for panel in cells[PANEL].drop_duplicates().itertuples(index=False):
+        for m in methods:
+            for s in seeds:
+                key = (*panel, m, s)
+                if key not in have:
+                    rows.append(dict(zip(CELL, key), status="missing", superseded=0))
+    if not rows:
+        return cells
+    return pd.concat([cells, pd.DataFrame(rows)], ignore_index=True)
+
+
+def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
+    """Every cell of experiment `name` with its status, and the tidy table of finished ones."""
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp = resolve_experiment(client, name)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
+    if runs.empty:
+        empty = _cell_frame(pd.DataFrame(columns=["run_id", "start_time"]))
+        empty = _dedupe(empty)
+        tidy, _ = _tidy_rows(pd.DataFrame(columns=["run_id"]), empty, {})
+        return Experiment(name, exp.experiment_id, uri, empty, tidy, {})
+    parents, ignored = _parents(runs)
+    cells = _dedupe(_cell_frame(parents))
+    tidy, incomplete = _tidy_rows(parents, cells, _sub_order(runs))
+    cells.loc[cells["run_id"].isin(incomplete), "status"] = "incomplete"
+    cells = _with_missing(cells)
+    cells = cells.sort_values(CELL).reset_index(drop=True)
+    return Experiment(name, exp.experiment_id, uri, cells, tidy, ignored)
+
+
+def histories(
+    uri: str, run_ids: list[str], keys: tuple[str, ...] = ("val/top1_mean", "train/loss")
+) -> pd.DataFrame:
+    """Per-epoch metrics of the given runs: columns run_id, key, step (epoch), value."""
+    client = MlflowClient(tracking_uri=uri)
+    rows = []
+    for rid in run_ids:
+        for key in keys:
+            for m in client.get_metric_history(rid, key):
+                rows.append((rid, key, m.step, m.value))
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])

@@ -1,0 +1,302 @@
+"""Render a built Report: table files, index.html (one page, opens from disk) and report.md."""
+
+from __future__ import annotations
+
+import html as _html
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from reports import tables as tb
+from reports.stats import ALPHA, MIN_N_SIGNIFICANCE, MIN_N_WILCOXON
+
+e = _html.escape
+
+STATISTICS = [
+    "Accuracy is top-1 (%) on the test split after the last epoch; the test split is never "
+    "used for tuning or early stopping.",
+    "Mean ± std: sample standard deviation (ddof = 1) over seeds; with one seed only the mean "
+    "is shown. 95% CI: t-interval of the mean, t(0.975, n−1) · std / √n.",
+    "Paired test: methods start from the same initial weights and data order for a given seed, "
+    "so for each (arch, dataset, sub-model) the differences method − baseline over the seeds "
+    "both finished are tested with a two-sided paired t-test (scipy.stats.ttest_rel); with "
+    f"n ≥ {MIN_N_WILCOXON} pairs the exact Wilcoxon signed-rank test is reported as well.",
+    f"Significance marks (* p < {ALPHA}, ** p < 0.01) appear only with n ≥ "
+    f"{MIN_N_SIGNIFICANCE} pairs, and are not corrected for multiple comparisons.",
+    "AUC: area under top-1 vs MFLOPs (trapezoids over the sub-models) divided by the MFLOPs "
+    "range: the mean accuracy over the cost range, comparable between methods on the same "
+    "architecture.",
+    "MFLOPs: forward pass of one image counted by torch's FlopCounterMode (2 × multiply-adds); "
+    "MSDNet exits are cumulative (the cost of reaching that exit, earlier heads included).",
+    "Missing cells: an arch/dataset of the experiment × a method of the experiment × a seed of "
+    "the experiment without any run; failed, interrupted, pruned and running cells are listed "
+    "with their status and never averaged.",
+]
+
+
+def _pairs_frame(pairs: pd.DataFrame) -> pd.DataFrame:
+    if pairs.empty:
+        return pd.DataFrame()
+    d = pairs.copy()
+    out = pd.DataFrame(
+        {
+            "arch": d["arch"],
+            "dataset": d["dataset"],
+            "profile": d["profile"],
+            "method": d["method"],
+            "key": d["key"],
+            "n": d["n"],
+            "seeds": d["seeds"],
+            "Δ mean": d["diff_mean"].map(lambda v: tb.fmt_num(v)),
+            "95% CI": d["diff_ci95"].map(lambda v: "—" if math.isnan(v) else f"± {v:.2f}"),
+            "t": d["t"].map(lambda v: tb.fmt_num(v, 3)),
+            "p (t)": d["p"].map(tb.fmt_p),
+            "p (Wilcoxon)": d["wilcoxon_p"].map(tb.fmt_p),
+            "mark": d["mark"],
+        }
+    )
+    return out
+
+
+def _ref_frame(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    d = df.copy()
+    d["ours top-1"] = [
+        "not run" if n == 0 else (tb.fmt_num(m) if n == 1 else f"{m:.2f} ± {s:.2f}")
+        for m, s, n in zip(d["ours top-1"], d["ours std"], d["n"])
+    ]
+    d["ours − published"] = d["ours − published"].map(
+        lambda v: "—" if math.isnan(v) else f"{v:+.2f}"
+    )
+    d["published top-1"] = d["published top-1"].map(lambda v: f"{v:.2f}")
+    return d.drop(columns=["ours std"])
+
+
+def write_tables(r, formats: set[str]) -> list[Path]:
+    folder = r.out / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+
+    def put(name: str, text: str) -> None:
+        path = folder / name
+        path.write_text(text)
+        files.append(path)
+
+    for t in r.tables:
+        slug = tb.panel_slug(t.panel)
+        if "md" in formats:
+            put(f"results_{slug}.md", f"{t.caption}\n\n{tb.markdown(t)}")
+        if "tex" in formats:
+            put(f"results_{slug}.tex", tb.latex(t))
+        if "csv" in formats:
+            put(f"results_{slug}.csv", tb.csv_frame(t).to_csv(index=False))
+    small = {
+        "summary": (r.methods, "One-number summaries per method (mean ± std over seeds)."),
+        "paired_tests": (_pairs_frame(r.pairs), f"Paired tests against {r.baseline}."),
+        "references": (_ref_frame(r.ref_table), "Published vs ours (top-1, %)."),
+    }
+    for name, (df, caption) in small.items():
+        if "md" in formats:
+            put(f"{name}.md", f"{caption}\n\n{tb.frame_markdown(df)}")
+        if "tex" in formats and not df.empty:
+            put(f"{name}.tex", tb.frame_latex(df, caption, f"flexbench-{name}"))
+    if "csv" in formats:
+        put("summary.csv", r.summary.to_csv(index=False))
+        put("paired_tests.csv", r.pairs.to_csv(index=False))
+        put("references.csv", r.ref_table.to_csv(index=False))
+        put(
+            "cells.csv",
+            r.experiment.cells.drop(columns=["start_time"], errors="ignore").to_csv(index=False),
+        )
+        put("tidy.csv", r.experiment.tidy.to_csv(index=False))
+    return files
+
+
+def _counts(r) -> str:
+    cells = r.experiment.cells
+    if cells.empty:
+        return "no cells"
+    c = cells["status"].value_counts()
+    return ", ".join(f"{c[s]} {s}" for s in sorted(c.index, key=lambda s: (s != "finished", s)))
+
+
+# ---- HTML ----------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;
+ max-width:1180px;padding:12px 24px 60px;color:#222;line-height:1.4}
+h1{font-size:1.5em;margin-bottom:.2em} h2{margin-top:1.8em;border-bottom:1px solid #ddd}
+h3{margin-top:1.4em}
+.meta{color:#555;font-size:.9em} nav a{margin-right:1em}
+table{border-collapse:collapse;margin:.6em 0 1em;font-size:.86em}
+th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4;text-align:right;vertical-align:top}
+th:first-child,td:first-child{text-align:left}
+thead th{border-bottom:2px solid #444;background:#fafafa}
+caption{caption-side:top;text-align:left;font-size:.9em;color:#444;padding-bottom:4px;
+ max-width:1100px}
+table.plain td,table.plain th{text-align:left}
+tr.baseline th,tr.baseline td{background:#f6f6f6}
+.flops{font-weight:normal;color:#666;font-size:.9em}
+.figs{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
+figure{margin:0;max-width:560px} figure.wide{max-width:1100px}
+figure img{width:100%;border:1px solid #eee}
+figcaption{font-size:.82em;color:#444}
+.note{background:#fff8e1;border-left:4px solid #f0c000;padding:6px 10px;margin:.4em 0}
+.ok{background:#eef7ee;border-left:4px solid #4a4;padding:6px 10px}
+ul.stats li{margin-bottom:.3em;font-size:.92em}
+"""
+
+
+def _figure_html(f) -> str:
+    wide = " class='wide'" if "curves_" in f.stem or "contour" in f.stem else ""
+    return (
+        f"<figure{wide}><a href='{e(f.stem)}.pdf'><img src='{e(f.stem)}.png' "
+        f"alt='{e(f.title)}'></a><figcaption><b>{e(f.title)}.</b> {e(f.caption)} "
+        f"<a href='{e(f.stem)}.pdf'>PDF</a></figcaption></figure>"
+    )
+
+
+def render_html(r, table_files: list[Path]) -> str:
+    exp = r.experiment
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>flexbench report — {e(exp.name)}</title><style>{CSS}</style></head><body>",
+        f"<h1>flexbench report — {e(exp.name)}</h1>",
+        f"<p class='meta'>Generated {e(time.strftime('%Y-%m-%d %H:%M:%S'))} from MLflow "
+        f"<code>{e(r.uri_display)}</code>, experiment id {e(exp.experiment_id)}. Cells: "
+        f"{e(_counts(r))}. Baseline: <b>{e(str(r.baseline))}</b>.</p>",
+        "<nav><a href='#results'>Results</a><a href='#summary'>Summaries</a>"
+        "<a href='#tests'>Paired tests</a><a href='#references'>Published vs ours</a>"
+        + ("<a href='#studies'>Studies</a>" if r.study_figures else "")
+        + "<a href='#cells'>Cells</a><a href='#method'>Statistics</a></nav>",
+    ]
+    parts += [f"<p class='note'>{e(n)}</p>" for n in r.notes]
+    parts.append("<h2 id='results'>Results per architecture and dataset</h2>")
+    if not r.tables:
+        parts.append("<p class='note'>No finished cell: nothing to tabulate yet.</p>")
+    for t in r.tables:
+        slug = tb.panel_slug(t.panel)
+        parts.append(f"<h3 id='{e(slug)}'>{e(tb.panel_title(t.panel))}</h3>")
+        parts.append(tb.html(t))
+        parts.append("<div class='figs'>")
+        parts += [_figure_html(f) for f in r.figures.get(t.panel, [])]
+        parts.append("</div>")
+    parts.append("<h2 id='summary'>One-number summaries per method</h2>")
+    parts.append(
+        tb.frame_html(
+            r.methods,
+            "Per method: n finished seeds; mean top-1 over the sub-models and normalised AUC "
+            "(mean ± std over seeds); Δ: paired difference to the baseline with n pairs and "
+            "t-test p (marks only with n ≥ 3).",
+        )
+    )
+    parts.append("<h2 id='tests'>Paired tests against the baseline</h2>")
+    parts.append(
+        "<details><summary>all tests ("
+        + str(len(r.pairs))
+        + ")</summary>"
+        + tb.frame_html(
+            _pairs_frame(r.pairs),
+            "Δ mean: mean over shared seeds of method − baseline (percentage points); 95% CI of "
+            "that mean; two-sided paired t-test; Wilcoxon signed-rank only with n ≥ 6.",
+        )
+        + "</details>"
+    )
+    parts.append("<h2 id='references'>Published vs ours</h2>")
+    if r.ref_table.empty:
+        parts.append(
+            "<p>No published reference concerns an architecture and dataset of this experiment.</p>"
+        )
+    else:
+        parts.append(
+            tb.frame_html(
+                _ref_frame(r.ref_table),
+                "Published top-1 (errors converted to 100 − error) and ours (mean ± std over n "
+                "seeds, last epoch); cost in the unit the source used.",
+            )
+        )
+        parts.append(tb.frame_html(r.ref_sources, "Sources: what exactly was measured."))
+    if r.ref_unrelated:
+        names = ", ".join(x.id for x in r.ref_unrelated)
+        parts.append(
+            f"<p class='meta'>{len(r.ref_unrelated)} further reference(s) concern architectures "
+            f"or datasets not in this experiment (or have no flexbench counterpart): "
+            f"{e(names)}. They are kept in reports/references/.</p>"
+        )
+    if r.study_figures:
+        parts.append("<h2 id='studies'>Optuna studies</h2><div class='figs'>")
+        parts += [_figure_html(f) for f in r.study_figures]
+        parts.append("</div>")
+    parts.append("<h2 id='cells'>Cells</h2>")
+    parts.append(tb.frame_html(r.coverage, "Finished cells per method (of those expected)."))
+    if not r.problems.empty:
+        parts.append(
+            tb.frame_html(r.problems, "Cells that are not finished (never averaged).", "plain")
+        )
+    else:
+        parts.append("<p class='ok'>Every expected cell finished.</p>")
+    parts.append("<h2 id='method'>Statistics and conventions</h2><ul class='stats'>")
+    parts += [f"<li>{e(s)}</li>" for s in STATISTICS]
+    parts.append("</ul>")
+    if table_files:
+        links = " ".join(
+            f"<a href='tables/{e(p.name)}'>{e(p.name)}</a>" for p in sorted(table_files)
+        )
+        parts.append(f"<p class='meta'>Table files: {links}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---- Markdown -------------------------------------------------------------------------------
+
+
+def render_markdown(r) -> str:
+    exp = r.experiment
+    lines = [
+        f"# flexbench report — {exp.name}",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from MLflow `{r.uri_display}`. "
+        f"Cells: {_counts(r)}. Baseline: **{r.baseline}**.",
+        "",
+    ]
+    lines += [f"> {n}\n" for n in r.notes]
+    lines += ["## Results per architecture and dataset", ""]
+    for t in r.tables:
+        lines += [f"### {tb.panel_title(t.panel)}", "", t.caption, "", tb.markdown(t)]
+        for f in r.figures.get(t.panel, []):
+            lines += [f"![{f.title}]({f.stem}.png)", "", f"*{f.title}.* {f.caption}", ""]
+    lines += ["## One-number summaries per method", "", tb.frame_markdown(r.methods)]
+    lines += ["## Paired tests against the baseline", "", tb.frame_markdown(_pairs_frame(r.pairs))]
+    lines += ["## Published vs ours", ""]
+    if r.ref_table.empty:
+        lines += ["No published reference concerns an architecture and dataset here.", ""]
+    else:
+        lines += [tb.frame_markdown(_ref_frame(r.ref_table)), tb.frame_markdown(r.ref_sources)]
+    if r.study_figures:
+        lines += ["## Optuna studies", ""]
+        for f in r.study_figures:
+            lines += [f"![{f.title}]({f.stem}.png)", "", f"*{f.title}.* {f.caption}", ""]
+    lines += ["## Cells", "", tb.frame_markdown(r.coverage)]
+    if not r.problems.empty:
+        lines += ["Not finished (never averaged):", "", tb.frame_markdown(r.problems)]
+    lines += ["## Statistics and conventions", ""] + [f"- {s}" for s in STATISTICS] + [""]
+    return "\n".join(lines)
+
+
+def write(r, formats: set[str]) -> list[Path]:
+    files = write_tables(r, formats)
+    if "md" in formats:
+        path = r.out / "report.md"
+        path.write_text(render_markdown(r))
+        files.append(path)
+    if "html" in formats:
+        path = r.out / "index.html"
+        path.write_text(render_html(r, [f for f in files if f.parent.name == "tables"]))
+        files.append(path)
+    for figs in r.figures.values():
+        files += [p for f in figs for p in f.files]
+    files += [p for f in r.study_figures for p in f.files]
+    return files

@@ -1,0 +1,508 @@
+"""`flexbench report` on a real MLflow store (SQLite) holding known metric values.
+
+The store is built once per session with MlflowClient, following the MLflow schema of the
+trainer (parent run per cell with `test/top1/<sub>` etc., one child run per sub-model); one cell
+is written with the trainer's own `benchmark.tracking.CellRun`, so a change of the writer that
+the reader does not follow shows up here. Expected numbers are computed by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from benchmark import tracking
+from benchmark.errors import ConfigError
+
+SUBS = ["exit1", "exit2", "exit3"]
+MFLOPS = [1.0, 2.0, 4.0]
+ARCH, DATASET, PROFILE = "msdnet", "synthetic", "smoke"
+# top-1 per (method, seed), sub-models smallest first
+TOP1 = {
+    ("joint", 0): [50, 60, 70],
+    ("joint", 1): [52, 61, 73],
+    ("joint", 2): [48, 62, 70],
+    ("ipkd", 0): [53, 62, 72],
+    ("ipkd", 1): [55, 64, 75],
+    ("ipkd", 2): [52, 63, 73],
+    ("ipkd_ta", 0): [54, 63, 70],
+}
+T_975_2 = 4.302652729749462  # Student t quantile, 97.5%, 2 degrees of freedom (from a table)
+
+
+def _tags(method, seed, **extra):
+    return {
+        "flexbench.cell": f"{method}-{seed}",
+        "flexbench.arch": ARCH,
+        "flexbench.dataset": DATASET,
+        "flexbench.method": method,
+        "flexbench.seed": str(seed),
+        "flexbench.profile": PROFILE,
+        **extra,
+    }
+
+
+def _finished_cell(client, exp_id, method, seed, top1, epochs=3):
+    tags = _tags(method, seed, **{"flexbench.status": "running"})
+    run = client.create_run(exp_id, run_name=f"{method}-s{seed}", tags=tags)
+    rid = run.info.run_id
+    ts = int(time.time() * 1000)
+    metrics = []
+    for ep in range(epochs):  # per-epoch curves: val rises by 5 per epoch, loss falls
+        metrics += [
+            Metric("train/loss", 3.0 - ep, ts, ep),
+            Metric("val/top1_mean", 40.0 + 5 * ep + seed, ts, ep),
+        ]
+        metrics += [Metric(f"val/top1/{s}", 40.0 + ep, ts, ep) for s in SUBS]
+    client.log_batch(rid, metrics=metrics, params=[Param("method.name", method)])
+    final = []
+    for i, (s, a, f) in enumerate(zip(SUBS, top1, MFLOPS)):
+        child = client.create_run(
+            exp_id,
+            run_name=f"{method}-s{seed}-{s}",
+            tags={
+                **_tags(method, seed),
+                "mlflow.parentRunId": rid,
+                "flexbench.submodel": s,
+                "flexbench.submodel_index": str(i),
+            },
+        )
+        vals = {
+            "top1": a,
+            "top5": 99.0,
+            "mmacs": f / 2,
+            "mflops": f,
+            "params_m": 0.01 * (i + 1),
+            "latency_ms": 1.0 + i,
+        }
+        client.log_batch(child.info.run_id, metrics=[Metric(k, v, ts, 0) for k, v in vals.items()])
+        client.set_terminated(child.info.run_id, "FINISHED")
+        final += [
+            Metric(f"test/top1/{s}", a, ts, epochs),
+            Metric(f"test/top5/{s}", 99.0, ts, epochs),
+            Metric(f"mmacs/{s}", f / 2, ts, epochs),
+            Metric(f"mflops/{s}", f, ts, epochs),
+            Metric(f"params_m/{s}", 0.01 * (i + 1), ts, epochs),
+            Metric(f"latency_ms/{s}", 1.0 + i, ts, epochs),
+        ]
+    final.append(Metric("test/top1_mean", sum(top1) / len(top1), ts, epochs))
+    client.log_batch(rid, metrics=final, tags=[RunTag("flexbench.status", "finished")])
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """One SQLite MLflow store for the whole session (schema creation takes ~20 s)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    # "known": 3 methods x 3 seeds; ipkd_ta seed 1 failed, ipkd_ta seed 2 missing.
+    exp = client.create_experiment("known")
+    old = client.create_run(exp, tags=_tags("joint", 0, **{"flexbench.status": "failed"}))
+    client.set_terminated(old.info.run_id, "FAILED")  # superseded by the finished run below
+    for (method, seed), top1 in TOP1.items():
+        _finished_cell(client, exp, method, seed, top1)
+    failed = client.create_run(
+        exp,
+        tags=_tags(
+            "ipkd_ta",
+            1,
+            **{"flexbench.status": "failed", "flexbench.error": "TrainingError: non-finite loss"},
+        ),
+    )
+    client.set_terminated(failed.info.run_id, "FAILED")
+    # Runs the report must ignore: a study trial (val only), a report run, a foreign run.
+    trial = client.create_run(
+        exp,
+        tags=_tags(
+            "ipkd", 7, **{"flexbench.status": "finished", "flexbench.test_evaluated": "false"}
+        ),
+    )
+    client.log_batch(trial.info.run_id, metrics=[Metric("val/top1/exit1", 1.0, 0, 0)])
+    client.create_run(exp, tags={"flexbench.kind": "report"})
+    foreign = client.create_run(exp, run_name="someone-else")
+    client.log_batch(foreign.info.run_id, metrics=[Metric("test/top1/exit1", 99.0, 0, 0)])
+    # "single": one cell written by the trainer's own writer.
+    cfg = {
+        "arch": {"name": ARCH},
+        "data": {"name": DATASET},
+        "method": {"name": "joint"},
+        "seed": 0,
+        "profile": PROFILE,
+    }
+    cell = tracking.CellRun(uri, "single")
+    cell.start(cfg, "k0", {"seed": "0"}, {})
+    cell.log_metrics({"train/loss": 2.0, "val/top1_mean": 30.0}, 0)
+    rows, final = [], {}
+    for i, (s, a, f) in enumerate(zip(SUBS, [30.0, 40.0, 50.0], MFLOPS)):
+        rows.append(
+            {
+                "index": i,
+                "name": s,
+                "top1": a,
+                "top5": 90.0,
+                "mmacs": f / 2,
+                "mflops": f,
+                "params_m": 0.1,
+                "latency_ms": 1.0,
+            }
+        )
+        final.update(
+            {
+                f"test/top1/{s}": a,
+                f"test/top5/{s}": 90.0,
+                f"mmacs/{s}": f / 2,
+                f"mflops/{s}": f,
+                f"params_m/{s}": 0.1,
+                f"latency_ms/{s}": 1.0,
+            }
+        )
+    cell.finish(final, rows, [], cfg, "k0", 1)
+    # "empty": no run at all; "allfailed": one failed cell.
+    client.create_experiment("empty")
+    bad = client.create_experiment("allfailed")
+    r = client.create_run(bad, tags=_tags("joint", 0, **{"flexbench.status": "failed"}))
+    client.set_terminated(r.info.run_id, "FAILED")
+    return uri
+
+
+@pytest.fixture(scope="session")
+def report(store, tmp_path_factory):
+    from reports.build import build_report
+
+    refs = tmp_path_factory.mktemp("refs")
+    (refs / "fake.yaml").write_text(
+        "id: fake-paper\n"
+        "citation: A. Author. A paper. 2099.\n"
+        "source: Table 1 of the test fixture\n"
+        "url: https://example.org/fake\n"
+        "measured: test top-1 error (%) of exit3 and exit1\n"
+        "value: top1_error\n"
+        "cost: mflops\n"
+        "flexbench: {arch: msdnet, dataset: 'synth*', method: ipkd}\n"
+        "entries:\n"
+        "  - {submodel: exit3, value: 30.0, cost: 4.0}\n"
+        "  - {submodel: exit1, value: 50.0, cost: 1.0, method: ipkd_ta}\n"
+        "  - {submodel: exit9, value: 10.0}\n"
+    )
+    (refs / "other.yaml").write_text(
+        "id: other\ncitation: B. Author. Other. 2098.\nsource: README\n"
+        "url: https://example.org/other\nmeasured: top-1 on ImageNet\nvalue: top1\n"
+        "flexbench: null\nentries:\n  - {label: net, value: 70.0}\n"
+    )
+    out = tmp_path_factory.mktemp("report") / "out"
+    t0 = time.process_time()
+    r = build_report("known", tracking_uri=store, out=out, references_dir=refs)
+    r.cpu_seconds = time.process_time() - t0  # CPU time: robust to other jobs on the machine
+    return r
+
+
+def _row(df, **keys):
+    sel = df
+    for k, v in keys.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, (keys, sel)
+    return sel.iloc[0]
+
+
+def test_loads_cells_statuses_and_ignores_non_cells(report):
+    exp = report.experiment
+    cells = exp.cells.set_index(["method", "seed"])
+    assert cells.loc[("joint", 0), "status"] == "finished"  # latest finished beats old failed
+    assert cells.loc[("joint", 0), "superseded"] == 1
+    assert cells.loc[("ipkd_ta", 1), "status"] == "failed"
+    assert "non-finite" in cells.loc[("ipkd_ta", 1), "error"]
+    assert cells.loc[("ipkd_ta", 2), "status"] == "missing"
+    assert 7 not in set(exp.cells["seed"])  # the study trial is no cell and adds no seed
+    assert len(exp.cells) == 9 and (exp.cells["status"] == "finished").sum() == 7
+    assert len(exp.tidy) == 7 * 3
+    assert exp.ignored["report and other non-cell flexbench runs"] == 1
+    assert exp.ignored["runs without flexbench tags"] == 1
+    assert exp.ignored["cells evaluated on the validation split only (study trials)"] == 1
+    assert list(exp.tidy[exp.tidy["seed"] == 0]["submodel"].unique()) == SUBS
+    assert report.baseline == "joint"
+    assert report.order == ["joint", "ipkd", "ipkd_ta"]
+
+
+def test_means_stds_and_cis_by_hand(report):
+    s = report.summary
+    r = _row(s, method="joint", key="exit1")  # 50, 52, 48
+    assert r["n"] == 3 and r["mean"] == pytest.approx(50.0)
+    assert r["std"] == pytest.approx(2.0)  # sqrt((0 + 4 + 4) / 2)
+    assert r["ci95"] == pytest.approx(T_975_2 * 2.0 / math.sqrt(3))
+    assert r["mflops"] == pytest.approx(1.0)
+    r = _row(s, method="ipkd", key="exit1")  # 53, 55, 52: squares 1/9 + 25/9 + 16/9
+    assert r["mean"] == pytest.approx(160 / 3)
+    assert r["std"] == pytest.approx(math.sqrt(42 / 9 / 2))
+    r = _row(s, method="ipkd_ta", key="exit1")  # a single seed
+    assert r["n"] == 1 and r["mean"] == 54.0 and math.isnan(r["std"]) and math.isnan(r["ci95"])
+    # per-cell summaries: joint means 60, 62, 60; AUC of seed 0 = (1*(50+60)/2 + 2*(60+70)/2)/3
+    r = _row(s, method="joint", key="top-1 mean")
+    assert r["mean"] == pytest.approx(182 / 3)
+    assert r["std"] == pytest.approx(math.sqrt((4 / 9 + 16 / 9 + 4 / 9) / 2))
+    auc = {0: (55 + 130) / 3, 1: (56.5 + 134) / 3, 2: (55 + 132) / 3}
+    r = _row(s, method="joint", key="AUC")
+    assert r["mean"] == pytest.approx(sum(auc.values()) / 3)
+    sc = report.scores
+    assert _row(sc, method="joint", seed=0, key="AUC")["value"] == pytest.approx(auc[0])
+
+
+def test_paired_tests_by_hand(report):
+    p = report.pairs
+    # t-distribution with 2 dof: two-sided p = 1 - t / sqrt(2 + t^2)
+    r = _row(p, method="ipkd", key="exit1")  # diffs 3, 3, 4: mean 10/3, sd sqrt(1/3), t = 10
+    assert r["n"] == 3 and r["seeds"] == "0,1,2"
+    assert r["diff_mean"] == pytest.approx(10 / 3)
+    assert r["diff_std"] == pytest.approx(math.sqrt(1 / 3))
+    assert r["diff_ci95"] == pytest.approx(T_975_2 * math.sqrt(1 / 3) / math.sqrt(3))
+    assert r["t"] == pytest.approx(10.0)
+    assert r["p"] == pytest.approx(1 - 10 / math.sqrt(102))  # 0.00985
+    assert r["mark"] == "**"
+    r = _row(p, method="ipkd", key="exit2")  # diffs 2, 3, 1: t = 2 / (1 / sqrt 3)
+    assert r["t"] == pytest.approx(2 * math.sqrt(3))
+    assert r["p"] == pytest.approx(1 - 2 * math.sqrt(3) / math.sqrt(14))  # 0.074
+    assert r["mark"] == ""
+    r = _row(p, method="ipkd", key="exit3")  # diffs 2, 2, 3: t = 7
+    assert r["t"] == pytest.approx(7.0)
+    assert r["p"] == pytest.approx(1 - 7 / math.sqrt(51))  # 0.0198
+    assert r["mark"] == "*"
+    assert math.isnan(r["wilcoxon_p"])  # fewer than 6 pairs
+    r = _row(p, method="ipkd_ta", key="exit1")  # one pair: never a test, never a mark
+    assert r["n"] == 1 and r["diff_mean"] == 4.0 and math.isnan(r["p"]) and r["mark"] == ""
+
+
+def test_wilcoxon_and_degenerate_tests():
+    from reports.stats import mark, paired_test
+
+    res = paired_test([1, 2, 3, 4, 5, 6])  # all positive: exact two-sided p = 2 / 2^6
+    assert res["wilcoxon_p"] == pytest.approx(2 / 64)
+    assert paired_test([0.0, 0.0, 0.0])["p"] == 1.0
+    assert math.isnan(paired_test([1.0, 1.0, 1.0])["t"])
+    assert mark(0.001, 2) == "" and mark(0.001, 3) == "**" and mark(0.03, 3) == "*"
+
+
+def test_result_table_files(report):
+    out = report.out
+    slug = "msdnet_synthetic_smoke"
+    md = (out / "tables" / f"results_{slug}.md").read_text()
+    assert "n = 1–3 seeds per method" in md
+    assert "| ipkd | 3 | 53.33 ± 1.53\\*\\* |" in md  # mean ± std, paired-test mark
+    assert "**54.00**" in md  # best exit1 mean (ipkd_ta, a single seed: no ±)
+    assert "exit3 (4 MFLOPs)" in md
+    tex = (out / "tables" / f"results_{slug}.tex").read_text()
+    for token in (
+        "\\toprule",
+        "\\midrule",
+        "\\bottomrule",
+        "\\textbf{54.00}",
+        "$^{**}$",
+        "ipkd\\_ta",
+        "53.33 $\\pm$ 1.53",
+    ):
+        assert token in tex, token
+    csv = pd.read_csv(out / "tables" / f"results_{slug}.csv")
+    r = _row(csv, method="ipkd", key="exit3")
+    assert r["mean"] == pytest.approx(220 / 3) and r["mark"] == "*" and r["n"] == 3
+    assert r["p_vs_baseline"] == pytest.approx(1 - 7 / math.sqrt(51))
+    assert bool(_row(csv, method="ipkd", key="exit3")["best"])
+    summary = pd.read_csv(out / "tables" / "summary.csv")
+    assert _row(summary, method="joint", key="exit1")["std"] == pytest.approx(2.0)
+    cells = pd.read_csv(out / "tables" / "cells.csv")
+    assert set(cells["status"]) == {"finished", "failed", "missing"}
+
+
+def test_figures_written_and_not_blank(report):
+    files = [p for figs in report.figures.values() for f in figs for p in f.files]
+    stems = {Path(f.stem).name for figs in report.figures.values() for f in figs}
+    assert stems == {
+        "acc_vs_mflops_msdnet_synthetic_smoke",
+        "gain_msdnet_synthetic_smoke",
+        "curves_msdnet_synthetic_smoke",
+    }
+    assert len(files) == 6
+    for path in files:
+        assert path.exists() and path.stat().st_size > 8_000, path
+        if path.suffix == ".png":
+            img = mpimg.imread(path)
+            assert img.shape[0] > 300 and img.shape[1] > 500
+            assert img.std() > 0.05  # not a blank canvas
+
+
+def test_index_and_markdown(report):
+    html = (report.out / "index.html").read_text()
+    for text in (
+        "flexbench report — known",
+        "figures/acc_vs_mflops_msdnet_synthetic_smoke.png",
+        "n = 1–3 seeds",
+        "missing",
+        "non-finite loss",
+        "Published vs ours",
+        "fake-paper",
+    ):
+        assert text in html, text
+    md = (report.out / "report.md").read_text()
+    assert "![Accuracy vs MFLOPs" in md and "| ipkd | 3 | 53.33 ± 1.53\\*\\* |" in md
+
+
+def test_references_vs_ours(report):
+    ref = report.ref_table
+    r = _row(ref, submodel="exit3")  # published error 30 -> top-1 70; ours (72+75+73)/3
+    assert r["published top-1"] == 70.0
+    assert r["ours top-1"] == pytest.approx(220 / 3) and r["n"] == 3
+    assert r["ours − published"] == pytest.approx(220 / 3 - 70)
+    assert r["ours cost"] == pytest.approx(4.0) and r["cost unit"] == "MFLOPs"
+    r = _row(ref, submodel="exit1")  # entry-level method override: ipkd_ta, one seed
+    assert r["method"] == "ipkd_ta" and r["ours top-1"] == 54.0 and r["n"] == 1
+    r = _row(ref, submodel="exit9")  # nothing of ours to compare with: shown as not run
+    assert r["n"] == 0 and math.isnan(r["ours top-1"]) and math.isnan(r["ours − published"])
+    assert "not run" in (report.out / "index.html").read_text()
+    assert [x.id for x in report.ref_unrelated] == ["other"]
+
+
+def test_shipped_references_have_sources(tmp_path):
+    from reports.references import load_references
+
+    refs = load_references()
+    assert {r.id for r in refs} >= {"snets-mobilenet-v1-imagenet", "takd-resnet-cifar100"}
+    for r in refs:
+        assert r.url.startswith("https://") and r.citation and r.measured and r.source
+    (tmp_path / "bad.yaml").write_text("id: x\ncitation: c\nvalue: top1\nentries: [{value: 1}]\n")
+    with pytest.raises(ConfigError, match="source"):
+        load_references(tmp_path)
+
+
+def test_report_logged_to_mlflow_and_ignored_next_time(store, report, tmp_path):
+    from reports.build import build_report
+
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(report.run_id)
+    assert run.data.tags["flexbench.kind"] == "report"
+    names = {a.path for a in client.list_artifacts(report.run_id)}
+    assert {"index.html", "report.md", "figures", "tables"} <= names
+    again = build_report("known", tracking_uri=store, out=tmp_path / "again", log_to_mlflow=False)
+    assert again.experiment.ignored["report and other non-cell flexbench runs"] == 2
+    assert len(again.experiment.tidy) == 21
+
+
+def test_report_is_fast(report):
+    assert report.cpu_seconds < 30
+
+
+def test_single_seed_written_by_the_trainer(store, tmp_path):
+    from reports.build import build_report
+
+    r = build_report("single", tracking_uri=store, out=tmp_path, log_to_mlflow=False)
+    assert list(r.experiment.tidy["top1"]) == [30.0, 40.0, 50.0]
+    assert list(r.experiment.tidy["submodel_index"]) == [0, 1, 2]
+    row = _row(r.summary, key="exit2")
+    assert row["n"] == 1 and math.isnan(row["std"])
+    assert r.pairs.empty  # nothing to pair with
+    assert (tmp_path / "index.html").exists()
+    assert any("single seed" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("name", ["empty", "allfailed"])
+def test_nothing_finished_never_crashes(store, tmp_path, name):
+    from reports.build import build_report
+
+    r = build_report(name, tracking_uri=store, out=tmp_path, log_to_mlflow=False)
+    assert r.tables == [] and r.figures == {}
+    html = (tmp_path / "index.html").read_text()
+    assert "No finished cell" in html
+    if name == "allfailed":
+        assert "failed" in html
+
+
+def test_unknown_experiment_lists_the_others(store, capsys):
+    from benchmark.cli import main
+    from reports.load import load_experiment
+
+    with pytest.raises(ConfigError, match="known.*single|single.*known"):
+        load_experiment("nope", store)
+    assert main(["report", "--experiment", "nope", "--tracking-uri", store]) == 2
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_cli_writes_requested_formats(store, tmp_path, capsys):
+    from benchmark.cli import main
+
+    out = tmp_path / "r"
+    code = main(
+        [
+            "report",
+            "--experiment",
+            "known",
+            "--tracking-uri",
+            store,
+            "--out",
+            str(out),
+            "--formats",
+            "md,csv",
+            "--baseline",
+            "ipkd",
+            "--no-log",
+        ]
+    )
+    assert code == 0
+    assert (out / "report.md").exists() and not (out / "index.html").exists()
+    assert not list((out / "tables").glob("*.tex"))
+    table = (out / "tables" / "results_msdnet_synthetic_smoke.md").read_text()
+    assert "ipkd (baseline)" in table
+    assert (
+        main(
+            [
+                "report",
+                "--experiment",
+                "known",
+                "--tracking-uri",
+                store,
+                "--baseline",
+                "nope",
+                "--no-log",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "baseline method 'nope'" in capsys.readouterr().err
+
+
+def test_optuna_study_figures(tmp_path):
+    import optuna
+
+    from reports.optuna_plots import contour_params, study_figures
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="tiny", direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    study.optimize(
+        lambda t: (
+            -((t.suggest_float("method.T", 1, 8) - 3) ** 2)
+            - 10 * (t.suggest_float("method.a", 0, 1) - 0.5) ** 2
+        ),
+        n_trials=10,
+    )
+    assert contour_params(study) == ("method.T", "method.a")
+    figs, skipped = study_figures(study, tmp_path)
+    assert skipped == []
+    assert {Path(f.stem).name for f in figs} == {
+        "study_tiny_history",
+        "study_tiny_importance",
+        "study_tiny_contour",
+    }
+    for f in figs:
+        for p in f.files:
+            assert p.stat().st_size > 8_000, p
+    empty = optuna.create_study(study_name="none")
+    figs, skipped = study_figures(empty, tmp_path)
+    assert figs == [] and "no finished trial" in skipped[0]
