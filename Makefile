@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flexbench-installed
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv sysdeps demo test test-all lint bench clean
 
 venv: $(STAMP)
 
@@ -20,10 +20,14 @@ demo: venv
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 	$(VENV)/bin/flexbench train --arch msdnet --dataset synthetic --method ipkd_ta --profile smoke --restart
 
-test: venv
+# PostgreSQL and Chromium for the server/browser tests (installed only when missing, as root).
+sysdeps:
+	bash scripts/install_system_deps.sh
+
+test: venv sysdeps
 	$(PY) -m pytest -q
 
-test-all: venv
+test-all: venv sysdeps
 	$(PY) -m pytest -q -m ''
 
 lint: venv

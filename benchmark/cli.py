@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 
@@ -117,6 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Other parts of flexbench add their sub-commands through `add_parser(subparsers)`.
+SUBCOMMAND_MODULES = ("benchmark.grid.cli", "studies.cli", "reports.cli", "mlflow_server.cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexbench", description="Benchmark training methods of flexible neural networks."
@@ -145,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue from the cell's checkpoint")
     group.add_argument("--restart", action="store_true", help="discard the cell's checkpoint")
     p.set_defaults(func=cmd_train)
+
+    for module in SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(module.rsplit(".", 1)[0]) and importlib.util.find_spec(module):
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from typing import Any
 
 import yaml
@@ -110,6 +111,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 SECTIONS = ("arch", "method", "train", "data", "runtime")
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """`["train.epochs=3", "method.T=4"]` -> {"train.epochs": 3, "method.T": 4.0} (YAML values)."""
     out: dict[str, Any] = {}
@@ -121,9 +125,12 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
                 f"got {item!r}"
             )
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: cannot parse value: {exc}") from exc
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        out[key.strip()] = value
     return out
 
 

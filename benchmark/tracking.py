@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 if resp.status != 200:
                     raise ConfigError(f"MLflow server {uri} answered {resp.status} on /health")
         except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                return  # an auth-protected server is up; credentials are checked on first write
-            raise ConfigError(f"MLflow server {uri} answered {exc.code} on /health") from exc
+            if exc.code not in (401, 403):  # 401/403: an auth-protected server is up
+                raise ConfigError(f"MLflow server {uri} answered {exc.code} on /health") from exc
         except (urllib.error.URLError, OSError) as exc:
             raise ConfigError(
                 f"cannot reach the MLflow tracking server {uri} ({exc}); start it "
                 f"(`flexbench server start`) or set --tracking-uri / MLFLOW_TRACKING_URI"
             ) from exc
+        _check_login(uri, timeout)
     elif uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///") :])
         folder = path.parent if str(path.parent) else Path(".")
@@ -65,6 +66,35 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use "
             f"sqlite:///path/mlflow.db or an http(s):// server"
         )
+
+
+def _check_login(uri: str, timeout: float) -> None:
+    """A server with basic-auth answers /health to anyone: try a read with the credentials
+    MLflow's client will use (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN) before training."""
+    req = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    )
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        req.add_header(
+            "Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode()
+        )
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"])
+    try:
+        with urllib.request.urlopen(req, timeout=timeout):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            given = "were refused" if user and password else "are not set"
+            raise ConfigError(
+                f"MLflow server {uri} requires a login (HTTP {exc.code}) and the credentials "
+                f"{given}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from exc
+        # anything else is left to MLflow's client, which reports it on the first request
+    except (urllib.error.URLError, OSError):
+        pass
 
 
 def git_commit() -> str:
@@ -111,7 +141,10 @@ class CellRun:
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, TAG + "status", "running")
             return run_id
-        name = f"{cfg['arch']['name']}-{cfg['method']['name']}-s{cfg['seed']}"
+        # a caller may name the run (study trials: `mlflow.runName` in extra_tags)
+        name = tags.get("mlflow.runName") or (
+            f"{cfg['arch']['name']}-{cfg['method']['name']}-s{cfg['seed']}"
+        )
         all_tags = {
             TAG + "cell": key,
             TAG + "arch": cfg["arch"]["name"],
@@ -194,3 +227,135 @@ class CellRun:
             return
         self.set_tags({TAG + "status": "interrupted"})
         self.client.set_terminated(self.run_id, "KILLED")
+
+
+# --- Optuna studies (studies/): one parent run per study, one child run per trial ------------
+
+
+class StudyRun:
+    """The MLflow record of an Optuna study: a parent run tagged `flexbench.kind=study`.
+
+    Each trial is a cell run (created by `train_cell`) whose `mlflow.parentRunId` points here;
+    `end_trial` adds the trial's state and objective curve to it once Optuna has decided.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_id: str | None = None) -> None:
+        cell = CellRun(uri, experiment)  # same experiment handling (created once, race-safe)
+        self.uri, self.client, self.experiment_id = uri, cell.client, cell.experiment_id
+        self.run_id = run_id
+
+    def open(
+        self, study: str, tags: dict[str, str], params: dict[str, str], run_id: str | None
+    ) -> str:
+        """Reopen the study's run (by id, else by its tags) or create it; returns its id."""
+        run = None
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+            except mlflow.exceptions.MlflowException:
+                run = None
+            if run is not None and (
+                run.info.lifecycle_stage != "active" or run.info.experiment_id != self.experiment_id
+            ):
+                run = None
+        if run is None:
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{TAG}kind` = 'study' and tags.`{TAG}study` = '{study}'",
+                max_results=1,
+            )
+            run = found[0] if found else None
+        if run is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"study-{study}",
+                tags={TAG + "kind": "study", TAG + "study": study, **tags},
+            )
+            self.run_id = run.info.run_id
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+        else:
+            self.run_id = run.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        self.set_tags({**tags, TAG + "status": "running"})
+        return self.run_id
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_points(self, points: list[tuple[str, float, int, int]]) -> None:
+        """(key, value, step, timestamp ms) points; identical points are not stored twice."""
+        metrics = [Metric(k, float(v), ts, step) for k, v, step, ts in points]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def log_artifacts(self, paths: list[Path], folder: str) -> None:
+        for path in paths:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+    def end(self, status: str) -> None:
+        """status: finished | interrupted | failed."""
+        self.set_tags({TAG + "status": status})
+        mlflow_status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
+        self.client.set_terminated(self.run_id, mlflow_status)
+
+    def trial_runs(self, status: str | None = None) -> list:
+        """The trial runs of this study (children carrying `flexbench.trial`)."""
+        flt = f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`{TAG}trial` != ''"
+        if status:
+            flt += f" and attributes.status = '{status}'"
+        return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5000)
+
+    def trial_run_id(self, number: int) -> str | None:
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and "
+            f"tags.`{TAG}trial` = '{number}'",
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
+
+    def end_trial(
+        self,
+        number: int,
+        state: str,
+        value: float | None,
+        curve: dict[int, float],
+        params: dict[str, float],
+        error: str | None = None,
+    ) -> str:
+        """Record a trial's Optuna state (`complete`, `pruned`, `failed`), its objective per
+        epoch (`study/objective`) and final value (`study/value`) on its run. A trial that
+        failed before its cell run existed gets a run of its own, so every trial has one."""
+        run_id = self.trial_run_id(number)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{number}",
+                tags={"mlflow.parentRunId": self.run_id, TAG + "trial": str(number)},
+            )
+            run_id = run.info.run_id
+            self.client.log_batch(
+                run_id, params=[Param(f"method.{k}", str(v)) for k, v in params.items()]
+            )
+            self.client.set_terminated(run_id, "FAILED")
+        ts = int(time.time() * 1000)
+        metrics = [Metric("study/objective", float(v), ts, s) for s, v in sorted(curve.items())]
+        if value is not None:
+            metrics.append(Metric("study/value", float(value), ts, 0))
+        tags = [RunTag(TAG + "trial_state", state)]
+        if error:
+            tags.append(RunTag(TAG + "error", error[:4000]))
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        return run_id
+
+    def fail_trial_run(self, run_id: str, reason: str) -> None:
+        """A trial whose worker died: its cell run would otherwise stay RUNNING forever."""
+        self.client.log_batch(
+            run_id,
+            tags=[
+                RunTag(TAG + "status", "failed"),
+                RunTag(TAG + "trial_state", "failed"),
+                RunTag(TAG + "error", reason[:4000]),
+            ],
+        )
+        self.client.set_terminated(run_id, "FAILED")

@@ -276,6 +276,7 @@ def train_cell(
     t_cfg, r_cfg = cfg["train"], cfg["runtime"]
     # --- validate everything before any work -------------------------------------------
     num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+    datasets.check(cfg["data"]["name"], cfg["data"])
     device = pick_device(str(r_cfg["device"]))
     model = make_model(cfg, num_classes, image_size)
     method = make_method(cfg)
@@ -297,6 +298,15 @@ def train_cell(
         torch.set_num_threads(r_cfg["threads"])
     splits = datasets.load_splits(cfg["data"]["name"], cfg["data"])
     splits.sealed = not evaluate_test
+    norm = Normalizer(splits.mean, splits.std, device)
+    batches = TrainBatches(
+        splits.train_x, splits.train_y, t_cfg["batch_size"], norm, cfg["seed"], device
+    )
+    if len(batches) == 0:
+        raise ConfigError(
+            f"train.batch_size {t_cfg['batch_size']} exceeds the {splits.train_x.shape[0]} "
+            f"training images"
+        )
     amp = bool(r_cfg["amp"]) and device.type == "cuda"
     arch_key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
     costs: list[SubCost] = count_costs(model, image_size, cache_key=arch_key)
@@ -345,15 +355,6 @@ def train_cell(
     if state:
         _progress_line(f"resuming cell {key} at stage {stage_idx + 1}, epoch {epoch + 1}")
 
-    norm = Normalizer(splits.mean, splits.std, device)
-    batches = TrainBatches(
-        splits.train_x, splits.train_y, t_cfg["batch_size"], norm, cfg["seed"], device
-    )
-    if len(batches) == 0:
-        raise ConfigError(
-            f"train.batch_size {t_cfg['batch_size']} exceeds the {splits.train_x.shape[0]} "
-            f"training images"
-        )
     n_epochs = t_cfg["epochs"]
     total_epochs = n_epochs * len(stages)
     try:

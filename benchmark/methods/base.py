@@ -43,12 +43,12 @@ class ParamSpec:
     rule: str
 
 
-def temperature() -> ParamSpec:
-    return ParamSpec(1.0, lambda v: v > 0, "T must be > 0")
+def temperature(default: float = 1.0) -> ParamSpec:
+    return ParamSpec(default, lambda v: v > 0, "T must be > 0")
 
 
-def weight() -> ParamSpec:
-    return ParamSpec(0.5, lambda v: 0 <= v <= 1, "a must be in [0, 1]")
+def weight(default: float = 1.0) -> ParamSpec:
+    return ParamSpec(default, lambda v: 0 <= v <= 1, "a must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """ipkd (inplace KD, Yu & Huang 2019): the full model teaches every smaller sub-model.
 
-L = CE(z_K, y) + sum_{k<K} [(1-a) CE(z_k, y) + a KD(z_k, z_K; T)]. US-Nets used a=1, T=1.
+L = CE(z_K, y) + sum_{k<K} [(1-a) CE(z_k, y) + a KD(z_k, z_K; T)]. Defaults a=1, T=1 are the
+published US-Nets setting (soft targets only); both are parameters that studies tune.
 """
 
 from benchmark.methods import register_method

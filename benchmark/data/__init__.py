@@ -1,0 +1,66 @@
+"""Dataset registry: `cifar10`, `cifar100`, `imagefolder:<dir or .zip>`, `synthetic`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmark.data.base import DatasetSpec, ImageData, Splits, TestSplitSealed, make_splits
+from benchmark.errors import ConfigError
+from benchmark.registry import Registry
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    return DATASETS.register(spec.name)(spec)
+
+
+def parse_name(name: str) -> tuple[DatasetSpec, str | None]:
+    """`imagefolder:/data/x.zip` -> (imagefolder spec, '/data/x.zip')."""
+    key, _, arg = name.partition(":")
+    spec = DATASETS.get(key)
+    if spec.needs_arg and not arg:
+        raise ConfigError(f"dataset {key} needs a path: {key}:<dir or .zip>")
+    if arg and not spec.needs_arg:
+        raise ConfigError(f"dataset {key} takes no ':' argument (got {name!r})")
+    return spec, arg or None
+
+
+def describe(name: str, cfg: dict[str, Any]) -> tuple[int, int]:
+    """(num_classes, image_size) without decoding; raises ConfigError on a bad source."""
+    spec, arg = parse_name(name)
+    return spec.describe(arg, cfg)
+
+
+def check(name: str, cfg: dict[str, Any]) -> None:
+    """Raise ConfigError unless the dataset's source can be loaded (e.g. its files exist)."""
+    spec, arg = parse_name(name)
+    if spec.check is not None:
+        spec.check(arg, cfg)
+
+
+def load_splits(name: str, cfg: dict[str, Any]) -> Splits:
+    spec, arg = parse_name(name)
+    data = spec.load(arg, cfg)
+    return make_splits(
+        data,
+        val_size=cfg["val_size"],
+        train_subset=cfg.get("train_subset"),
+        test_subset=cfg.get("test_subset"),
+        split_seed=cfg.get("split_seed", 0),
+    )
+
+
+from benchmark.data import cifar, imagefolder, synthetic  # noqa: E402,F401
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "ImageData",
+    "Splits",
+    "TestSplitSealed",
+    "check",
+    "describe",
+    "load_splits",
+    "parse_name",
+]

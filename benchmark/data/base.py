@@ -1,0 +1,159 @@
+"""Datasets as decoded uint8 tensors, a seeded train/val split, and a sealed test split."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from benchmark.errors import ConfigError
+
+
+@dataclass
+class ImageData:
+    """A whole decoded dataset: uint8 images (N, 3, H, W) and int64 labels."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    classes: list[str]
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class TestSplitSealed(RuntimeError):
+    """Raised when something reads the test split where only validation is allowed."""
+
+
+@dataclass
+class Splits:
+    """train/val carved from the training set; test only through `test()`.
+
+    `test()` counts reads and refuses them when sealed (studies seal it), so "test is used only
+    for the final evaluation" is enforced by code, not convention.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    val_hash: str
+    _test_x: Tensor = field(repr=False)
+    _test_y: Tensor = field(repr=False)
+    sealed: bool = False
+    test_reads: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+    def test(self) -> tuple[Tensor, Tensor]:
+        if self.sealed:
+            raise TestSplitSealed("the test split is sealed here (validation only)")
+        self.test_reads += 1
+        return self._test_x, self._test_y
+
+
+def _subset(n: int, size: int | float | None, what: str) -> int:
+    if size is None:
+        return n
+    if isinstance(size, float) and 0 < size <= 1:
+        return max(1, int(round(n * size)))
+    if isinstance(size, int) and size > 0:
+        if size > n:
+            raise ConfigError(f"{what} {size} exceeds the {n} images available")
+        return size
+    raise ConfigError(f"{what} must be a positive integer or a fraction in (0, 1], got {size!r}")
+
+
+def make_splits(
+    data: ImageData,
+    val_size: int | float,
+    train_subset: int | float | None = None,
+    test_subset: int | float | None = None,
+    split_seed: int = 0,
+) -> Splits:
+    """Deterministic split: a permutation from `split_seed`; val first, then train (subset)."""
+    n = data.train_x.shape[0]
+    n_val = _subset(n, val_size, "data.val_size") if val_size else 0
+    if n_val >= n:
+        raise ConfigError(f"data.val_size {val_size} leaves no training images (of {n})")
+    g = torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(n, generator=g)
+    val_idx = perm[:n_val].sort().values
+    rest = perm[n_val:]
+    train_idx = rest[: _subset(rest.numel(), train_subset, "data.train_subset")].sort().values
+    n_test = data.test_x.shape[0]
+    test_perm = torch.randperm(n_test, generator=torch.Generator().manual_seed(split_seed + 1))
+    test_idx = test_perm[: _subset(n_test, test_subset, "data.test_subset")].sort().values
+    train_x = data.train_x[train_idx]
+    mean, std = data.mean, data.std
+    if mean is None or std is None:
+        flat = train_x.transpose(0, 1).reshape(3, -1).double() / 255
+        mean = tuple(flat.mean(1).tolist())
+        std = tuple(flat.std(1).tolist())
+    return Splits(
+        train_x=train_x,
+        train_y=data.train_y[train_idx],
+        val_x=data.train_x[val_idx],
+        val_y=data.train_y[val_idx],
+        classes=data.classes,
+        mean=mean,
+        std=std,
+        val_hash=hashlib.sha1(val_idx.numpy().tobytes()).hexdigest()[:12],
+        _test_x=data.test_x[test_idx],
+        _test_y=data.test_y[test_idx],
+    )
+
+
+@dataclass
+class DatasetSpec:
+    """A dataset kind. `arg` is the part after ':' in names like `imagefolder:/path`.
+
+    `describe` is cheap (no decoding) and needs no data files where the shape is fixed (so
+    `flexbench info` works without them); `check` validates that the source can be loaded (files
+    present), and training runs it before any work, so bad paths fail early.
+    """
+
+    name: str
+    describe: Callable[[str | None, dict[str, Any]], tuple[int, int]]  # -> (classes, image px)
+    load: Callable[[str | None, dict[str, Any]], ImageData]
+    description: str = ""
+    needs_arg: bool = False
+    check: Callable[[str | None, dict[str, Any]], None] | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FLEXBENCH_CACHE") or Path.home() / ".cache" / "flexbench"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cached(key: str, build: Callable[[], ImageData]) -> ImageData:
+    """Decode once, then load the uint8 tensors from the cache (atomic write)."""
+    path = cache_dir() / f"{key}.pt"
+    if path.exists():
+        try:
+            return ImageData(**torch.load(path, weights_only=True))
+        except Exception:  # a corrupt cache file is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    data = build()
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(data.__dict__, tmp)
+    os.replace(tmp, path)
+    return data

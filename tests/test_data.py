@@ -1,0 +1,223 @@
+"""Data: disjoint, seeded train/val splits (synthetic and imagefolder dir/zip), a test split
+read only by the final evaluation, and the batched augmentation."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import smoke_cfg
+from PIL import Image
+
+from benchmark import data as datasets
+from benchmark.data.pipeline import Normalizer, TrainBatches, crop_flip
+from benchmark.train import train_cell
+
+CLASSES = ["cat", "dog", "emu"]
+PER_CLASS = {"train": 12, "test": 4}
+
+
+def data_cfg(**over) -> dict:
+    cfg = {"root": "./data", "download": False, "val_size": 10, "train_subset": None,
+           "test_subset": None, "split_seed": 0, "image_size": None}  # fmt: skip
+    cfg.update(over)
+    return cfg
+
+
+def image_ids(x: torch.Tensor) -> list[int]:
+    """Our generated images carry their global id in pixel (0, 0): R*256 + G."""
+    return [int(img[0, 0, 0]) * 256 + int(img[1, 0, 0]) for img in x]
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory) -> Path:
+    """train/<class>/*.png and test/<class>/*.png; every image unique, 16x16."""
+    root = tmp_path_factory.mktemp("imgs") / "tiny"
+    uid = 0
+    rng = np.random.default_rng(0)
+    for split, n in PER_CLASS.items():
+        for label, cls in enumerate(CLASSES):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                img[0, 0] = (uid // 256, uid % 256, label)
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+                uid += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_zip(image_tree) -> Path:
+    path = image_tree.parent / "tiny.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for f in sorted(image_tree.rglob("*.png")):
+            z.write(f, f.relative_to(image_tree).as_posix())
+    return path
+
+
+def check_disjoint(splits, n_train_total: int) -> None:
+    train = [bytes(x.numpy().tobytes()) for x in splits.train_x]
+    val = [bytes(x.numpy().tobytes()) for x in splits.val_x]
+    assert len(set(train)) == len(train) and len(set(val)) == len(val)
+    assert not set(train) & set(val)
+    assert len(train) + len(val) <= n_train_total
+
+
+def test_synthetic_split_is_disjoint_and_seeded():
+    cfg = data_cfg(val_size=200, train_subset=500)
+    a = datasets.load_splits("synthetic", cfg)
+    assert (a.val_x.shape[0], a.train_x.shape[0]) == (200, 500)
+    check_disjoint(a, 2000)
+    full = datasets.load_splits("synthetic", data_cfg(val_size=200))
+    assert full.train_x.shape[0] == 1800
+    check_disjoint(full, 2000)
+    b = datasets.load_splits("synthetic", cfg)
+    assert a.val_hash == b.val_hash
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_x, b.train_x)
+    assert torch.equal(a.test()[0], b.test()[0])
+    c = datasets.load_splits("synthetic", data_cfg(val_size=200, train_subset=500, split_seed=1))
+    assert c.val_hash != a.val_hash and not torch.equal(c.val_x, a.val_x)
+
+
+@pytest.mark.parametrize("form", ["dir", "zip"])
+def test_imagefolder_split_is_disjoint_and_seeded(form, image_tree, image_zip):
+    path = image_tree if form == "dir" else image_zip
+    name = f"imagefolder:{path}"
+    assert datasets.describe(name, data_cfg()) == (3, 16)
+    s = datasets.load_splits(name, data_cfg(val_size=9))
+    assert s.classes == CLASSES
+    assert s.train_x.dtype == torch.uint8 and tuple(s.train_x.shape[1:]) == (3, 16, 16)
+    n_train = len(CLASSES) * PER_CLASS["train"]
+    assert s.val_x.shape[0] == 9 and s.train_x.shape[0] == n_train - 9
+    train_ids, val_ids = image_ids(s.train_x), image_ids(s.val_x)
+    assert not set(train_ids) & set(val_ids)
+    assert sorted(train_ids + val_ids) == list(range(n_train))
+    test_x, test_y = s.test()
+    assert sorted(image_ids(test_x)) == list(range(n_train, n_train + 3 * PER_CLASS["test"]))
+    for x, y in ((s.train_x, s.train_y), (s.val_x, s.val_y), (test_x, test_y)):
+        assert x[:, 2, 0, 0].tolist() == y.tolist()  # labels follow the class folders
+    again = datasets.load_splits(name, data_cfg(val_size=9))
+    assert image_ids(again.val_x) == val_ids and again.val_hash == s.val_hash
+    other = datasets.load_splits(name, data_cfg(val_size=9, split_seed=5))
+    assert image_ids(other.val_x) != val_ids
+
+
+def test_imagefolder_zip_and_dir_give_the_same_data(image_tree, image_zip):
+    a = datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(val_size=6))
+    b = datasets.load_splits(f"imagefolder:{image_zip}", data_cfg(val_size=6))
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.val_x, b.val_x)
+    assert torch.equal(a.test()[0], b.test()[0])
+
+
+def test_imagefolder_resizes_to_image_size(image_tree):
+    name = f"imagefolder:{image_tree}"
+    assert datasets.describe(name, data_cfg(image_size=24)) == (3, 24)
+    s = datasets.load_splits(name, data_cfg(image_size=24))
+    assert tuple(s.train_x.shape[1:]) == (3, 24, 24)
+
+
+def test_sealed_test_split_refuses_reads():
+    s = datasets.load_splits("synthetic", data_cfg())
+    s.sealed = True
+    with pytest.raises(datasets.TestSplitSealed):
+        s.test()
+    assert s.test_reads == 0
+    s.sealed = False
+    s.test()
+    assert s.test_reads == 1
+
+
+@pytest.fixture
+def spy_splits(monkeypatch):
+    """Keeps every Splits object train_cell loads (the real loader does the work)."""
+    seen = []
+    real = datasets.load_splits
+
+    def spy(name, cfg):
+        seen.append(real(name, cfg))
+        return seen[-1]
+
+    monkeypatch.setattr(datasets, "load_splits", spy)
+    return seen
+
+
+def test_test_split_is_read_only_by_the_final_evaluation(spy_splits, tracking_uri, tmp_path):
+    reads_at_epoch_end = []
+
+    def on_epoch(epoch, metrics):
+        reads_at_epoch_end.append(spy_splits[0].test_reads)
+        assert not any(k.startswith("test/") for k in metrics)
+
+    cfg = smoke_cfg("slimmable_mobilenet_v1", "joint", tmp_path / "runs", train__epochs=2)
+    result = train_cell(cfg, tracking_uri=tracking_uri, epoch_callback=on_epoch, progress=False)
+    assert reads_at_epoch_end == [0, 0]
+    assert spy_splits[0].test_reads == 1
+    assert "test/top1_mean" in result.metrics
+
+
+def test_evaluate_test_false_seals_the_test_split(spy_splits, tracking_uri, client, tmp_path):
+    cfg = smoke_cfg("msdnet", "joint", tmp_path / "runs", train__epochs=1)
+    result = train_cell(cfg, tracking_uri=tracking_uri, evaluate_test=False, progress=False)
+    (splits,) = spy_splits
+    assert splits.sealed and splits.test_reads == 0
+    with pytest.raises(datasets.TestSplitSealed):
+        splits.test()
+    assert not any(k.startswith("test/") for k in result.metrics)
+    assert "val/top1_mean" in result.metrics and "val/top1/exit1" in result.metrics
+    run = client.get_run(result.run_id)
+    assert run.data.tags["flexbench.test_evaluated"] == "false"
+    assert not any(k.startswith("test/") for k in run.data.metrics)
+
+
+# --- augmentation -------------------------------------------------------------------------
+def reference_crop_flip(x: torch.Tensor, dy, dx, flip, pad: int = 4) -> torch.Tensor:
+    """Per sample: zero-pad by `pad`, take the HxW window at (dy, dx), mirror it if flip."""
+    out = torch.empty_like(x)
+    _, _, h, w = x.shape
+    for i in range(x.shape[0]):
+        padded = torch.zeros(x.shape[1], h + 2 * pad, w + 2 * pad, dtype=x.dtype)
+        padded[:, pad : pad + h, pad : pad + w] = x[i]
+        crop = padded[:, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+def test_crop_flip_equals_per_sample_reference():
+    g0 = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 12, 10), generator=g0, dtype=torch.uint8)
+    out = crop_flip(x, torch.Generator().manual_seed(7))
+    # the documented draws, in order: row offsets, column offsets, flips (one each per sample)
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randint(0, 9, (64, 1), generator=g)[:, 0].tolist()
+    dx = torch.randint(0, 9, (64, 1), generator=g)[:, 0].tolist()
+    flip = (torch.rand((64, 1), generator=g) < 0.5)[:, 0].tolist()
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(out, reference_crop_flip(x, dy, dx, flip))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # the draws cover the whole range: every offset and both flip states occur
+    assert set(dy) == set(range(9)) and set(dx) == set(range(9)) and set(flip) == {True, False}
+
+
+def test_train_batches_are_seeded_normalised_channels_last():
+    x = torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(70)
+    norm = Normalizer((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), torch.device("cpu"))
+    batches = TrainBatches(x, y, 32, norm, seed=3, device=torch.device("cpu"))
+    assert len(batches) == 2  # the last partial batch is dropped
+    a, b = list(batches.epoch(0)), list(batches.epoch(0))
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xa.dtype == torch.float32 and xa.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(a[0][1], list(batches.epoch(1))[0][1])
+    seen = torch.cat([yb for _, yb in a])
+    assert len(set(seen.tolist())) == 64  # a permutation: no sample twice in an epoch
+    # normalisation: (x/255 - mean)/std, float, channels_last
+    out = norm(x)
+    mean = torch.tensor((0.5, 0.4, 0.3)).view(1, 3, 1, 1)
+    std = torch.tensor((0.2, 0.25, 0.3)).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
+    assert out.is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,260 @@
+"""Method losses: hand-computed values, a regression fixture, and no gradient into teachers.
+
+The reference math below follows the method definitions (sub-models s_1 < ... < s_K, logits z_k):
+KD(z_s, z_t; T) = T^2 * mean_b sum_c p_t log(p_t / p_s), p = softmax(z / T), teacher detached.
+
+Regenerate the fixture after an intended change of a method's math (or after registering a new
+method) with:
+    FLEXBENCH_REGEN_FIXTURES=1 .venv/bin/python -m pytest tests/test_methods.py -k fixture
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark.methods import METHODS, Stage
+from benchmark.models import ARCHS, build_model
+
+FIXTURE = Path(__file__).parent / "fixtures" / "method_losses.json"
+K = 3
+
+# A tiny fixed batch: 4 samples, 5 classes, K=3 sub-models (smallest first).
+LOGITS = [
+    [[1.0, -0.5, 0.3, 2.0, 0.0], [0.2, 0.1, -1.0, 0.5, 1.5], [-0.3, 2.2, 0.0, 0.1, -1.2],
+     [0.0, 0.0, 0.5, -0.5, 1.0]],
+    [[1.5, -1.0, 0.0, 2.5, -0.2], [0.0, 0.4, -1.5, 0.9, 2.0], [-0.8, 2.9, 0.3, 0.0, -1.0],
+     [0.3, -0.2, 0.9, -0.9, 1.6]],
+    [[2.0, -1.2, -0.4, 3.1, -0.5], [-0.3, 0.6, -2.0, 1.0, 2.8], [-1.0, 3.5, 0.2, -0.4, -1.1],
+     [0.6, -0.5, 1.2, -1.4, 2.3]],
+]  # fmt: skip
+LABELS = [3, 4, 1, 2]
+
+
+# --- reference math, element by element --------------------------------------------------
+def softmax_row(row: list[float], T: float = 1.0) -> list[float]:
+    e = [math.exp(v / T) for v in row]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def ref_ce(z: list[list[float]], y: list[int]) -> float:
+    return sum(-math.log(softmax_row(row)[t]) for row, t in zip(z, y)) / len(y)
+
+
+def ref_kd(zs: list[list[float]], zt: list[list[float]], T: float) -> float:
+    total = 0.0
+    for rs, rt in zip(zs, zt):
+        ps, pt = softmax_row(rs, T), softmax_row(rt, T)
+        total += sum(t * (math.log(t) - math.log(s)) for s, t in zip(ps, pt))
+    return T * T * total / len(zs)
+
+
+def ref_losses(method: str, T: float, a: float) -> list[float]:
+    """Per-sub-model loss of `method` on LOGITS/LABELS, straight from the definitions."""
+    z, y, last = LOGITS, LABELS, K - 1
+    ce = [ref_ce(z[k], y) for k in range(K)]
+    if method in ("joint", "independent"):
+        return ce
+    teacher = {"ipkd": lambda k: last, "ipkd_ta": lambda k: k + 1, "takd": lambda k: k + 1}[method]
+    return [
+        ce[k] if k == last else (1 - a) * ce[k] + a * ref_kd(z[k], z[teacher(k)], T)
+        for k in range(K)
+    ]
+
+
+# --- the methods as the trainer runs them ---------------------------------------------------
+def method_params(name: str, T: float, a: float) -> dict[str, float]:
+    return {k: v for k, v in {"T": T, "a": a}.items() if k in METHODS.get(name).PARAMS}
+
+
+def run_losses(name: str, params: dict, logits: list, labels: list) -> dict[int, float]:
+    """Loss of every sub-model over all stages, with teachers as train._Step provides them:
+    frozen teachers' logits plus the larger sub-models of the same step, detached."""
+    method = METHODS.get(name)(params)
+    z = [torch.tensor(v, dtype=torch.float64) for v in logits]
+    y = torch.tensor(labels)
+    out: dict[int, float] = {}
+    for stage in method.stages(len(z)):
+        teachers = {t: z[t] for t in stage.frozen_teachers}
+        for k in sorted(stage.train, reverse=True):
+            loss, terms = method.loss(k, z[k], teachers, y, len(z))
+            teachers[k] = z[k].detach()
+            assert k not in out, f"{name}: sub-model {k} trained in two stages"
+            out[k] = loss.item()
+    return out
+
+
+CASES = [(1.0, 1.0), (4.0, 0.5), (2.0, 0.0), (3.0, 0.3)]
+
+
+@pytest.mark.parametrize("name", ["joint", "independent", "ipkd", "ipkd_ta", "takd"])
+@pytest.mark.parametrize("T,a", CASES)
+def test_loss_matches_hand_computed(name, T, a):
+    got = run_losses(name, method_params(name, T, a), LOGITS, LABELS)
+    want = ref_losses(name, T, a)
+    assert sorted(got) == list(range(K))
+    for k in range(K):
+        assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), (name, k)
+
+
+def test_kd_is_batchmean_kl_times_t_squared():
+    from benchmark.methods import kd_loss
+
+    zs = torch.tensor(LOGITS[0], dtype=torch.float64)
+    zt = torch.tensor(LOGITS[2], dtype=torch.float64)
+    for T in (1.0, 2.0, 4.0):
+        assert kd_loss(zs, zt, T).item() == pytest.approx(ref_kd(LOGITS[0], LOGITS[2], T), 1e-12)
+    assert kd_loss(zt, zt, 3.0).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_label_smoothing_applies_to_ce():
+    eps = 0.1
+    method = METHODS.get("joint")({}, label_smoothing=eps)
+    z = torch.tensor(LOGITS[1], dtype=torch.float64)
+    loss, _ = method.loss(1, z, {}, torch.tensor(LABELS), K)
+    want = 0.0
+    for row, t in zip(LOGITS[1], LABELS):
+        logp = [math.log(p) for p in softmax_row(row)]
+        want += (1 - eps) * -logp[t] + eps * -sum(logp) / len(logp)
+    assert loss.item() == pytest.approx(want / len(LABELS), rel=1e-12)
+
+
+def test_takd_stages_largest_first_with_next_larger_frozen_teacher():
+    method = METHODS.get("takd")({})
+    assert method.stages(4) == [
+        Stage((3,)),
+        Stage((2,), (3,)),
+        Stage((1,), (2,)),
+        Stage((0,), (1,)),
+    ]
+    assert METHODS.get("takd").separate_networks
+    assert METHODS.get("independent").separate_networks
+
+
+@pytest.mark.parametrize("name", ["joint", "ipkd", "ipkd_ta"])
+def test_online_methods_train_every_submodel_in_one_stage(name):
+    assert METHODS.get(name)({}).stages(4) == [Stage((0, 1, 2, 3))]
+    assert not METHODS.get(name).separate_networks
+
+
+# --- regression fixture --------------------------------------------------------------------
+FIXTURE_CASES = [(1.0, 1.0), (4.0, 0.5), (2.0, 0.9)]
+
+
+def _fixture_batch() -> tuple[list, list]:
+    g = torch.Generator().manual_seed(2024)
+    logits = (torch.randn(K, 8, 10, generator=g, dtype=torch.float64) * 2).tolist()
+    labels = torch.randint(0, 10, (8,), generator=g).tolist()
+    return logits, labels
+
+
+def _compute_fixture(logits: list, labels: list) -> dict:
+    methods = {}
+    for name in METHODS.names():
+        cases = {}
+        for T, a in FIXTURE_CASES:
+            params = method_params(name, T, a)
+            per = run_losses(name, params, logits, labels)
+            cases[f"T={T:g},a={a:g}"] = {
+                "params": params,
+                "submodels": [per[k] for k in range(K)],
+                "total": sum(per.values()),
+            }
+        methods[name] = cases
+    return {
+        "_doc": "loss of every registered method on a fixed batch; regenerate with "
+        "FLEXBENCH_REGEN_FIXTURES=1 pytest tests/test_methods.py -k fixture",
+        "batch": {"logits": logits, "labels": labels},
+        "methods": methods,
+    }
+
+
+def test_loss_regression_fixture():
+    if os.environ.get("FLEXBENCH_REGEN_FIXTURES") == "1":
+        logits, labels = _fixture_batch()
+        FIXTURE.parent.mkdir(exist_ok=True)
+        FIXTURE.write_text(json.dumps(_compute_fixture(logits, labels), indent=1) + "\n")
+    stored = json.loads(FIXTURE.read_text())
+    missing = sorted(set(METHODS.names()) - set(stored["methods"]))
+    assert not missing, (
+        f"registered method(s) missing from {FIXTURE.name}: {', '.join(missing)}; regenerate "
+        f"it with FLEXBENCH_REGEN_FIXTURES=1"
+    )
+    logits, labels = stored["batch"]["logits"], stored["batch"]["labels"]
+    mismatches = []
+    for name in METHODS.names():
+        for case, want in stored["methods"][name].items():
+            got = run_losses(name, want["params"], logits, labels)
+            got_list = [got[k] for k in range(K)]
+            if got_list != pytest.approx(want["submodels"], rel=1e-5) or sum(
+                got_list
+            ) != pytest.approx(want["total"], rel=1e-5):
+                mismatches.append(f"{name} {case}: {got_list} != {want['submodels']}")
+    assert not mismatches, "method losses changed:\n" + "\n".join(mismatches)
+
+
+# --- teachers get no gradient from students' KD terms ----------------------------------------
+@pytest.mark.parametrize("name", ["ipkd", "ipkd_ta", "takd"])
+@pytest.mark.parametrize("student", range(K - 1))
+def test_kd_term_gives_no_gradient_to_teacher_logits(name, student):
+    method = METHODS.get(name)({"T": 2.0, "a": 1.0})
+    z = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in LOGITS]
+    teachers = {k: z[k] for k in range(K)}  # deliberately NOT detached by the caller
+    loss, terms = method.loss(student, z[student], teachers, torch.tensor(LABELS), K)
+    assert set(terms) == {"ce", "kd"}
+    loss.backward()
+    teacher = K - 1 if name == "ipkd" else student + 1
+    assert z[teacher].grad is None
+    assert z[student].grad is not None and z[student].grad.abs().sum() > 0
+
+
+TINY = {
+    "msdnet": {"n_blocks": 3, "base": 1, "step": 1, "n_channels": 4, "growth_rate": 2,
+               "head_channels": 8},
+    "slimmable_mobilenet_v1": {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1],
+                               "widths": [0.25, 0.5, 1.0]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["msdnet", "slimmable_mobilenet_v1"])
+@pytest.mark.parametrize("name", ["ipkd", "ipkd_ta"])
+def test_students_kd_terms_leave_teacher_params_without_gradient(arch, name):
+    """One real training step (train._Step, all sub-models in one stage) in which the full
+    model's own CE is switched off and a=1: only the students' KD terms backpropagate, so the
+    parameters that only the full model uses must get no gradient."""
+    from benchmark.train import _Step
+
+    class KDTermsOnly(METHODS.get(name)):
+        def loss(self, k, logits, teachers, y, num_submodels):
+            loss, terms = super().loss(k, logits, teachers, y, num_submodels)
+            return (loss * 0 if k == num_submodels - 1 else loss), terms
+
+    torch.manual_seed(0)
+    model = build_model(arch, ARCHS.get(arch).resolve(TINY[arch]), 10, 32).train()
+    method = KDTermsOnly({"T": 2.0, "a": 1.0})
+    (stage,) = method.stages(K)
+    step = _Step(model, method, stage, amp=False, device=torch.device("cpu"), compile_model=False)
+    step(torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4]))
+
+    def grads(sub: int) -> list:
+        if arch == "msdnet":  # the trunk block and the head only exit `sub` uses
+            mods = [model.blocks[sub], model.heads[sub]]
+        else:  # the private BatchNorm of width `sub`
+            mods = [m.bn[sub] for m in model.modules() if hasattr(m, "bn")]
+        return [p.grad for m in mods for p in m.parameters()]
+
+    assert all(g is None or not g.any() for g in grads(K - 1))
+    assert all(g is not None and g.any() for g in grads(0)[:1])
+    if arch == "slimmable_mobilenet_v1":  # shared weights: slices beyond the students' widths
+        from benchmark.models.slimmable_mobilenet_v1 import SlimConv2d
+
+        for m in model.modules():
+            if isinstance(m, SlimConv2d):
+                assert not m.weight.grad[m.out_list[K - 2] :].any()
+                assert m.weight.grad[: m.out_list[K - 2]].any()
