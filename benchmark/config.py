@@ -250,7 +250,21 @@ def resolve(
     cfg["profile"] = profile
     validate_train(cfg["train"])
     validate_runtime(cfg["runtime"])
+    _validate_arch(cfg)
     return cfg
+
+
+def _validate_arch(cfg: dict[str, Any]) -> None:
+    """Build the model on the meta device (no memory, no init) so that bad architecture values
+    fail at resolve time, i.e. before the first cell of a grid starts."""
+    import torch
+
+    from benchmark.models import build_model
+
+    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+    params = {k: v for k, v in cfg["arch"].items() if k != "name"}
+    with torch.device("meta"):
+        build_model(cfg["arch"]["name"], params, num_classes, image_size)
 
 
 def cell_key(cfg: dict[str, Any]) -> str:
