@@ -178,8 +178,12 @@ class CellRun:
         cfg: dict[str, Any],
         key: str,
         step: int,
+        budgeted: list[dict[str, float]] | None = None,
     ) -> None:
-        """Children, final metrics, artifacts; then status `finished` and FINISHED, last."""
+        """Children, final metrics, artifacts; then status `finished` and FINISHED, last.
+
+        `budgeted`: budgeted-batch points, logged as the histories of `budgeted/top1` and
+        `budgeted/mflops` (step = index of the exit distribution)."""
         for stale in self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'"
         ):  # a crash inside a previous finish() left these behind
@@ -210,6 +214,16 @@ class CellRun:
             )
             self.client.set_terminated(cid, "FINISHED")
         self.log_metrics(final, step)
+        if budgeted:
+            ts = int(time.time() * 1000)
+            self.client.log_batch(
+                self.run_id,
+                metrics=[
+                    Metric(f"budgeted/{k}", float(p[k]), ts, i)
+                    for i, p in enumerate(budgeted)
+                    for k in ("top1", "mflops", "q")
+                ],
+            )
         for path, folder in artifacts:
             self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
         self.set_tags({TAG + "status": "finished"})

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from benchmark import checkpoint, tracking
 from benchmark import data as datasets
+from benchmark.budgeted import budgeted_curve
 from benchmark.config import cell_key, flatten
 from benchmark.data.pipeline import Normalizer, TrainBatches, eval_batches
 from benchmark.errors import ConfigError, TrainingError
@@ -87,13 +88,19 @@ def evaluate(
     norm: Normalizer,
     device: torch.device,
     amp: bool,
-) -> tuple[list[float], list[float]]:
-    """Top-1/top-5 (%) of every sub-model in one pass over (x, y); one host sync at the end."""
+    confidences: bool = False,
+) -> tuple[list[float], list[float]] | tuple[list[float], list[float], Tensor, Tensor]:
+    """Top-1/top-5 (%) of every sub-model in one pass over (x, y); one host sync at the end.
+
+    With `confidences`, also the per-sample max-softmax confidence and top-1 correctness of every
+    sub-model, (K, N) each, for budgeted-batch evaluation.
+    """
     was_training = model.training
     model.eval()
     k = model.num_submodels
     c1 = torch.zeros(k, device=device)
     c5 = torch.zeros(k, device=device)
+    conf, hit1 = [], []
     for xb, yb in eval_batches(x, y, batch, norm, device):
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             outs = model.forward_all(xb)
@@ -102,9 +109,15 @@ def evaluate(
             hit = top == yb[:, None]
             c1[i] += hit[:, 0].sum()
             c5[i] += hit.any(1).sum()
+        if confidences:
+            conf.append(torch.stack([z.float().softmax(1).amax(1) for z in outs]))
+            hit1.append(torch.stack([z.argmax(1) == yb for z in outs]))
     model.train(was_training)
     n = max(1, x.shape[0])
-    return (c1 * 100 / n).tolist(), (c5 * 100 / n).tolist()
+    acc = (c1 * 100 / n).tolist(), (c5 * 100 / n).tolist()
+    if not confidences:
+        return acc
+    return (*acc, torch.cat(conf, 1).cpu(), torch.cat(hit1, 1).cpu())
 
 
 def auc_top1(mflops: list[float], top1: list[float]) -> float:
@@ -448,7 +461,22 @@ def _finish(
     r_cfg, t_cfg = cfg["runtime"], cfg["train"]
     split = "test" if evaluate_test else "val"
     x, y = splits.test() if evaluate_test else (splits.val_x, splits.val_y)
-    top1, top5 = evaluate(model, x, y, t_cfg["eval_batch_size"], norm, device, amp)
+    top1, top5, conf, correct = evaluate(
+        model, x, y, t_cfg["eval_batch_size"], norm, device, amp, confidences=True
+    )
+    budgeted = []
+    if model.early_exit and evaluate_test:
+        val_conf = evaluate(
+            model,
+            splits.val_x,
+            splits.val_y,
+            t_cfg["eval_batch_size"],
+            norm,
+            device,
+            amp,
+            confidences=True,
+        )[2]
+        budgeted = budgeted_curve(val_conf, conf, correct, [c.mflops for c in costs])
     lat = measure_latency(
         model,
         splits.image_size,
@@ -484,8 +512,8 @@ def _finish(
     final[f"{split}/top1_mean"] = sum(top1) / len(top1)
     final[f"{split}/top1_auc"] = auc_top1([r["mflops"] for r in rows], top1)
     with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
-        art = _artifacts(Path(tmp), cfg, rows, split, r_cfg["log_checkpoint"], ckpt_path)
-        run.finish(final, rows, art, cfg, key, total_epochs)
+        art = _artifacts(Path(tmp), cfg, rows, split, r_cfg["log_checkpoint"], ckpt_path, budgeted)
+        run.finish(final, rows, art, cfg, key, total_epochs, budgeted)
     _progress_line(
         f"[{key}] finished: "
         + ", ".join(f"{r['name']} {r['top1']:.1f}% @ {r['mflops']:.2f} MFLOPs" for r in rows)
@@ -495,7 +523,7 @@ def _finish(
 
 
 def _artifacts(
-    folder: Path, cfg, rows, split, log_checkpoint, ckpt_path
+    folder: Path, cfg, rows, split, log_checkpoint, ckpt_path, budgeted
 ) -> list[tuple[Path, str | None]]:
     import csv
 
@@ -511,7 +539,15 @@ def _artifacts(
         writer.writerows(rows)
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
     xs, ys = [r["mflops"] for r in rows], [r["top1"] for r in rows]
-    ax.plot(xs, ys, marker="o")
+    ax.plot(xs, ys, marker="o", label="anytime (each exit)" if budgeted else None)
+    if budgeted:
+        ax.plot(
+            [p["mflops"] for p in budgeted],
+            [p["top1"] for p in budgeted],
+            lw=1,
+            label="budgeted batch (thresholds from val)",
+        )
+        ax.legend(fontsize=7)
     for r in rows:
         ax.annotate(
             r["name"],
@@ -534,6 +570,12 @@ def _artifacts(
         (folder / "submodels.csv", None),
         (folder / "acc_vs_flops.png", "plots"),
     ]
+    if budgeted:
+        with open(folder / "budgeted.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(budgeted[0]))
+            writer.writeheader()
+            writer.writerows(budgeted)
+        out.append((folder / "budgeted.csv", None))
     if log_checkpoint and ckpt_path.exists():
         out.append((ckpt_path, "checkpoint"))
     return out

@@ -216,6 +216,14 @@ def test_mlflow_record_of_a_cell(tracking_uri, client, tmp_path):
     assert (local / "plots" / "acc_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["name"] for r in result.rows] == subs
 
+    # MSDNet is an early-exit model: the budgeted-batch curve (39 points) is logged too
+    top1 = client.get_metric_history(result.run_id, "budgeted/top1")
+    cost = client.get_metric_history(result.run_id, "budgeted/mflops")
+    assert sorted(p.step for p in top1) == list(range(39)) == sorted(p.step for p in cost)
+    assert all(m["mflops/exit1"] <= p.value <= m["mflops/exit3"] + 1e-9 for p in cost)
+    budget_rows = list(csv.DictReader((local / "budgeted.csv").open()))
+    assert len(budget_rows) == 39 and float(budget_rows[0]["q"]) == pytest.approx(0.05)
+
 
 # --- kill and resume ------------------------------------------------------------------------
 EPOCHS = 3

@@ -31,6 +31,9 @@ class FlexibleModel(nn.Module):
 
     submodels: list[SubModel]
     single_pass: bool = False
+    # Sub-models are exits of one trunk, so one input can stop at the first confident exit
+    # (budgeted-batch evaluation applies).
+    early_exit: bool = False
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
         """Logits of sub-model k alone."""
@@ -66,6 +69,7 @@ class IndependentModel(FlexibleModel):
     def __init__(self, shared: FlexibleModel) -> None:
         super().__init__()
         self.submodels = list(shared.submodels)
+        self.early_exit = shared.early_exit
         self.members = nn.ModuleList(copy.deepcopy(shared) for _ in shared.submodels)
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:

@@ -157,6 +157,7 @@ def block_steps(n_blocks: int, base: int, step: int, step_mode: str) -> list[int
 
 class MSDNet(FlexibleModel):
     single_pass = True
+    early_exit = True
 
     def __init__(
         self,

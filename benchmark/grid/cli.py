@@ -1,0 +1,135 @@
+"""`flexbench grid run|plan|status CONFIG`: registered by benchmark.cli (SUBCOMMAND_MODULES)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PATH_KEYS = ("data.root", "runtime.workdir")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="grid YAML file (see benchmark/configs/)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a setting in every cell (method.X / arch.X only where the method / arch "
+        "has X); part of the cell keys, so give the same --set to run, plan and status",
+    )
+    p.add_argument("--data-root", help="folder holding the standard CIFAR files (data.root)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+        "current directory)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from benchmark.config import parse_sets
+    from benchmark.grid.runner import tracking_uri
+    from benchmark.grid.spec import load_grid
+
+    sets = parse_sets(args.sets)
+    if args.data_root:
+        sets["data.root"] = args.data_root
+    for key in PATH_KEYS:  # relative to the current directory, as the shell user means them
+        if isinstance(sets.get(key), str):
+            sets[key] = str(Path(sets[key]).expanduser().resolve())
+    spec = load_grid(args.config, sets)
+    return spec, tracking_uri(args.tracking_uri)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.grid.runner import RunOptions, run_grid
+
+    spec, uri = _load(args)
+    if args.dry_run:
+        return _plan(spec, uri, args.rerun_failed, args.workers)
+    opts = RunOptions(
+        executor=args.executor,
+        workers=args.workers,
+        devices=args.devices,
+        ray_address=args.ray_address,
+        cpus_per_cell=args.cpus_per_cell,
+        gpus_per_cell=args.gpus_per_cell,
+        rerun_failed=args.rerun_failed,
+        status_every=args.status_every,
+    )
+    return run_grid(spec, uri, opts)
+
+
+def _plan(spec, uri: str, rerun_failed: bool, workers: int | None) -> int:
+    from benchmark.grid.runner import make_plan, print_plan
+    from benchmark.grid.spec import estimate
+    from benchmark.grid.state import grid_active
+
+    estimate(spec)
+    plan = make_plan(spec, uri, rerun_failed, active=grid_active(spec))
+    print_plan(spec, uri, plan, workers or 1, sys.stdout)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec, uri = _load(args)
+    return _plan(spec, uri, args.rerun_failed, args.workers)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from benchmark.grid.runner import print_status
+
+    spec, uri = _load(args)
+    return print_status(spec, uri)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "grid",
+        help="run a grid of cells (archs x datasets x methods x seeds) into MLflow",
+        description="Run, plan or inspect a grid of cells. Finished cells (in MLflow) are "
+        "skipped, interrupted cells resume from their checkpoints.",
+    )
+    sub = p.add_subparsers(dest="grid_command", required=True, metavar="{run,plan,status}")
+
+    r = sub.add_parser("run", help="train every cell that is not finished yet")
+    _common(r)
+    r.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default: one per device; 1 on CPU); on CPU the cores are split "
+        "between them",
+    )
+    r.add_argument(
+        "--devices",
+        default="auto",
+        help="cpu, or cuda:0,cuda:1,... (workers round-robin over them); default auto: every "
+        "GPU, else cpu",
+    )
+    r.add_argument("--executor", choices=("local", "ray"), default="local")
+    r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS)")
+    r.add_argument("--cpus-per-cell", type=float, help="ray: CPUs per cell task (default 1)")
+    r.add_argument(
+        "--gpus-per-cell", type=float, help="ray: GPUs per cell task (default 1 if any GPU)"
+    )
+    r.add_argument("--rerun-failed", action="store_true", help="rerun failed cells from scratch")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and exit (= grid plan)")
+    r.add_argument(
+        "--status-every",
+        type=float,
+        default=60.0,
+        help="seconds between status lines when the output is not a terminal",
+    )
+    r.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("plan", help="print the cells, their state and estimated cost")
+    _common(q)
+    q.add_argument("--rerun-failed", action="store_true", help="plan failed cells as reruns")
+    q.add_argument("--workers", type=int, help="workers assumed for the time estimate")
+    q.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("status", help="table of cells with their state and headline metric")
+    _common(s)
+    s.set_defaults(func=cmd_status)

@@ -1,0 +1,155 @@
+"""Ray executor: the same cell function as Ray tasks on an existing cluster (`--ray-address`).
+
+Each cell is one task with `num_gpus` / `num_cpus` resources; Ray places them on the nodes.
+Progress events travel through a `ray.util.queue.Queue` actor. Tasks are not retried
+(`max_retries=0`): a task whose worker dies is a failed cell, as with the local executor.
+Every node must see the tracking URI (use an MLflow server beyond one machine), the dataset
+paths and `runtime.workdir` (checkpoints) at the same paths.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmark.errors import ConfigError
+
+Event = Callable[[tuple], None]
+
+
+def _cell_task(task: dict[str, Any], queue: Any, cpus: float, gpus: float) -> dict:
+    """Runs inside a Ray worker process (Ray sets CUDA_VISIBLE_DEVICES for num_gpus)."""
+    import ray
+
+    from benchmark.grid.worker import run_cell
+
+    where = f"ray {ray.util.get_node_ip_address()} pid {os.getpid()}"
+    device = "cuda:0" if gpus > 0 else "cpu"
+
+    def emit(msg: tuple) -> None:
+        queue.put_nowait((msg[0], where, *msg[1:]))
+
+    emit(("start", task["key"]))
+    return run_cell(task, device, max(1, int(cpus)), emit)
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(
+        self, address: str | None, cpus_per_cell: float | None, gpus_per_cell: float | None
+    ) -> None:
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ConfigError(
+                "--executor ray needs --ray-address (or RAY_ADDRESS) of a running cluster, "
+                "e.g. start one with `ray start --head --port 6379` and pass 127.0.0.1:6379"
+            )
+        try:
+            import ray  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("--executor ray needs Ray: pip install 'flexbench[ray]'") from exc
+        self.address = address
+        self.cpus = cpus_per_cell
+        self.gpus = gpus_per_cell
+        self._ray: Any = None
+
+    def connect(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            try:
+                ray.init(
+                    address=self.address,
+                    log_to_driver=False,
+                    logging_level="ERROR",
+                    configure_logging=True,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                msg = f"cannot connect to the Ray cluster at {self.address}: {exc}"
+                raise ConfigError(msg) from exc
+        res = ray.cluster_resources()
+        deadline = time.monotonic() + 30
+        while not res.get("CPU") and time.monotonic() < deadline:  # a node still joining
+            time.sleep(0.5)
+            res = ray.cluster_resources()
+        if self.gpus is None:
+            self.gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+        if self.cpus is None:
+            cpus, gpus = res.get("CPU", 1), res.get("GPU", 0)
+            self.cpus = float(max(1, int(cpus // gpus))) if self.gpus and gpus else 1.0
+        if self.gpus > res.get("GPU", 0) or self.cpus > res.get("CPU", 0):
+            raise ConfigError(
+                f"a cell asks for {self.cpus:g} CPU / {self.gpus:g} GPU but the cluster has "
+                f"{res.get('CPU', 0):g} CPU / {res.get('GPU', 0):g} GPU; "
+                f"set --cpus-per-cell / --gpus-per-cell"
+            )
+        self._ray = ray
+
+    def describe(self) -> str:
+        res = self._ray.cluster_resources() if self._ray else {}
+        nodes = len(self._ray.nodes()) if self._ray else 0
+        return (
+            f"ray executor: cluster {self.address} ({nodes} node(s), {res.get('CPU', 0):g} CPU, "
+            f"{res.get('GPU', 0):g} GPU); {self.cpus:g} CPU / {self.gpus:g} GPU per cell"
+        )
+
+    def run(self, tasks: list[dict], emit: Event) -> None:
+        if self._ray is None:
+            self.connect()
+        ray = self._ray
+        from ray.util.queue import Empty, Queue
+
+        queue = Queue()
+        remote = ray.remote(_cell_task).options(
+            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0
+        )
+        refs = {remote.remote(t, queue, self.cpus, self.gpus): t for t in tasks}
+        where: dict[str, str] = {}
+
+        def drain() -> list[tuple]:
+            msgs = []
+            while True:
+                try:
+                    msgs.append(queue.get_nowait())
+                except Empty:
+                    return msgs
+
+        try:
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
+                msgs = drain()
+                ended = {refs[r]["key"] for r in done}
+                for msg in msgs:
+                    if msg[0] == "start":
+                        where[msg[2]] = msg[1]
+                # the ended cells' own events, then their outcome, then the others' events
+                # (a cell may have started on the worker an ended cell just freed)
+                for msg in msgs:
+                    if msg[2] in ended:
+                        emit(msg)
+                for ref in done:
+                    task = refs.pop(ref)
+                    at = where.get(task["key"], "ray")
+                    try:
+                        emit(("done", at, task["key"], ray.get(ref)))
+                    except ray.exceptions.RayTaskError as exc:
+                        cause = exc.cause if getattr(exc, "cause", None) else exc
+                        emit(("failed", at, task["key"], f"{type(cause).__name__}: {cause}"))
+                    except ray.exceptions.RayError as exc:  # worker crashed, node died, ...
+                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        emit(("failed", at, task["key"], f"{type(exc).__name__}: {first}"))
+                for msg in msgs:
+                    if msg[2] not in ended:
+                        emit(msg)
+                emit(("tick",))
+        except BaseException:
+            for ref in refs:  # KeyboardInterrupt inside the task: its run becomes interrupted
+                ray.cancel(ref, force=False)
+            ray.wait(list(refs), num_returns=len(refs), timeout=20)
+            raise
+        finally:
+            ray.shutdown()
+            self._ray = None

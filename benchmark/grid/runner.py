@@ -1,0 +1,325 @@
+"""Plan, run and summarise a grid.
+
+Run order: validate the whole grid (every cell resolved, every dataset checked, every model
+built) -> create the MLflow schema and experiment from this one process -> take the grid lock
+-> mark runs left `running` by a dead grid process as interrupted -> plan (skip finished cells,
+resume cells with a checkpoint, rerun failed ones only with --rerun-failed) -> run the cells
+on an executor with a live progress view -> summary; exit code 1 unless every cell finished.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from benchmark import tracking
+from benchmark.errors import ConfigError
+from benchmark.grid.progress import Progress, fmt_s
+from benchmark.grid.spec import Cell, GridSpec, estimate
+from benchmark.grid.state import (
+    CellState,
+    GridLock,
+    absolute_uri,
+    cell_states,
+    ensure_failed,
+    grid_active,
+    mark_stale,
+    prepare_store,
+)
+
+RUN_ACTIONS = ("resume", "restart", "new")
+
+
+@dataclass
+class RunOptions:
+    executor: str = "local"
+    workers: int | None = None
+    devices: str | None = None
+    ray_address: str | None = None
+    cpus_per_cell: float | None = None
+    gpus_per_cell: float | None = None
+    rerun_failed: bool = False
+    status_every: float = 60.0
+
+
+@dataclass
+class Planned:
+    cell: Cell
+    state: CellState
+    action: str  # skip | skip-failed | new | resume | restart
+
+
+def tracking_uri(uri: str | None) -> str:
+    return absolute_uri(tracking.resolve_uri(uri))
+
+
+def make_plan(spec: GridSpec, uri: str, rerun_failed: bool, active: bool = False) -> list[Planned]:
+    states = cell_states(spec, uri, grid_active=active)
+    plan = []
+    for cell in spec.cells:
+        st = states[cell.key]
+        if st.state == "finished":
+            action = "skip"
+        elif st.state == "failed":
+            action = "restart" if rerun_failed else "skip-failed"
+        elif st.state == "running":
+            action = "skip-running"
+        else:
+            action = "resume" if st.checkpoint else "new"
+        plan.append(Planned(cell, st, action))
+    return plan
+
+
+def _rate(plan: list[Planned]) -> float | None:
+    """Seconds per estimated GFLOP of the finished cells of this grid (None if none)."""
+    secs = work = 0.0
+    for p in plan:
+        if p.state.state == "finished" and p.state.duration_s and p.cell.gflops:
+            secs += p.state.duration_s
+            work += p.cell.gflops
+    return secs / work if work else None
+
+
+def _header(spec: GridSpec, uri: str, out: TextIO) -> None:
+    print(
+        f"grid {spec.name} ({spec.path}): {len(spec.cells)} cells = {spec.axes_text()}, "
+        f"profile {spec.profile}",
+        file=out,
+    )
+    workdirs = ", ".join(str(w) for w in spec.workdirs)
+    print(f"tracking {uri}, experiment {spec.name}; checkpoints in {workdirs}", file=out)
+
+
+def print_plan(spec: GridSpec, uri: str, plan: list[Planned], workers: int, out: TextIO) -> None:
+    _header(spec, uri, out)
+    rows = [("key", "cell", "state", "action", "epochs", "est. GFLOPs")]
+    for p in plan:
+        g = f"{p.cell.gflops:.1f}" if p.cell.gflops is not None else "?"
+        state = p.state.state + (" +ckpt" if p.state.checkpoint else "")
+        rows.append((p.cell.key, p.cell.label, state, p.action, str(p.cell.total_epochs), g))
+    _table(rows, out)
+    todo = [p for p in plan if p.action in RUN_ACTIONS]
+    counts = {a: sum(p.action == a for p in plan) for a in ("new", "resume", "restart")}
+    skip = sum(p.action == "skip" for p in plan)
+    failed = sum(p.action == "skip-failed" for p in plan)
+    print(
+        f"to run: {len(todo)} ({counts['new']} new, {counts['resume']} resumed from a checkpoint, "
+        f"{counts['restart']} failed rerun); skip: {skip} finished, {failed} failed"
+        + (" (rerun them with --rerun-failed)" if failed else ""),
+        file=out,
+    )
+    known = [p.cell.gflops for p in todo if p.cell.gflops is not None]
+    total = sum(known)
+    rate = _rate(plan)
+    eta = (
+        f"about {fmt_s(total * rate / max(1, min(workers, len(todo))))} with {workers} "
+        f"worker(s), from the {sum(p.action == 'skip' for p in plan)} finished cells' speed"
+        if rate is not None and todo
+        else "time unknown until a cell of this grid has finished"
+    )
+    print(f"estimated training compute: {total:.1f} GFLOPs; {eta}", file=out)
+
+
+def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+
+
+def _metric(st: CellState, key: str) -> str:
+    v = st.metrics.get(key)
+    return f"{v:.2f}" if v is not None else "-"
+
+
+def print_status(spec: GridSpec, uri: str, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    active = grid_active(spec)
+    states = cell_states(spec, uri, grid_active=active)
+    _header(spec, uri, out)
+    rows = [("key", "cell", "state", "test top1 mean", "top1 AUC", "time", "run")]
+    for c in spec.cells:
+        st = states[c.key]
+        state = st.state + (" +ckpt" if st.checkpoint and st.state != "finished" else "")
+        rows.append(
+            (
+                c.key,
+                c.label,
+                state,
+                _metric(st, "test/top1_mean"),
+                _metric(st, "test/top1_auc"),
+                fmt_s(st.duration_s) if st.duration_s else "-",
+                (st.run_id or "-")[:12],
+            )
+        )
+    _table(rows, out)
+    counts: dict[str, int] = {}
+    for st in states.values():
+        counts[st.state] = counts.get(st.state, 0) + 1
+    order = ("finished", "running", "interrupted", "failed", "pending")
+    text = ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
+    print(f"{text}" + ("; a grid run is active" if active else ""), file=out)
+    for c in spec.cells:
+        if states[c.key].state == "failed" and states[c.key].error:
+            print(f"  failed {c.label}: {states[c.key].error.splitlines()[0][:200]}", file=out)
+    return 0
+
+
+def _executor(opts: RunOptions, spec: GridSpec, n_tasks: int):
+    if opts.executor == "local":
+        from benchmark.grid.local import LocalExecutor, make_slots
+
+        slots = make_slots(opts.workers, opts.devices, n_tasks)
+        log_dir = Path(spec.workdirs[0]) / spec.name / "logs"
+        return LocalExecutor(slots, log_dir), len(slots)
+    if opts.executor == "ray":
+        from benchmark.grid.ray_exec import RayExecutor
+
+        ex = RayExecutor(opts.ray_address, opts.cpus_per_cell, opts.gpus_per_cell)
+        ex.connect()
+        import ray
+
+        slots = int(
+            ray.cluster_resources().get("GPU" if ex.gpus else "CPU", 1) // (ex.gpus or ex.cpus)
+        )
+        return ex, max(1, slots)
+    raise ConfigError(f"unknown executor {opts.executor!r}; valid: local, ray")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    t0 = time.monotonic()
+    prepare_store(uri, spec.name)
+    with GridLock(spec):
+        stale = mark_stale(spec, uri)
+        plan = make_plan(spec, uri, opts.rerun_failed)
+        todo = [p for p in plan if p.action in RUN_ACTIONS]
+        _header(spec, uri, out)
+        if stale:
+            print(f"{stale} run(s) left running by a grid process that died: interrupted", file=out)
+        skipped = sum(p.action == "skip" for p in plan)
+        failed_before = sum(p.action == "skip-failed" for p in plan)
+        if not todo:
+            if failed_before:
+                print(
+                    f"nothing to train: {skipped} cells finished, {failed_before} failed "
+                    f"(rerun them with --rerun-failed)",
+                    file=out,
+                )
+                return 1
+            print(
+                f"nothing to train: all {skipped} cells already finished in experiment "
+                f"{spec.name} (skipped)",
+                file=out,
+            )
+            return 0
+        # builds the model of every cell to train: arch settings fail here, before any work
+        estimate(spec, [p.cell for p in todo])
+        resumed = sum(p.action == "resume" for p in todo)
+        print(
+            f"training {len(todo)} cell(s) ({resumed} resumed from a checkpoint); skipping "
+            f"{skipped} finished"
+            + (
+                f" and {failed_before} failed (--rerun-failed reruns them)" if failed_before else ""
+            ),
+            file=out,
+        )
+        order = {"resume": 0, "restart": 1, "new": 1}
+        todo.sort(key=lambda p: (order[p.action], -(p.cell.gflops or 0)))
+        tasks = [
+            {
+                "key": p.cell.key,
+                "label": p.cell.label,
+                "cfg": p.cell.cfg,
+                "uri": uri,
+                "experiment": spec.name,
+                "mode": p.action,
+                "executor": opts.executor,
+            }
+            for p in todo
+        ]
+        executor, slots = _executor(opts, spec, len(tasks))
+        print(executor.describe(), file=out)
+        out.flush()
+        cells = {c.key: c for c in spec.cells}
+        progress = Progress(cells, [t["key"] for t in tasks], slots, status_every=opts.status_every)
+        since: dict[str, float] = {}
+
+        def emit(ev: tuple) -> None:
+            if ev[0] == "start":
+                since[ev[2]] = time.time()
+            elif ev[0] == "failed":
+                try:
+                    ensure_failed(
+                        cells[ev[2]], uri, spec.name, ev[3], since.get(ev[2], time.time())
+                    )
+                except Exception as exc:  # noqa: BLE001  (report, keep the grid going)
+                    progress._line(f"warning: could not record the failure in MLflow: {exc}")
+            progress.handle(ev)
+
+        in_main = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+        try:
+            executor.run(tasks, emit)
+        except KeyboardInterrupt:
+            progress.close()
+            print(
+                "grid interrupted: running cells keep their checkpoints; rerun the same command "
+                "to resume them (finished cells are skipped)",
+                file=out,
+            )
+            return 130
+        finally:
+            progress.close()
+            if in_main:
+                signal.signal(signal.SIGTERM, old_term)
+    return _summary(spec, uri, plan, todo, progress, time.monotonic() - t0, out)
+
+
+def _summary(spec, uri, plan, todo, progress: Progress, wall: float, out: TextIO) -> int:
+    states = cell_states(spec, uri)
+    rows = [("key", "cell", "outcome", "test top1 mean", "top1 AUC", "time")]
+    for p in todo:
+        k = p.cell.key
+        st = states[k]
+        outcome = "failed" if k in progress.failed else st.state
+        if outcome == "finished" and p.action == "resume":
+            outcome = "finished (resumed)"
+        secs = progress.done.get(k)
+        rows.append(
+            (
+                k,
+                p.cell.label,
+                outcome,
+                _metric(st, "test/top1_mean"),
+                _metric(st, "test/top1_auc"),
+                fmt_s(secs) if secs else "-",
+            )
+        )
+    print(file=out)
+    _table(rows, out)
+    n_fin = sum(st.state == "finished" for st in states.values())
+    n_failed = sum(st.state == "failed" for st in states.values())
+    skipped = sum(p.action == "skip" for p in plan)
+    trained = len(progress.done)
+    resumed = sum(1 for p in todo if p.action == "resume" and p.cell.key in progress.done)
+    print(
+        f"summary: grid {spec.name}: {n_fin}/{len(spec.cells)} cells finished; this run trained "
+        f"{trained} ({resumed} resumed), skipped {skipped} already finished, "
+        f"{len(progress.failed)} failed; wall {fmt_s(wall)}",
+        file=out,
+    )
+    labels = {c.key: c.label for c in spec.cells}
+    for k, reason in progress.failed.items():
+        print(f"  FAILED {labels[k]}: {reason}", file=out)
+    if n_failed and not progress.failed:
+        print(f"  {n_failed} cell(s) failed in earlier runs: rerun with --rerun-failed", file=out)
+    return 0 if n_fin == len(spec.cells) else 1

@@ -1,0 +1,493 @@
+"""Grid files: YAML -> validated GridSpec -> cells (resolved configs with stable keys).
+
+A grid file names the axes (`archs`, `datasets`, `methods`, `seeds`), a profile, and settings
+at several scopes. Precedence, lowest first: profile < `set` < `per_dataset` < `per_arch` <
+`per_method` < `method_params.from_study` < `per_cell` < `--set` on the command line.
+
+A `method.X` / `arch.X` setting given at a scope that covers several methods / archs (e.g. the
+grid-wide `set`) applies only to the cells whose method / arch has that parameter; it is an
+error when it applies to none of them. Relative paths written in the grid file (a dataset's
+`imagefolder:<path>`, `data.root`, `runtime.workdir`, `from_study`) are resolved against the
+folder of the grid file; relative paths given with `--set` against the current directory.
+
+Everything is validated (every cell resolved, every dataset checked, every model built) before
+the first cell starts; errors are ConfigError naming the problem and the valid values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmark import data as datasets
+from benchmark.config import PROFILES, SECTIONS, cell_key, resolve
+from benchmark.errors import ConfigError
+from benchmark.methods import METHODS
+from benchmark.models import ARCHS
+
+TOP_KEYS = {
+    "name": "MLflow experiment of the grid (letters, digits, . _ -)",
+    "description": "free text",
+    "profile": ", ".join(PROFILES),
+    "archs": "list of architectures",
+    "datasets": "list of datasets",
+    "methods": "list of methods",
+    "seeds": "list of integer seeds",
+    "set": "settings for every cell",
+    "per_dataset": "{dataset: settings}",
+    "per_arch": "{arch: settings}",
+    "per_method": "{method: settings}",
+    "per_cell": "[{arch/dataset/method/seed: value(s), set: settings}]",
+    "exclude": "[{arch/dataset/method/seed: value(s)}]",
+    "method_params": "{from_study: best-params YAML}",
+}
+AXES = {"arch": "archs", "dataset": "datasets", "method": "methods", "seed": "seeds"}
+PATH_SETTINGS = ("data.root", "runtime.workdir")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class Cell:
+    """One cell of a grid: its axis values, resolved config and key."""
+
+    arch: str
+    dataset: str  # as written in the grid file (resolved paths live in cfg["data"]["name"])
+    method: str
+    seed: int
+    cfg: dict[str, Any]
+    key: str
+    total_epochs: int = 0  # epochs x stages (TAKD trains one stage per sub-model)
+    gflops: float | None = None  # estimated training compute
+
+    @property
+    def label(self) -> str:
+        kind, _, arg = self.dataset.partition(":")
+        ds = f"{kind}:{Path(arg).name}" if arg else kind
+        return f"{self.arch}/{ds}/{self.method}/s{self.seed}"
+
+    def axis(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+@dataclass
+class GridSpec:
+    path: Path
+    name: str
+    profile: str
+    archs: list[str]
+    datasets: list[str]
+    methods: list[str]
+    seeds: list[int]
+    cells: list[Cell]
+    excluded: int = 0
+    description: str = ""
+
+    @property
+    def workdirs(self) -> list[Path]:
+        return sorted({Path(c.cfg["runtime"]["workdir"]) for c in self.cells})
+
+    def axes_text(self) -> str:
+        n = [len(self.archs), len(self.datasets), len(self.methods), len(self.seeds)]
+        words = ["arch", "dataset", "method", "seed"]
+        parts = [f"{k} {w}{'s' if k != 1 else ''}" for k, w in zip(n, words)]
+        text = " x ".join(parts)
+        return text + (f", {self.excluded} excluded" if self.excluded else "")
+
+
+def _err(where: str, msg: str) -> ConfigError:
+    return ConfigError(f"{where}: {msg}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _as_path(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str((base / Path(value).expanduser()).resolve())
+    return str(Path(value).expanduser()) if isinstance(value, str) else value
+
+
+def settings(obj: Any, where: str, base: Path | None) -> dict[str, Any]:
+    """`{train.epochs: 3}` or `{train: {epochs: 3}}` -> {"train.epochs": 3}.
+
+    With `base`, relative `data.root` / `runtime.workdir` become absolute against it."""
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise _err(
+            where,
+            f"expected a mapping of section.key: value (sections: {', '.join(SECTIONS)}), "
+            f"got {type(obj).__name__} {obj!r}",
+        )
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        key = str(key)
+        if "." in key:
+            section = key.partition(".")[0]
+            items = [(key, value)]
+        else:
+            section = key
+            if section in SECTIONS and not isinstance(value, dict):
+                raise _err(where, f"{key} must be a mapping of settings, e.g. {key}: {{...}}")
+            items = [(f"{key}.{k}", v) for k, v in (value or {}).items()]
+        if section not in SECTIONS:
+            raise _err(
+                where,
+                f"unknown settings section {section!r} in {key!r}; "
+                f"valid sections: {', '.join(SECTIONS)}",
+            )
+        for k, v in items:
+            out[k] = _as_path(v, base) if base is not None and k in PATH_SETTINGS else v
+    return out
+
+
+def _names(raw: Any, axis: str, where: str) -> list[Any]:
+    if raw is None:
+        raise _err(where, f"{axis} is missing; give a non-empty list")
+    if not isinstance(raw, list):
+        raise _err(where, f"{axis} must be a list, e.g. {axis}: [{raw!r}], got {raw!r}")
+    if not raw:
+        raise _err(where, f"{axis} is empty; give at least one value")
+    for i, v in enumerate(raw):
+        if axis == "seeds":
+            if not _is_int(v) or v < 0:
+                raise _err(where, f"seeds[{i}] must be an integer >= 0, got {v!r}")
+        elif not isinstance(v, str) or not v:
+            raise _err(where, f"{axis}[{i}] must be a name (string), got {v!r}")
+    dups = sorted({str(v) for v in raw if raw.count(v) > 1})
+    if dups:
+        raise _err(where, f"duplicate {axis}: {', '.join(dups)}")
+    return list(raw)
+
+
+def _check_names(where: str, archs, datasets_, methods) -> None:
+    for i, a in enumerate(archs):
+        try:
+            ARCHS.get(a)
+        except ConfigError as exc:
+            raise _err(where, f"archs[{i}]: {exc}") from None
+    for i, m in enumerate(methods):
+        try:
+            METHODS.get(m)
+        except ConfigError as exc:
+            raise _err(where, f"methods[{i}]: {exc}") from None
+    for i, d in enumerate(datasets_):
+        try:
+            datasets.parse_name(d)
+        except ConfigError as exc:
+            raise _err(where, f"datasets[{i}]: {exc}") from None
+
+
+def _matcher(rule: Any, where: str, axes: dict[str, list], extra: tuple[str, ...] = ()):
+    """A per_cell / exclude rule -> {axis: set of values}, validated against the grid's axes."""
+    if not isinstance(rule, dict):
+        raise _err(where, f"expected a mapping like {{arch: msdnet, method: ipkd}}, got {rule!r}")
+    unknown = sorted(set(map(str, rule)) - set(AXES) - set(extra))
+    if unknown:
+        valid = ", ".join(list(AXES) + list(extra))
+        raise _err(where, f"unknown key(s) {', '.join(unknown)}; valid: {valid}")
+    match: dict[str, set] = {}
+    for axis in AXES:
+        if axis not in rule:
+            continue
+        values = rule[axis] if isinstance(rule[axis], list) else [rule[axis]]
+        grid_values = axes[AXES[axis]]
+        for v in values:
+            if v not in grid_values:
+                raise _err(
+                    where,
+                    f"{axis} {v!r} is not in this grid's {AXES[axis]} "
+                    f"({', '.join(map(str, grid_values))})",
+                )
+        match[axis] = set(values)
+    if not match:
+        raise _err(where, f"give at least one of {', '.join(AXES)} to select cells")
+    return match
+
+
+def _matches(match: dict[str, set], combo: dict[str, Any]) -> bool:
+    return all(combo[axis] in values for axis, values in match.items())
+
+
+def _accepts(section: str, name: str) -> set[str] | None:
+    """Parameters an arch / method accepts; None for the other sections (always applied)."""
+    if section == "method":
+        return set(METHODS.get(name).PARAMS)
+    if section == "arch":
+        spec = ARCHS.get(name)
+        keys = set(spec.defaults) | {"preset"}
+        for preset in spec.presets.values():
+            keys |= set(preset)
+        return keys
+    return None
+
+
+def _load_from_study(raw: Any, where: str, base: Path) -> tuple[Path, dict[str, dict]]:
+    hint = "method_params: {from_study: path/to/best_params.yaml}"
+    if raw == "from_study" or (isinstance(raw, dict) and raw.get("from_study") in (None, "")):
+        raise _err(where, f"from_study needs the study's best-params file: {hint}")
+    if not isinstance(raw, dict) or set(raw) != {"from_study"}:
+        raise _err(where, f"expected {hint}, got {raw!r}")
+    path = Path(_as_path(raw["from_study"], base))
+    if not path.is_file():
+        raise _err(
+            where,
+            f"from_study file {path} does not exist; run the study and export its best "
+            f"params there, or remove method_params to use the method defaults",
+        )
+    try:
+        best = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise _err(where, f"cannot parse {path}: {exc}") from None
+    if not isinstance(best, dict) or not all(isinstance(v, dict) for v in best.values()):
+        raise _err(where, f"{path} must map 'arch/dataset/method' to {{param: value}}")
+    return path, {str(k): v for k, v in best.items()}
+
+
+def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridSpec:
+    """Read, validate and expand a grid file. Raises ConfigError before any work."""
+    path = Path(path)
+    where = f"grid {path}"
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise _err(where, f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise _err(where, "expected a mapping with name, profile, archs, datasets, methods, seeds")
+    unknown = sorted(set(map(str, raw)) - set(TOP_KEYS))
+    if unknown:
+        raise _err(where, f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(TOP_KEYS)}")
+    base = path.resolve().parent
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise _err(
+            where,
+            f"name must be the grid's MLflow experiment name (letters, digits, . _ -), "
+            f"got {name!r}",
+        )
+    profile = raw.get("profile")
+    if profile not in PROFILES:
+        raise _err(where, f"profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    archs = _names(raw.get("archs"), "archs", where)
+    datasets_ = _names(raw.get("datasets"), "datasets", where)
+    methods = _names(raw.get("methods"), "methods", where)
+    seeds = _names(raw.get("seeds"), "seeds", where)
+    _check_names(where, archs, datasets_, methods)
+    axes = {"archs": archs, "datasets": datasets_, "methods": methods, "seeds": seeds}
+
+    def resolved_dataset(name: str) -> str:
+        spec, arg = datasets.parse_name(name)
+        return f"{spec.name}:{_as_path(arg, base)}" if arg else name
+
+    # --- settings at every scope -----------------------------------------------------------
+    layers: list[tuple[str, dict[str, set] | None, dict[str, Any]]] = []
+    layers.append(("set", None, settings(raw.get("set"), f"{where}: set", base)))
+    for scope, axis in (("per_dataset", "dataset"), ("per_arch", "arch"), ("per_method", "method")):
+        table = raw.get(scope) or {}
+        if not isinstance(table, dict):
+            raise _err(where, f"{scope} must be a mapping {{{axis}: settings}}, got {table!r}")
+        for value, sets in table.items():
+            if value not in axes[AXES[axis]]:
+                raise _err(
+                    where,
+                    f"{scope}: {value!r} is not in this grid's {AXES[axis]} "
+                    f"({', '.join(axes[AXES[axis]])})",
+                )
+            w = f"{where}: {scope}.{value}"
+            layers.append((f"{scope}.{value}", {axis: {value}}, settings(sets, w, base)))
+    study_path, best = None, {}
+    if raw.get("method_params") is not None:
+        study_path, best = _load_from_study(raw["method_params"], f"{where}: method_params", base)
+    rules = raw.get("per_cell") or []
+    if not isinstance(rules, list):
+        raise _err(where, "per_cell must be a list of {arch/dataset/method/seed: ..., set: ...}")
+    cell_layers = []
+    for i, rule in enumerate(rules):
+        w = f"{where}: per_cell[{i}]"
+        match = _matcher(rule, w, axes, extra=("set",))
+        if "set" not in rule:
+            raise _err(w, "missing `set:` (the settings for the selected cells)")
+        cell_layers.append((f"per_cell[{i}]", match, settings(rule["set"], w, base)))
+    excludes = raw.get("exclude") or []
+    if not isinstance(excludes, list):
+        raise _err(where, "exclude must be a list of {arch/dataset/method/seed: value(s)}")
+    ex_matchers = [_matcher(r, f"{where}: exclude[{i}]", axes) for i, r in enumerate(excludes)]
+    cli_layer = ("--set", None, dict(cli_sets or {}))
+
+    # --- expand --------------------------------------------------------------------------
+    cells: list[Cell] = []
+    applied: dict[tuple[str, str], int] = {}
+    missing_study: list[str] = []
+    excluded = 0
+    for arch, ds, method, seed in itertools.product(archs, datasets_, methods, seeds):
+        combo = {"arch": arch, "dataset": ds, "method": method, "seed": seed}
+        if any(_matches(m, combo) for m in ex_matchers):
+            excluded += 1
+            continue
+        study_layer = []
+        if study_path is not None and METHODS.get(method).PARAMS:
+            entry = best.get(f"{arch}/{ds}/{method}")
+            if entry is None:
+                missing_study.append(f"{arch}/{ds}/{method}")
+            else:
+                sets = {f"method.{k}": v for k, v in entry.items()}
+                study_layer = [("method_params.from_study", None, sets)]
+        overrides: dict[str, Any] = {}
+        for scope, match, sets in layers + study_layer + cell_layers + [cli_layer]:
+            if match is not None and not _matches(match, combo):
+                continue
+            for key, value in sets.items():
+                section, _, param = key.partition(".")
+                accepted = _accepts(section, arch if section == "arch" else method)
+                applied.setdefault((scope, key), 0)
+                if accepted is not None and param not in accepted:
+                    continue
+                applied[(scope, key)] += 1
+                overrides[key] = value
+        w = f"{where}: cell {arch}/{ds}/{method}/seed {seed}"
+        try:
+            cfg = resolve(arch, resolved_dataset(ds), method, seed, profile, overrides)
+        except ConfigError as exc:
+            raise _err(w, str(exc)) from None
+        # Paths not set in the grid file are relative to the current directory: make them
+        # absolute so that workers elsewhere (Ray) see the same files. Not part of the key.
+        cfg["runtime"]["workdir"] = str(Path(cfg["runtime"]["workdir"]).expanduser().resolve())
+        if isinstance(cfg["data"].get("root"), str):
+            cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser().resolve())
+        cells.append(Cell(arch, ds, method, seed, cfg, cell_key(cfg)))
+    if missing_study:
+        raise _err(
+            f"{where}: method_params",
+            f"{study_path} has no best params for {', '.join(missing_study)}; "
+            f"it has: {', '.join(best) or 'nothing'}",
+        )
+    for (scope, key), count in applied.items():
+        if count == 0:
+            section, _, param = key.partition(".")
+            names = archs if section == "arch" else methods
+            having = [n for n in names if param in (_accepts(section, n) or ())]
+            raise _err(
+                where,
+                f"{scope}: {key} applies to none of its cells; "
+                f"{section}s of this grid with {param!r}: {', '.join(having) or 'none'}",
+            )
+    if not cells:
+        raise _err(where, "exclude removes every cell; nothing to run")
+    seen: dict[str, Cell] = {}
+    for c in cells:
+        if c.key in seen:
+            raise _err(
+                where,
+                f"cells {seen[c.key].label} and {c.label} resolve to the same config "
+                f"(key {c.key}); remove the duplicate",
+            )
+        seen[c.key] = c
+    _check_data(where, cells)
+    return GridSpec(
+        path=path,
+        name=name,
+        profile=profile,
+        archs=archs,
+        datasets=datasets_,
+        methods=methods,
+        seeds=seeds,
+        cells=cells,
+        excluded=excluded,
+        description=str(raw.get("description") or ""),
+    )
+
+
+def _check_data(where: str, cells: list[Cell]) -> None:
+    """Every dataset source must exist before the first cell starts."""
+    done: set[str] = set()
+    for c in cells:
+        blob = json.dumps(c.cfg["data"], sort_keys=True, default=str)
+        if blob in done:
+            continue
+        done.add(blob)
+        try:
+            datasets.describe(c.cfg["data"]["name"], c.cfg["data"])
+            datasets.check(c.cfg["data"]["name"], c.cfg["data"])
+        except ConfigError as exc:
+            raise _err(f"{where}: dataset {c.dataset}", str(exc)) from None
+
+
+def _n_train(cfg_data: dict[str, Any]) -> int | None:
+    """Training images after the val split and subset, without decoding (None if unknown)."""
+    name = cfg_data["name"]
+    kind, _, arg = name.partition(":")
+    total: int | None = None
+    if kind == "synthetic":
+        from benchmark.data import synthetic
+
+        total = synthetic.N_TRAIN
+    elif kind in ("cifar10", "cifar100"):
+        total = 50000
+    elif kind == "imagefolder":
+        from benchmark.data import imagefolder
+
+        try:
+            total = sum(len(v) for v in imagefolder._index(Path(arg))["train"].values())
+        except (ConfigError, OSError):
+            return None
+    sub = cfg_data.get("train_subset")
+    if _is_int(sub):
+        return sub
+    if total is None:
+        return None
+    val = cfg_data.get("val_size") or 0
+    val = int(round(total * val)) if isinstance(val, float) else val
+    rest = total - val
+    return int(round(rest * sub)) if isinstance(sub, float) else rest
+
+
+def estimate(spec: GridSpec, cells: list[Cell] | None = None) -> None:
+    """Build every distinct model once (validates arch settings) and fill in each cell's
+    total epochs and estimated training compute: per step 3 x forward FLOPs of the trained
+    sub-models (one pass for early-exit models) + forward FLOPs of frozen teachers.
+    `cells`: only these (a run estimates the cells it will train)."""
+    todo = [c for c in (spec.cells if cells is None else cells) if not c.total_epochs]
+    from benchmark.flops import count_costs
+    from benchmark.train import make_method, make_model
+
+    built: dict[str, tuple[Any, list[float]]] = {}
+    for c in todo:
+        num_classes, image_size = datasets.describe(c.cfg["data"]["name"], c.cfg["data"])
+        sep = METHODS.get(c.method).separate_networks
+        mkey = json.dumps([c.cfg["arch"], num_classes, image_size, sep], sort_keys=True)
+        if mkey not in built:
+            try:
+                model = make_model(c.cfg, num_classes, image_size)
+                costs = count_costs(model, image_size)
+            except ConfigError as exc:
+                raise _err(f"grid {spec.path}: cell {c.label}", str(exc)) from None
+            except Exception as exc:  # a bad arch setting that only the model build notices
+                raise _err(
+                    f"grid {spec.path}: cell {c.label}",
+                    f"cannot build {c.arch} with {c.cfg['arch']}: {type(exc).__name__}: {exc}",
+                ) from None
+            built[mkey] = (model, [s.mflops for s in costs])
+        model, mflops = built[mkey]
+        stages = make_method(c.cfg).stages(model.num_submodels)
+        epochs = c.cfg["train"]["epochs"]
+        c.total_epochs = epochs * len(stages)
+        n = _n_train(c.cfg["data"])
+        if n is None:
+            c.gflops = None
+            continue
+        per_image = 0.0
+        for st in stages:
+            trained = [mflops[k] for k in st.train]
+            fwd = max(trained) if model.single_pass else sum(trained)
+            per_image += 3 * fwd + sum(mflops[k] for k in st.frozen_teachers)
+        c.gflops = per_image * n * epochs / 1e3

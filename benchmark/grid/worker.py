@@ -1,0 +1,132 @@
+"""The cell function both executors run, and the loop of a local worker process.
+
+A task is a plain dict (picklable for multiprocessing and Ray): the resolved cell config, its
+key and label, the tracking URI, the experiment and the mode (`new`, `resume`, `restart`).
+Nothing heavy is imported at module level: a worker sets its thread count first.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+Emit = Callable[[tuple], None]
+HEADLINE = ("test/top1_mean", "test/top1_auc", "val/top1_mean")
+
+
+def limit_threads(threads: int) -> None:
+    """Before torch is imported, so that its pools start at the right size."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None = None) -> dict:
+    """Train one cell on `device` with `threads` CPU threads (unless the grid sets
+    runtime.threads); returns its key, run id and headline metrics. Raises on failure (the
+    MLflow run is then already marked failed by train_cell, when it had started)."""
+    import torch
+
+    from benchmark.train import train_cell
+
+    cfg = copy.deepcopy(task["cfg"])
+    runtime = cfg["runtime"]
+    runtime["device"] = device
+    if not runtime["threads"]:
+        runtime["threads"] = threads
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)
+    key = task["key"]
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if emit is not None:
+            emit(("epoch", key, epoch + 1, metrics.get("val/top1_mean"), metrics.get("train/loss")))
+
+    result = train_cell(
+        cfg,
+        tracking_uri=task["uri"],
+        experiment=task["experiment"],
+        resume=task["mode"] != "restart",
+        restart=task["mode"] == "restart",
+        progress=False,
+        epoch_callback=on_epoch,
+        extra_tags={"flexbench.grid": task["experiment"], "flexbench.executor": task["executor"]},
+    )
+    return {
+        "key": result.key,
+        "run_id": result.run_id,
+        "metrics": {k: v for k, v in result.metrics.items() if k in HEADLINE},
+    }
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel SIGKILLs this worker when the grid process dies (even by SIGKILL),
+    so that no orphan keeps training a cell the next grid run will resume."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _redirect(log_path: str) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+
+
+def _first_interrupt_only(signum: int, frame: Any) -> None:
+    """Ctrl-C reaches a worker twice (from the terminal and from the grid process): the first
+    raises KeyboardInterrupt (the run is marked interrupted), later ones are ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def worker_main(conn, index: int, device: str, threads: int, log_path: str, parent_pid: int):
+    """Loop of one local worker: receive a task, train it, report; None ends the loop."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, _first_interrupt_only)
+    _redirect(log_path)
+    limit_threads(threads)
+    try:
+        import benchmark.train  # noqa: F401  (warm imports before the first cell)
+
+        print(f"worker {index} pid {os.getpid()} on {device}, {threads} threads", flush=True)
+        conn.send(("ready", os.getpid()))
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:
+                return
+            if task is None:
+                return
+            key = task["key"]
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"=== {stamp} cell {task['label']} ({key}), {task['mode']} ===", flush=True)
+            conn.send(("start", key))
+            try:
+                result = run_cell(task, device, threads, emit=conn.send)
+            except KeyboardInterrupt:
+                conn.send(("interrupted", key))
+                return
+            except BaseException as exc:  # noqa: BLE001  (reported; the grid goes on)
+                traceback.print_exc()
+                conn.send(("error", key, f"{type(exc).__name__}: {exc}"))
+            else:
+                conn.send(("done", key, result))
+    except KeyboardInterrupt:
+        return
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        return  # the grid process is gone
