@@ -1,0 +1,200 @@
+"""One Optuna trial = one cell trained on the validation split, with the test split sealed.
+
+The trial's parameters become `method.*` overrides of a fixed tuning seed; every epoch reports
+the chosen summary of the sub-models' validation top-1 so that pruners can stop bad trials;
+`train_cell` always runs with `evaluate_test=False` (the test split then raises
+`TestSplitSealed` if anything reads it), and a result that carries a test metric fails the trial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from benchmark.errors import ConfigError
+from studies.choices import OBJECTIVES
+from studies.space import space_from_dict, suggest
+
+# --set keys that do not change what a trial computes: free to differ between reruns/machines
+PER_RUN_KEYS = ("runtime.", "data.root", "data.download")
+
+
+def is_per_run(key: str) -> bool:
+    return key.startswith(PER_RUN_KEYS)
+
+
+@dataclass
+class StudySpec:
+    """What defines a study; stored in the Optuna study (user attr `flexbench`) and checked
+    when a rerun continues it."""
+
+    arch: str
+    dataset: str
+    method: str
+    profile: str
+    seed: int
+    objective: str
+    sets: dict[str, Any]  # semantic --set overrides (fixed method.* parameters included)
+    space: dict[str, dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def fixed_params(self) -> dict[str, Any]:
+        return {k[len("method.") :]: v for k, v in self.sets.items() if k.startswith("method.")}
+
+
+@dataclass
+class TrialContext:
+    """Everything a worker process needs (plain values: it crosses a spawn boundary)."""
+
+    spec: StudySpec
+    study_name: str
+    storage_url: str
+    heartbeat: int
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    sampler: str
+    pruner: str
+    sampler_seed: int | None = None
+    run_sets: dict[str, Any] = field(default_factory=dict)  # runtime.*, data.root, ...
+    progress: bool = True
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Objective:
+    """Callable for `study.optimize`; returns the trial's final validation summary."""
+
+    def __init__(self, ctx: TrialContext) -> None:
+        from benchmark import tracking
+
+        self.ctx = ctx
+        self.space = space_from_dict(ctx.spec.space)
+        self.study_run = tracking.StudyRun(ctx.tracking_uri, ctx.experiment, ctx.parent_run_id)
+        self._subs: tuple[list[str], list[float]] | None = None
+
+    # -- the trial's configuration ----------------------------------------------------------
+    def config(self, params: dict[str, float], workdir: str | None = None) -> dict[str, Any]:
+        from benchmark.config import resolve
+
+        spec = self.ctx.spec
+        sets = {**spec.sets, **self.ctx.run_sets, **{f"method.{k}": v for k, v in params.items()}}
+        if workdir is not None:
+            sets["runtime.workdir"] = workdir
+        return resolve(spec.arch, spec.dataset, spec.method, spec.seed, spec.profile, sets)
+
+    def submodels(self, cfg: dict[str, Any]) -> tuple[list[str], list[float]]:
+        """Sub-model names (smallest first) and MFLOPs, counted once per process (and cached
+        under the same key `train_cell` uses)."""
+        if self._subs is None:
+            from benchmark import data as datasets
+            from benchmark.flops import count_costs
+            from benchmark.train import make_model
+
+            num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+            model = make_model(cfg, num_classes, image_size)
+            key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
+            costs = count_costs(model, image_size, cache_key=key)
+            self._subs = ([c.name for c in costs], [c.mflops for c in costs])
+        return self._subs
+
+    def summary(self, metrics: dict[str, float], cfg: dict[str, Any]) -> float:
+        """The objective from a metrics dict holding `val/top1/<sub>` for every sub-model."""
+        from benchmark.train import auc_top1
+
+        names, mflops = self.submodels(cfg)
+        top1 = [metrics[f"val/top1/{n}"] for n in names]
+        kind = self.ctx.spec.objective
+        if kind == "mean":
+            return sum(top1) / len(top1)
+        if kind == "smallest":
+            return top1[0]
+        if kind == "auc":
+            return auc_top1(mflops, top1)
+        raise ConfigError(f"unknown objective {kind!r}; valid: {', '.join(OBJECTIVES)}")
+
+    # -- one trial --------------------------------------------------------------------------
+    def __call__(self, trial: optuna.Trial) -> float:
+        from benchmark import tracking
+        from benchmark.train import train_cell
+
+        ctx = self.ctx
+        params = suggest(trial, self.space)
+        previous = trial.user_attrs.get("flexbench_trial")  # inherited by a retried trial
+        trial.set_user_attr("flexbench_trial", trial.number)
+        trial.set_user_attr("worker", worker_id())
+        trial_dir: Path | None = None
+        tags = {
+            "mlflow.parentRunId": ctx.parent_run_id,
+            "mlflow.runName": f"trial-{trial.number}",
+            tracking.TAG + "study": ctx.study_name,
+            tracking.TAG + "trial": str(trial.number),
+        }
+        if previous is not None and previous != trial.number:
+            tags[tracking.TAG + "retry_of"] = str(previous)
+        curve: dict[int, float] = {}
+        state, value, error = "failed", None, None
+        try:
+            base = Path(self.config(params)["runtime"]["workdir"])
+            trial_dir = base / "studies" / ctx.study_name / f"trial-{trial.number}"
+            cfg = self.config(params, str(trial_dir))
+            total = cfg["train"]["epochs"] * len(_method_stages(cfg, len(self.submodels(cfg)[0])))
+
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                v = self.summary(metrics, cfg)
+                curve[epoch] = v
+                trial.report(v, epoch)
+                # never prune after the last epoch: the trial is complete by then
+                if epoch < total - 1 and trial.should_prune():
+                    raise optuna.TrialPruned(f"epoch {epoch + 1}/{total}: objective {v:.3f}")
+
+            result = train_cell(
+                cfg,
+                tracking_uri=ctx.tracking_uri,
+                experiment=ctx.experiment,
+                restart=True,
+                evaluate_test=False,  # a study never reads the test split
+                epoch_callback=on_epoch,
+                progress=ctx.progress,
+                extra_tags=tags,
+            )
+            leaked = sorted(k for k in result.metrics if k.startswith("test/"))
+            if leaked:
+                from benchmark.data.base import TestSplitSealed
+
+                raise TestSplitSealed(f"a study trial produced test metrics: {', '.join(leaked)}")
+            value = self.summary({k: v for k, v in result.metrics.items()}, cfg)
+            state = "complete"
+            return value
+        except optuna.TrialPruned:
+            state = "pruned"
+            raise
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            try:
+                self.study_run.end_trial(trial.number, state, value, curve, params, error)
+            except Exception as exc:  # noqa: BLE001 - never hide the trial's own outcome
+                optuna.logging.get_logger("flexbench").warning(
+                    f"trial {trial.number}: could not record its state in MLflow: {exc}"
+                )
+            if trial_dir is not None:  # trials never resume: their checkpoints are garbage
+                shutil.rmtree(trial_dir, ignore_errors=True)
+
+
+def _method_stages(cfg: dict[str, Any], num_submodels: int) -> list:
+    from benchmark.train import make_method
+
+    return make_method(cfg).stages(num_submodels)

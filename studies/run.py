@@ -1,0 +1,423 @@
+"""Create or continue a study and run its trials in K worker processes on one storage.
+
+The parent process does everything that must happen once: it opens the storage (creating the
+schema), creates or loads the study, checks that a rerun asks for the same study, opens the
+study's MLflow parent run, and fails (and queues for retry) trials left RUNNING by dead workers.
+Then it starts the workers (`--workers 1`: in this process; more: spawned processes), each
+running its share of `--trials` with its own sampler, and finally writes the summary to MLflow.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import multiprocessing
+import os
+import re
+import socket
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from benchmark.errors import ConfigError, TrainingError
+from studies import storage as st
+from studies.choices import HEARTBEAT_S, OBJECTIVES, PRUNERS, SAMPLERS
+from studies.objective import Objective, StudySpec, TrialContext, is_per_run
+from studies.space import resolve_space, space_from_dict, space_to_dict
+
+DEFAULT_EXPERIMENT = "flexbench-studies"
+CREATE_DEFAULTS = {"dataset": "cifar10", "profile": "smoke", "seed": 0, "objective": "mean"}
+SPEC_FIELDS = ("arch", "dataset", "method", "profile", "seed", "objective")
+
+
+@dataclass
+class RunOptions:
+    """`flexbench study run` arguments; None = take it from the stored study (or a default)."""
+
+    trials: int
+    study_name: str | None = None
+    storage: str | None = None
+    arch: str | None = None
+    dataset: str | None = None
+    method: str | None = None
+    profile: str | None = None
+    seed: int | None = None
+    objective: str | None = None
+    sets: dict[str, Any] = field(default_factory=dict)
+    space_file: str | None = None
+    space_items: list[str] = field(default_factory=list)
+    workers: int = 1
+    sampler: str | None = None
+    pruner: str | None = None
+    sampler_seed: int | None = None
+    heartbeat: int = HEARTBEAT_S
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass
+class RunSummary:
+    study_name: str
+    storage: str
+    mlflow_run_id: str
+    counts: dict[str, int]
+    new_trials: int
+    best: optuna.trial.FrozenTrial | None
+    dead_workers: list[str]
+
+
+def default_study_name(arch: str, dataset: str, method: str, profile: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{arch}-{dataset}-{method}-{profile}")
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    out = {s.name.lower(): 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name.lower()] += 1
+    return out
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        if importlib.util.find_spec("cmaes") is None:
+            raise ConfigError("--sampler cmaes needs the `cmaes` package: pip install cmaes")
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+
+
+def make_pruner(name: str, total_epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":  # no verdict in the first tenth of training (early epochs are noise)
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=total_epochs // 10)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max(total_epochs, 1), reduction_factor=3
+        )
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"unknown pruner {name!r}; valid: {', '.join(PRUNERS)}")
+
+
+# --- the study's definition: given now vs stored -------------------------------------------
+def _spec(opts: RunOptions, stored: StudySpec | None, name: str) -> StudySpec:
+    given = {f: getattr(opts, f) for f in SPEC_FIELDS if getattr(opts, f) is not None}
+    semantic = {k: v for k, v in opts.sets.items() if not is_per_run(k)}
+    if stored is None:
+        missing = [f for f in ("arch", "method") if f not in given]
+        if missing:
+            raise ConfigError(
+                f"study {name!r} does not exist yet: pass --{' and --'.join(missing)} to create it"
+            )
+        values = {**CREATE_DEFAULTS, **given}
+        if values["objective"] not in OBJECTIVES:
+            raise ConfigError(
+                f"unknown objective {values['objective']!r}; valid: {', '.join(OBJECTIVES)}"
+            )
+        fixed = {k[len("method.") :]: v for k, v in semantic.items() if k.startswith("method.")}
+        space = resolve_space(values["method"], opts.space_file, opts.space_items, fixed)
+        return StudySpec(**values, sets=semantic, space=space_to_dict(space))
+    conflicts = [
+        f"{f}={getattr(stored, f)!r} (given {v!r})"
+        for f, v in given.items()
+        if getattr(stored, f) != v
+    ]
+    conflicts += [
+        f"--set {k}={stored.sets.get(k, '(not set)')!r} (given {v!r})"
+        for k, v in semantic.items()
+        if stored.sets.get(k, object()) != v
+    ]
+    if opts.space_file or opts.space_items:
+        space = space_to_dict(
+            resolve_space(stored.method, opts.space_file, opts.space_items, stored.fixed_params())
+        )
+        if space != stored.space:
+            conflicts.append(f"search space {stored.space} (given {space})")
+    if conflicts:
+        raise ConfigError(
+            f"study {name!r} already exists with different settings: {'; '.join(conflicts)}. "
+            f"Rerun without them (they are stored in the study) or pick another --study-name"
+        )
+    return stored
+
+
+def _validate(spec: StudySpec, run_sets: dict[str, Any]) -> dict[str, Any]:
+    """Resolve one trial's config now, so bad input fails before any worker starts."""
+    from benchmark import data as datasets
+    from benchmark.config import resolve
+
+    probe = {f"method.{k}": d.low for k, d in space_from_dict(spec.space).items()}
+    cfg = resolve(
+        spec.arch, spec.dataset, spec.method, spec.seed, spec.profile,
+        {**spec.sets, **run_sets, **probe},
+    )  # fmt: skip
+    datasets.check(cfg["data"]["name"], cfg["data"])
+    return cfg
+
+
+# --- workers --------------------------------------------------------------------------------
+def run_worker(ctx: TrialContext, n_trials: int, index: int, total_epochs: int) -> None:
+    """Run `n_trials` trials of the study in this process."""
+    storage = st.open_storage(ctx.storage_url, ctx.heartbeat)
+    seed = None if ctx.sampler_seed is None else ctx.sampler_seed + index
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.load_study(
+            study_name=ctx.study_name,
+            storage=storage,
+            sampler=make_sampler(ctx.sampler, seed),
+            pruner=make_pruner(ctx.pruner, total_epochs),
+        )
+        # a diverged trial (TrainingError) is FAIL and the study goes on; anything else
+        # (a bug, TestSplitSealed, a lost tracking server) stops this worker loudly
+        study.optimize(
+            Objective(ctx), n_trials=n_trials, catch=(TrainingError,), gc_after_trial=True
+        )
+
+
+def _spawned(ctx: TrialContext, n_trials: int, index: int, total_epochs: int) -> None:
+    try:
+        run_worker(ctx, n_trials, index, total_epochs)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except ConfigError as exc:
+        print(f"flexbench: worker {index}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _recover(study: optuna.Study, storage, dead: set[str]) -> list[int]:
+    """Trials left RUNNING by workers that died: FAIL now (no need to wait for the heartbeat
+    grace period) and queue a retry with the same parameters."""
+    retry = st._retry_callback()
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("worker") not in dead:
+            continue
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                retry(study, storage.get_trial(t._trial_id))
+                lost.append(t.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+    return lost
+
+
+def _reconcile(study: optuna.Study, study_run) -> None:
+    """MLflow runs of trials that Optuna failed for a lost worker are marked failed too."""
+    failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    for run in study_run.trial_runs(status="RUNNING"):
+        number = int(run.data.tags.get("flexbench.trial", -1))
+        if number in failed:
+            study_run.fail_trial_run(
+                run.info.run_id, "worker lost (no heartbeat): the trial was failed and retried"
+            )
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _summarise(
+    study: optuna.Study, study_run, url: str, started: datetime.datetime, dead: list[str]
+) -> RunSummary:
+    c = counts(study)
+    done = sorted(
+        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
+    )
+    best = max(done, key=lambda t: t.value) if done else None
+    points = [
+        ("trial/value", t.value, t.number, int(t.datetime_complete.timestamp() * 1000))
+        for t in done
+    ]
+    tags = {f"flexbench.trials_{k}": str(v) for k, v in c.items() if k != "waiting" or v}
+    if best is not None:
+        points.append(
+            ("best_value", best.value, len(done), int(best.datetime_complete.timestamp() * 1000))
+        )
+        tags["flexbench.best_trial"] = str(best.number)
+        tags["flexbench.best_value"] = f"{best.value:.6g}"
+        tags.update({f"flexbench.best.{k}": f"{v:.6g}" for k, v in best.params.items()})
+    study_run.log_points(points)
+    study_run.set_tags(tags)
+    return RunSummary(
+        study.study_name,
+        st.redact(url),
+        study_run.run_id,
+        c,
+        sum(t.datetime_start is not None and t.datetime_start >= started for t in study.trials),
+        best,
+        dead,
+    )
+
+
+def run_study(opts: RunOptions) -> RunSummary:
+    from benchmark import tracking
+
+    if opts.trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {opts.trials}")
+    if opts.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.heartbeat < 1:
+        raise ConfigError(f"--heartbeat must be >= 1 second, got {opts.heartbeat}")
+    for value, valid, what in (
+        (opts.sampler, SAMPLERS, "sampler"),
+        (opts.pruner, PRUNERS, "pruner"),
+        (opts.objective, tuple(OBJECTIVES), "objective"),
+    ):
+        if value is not None and value not in valid:
+            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    url = st.resolve_url(opts.storage)
+    storage = st.open_storage(url, opts.heartbeat)  # creates the schema, once, here
+    if opts.study_name:
+        name = opts.study_name
+    elif opts.arch and opts.method:
+        name = default_study_name(
+            opts.arch, opts.dataset or CREATE_DEFAULTS["dataset"], opts.method,
+            opts.profile or CREATE_DEFAULTS["profile"],
+        )  # fmt: skip
+    else:
+        raise ConfigError("pass --arch and --method (new study) or --study-name (existing one)")
+    existing = None
+    if name in st.study_names(storage):
+        existing = optuna.load_study(study_name=name, storage=storage)
+        if "flexbench" not in existing.user_attrs:
+            raise ConfigError(f"study {name!r} in {st.redact(url)} was not created by flexbench")
+    stored = StudySpec(**existing.user_attrs["flexbench"]) if existing else None
+    spec = _spec(opts, stored, name)
+    run_sets = {k: v for k, v in opts.sets.items() if is_per_run(k)}
+    if opts.workers > 1 and not run_sets.get("runtime.threads"):
+        run_sets["runtime.threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
+    cfg = _validate(spec, run_sets)
+    from benchmark.train import make_method
+
+    total_epochs = cfg["train"]["epochs"] * len(make_method(cfg).stages(_n_subs(cfg)))
+    prev = existing.user_attrs if existing else {}
+    sampler = opts.sampler or prev.get("sampler", "tpe")
+    pruner = opts.pruner or prev.get("pruner", "median")
+    make_sampler(sampler, None), make_pruner(pruner, total_epochs)  # validate now
+    uri = tracking.resolve_uri(opts.tracking_uri)
+    tracking.check_reachable(uri)
+    experiment = opts.experiment or prev.get("mlflow_experiment") or DEFAULT_EXPERIMENT
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", load_if_exists=True
+        )
+    if existing is None:
+        study.set_user_attr("flexbench", spec.to_dict())
+    study_run = tracking.StudyRun(uri, experiment)
+    params = {
+        "study": name,
+        **{f: str(getattr(spec, f)) for f in SPEC_FIELDS},
+        **{f"space.{k}": space_from_dict(spec.space)[k].describe() for k in spec.space},
+        **{f"set.{k}": str(v) for k, v in sorted(spec.sets.items())},
+    }
+    tags = {
+        tracking.TAG + "arch": spec.arch,
+        tracking.TAG + "dataset": spec.dataset,
+        tracking.TAG + "method": spec.method,
+        tracking.TAG + "profile": spec.profile,
+        tracking.TAG + "storage": st.redact(url),
+        tracking.TAG + "sampler": sampler,
+        tracking.TAG + "pruner": pruner,
+        tracking.TAG + "objective": spec.objective,
+        tracking.TAG + "git_commit": tracking.git_commit(),
+    }
+    run_id = study_run.open(name, tags, params, prev.get("mlflow_run_id"))
+    study.set_user_attr("mlflow_run_id", run_id)
+    study.set_user_attr("mlflow_experiment", experiment)
+    study.set_user_attr("sampler", sampler)
+    study.set_user_attr("pruner", pruner)
+
+    started = datetime.datetime.now()
+    _fail_stale(study)  # trials of workers that died before, once their heartbeat is stale
+    _reconcile(study, study_run)
+    ctx = TrialContext(
+        spec=spec,
+        study_name=name,
+        storage_url=url,
+        heartbeat=opts.heartbeat,
+        tracking_uri=uri,
+        experiment=experiment,
+        parent_run_id=run_id,
+        sampler=sampler,
+        pruner=pruner,
+        sampler_seed=opts.sampler_seed,
+        run_sets=run_sets,
+        progress=opts.workers == 1,
+    )
+    shares = [
+        opts.trials // opts.workers + (i < opts.trials % opts.workers) for i in range(opts.workers)
+    ]
+    dead: list[str] = []
+    status = "finished"
+    try:
+        if opts.workers == 1:
+            run_worker(ctx, opts.trials, 0, total_epochs)
+        else:
+            dead = _run_spawned(ctx, shares, total_epochs)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        lost = _recover(study, storage, set(dead)) if dead else []
+        _reconcile(study, study_run)
+        summary = _summarise(study, study_run, url, started, dead)
+        if dead and status == "finished":
+            status = "failed"
+            study_run.set_tags(
+                {
+                    "flexbench.error": f"workers died: {', '.join(dead)}; "
+                    f"trials {lost} failed and queued for retry"
+                }
+            )
+        study_run.end(status)
+    return summary
+
+
+def _n_subs(cfg: dict[str, Any]) -> int:
+    from benchmark import data as datasets
+    from benchmark.train import make_model
+
+    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+    return make_model(cfg, num_classes, image_size).num_submodels
+
+
+def _run_spawned(ctx: TrialContext, shares: list[int], total_epochs: int) -> list[str]:
+    """Start one process per non-empty share; returns the ids of workers that died."""
+    mp = multiprocessing.get_context("spawn")
+    procs = [
+        mp.Process(target=_spawned, args=(ctx, n, i, total_epochs), name=f"flexbench-study-{i}")
+        for i, n in enumerate(shares)
+        if n > 0
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them record FAIL and exit
+        for p in procs:
+            p.join(timeout=60)
+        raise
+    host = socket.gethostname()
+    dead = [f"{host}:{p.pid}" for p in procs if p.exitcode != 0]
+    for p in procs:
+        if p.exitcode != 0:
+            print(
+                f"flexbench: study worker {p.name} (pid {p.pid}) exited with code {p.exitcode}",
+                file=sys.stderr,
+            )
+    return dead

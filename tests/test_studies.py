@@ -1,0 +1,400 @@
+"""Optuna studies: search spaces, a 2-worker study on one SQLite storage and its resumption,
+the test split never read, the MLflow parent/child record, best-params export used to train a
+cell, plots, a killed worker's trial failed and retried, and two workers on PostgreSQL.
+
+Real Optuna and MLflow throughout; trials are smoke cells on synthetic data (conftest.FAST).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import FAST, all_runs
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from benchmark import cli
+from benchmark.errors import ConfigError
+from benchmark.methods import METHODS
+from studies import export
+from studies.run import RunOptions, run_study
+from studies.space import SPACES, Dim, resolve_space
+
+ARCH, DATASET = "slimmable_mobilenet_v1", "synthetic"
+SETS = [f"--set={k}={v}" for k, v in FAST.items()]
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# --- search spaces --------------------------------------------------------------------------
+def test_every_method_with_parameters_has_a_search_space():
+    for name in METHODS.names():
+        params = METHODS.get(name).PARAMS
+        if not params:
+            with pytest.raises(ConfigError, match="nothing to search"):
+                resolve_space(name)
+            continue
+        space = resolve_space(name)
+        assert set(space) == set(params), name
+        assert set(SPACES[name]) == set(params), f"declare {name}'s ranges in studies/space.py"
+
+
+def test_space_defaults_and_overrides(tmp_path):
+    assert resolve_space("ipkd") == {"T": Dim(1.0, 10.0, log=True), "a": Dim(0.0, 1.0)}
+    assert resolve_space("takd", items=["T=2:20:log"])["T"] == Dim(2.0, 20.0, log=True)
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("T: {low: 1, high: 4, log: true}\na: [0.2, 0.8]\n")
+    assert resolve_space("ipkd", str(flat)) == {"T": Dim(1, 4, True), "a": Dim(0.2, 0.8)}
+    per_method = tmp_path / "per_method.yaml"
+    per_method.write_text("ipkd_ta: {a: '0.5:1'}\nipkd: {a: '0:0.1'}\n")
+    space = resolve_space("ipkd_ta", str(per_method), items=["T=1:3"])
+    assert space == {"T": Dim(1, 3), "a": Dim(0.5, 1)}
+    # a parameter fixed with --set method.a=... leaves the space
+    assert set(resolve_space("ipkd", fixed={"a": 0.5})) == {"T"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"items": ["seed=0:10"]}, "seed is a grid axis"),
+        ({"items": ["train.lr=0.01:0.1"]}, "only method parameters"),
+        ({"items": ["b=0:1"]}, "no parameter 'b'"),
+        ({"items": ["a=0:2"]}, "a must be in"),
+        ({"items": ["T=0:5:log"]}, "log range needs low > 0"),
+        ({"items": ["T=5:1"]}, "low must be < high"),
+        ({"items": ["T"]}, "NAME=LOW:HIGH"),
+        ({"items": ["a=0:1"], "fixed": {"a": 0.5}}, "both fixed"),
+        ({"fixed": {"T": 2.0, "a": 0.5}}, "every parameter is fixed"),
+    ],
+)
+def test_space_rejects_bad_input(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_space("ipkd", **kwargs)
+
+
+# --- a real study: 2 workers, one SQLite storage, MLflow parent + children ------------------
+@pytest.fixture(scope="module")
+def env(mlflow_template, tmp_path_factory):
+    """One MLflow store and one Optuna storage for the module; cwd is the module's folder."""
+    root = tmp_path_factory.mktemp("studies")
+    shutil.copy(mlflow_template, root / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("FLEXBENCH_STUDY_STORAGE", raising=False)
+        yield {
+            "root": root,
+            "uri": f"sqlite:///{root / 'mlflow.db'}",
+            "storage": f"sqlite:///{root / 'studies.db'}",
+        }
+
+
+def _load(env, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=env["storage"])
+
+
+def _cli(env, *args: str) -> int:
+    tracking = ["--tracking-uri", env["uri"]] if args[0] != "best" else []
+    return cli.main(["study", *args, "--storage", env["storage"], *tracking])
+
+
+def _trial_runs(client: MlflowClient, parent: str) -> list:
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(
+        exps, filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_study(env):
+    """The done-criterion study: 8 trials, 2 worker processes, one SQLite storage."""
+    rc = _cli(
+        env, "run", "--arch", ARCH, "--dataset", DATASET, "--method", "ipkd", "--profile",
+        "smoke", "--study-name", "smoke", "--trials", "8", "--workers", "2",
+        "--sampler-seed", "0", *SETS,
+    )  # fmt: skip
+    assert rc == 0
+    return _load(env, "smoke")
+
+
+def test_two_workers_finish_every_trial_and_log_parent_and_children(env, smoke_study):
+    trials = smoke_study.trials
+    assert sorted(t.number for t in trials) == list(range(8))
+    assert all(t.state in DONE for t in trials), [t.state for t in trials]
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
+    assert all(set(t.params) == {"T", "a"} for t in trials)
+
+    client = MlflowClient(env["uri"])
+    parent_id = smoke_study.user_attrs["mlflow_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["flexbench.kind"] == "study"
+    assert parent.data.tags["flexbench.status"] == "finished"
+    assert parent.data.params["space.T"] == "log-uniform[1, 10]"
+    assert parent.data.params["seed"] == "0"
+    children = {int(r.data.tags["flexbench.trial"]): r for r in _trial_runs(client, parent_id)}
+    assert sorted(children) == list(range(8))
+    for t in trials:
+        run = children[t.number]
+        state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}[t.state]
+        assert run.data.tags["flexbench.trial_state"] == state
+        assert run.data.tags["flexbench.study"] == "smoke"
+        assert run.data.tags["flexbench.test_evaluated"] == "false"
+        assert run.info.run_name == f"trial-{t.number}"
+        assert float(run.data.params["method.T"]) == pytest.approx(t.params["T"])
+        assert float(run.data.params["method.a"]) == pytest.approx(t.params["a"])
+        assert not [k for k in run.data.metrics if k.startswith("test/")]
+        curve = client.get_metric_history(run.info.run_id, "study/objective")
+        assert [m.step for m in curve] == sorted(t.intermediate_values)
+        assert [m.value for m in curve] == pytest.approx(
+            [t.intermediate_values[s] for s in sorted(t.intermediate_values)]
+        )
+        if t.state == TrialState.COMPLETE:
+            assert run.data.metrics["study/value"] == pytest.approx(t.value)
+            assert run.data.metrics["val/top1_mean"] == pytest.approx(t.value)  # objective mean
+
+
+def test_rerun_continues_the_study(env, smoke_study, capsys):
+    before = len(smoke_study.trials)
+    # only the name: everything else is stored in the study
+    assert (
+        _cli(env, "run", "--study-name", "smoke", "--trials", "1", "--set=runtime.threads=1") == 0
+    )
+    study = _load(env, "smoke")
+    assert len(study.trials) == before + 1
+    assert all(t.state in DONE for t in study.trials)
+    assert study.user_attrs["mlflow_run_id"] == smoke_study.user_attrs["mlflow_run_id"]
+    client = MlflowClient(env["uri"])
+    studies = [r for r in all_runs(client) if r.data.tags.get("flexbench.kind") == "study"]
+    assert len([r for r in studies if r.data.tags["flexbench.study"] == "smoke"]) == 1
+    assert len(_trial_runs(client, study.user_attrs["mlflow_run_id"])) == before + 1
+    # the same name with different settings is refused, naming the conflict
+    capsys.readouterr()
+    rc = _cli(env, "run", "--study-name", "smoke", "--method", "ipkd_ta", "--trials", "1")
+    assert rc == 2
+    assert "method='ipkd'" in capsys.readouterr().err
+    assert len(_load(env, "smoke").trials) == before + 1
+
+
+def test_bad_input_fails_before_any_trial(env, capsys):
+    cases = [
+        (["--arch", ARCH, "--method", "joint"], "nothing to search"),
+        (["--arch", ARCH, "--method", "ipkd", "--space", "seed=0:9"], "seed is a grid axis"),
+        (["--arch", "nope", "--method", "ipkd"], "valid architectures"),
+        (["--method", "ipkd"], "--arch"),
+        (["--arch", ARCH, "--method", "ipkd", "--set", "train.epochs=0"], "train.epochs"),
+    ]
+    for args, match in cases:
+        capsys.readouterr()
+        rc = _cli(env, "run", "--dataset", DATASET, "--trials", "1", "--study-name", "bad", *args)
+        assert rc == 2, args
+        assert match in capsys.readouterr().err, args
+    assert "bad" not in optuna.get_all_study_names(env["storage"])
+
+
+# --- the test split is never read -----------------------------------------------------------
+def test_a_study_never_reads_the_test_split(env, monkeypatch):
+    """Every read of the test split goes through Splits.test(); record and refuse all of them,
+    and record every train_cell call the study makes."""
+    from conftest import smoke_cfg
+
+    from benchmark import train
+    from benchmark.data.base import Splits
+    from benchmark.train import train_cell
+
+    reads = []
+
+    def spy_test(self):
+        reads.append(self.sealed)
+        raise AssertionError("the test split was read")
+
+    calls = []
+
+    def spy_train_cell(cfg, *args, **kwargs):
+        calls.append(kwargs.get("evaluate_test", True))
+        return train_cell(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(Splits, "test", spy_test)
+    monkeypatch.setattr(train, "train_cell", spy_train_cell)
+    opts = RunOptions(
+        trials=2, study_name="sealed", storage=env["storage"], arch=ARCH, dataset=DATASET,
+        method="takd", sets=dict(FAST), tracking_uri=env["uri"], pruner="none",
+    )  # fmt: skip
+    summary = run_study(opts)
+    assert summary.counts["complete"] == 2
+    assert calls == [False, False]
+    assert reads == []
+    # the probe is live: an ordinary cell (final test evaluation) does read it
+    cfg = smoke_cfg(ARCH, "joint", env["root"] / "probe")
+    with pytest.raises(AssertionError, match="test split was read"):
+        train_cell(cfg, tracking_uri=env["uri"], restart=True, progress=False)
+    assert len(reads) == 1
+
+
+def test_a_trial_that_produces_test_metrics_fails(env, monkeypatch):
+    """Defence in depth: even a trainer that ignored evaluate_test=False cannot feed a test
+    number into a study."""
+    from benchmark import train
+    from benchmark.train import CellResult
+
+    def leaky_train_cell(cfg, *args, **kwargs):
+        return CellResult("k", "r", [], {"test/top1/w1.0": 50.0, "val/top1_mean": 50.0})
+
+    monkeypatch.setattr(train, "train_cell", leaky_train_cell)
+    opts = RunOptions(
+        trials=1, study_name="leak", storage=env["storage"], arch=ARCH, dataset=DATASET,
+        method="ipkd", sets=dict(FAST), tracking_uri=env["uri"],
+    )  # fmt: skip
+    with pytest.raises(Exception, match="test metrics"):
+        run_study(opts)
+    assert [t.state for t in _load(env, "leak").trials] == [TrialState.FAIL]
+
+
+# --- export -> training with the tuned parameters; plots -----------------------------------
+def test_export_best_params_and_a_grid_trains_with_them(env, smoke_study):
+    out = env["root"] / "best.yaml"
+    out.write_text("study: {other/x/ipkd: {name: x}}\nother/x/ipkd: {T: 2.0, a: 0.1}\n")
+    assert _cli(env, "best", "--study-name", "smoke", "--export", str(out)) == 0
+    doc = yaml.safe_load(out.read_text())
+    key = f"{ARCH}/{DATASET}/ipkd"
+    best = _load(env, "smoke").best_trial
+    assert doc[key] == pytest.approx(best.params)
+    assert doc["other/x/ipkd"] == {"T": 2.0, "a": 0.1}  # merged, not overwritten
+    meta = doc["study"][key]
+    assert meta["name"] == "smoke" and meta["best_trial"] == best.number
+    assert meta["objective"] == "mean" and meta["tuning_seed"] == 0
+    assert "password" not in out.read_text()
+
+    params = export.load_best(out, ARCH, DATASET, "ipkd")
+    assert params == pytest.approx(best.params)
+    with pytest.raises(ConfigError, match="holds: other/x/ipkd"):
+        export.load_best(out, ARCH, DATASET, "takd")
+
+    # a grid reads the file with `method_params: from_study` and trains the cell with it
+    grid = env["root"] / "grid" / "tuned.yaml"
+    grid.parent.mkdir()
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tuned",
+                "profile": "smoke",
+                "archs": [ARCH],
+                "datasets": [DATASET],
+                "methods": ["ipkd"],
+                "seeds": [1],
+                "set": dict(FAST),
+                "method_params": {"from_study": "../best.yaml"},  # relative to the grid file
+            }
+        )
+    )
+    rc = cli.main(["grid", "run", str(grid), "--tracking-uri", env["uri"], "--workers", "1"])
+    assert rc == 0
+    client = MlflowClient(env["uri"])
+    exp = client.get_experiment_by_name("tuned")
+    runs = client.search_runs([exp.experiment_id], "tags.`flexbench.cell` != ''")
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert run.data.tags["flexbench.status"] == "finished"
+    assert run.data.tags["flexbench.test_evaluated"] == "true"  # the grid evaluates on test
+    assert float(run.data.params["method.T"]) == pytest.approx(params["T"])
+    assert float(run.data.params["method.a"]) == pytest.approx(params["a"])
+
+
+def test_plots_are_saved_and_logged_to_the_study_run(env, smoke_study):
+    out = env["root"] / "plots"
+    assert _cli(env, "plots", "--study-name", "smoke", "--out", str(out)) == 0
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert {"history.png", "contour.png", "intermediate_values.png"} <= set(files)
+    client = MlflowClient(env["uri"])
+    logged = client.list_artifacts(smoke_study.user_attrs["mlflow_run_id"], "plots")
+    assert sorted(Path(a.path).name for a in logged) == files
+
+
+# --- a worker killed mid-trial ---------------------------------------------------------------
+def test_killed_worker_trial_is_failed_and_retried(env):
+    """SIGKILL a worker mid-trial: its heartbeat stops, the next run fails the trial and retries
+    the same parameters; the dead trial's MLflow run is closed as failed."""
+    args = [
+        sys.executable, "-m", "benchmark.cli", "study", "run", "--arch", ARCH, "--dataset",
+        DATASET, "--method", "ipkd", "--study-name", "killed", "--trials", "1",
+        "--heartbeat", "1", "--storage", env["storage"], "--tracking-uri", env["uri"],
+        *SETS, "--set=train.epochs=12",
+    ]  # fmt: skip
+    optuna.storages.RDBStorage(env["storage"])  # the schema exists before the worker starts
+    proc = subprocess.Popen(args, cwd=env["root"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.3)
+            if "killed" in optuna.get_all_study_names(env["storage"]):
+                trials = _load(env, "killed").trials
+                if trials and trials[0].intermediate_values:
+                    break
+            assert proc.poll() is None, "the worker ended before it could be killed"
+        else:
+            pytest.fail("no trial reported an epoch within 120 s")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (t0,) = _load(env, "killed").trials
+    assert t0.state == TrialState.RUNNING  # what a dead worker leaves behind
+    time.sleep(2.5)  # > grace period (2 heartbeats)
+    summary = run_study(
+        RunOptions(trials=1, study_name="killed", storage=env["storage"], heartbeat=1,
+                   tracking_uri=env["uri"], sets={"runtime.threads": 1})
+    )  # fmt: skip
+    first, retry = _load(env, "killed").trials
+    assert first.state == TrialState.FAIL
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == first.params
+    assert retry.system_attrs["failed_trial"] == 0
+    assert summary.new_trials == 1
+    client = MlflowClient(env["uri"])
+    runs = {
+        int(r.data.tags["flexbench.trial"]): r for r in _trial_runs(client, summary.mlflow_run_id)
+    }
+    assert runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["flexbench.trial_state"] == "failed"
+    assert runs[1].data.tags["flexbench.retry_of"] == "0"
+    assert runs[1].data.tags["flexbench.trial_state"] == "complete"
+
+
+# --- PostgreSQL: two workers share one study ------------------------------------------------
+def _pg_bindir():
+    try:
+        from mlflow_server.postgres import find_bindir
+    except ImportError:
+        return None
+    return find_bindir()
+
+
+@pytest.mark.skipif(
+    _pg_bindir() is None,
+    reason="PostgreSQL binaries (initdb) not found; scripts/install_system_deps.sh installs them",
+)
+def test_two_workers_share_a_study_on_postgresql(env):
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg[binary] is missing")
+    from mlflow_server.postgres import LocalPostgres
+
+    with LocalPostgres() as pg:
+        url = pg.create_database("optuna", user="bench", password="bench-pw-123")
+        summary = run_study(
+            RunOptions(
+                trials=2, workers=2, study_name="pg", storage=url, arch=ARCH, dataset=DATASET,
+                method="ipkd_ta", sets=dict(FAST), tracking_uri=env["uri"], pruner="none",
+            )
+        )  # fmt: skip
+        study = optuna.load_study(study_name="pg", storage=url)
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+        assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+        assert "bench-pw-123" not in summary.storage
+        parent = MlflowClient(env["uri"]).get_run(summary.mlflow_run_id)
+        assert "bench-pw-123" not in str(parent.data.tags) + str(parent.data.params)
