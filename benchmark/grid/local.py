@@ -20,7 +20,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, TrainingError
 from benchmark.grid.worker import worker_main
 
 Event = Callable[[tuple], None]
@@ -176,7 +176,7 @@ class LocalExecutor:
                             w.task = None
                         if pending and not w.closing:
                             if early_deaths > 2 * len(self.slots):
-                                raise RuntimeError(
+                                raise TrainingError(
                                     f"worker processes keep dying before their first cell; "
                                     f"see {self.log_path(w.slot)}"
                                 )

@@ -4,12 +4,15 @@ Each cell is one task with `num_gpus` / `num_cpus` resources; Ray places them on
 Progress events travel through a `ray.util.queue.Queue` actor. Tasks are not retried
 (`max_retries=0`): a task whose worker dies is a failed cell, as with the local executor.
 Every node must see the tracking URI (use an MLflow server beyond one machine), the dataset
-paths and `runtime.workdir` (checkpoints) at the same paths.
+paths and `runtime.workdir` (checkpoints) at the same paths. The driver's MLFLOW_* and
+FLEXBENCH_* environment variables (e.g. MLflow credentials) are passed to the tasks through
+Ray's runtime_env.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 from benchmark.errors import ConfigError
 
 Event = Callable[[tuple], None]
+FORWARD_ENV = ("MLFLOW_", "FLEXBENCH_")
 
 
 def _cell_task(task: dict[str, Any], queue: Any, cpus: float, gpus: float) -> dict:
@@ -56,16 +60,34 @@ class RayExecutor:
         self.gpus = gpus_per_cell
         self._ray: Any = None
 
+    def check_reachable(self) -> None:
+        """ray.init retries an unreachable address for minutes: fail fast on HOST:PORT."""
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not port.isdigit() or "://" in self.address:
+            return  # "auto", ray://...: left to Ray
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot reach the Ray cluster at {self.address} ({exc}); is `ray start --head` "
+                f"running there?"
+            ) from exc
+
     def connect(self) -> None:
         import ray
 
         if not ray.is_initialized():
+            self.check_reachable()
+            # Tasks run in the cluster's worker processes, which do not inherit this shell:
+            # MLflow credentials/settings and flexbench's cache folder travel with the job.
+            env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV)}
             try:
                 ray.init(
                     address=self.address,
                     log_to_driver=False,
                     logging_level="ERROR",
                     configure_logging=True,
+                    runtime_env={"env_vars": env} if env else None,
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 msg = f"cannot connect to the Ray cluster at {self.address}: {exc}"

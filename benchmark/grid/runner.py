@@ -26,6 +26,7 @@ from benchmark.grid.state import (
     GridLock,
     absolute_uri,
     cell_states,
+    checkpoint_run_id,
     ensure_failed,
     grid_active,
     mark_stale,
@@ -69,6 +70,8 @@ def make_plan(spec: GridSpec, uri: str, rerun_failed: bool, active: bool = False
             action = "restart" if rerun_failed else "skip-failed"
         elif st.state == "running":
             action = "skip-running"
+        elif st.checkpoint and checkpoint_run_id(cell, spec.name) not in st.run_ids:
+            action = "restart"  # its run is not in this store (e.g. a new mlflow.db): start over
         else:
             action = "resume" if st.checkpoint else "new"
         plan.append(Planned(cell, st, action))
@@ -109,7 +112,7 @@ def print_plan(spec: GridSpec, uri: str, plan: list[Planned], workers: int, out:
     failed = sum(p.action == "skip-failed" for p in plan)
     print(
         f"to run: {len(todo)} ({counts['new']} new, {counts['resume']} resumed from a checkpoint, "
-        f"{counts['restart']} failed rerun); skip: {skip} finished, {failed} failed"
+        f"{counts['restart']} from scratch); skip: {skip} finished, {failed} failed"
         + (" (rerun them with --rerun-failed)" if failed else ""),
         file=out,
     )
@@ -190,6 +193,22 @@ def _executor(opts: RunOptions, spec: GridSpec, n_tasks: int):
     raise ConfigError(f"unknown executor {opts.executor!r}; valid: local, ray")
 
 
+def _precheck(opts: RunOptions) -> None:
+    """Executor options are checked before the store is touched."""
+    if opts.executor == "local":
+        from benchmark.grid.local import parse_devices
+
+        parse_devices(opts.devices)
+        if opts.workers is not None and opts.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
+    elif opts.executor == "ray":
+        from benchmark.grid.ray_exec import RayExecutor
+
+        RayExecutor(opts.ray_address, opts.cpus_per_cell, opts.gpus_per_cell).check_reachable()
+    else:
+        raise ConfigError(f"unknown executor {opts.executor!r}; valid: local, ray")
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -197,6 +216,7 @@ def _raise_interrupt(signum, frame):
 def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     t0 = time.monotonic()
+    _precheck(opts)
     prepare_store(uri, spec.name)
     with GridLock(spec):
         stale = mark_stale(spec, uri)
@@ -224,6 +244,13 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
         # builds the model of every cell to train: arch settings fail here, before any work
         estimate(spec, [p.cell for p in todo])
         resumed = sum(p.action == "resume" for p in todo)
+        stale_ckpt = sum(p.action == "restart" and p.state.state != "failed" for p in todo)
+        if stale_ckpt:
+            print(
+                f"{stale_ckpt} cell(s) have a checkpoint whose MLflow run is not in this store: "
+                f"they start from scratch",
+                file=out,
+            )
         print(
             f"training {len(todo)} cell(s) ({resumed} resumed from a checkpoint); skipping "
             f"{skipped} finished"
@@ -320,6 +347,13 @@ def _summary(spec, uri, plan, todo, progress: Progress, wall: float, out: TextIO
     labels = {c.key: c.label for c in spec.cells}
     for k, reason in progress.failed.items():
         print(f"  FAILED {labels[k]}: {reason}", file=out)
-    if n_failed and not progress.failed:
-        print(f"  {n_failed} cell(s) failed in earlier runs: rerun with --rerun-failed", file=out)
+    if n_failed > len(progress.failed):
+        print(
+            f"  {n_failed - len(progress.failed)} cell(s) failed in earlier runs: rerun with "
+            f"--rerun-failed",
+            file=out,
+        )
+    left = len(spec.cells) - n_fin - n_failed
+    if left:
+        print(f"  {left} cell(s) not finished (interrupted): rerun to resume them", file=out)
     return 0 if n_fin == len(spec.cells) else 1

@@ -246,6 +246,8 @@ def _load_from_study(raw: Any, where: str, base: Path) -> tuple[Path, dict[str, 
         best = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise _err(where, f"cannot parse {path}: {exc}") from None
+    if isinstance(best, dict):
+        best.pop("study", None)  # metadata written by `flexbench study best --export`
     if not isinstance(best, dict) or not all(isinstance(v, dict) for v in best.values()):
         raise _err(where, f"{path} must map 'arch/dataset/method' to {{param: value}}")
     return path, {str(k): v for k, v in best.items()}

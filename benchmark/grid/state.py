@@ -36,6 +36,7 @@ class CellState:
     duration_s: float | None = None
     runs: int = 0
     finished_runs: int = 0
+    run_ids: list[str] = field(default_factory=list)
 
 
 def absolute_uri(uri: str) -> str:
@@ -114,8 +115,19 @@ def cell_states(spec: GridSpec, uri: str, grid_active: bool = False) -> dict[str
         else:
             st = CellState("pending", None, ckpt)
         st.runs, st.finished_runs = len(runs), len(finished)
+        st.run_ids = [r.info.run_id for r in runs]
         out[cell.key] = st
     return out
+
+
+def checkpoint_run_id(cell: Cell, experiment: str) -> str | None:
+    """The MLflow run a cell's checkpoint belongs to (None if unreadable)."""
+    from benchmark import checkpoint
+
+    try:
+        return checkpoint.load(checkpoint_path(cell, experiment)).get("run_id")
+    except Exception:  # noqa: BLE001  (a damaged checkpoint is not resumable)
+        return None
 
 
 def mark_stale(spec: GridSpec, uri: str) -> int:

@@ -1,0 +1,502 @@
+"""Grid runner: grid-file validation, real worker processes, real MLflow (SQLite), SIGKILL and
+resume, a worker that dies, and the Ray executor on a real local Ray cluster.
+
+The training scenarios use tests/grid_tiny.yaml (2 archs x 2 methods x 1 seed, seconds per
+cell). MLflow's schema is created once per session (conftest) and copied for each
+scenario.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmark.cli import main
+from benchmark.errors import ConfigError
+from benchmark.grid.spec import load_grid
+
+HERE = Path(__file__).parent
+TINY = HERE / "grid_tiny.yaml"
+REPO = HERE.parent
+
+
+# --- helpers -------------------------------------------------------------------------------
+def write_grid(folder: Path, filename: str = "g.yaml", **changes) -> Path:
+    grid = yaml.safe_load(TINY.read_text())
+    for key, value in changes.items():
+        if value is None:
+            grid.pop(key, None)
+        else:
+            grid[key] = value
+    path = folder / filename
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def parent_runs(db: Path, experiment: str) -> list[dict]:
+    """Parent runs of an experiment, read straight from the SQLite file."""
+    sql = """
+        SELECT r.run_uuid, r.status, c.value, s.value,
+               (SELECT value FROM tags e WHERE e.run_uuid = r.run_uuid
+                AND e.key = 'flexbench.error')
+        FROM runs r JOIN experiments x ON x.experiment_id = r.experiment_id
+        JOIN tags c ON c.run_uuid = r.run_uuid AND c.key = 'flexbench.cell'
+        JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'flexbench.status'
+        WHERE x.name = ? AND r.lifecycle_stage = 'active'"""
+    for _ in range(50):
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=20)) as con:
+                rows = con.execute(sql, (experiment,)).fetchall()
+            break
+        except sqlite3.OperationalError:  # the schema is being written by the grid
+            time.sleep(0.2)
+    return [dict(zip(("run_id", "run_status", "key", "status", "error"), r)) for r in rows]
+
+
+def child_count(db: Path, run_id: str) -> int:
+    with contextlib.closing(sqlite3.connect(db, timeout=20)) as con:
+        return con.execute(
+            "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId' AND value = ?", (run_id,)
+        ).fetchone()[0]
+
+
+def finished_metrics(db: Path, experiment: str) -> dict[str, dict[str, float]]:
+    """{cell key: {metric: value}} of the finished parent runs."""
+    out = {}
+    with contextlib.closing(sqlite3.connect(db, timeout=20)) as con:
+        for r in parent_runs(db, experiment):
+            if r["status"] == "finished":
+                rows = con.execute(
+                    "SELECT key, value FROM latest_metrics WHERE run_uuid = ?", (r["run_id"],)
+                ).fetchall()
+                out[r["key"]] = dict(rows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def schema_db(mlflow_template) -> Path:
+    """conftest's MLflow SQLite file with the schema (created once per session)."""
+    return mlflow_template
+
+
+def fresh_db(schema_db: Path, folder: Path) -> tuple[Path, str]:
+    path = folder / "mlflow.db"
+    shutil.copy(schema_db, path)
+    return path, f"sqlite:///{path}"
+
+
+# --- grid files --------------------------------------------------------------------------
+BAD = [
+    ({"archs": ["msdnet", "resnet"]}, ["unknown architecture 'resnet'", "msdnet, slimmable"]),
+    ({"methods": ["joint", "kd"]}, ["unknown method 'kd'", "independent, ipkd"]),
+    ({"datasets": ["cifar11"]}, ["unknown dataset 'cifar11'", "cifar10, cifar100"]),
+    ({"archs": []}, ["archs is empty"]),
+    ({"methods": None}, ["methods is missing"]),
+    ({"archs": "msdnet"}, ["archs must be a list"]),
+    ({"seeds": ["a"]}, ["seeds[0] must be an integer >= 0, got 'a'"]),
+    ({"seeds": [0, 1, 0]}, ["duplicate seeds: 0"]),
+    ({"archs": ["msdnet", "msdnet"]}, ["duplicate archs: msdnet"]),
+    ({"profile": "huge"}, ["profile 'huge'", "paper, mini, smoke"]),
+    ({"name": "my grid"}, ["name must be"]),
+    ({"epochs": 3}, ["unknown key(s) epochs", "name, description, profile"]),
+    (
+        {"archs": ["msdnet"], "per_arch": {"slimmable_mobilenet_v1": {"arch.width_mult": 0.5}}},
+        ["per_arch: 'slimmable_mobilenet_v1' is not in this grid's archs (msdnet)"],
+    ),
+    ({"per_method": {"joint": {"method.T": 2}}}, ["per_method.joint: method.T applies to none"]),
+    ({"set": {"method.T": 2}, "methods": ["joint"]}, ["set: method.T applies to none"]),
+    ({"set": {"trian.epochs": 2}}, ["unknown settings section 'trian'", "arch, method, train"]),
+    ({"set": {"train.epochs": 0}}, ["train.epochs must be >= 1"]),
+    ({"set": {"train.epocs": 2}}, ["unknown train setting(s) epocs", "batch_size"]),
+    ({"set": {"train": 3}}, ["train must be a mapping"]),
+    ({"per_method": {"ipkd": {"method.a": 2}}}, ["a must be in [0, 1], got 2"]),
+    ({"exclude": [{"arch": "resnet"}]}, ["exclude[0]: arch 'resnet' is not in this grid's archs"]),
+    ({"exclude": [{"method": ["joint", "ipkd"]}]}, ["exclude removes every cell"]),
+    ({"per_cell": [{"method": "ipkd"}]}, ["per_cell[0]: missing `set:`"]),
+    ({"per_cell": [{"set": {"method.T": 2}}]}, ["per_cell[0]: give at least one of arch"]),
+    ({"method_params": {"from_study": "nope.yaml"}}, ["from_study file", "does not exist"]),
+    ({"method_params": "from_study"}, ["from_study needs the study's best-params file"]),
+    ({"datasets": ["imagefolder:missing.zip"]}, ["imagefolder path", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("changes,needles", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_grid_files_fail_before_training(tmp_path, changes, needles):
+    path = write_grid(tmp_path, **changes)
+    with pytest.raises(ConfigError) as info:
+        load_grid(path)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+def test_bad_grid_file_cli_exit_code(tmp_path):
+    path = write_grid(tmp_path, archs=["resnet"])
+    db = tmp_path / "never.db"
+    rc, out, err = run_cli("grid", "run", str(path), "--tracking-uri", f"sqlite:///{db}")
+    assert rc == 2
+    assert "unknown architecture 'resnet'" in err and "msdnet" in err
+    assert not db.exists()  # nothing was created: validation comes first
+
+
+def test_scopes_precedence_and_from_study(tmp_path):
+    best = tmp_path / "study" / "best.yaml"
+    best.parent.mkdir()
+    best.write_text(
+        yaml.safe_dump(
+            {
+                "study": {"msdnet/synthetic/ipkd": {"name": "s1", "best_value": 50.0}},
+                "msdnet/synthetic/ipkd": {"T": 4.0, "a": 0.25},
+                "slimmable_mobilenet_v1/synthetic/ipkd": {"T": 2.0, "a": 0.75},
+            }
+        )
+    )
+    path = write_grid(
+        tmp_path,
+        set={"method.a": 0.5, "train.epochs": 2},
+        per_arch={"msdnet": {"arch": {"n_blocks": 2}}},
+        per_method={"ipkd": {"method.T": 3}},
+        method_params={"from_study": "study/best.yaml"},  # relative to the grid file
+        per_cell=[{"arch": "msdnet", "method": "ipkd", "set": {"method.T": 5}}],
+        exclude=[{"arch": "slimmable_mobilenet_v1", "method": "joint"}],
+    )
+    spec = load_grid(path, {"train.lr": 0.01})
+    cells = {(c.arch, c.method): c for c in spec.cells}
+    assert set(cells) == {
+        ("msdnet", "joint"),
+        ("msdnet", "ipkd"),
+        ("slimmable_mobilenet_v1", "ipkd"),
+    }
+    assert spec.excluded == 1
+    assert cells[("msdnet", "joint")].cfg["method"] == {"name": "joint"}  # T/a skipped: no params
+    assert cells[("msdnet", "ipkd")].cfg["method"] == {"name": "ipkd", "T": 5.0, "a": 0.25}
+    assert cells[("slimmable_mobilenet_v1", "ipkd")].cfg["method"]["T"] == 2.0
+    assert cells[("msdnet", "joint")].cfg["arch"]["n_blocks"] == 2
+    assert cells[("slimmable_mobilenet_v1", "ipkd")].cfg["train"]["epochs"] == 2
+    assert all(c.cfg["train"]["lr"] == 0.01 for c in spec.cells)
+    # keys are stable across loads and follow the settings
+    again = {c.key for c in load_grid(path, {"train.lr": 0.01}).cells}
+    assert again == {c.key for c in spec.cells}
+    assert {c.key for c in load_grid(path, {"train.lr": 0.02}).cells}.isdisjoint(again)
+    # a study file without the cell asked for fails, naming the missing cells
+    best.write_text(yaml.safe_dump({"msdnet/synthetic/ipkd": {"T": 4.0}}))
+    with pytest.raises(
+        ConfigError, match="no best params for slimmable_mobilenet_v1/synthetic/ipkd"
+    ):
+        load_grid(path)
+
+
+def test_relative_dataset_path_resolves_against_grid_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "data" / "tiny" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    path = write_grid(grids, datasets=["imagefolder:../data/tiny"], set={"data.val_size": 2})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = load_grid(path)
+    want = f"imagefolder:{(tmp_path / 'data' / 'tiny').resolve()}"
+    assert {c.cfg["data"]["name"] for c in spec.cells} == {want}
+    assert spec.cells[0].label.startswith("msdnet/imagefolder:tiny/")
+    # paths from the command line are the shell's: relative to the current directory
+    rc, out, _ = run_cli(
+        "grid",
+        "plan",
+        str(path),
+        "--set",
+        "runtime.workdir=runs",
+        "--tracking-uri",
+        "sqlite:///x.db",
+    )
+    assert rc == 0 and str(elsewhere / "runs") in out
+
+
+def test_shipped_configs_are_valid():
+    from benchmark.grid.spec import estimate
+
+    smoke = load_grid(REPO / "benchmark" / "configs" / "smoke.yaml")
+    assert len(smoke.cells) == 2 * 5 and smoke.profile == "smoke"
+    estimate(smoke)
+    assert all(c.total_epochs >= 2 and c.gflops > 0 for c in smoke.cells)
+    mini = REPO / "benchmark" / "configs" / "mini.yaml"
+    zip_path = REPO.parent / "shared" / "data" / "cifar10-jpeg.zip"
+    if zip_path.exists():
+        assert load_grid(mini).cells[0].cfg["data"]["name"] == f"imagefolder:{zip_path.resolve()}"
+    paper = yaml.safe_load((REPO / "benchmark" / "configs" / "paper.yaml").read_text())
+    assert len(paper["archs"]) * len(paper["datasets"]) * len(paper["seeds"]) == 12
+    with pytest.raises(ConfigError, match="cifar10 not found"):  # no CIFAR files here
+        load_grid(REPO / "benchmark" / "configs" / "paper.yaml", {"data.root": "/nonexistent"})
+
+
+# --- real runs -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_run(schema_db, tmp_path_factory):
+    """The tiny grid with 4 local workers at once: 4 concurrent MLflow writers on SQLite."""
+    folder = tmp_path_factory.mktemp("local")
+    db, uri = fresh_db(schema_db, folder)
+    args = ["--tracking-uri", uri, "--set", f"runtime.workdir={folder / 'runs'}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # MLflow puts artifacts under ./mlruns of the process creating the run
+        first = run_cli("grid", "run", str(TINY), "--workers", "4", *args)
+        second = run_cli("grid", "run", str(TINY), "--workers", "4", *args)
+        status = run_cli("grid", "status", str(TINY), *args)
+    return {
+        "db": db,
+        "workdir": folder / "runs",
+        "first": first,
+        "second": second,
+        "status": status,
+    }
+
+
+def test_local_run_then_rerun_skips_everything(local_run):
+    db = local_run["db"]
+    rc, out, err = local_run["first"]
+    assert rc == 0, out + err
+    assert "4 worker process(es)" in out and "4/4 cells finished" in out
+    runs = parent_runs(db, "tiny")
+    assert len(runs) == 4 and len({r["key"] for r in runs}) == 4  # one parent run per cell
+    assert all(r["status"] == "finished" and r["run_status"] == "FINISHED" for r in runs)
+    for r in runs:  # nothing lost by the concurrent writers: every sub-model's child run
+        assert child_count(db, r["run_id"]) in (3, 4)  # msdnet: 3 exits, slimmable: 4 widths
+    metrics = finished_metrics(db, "tiny")
+    assert all("test/top1_mean" in m and "val/top1_mean" in m for m in metrics.values())
+    rc, out, err = local_run["second"]
+    assert rc == 0, out + err
+    assert "nothing to train: all 4 cells already finished" in out
+    assert parent_runs(db, "tiny") == runs
+    rc, out, _ = local_run["status"]
+    assert rc == 0 and out.count(" finished ") == 4 and "4 finished" in out
+
+
+def _worker_logs(workdir: Path) -> dict[Path, str]:
+    logs = workdir / "tiny" / "logs"
+    return {p: p.read_text() for p in sorted(logs.glob("worker-*.log"))} if logs.exists() else {}
+
+
+def _group_gone(pgid: int, timeout: float, leader=None) -> bool:
+    """True once no process of the group is left (`leader`: our child, reaped meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()  # a dead, unreaped child would still count as a group member
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _wait(cond, timeout: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"grid exited (rc {proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_worker_death_and_sigkill_then_resume(schema_db, tmp_path, monkeypatch):
+    """A worker SIGKILLed mid-cell: its cell is recorded failed and the grid goes on. Then the
+    grid process itself is SIGKILLed: its workers die with it, and the rerun trains no
+    finished cell again, resumes the interrupted one from its checkpoint (same MLflow run) and
+    reruns the failed one only with --rerun-failed."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    db, uri = fresh_db(schema_db, tmp_path)
+    workdir = tmp_path / "runs"
+    args = ["--tracking-uri", uri, "--set", f"runtime.workdir={workdir}", "--set", "train.epochs=4"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmark.cli", "grid", "run", str(TINY), "--workers", "2", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
+    try:
+        # 1. kill the first worker that starts a cell
+        def started():
+            for text in _worker_logs(workdir).values():
+                pid = re.findall(r"^worker \d+ pid (\d+)", text, re.M)
+                cell = re.findall(r"^=== .* \((\w{12})\), new ===$", text, re.M)
+                if pid and cell:
+                    return int(pid[-1]), cell[-1]
+            return None
+
+        pid, killed_key = _wait(started, 240, "a worker to start a cell", proc)
+        os.kill(pid, signal.SIGKILL)
+        _wait(
+            lambda: any(
+                r["key"] == killed_key and r["status"] == "failed" for r in parent_runs(db, "tiny")
+            ),
+            60,
+            "the dead worker's cell to be recorded failed",
+            proc,
+        )
+
+        # 2. kill the grid once a cell finished and another one has a checkpoint
+        def mid_way():
+            runs = parent_runs(db, "tiny")
+            done = {r["key"] for r in runs if r["status"] == "finished"}
+            ckpt = [
+                p.parent.name
+                for p in workdir.glob("tiny/*/checkpoint.pt")
+                if p.parent.name not in done and p.parent.name != killed_key
+            ]
+            return done and ckpt
+
+        _wait(mid_way, 240, "a finished cell and a checkpoint of another", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        assert _group_gone(proc.pid, 30), "worker processes outlived the grid process"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+
+    before = parent_runs(db, "tiny")
+    finished = {r["key"]: r["run_id"] for r in before if r["status"] == "finished"}
+    interrupted = {
+        p.parent.name: torch.load(p, weights_only=True)["run_id"]
+        for p in workdir.glob("tiny/*/checkpoint.pt")
+        if p.parent.name not in finished and p.parent.name != killed_key
+    }
+    assert finished and interrupted
+    failed = [r for r in before if r["key"] == killed_key]
+    assert [r["status"] for r in failed] == ["failed"]
+    assert "worker process died (killed by SIGKILL)" in failed[0]["error"]
+
+    # the plan: failed cells are skipped unless --rerun-failed, interrupted ones resume
+    rc, out, _ = run_cli("grid", "plan", str(TINY), *args)
+    assert rc == 0
+    lines = {
+        line.split()[0]: line
+        for line in out.splitlines()
+        if line[:12] in finished.keys() | interrupted.keys() | {killed_key}
+    }
+    assert "skip-failed" in lines[killed_key]
+    assert all(" resume " in lines[k] for k in interrupted)
+    assert all(" skip " in lines[k] for k in finished)
+
+    rc, out, err = run_cli("grid", "run", str(TINY), "--workers", "2", "--rerun-failed", *args)
+    assert rc == 0, out + err
+    after = parent_runs(db, "tiny")
+    for key, run_id in finished.items():  # not retrained: still exactly the same single run
+        assert [r["run_id"] for r in after if r["key"] == key] == [run_id]
+    for key, run_id in interrupted.items():  # resumed: the same MLflow run, now finished
+        mine = [r for r in after if r["key"] == key and r["status"] == "finished"]
+        assert [r["run_id"] for r in mine] == [run_id]
+    assert f"({len(interrupted)} resumed)" in out
+    statuses = sorted(r["status"] for r in after if r["key"] == killed_key)
+    assert statuses == ["failed", "finished"]  # the failed attempt stays on record
+    for key in {r["key"] for r in after}:
+        assert sum(r["key"] == key and r["status"] == "finished" for r in after) == 1
+    assert len({r["key"] for r in after}) == 4
+    logs = "".join(_worker_logs(workdir).values())
+    for key in interrupted:
+        assert f"resuming cell {key}" in logs
+
+
+# --- Ray -----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+    """A real local Ray cluster on 127.0.0.1 (2 CPUs), stopped at the end: `ray start --block`
+    runs in its own process group; SIGTERM makes it stop what it started, and whatever is left
+    of that group is killed. (`ray stop` would stop every Ray cluster of the machine.)"""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    ray_bin = Path(sys.executable).parent / "ray"
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="fbray")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [
+        str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--port", str(port), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard",
+        "false", "--object-store-memory", "100000000", "--temp-dir", temp,
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(Path(temp) / "ray-start.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("ray start failed: " + (Path(temp) / "ray-start.log").read_text())
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()  # `ray start --block` drains (up to 30 s) and stops its processes
+        if not _group_gone(proc.pid, 8, proc):  # a throwaway cluster need not drain
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            _group_gone(proc.pid, 10, proc)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_executor_matches_local(ray_cluster, local_run, schema_db, tmp_path, monkeypatch):
+    """Same grid on a fresh store, reusing the local run's workdir: its checkpoints belong to
+    runs this store does not have, so every cell starts from scratch (not resumed)."""
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.chdir(tmp_path)
+    db, uri = fresh_db(schema_db, tmp_path)
+    args = ["--tracking-uri", uri, "--set", f"runtime.workdir={local_run['workdir']}"]
+    rc, out, err = run_cli(
+        "grid", "run", str(TINY), "--executor", "ray", "--ray-address", ray_cluster, *args
+    )
+    assert rc == 0, out + err
+    assert "ray executor: cluster" in out and "4/4 cells finished" in out
+    assert "4 cell(s) have a checkpoint whose MLflow run is not in this store" in out
+    assert "trained 4 (0 resumed)" in out
+    runs = parent_runs(db, "tiny")
+    assert len(runs) == 4 and all(r["status"] == "finished" for r in runs)
+    ray_metrics = finished_metrics(db, "tiny")
+    local_metrics = finished_metrics(local_run["db"], "tiny")
+    assert ray_metrics.keys() == local_metrics.keys()  # the same cells (keys)
+    for key, m in ray_metrics.items():  # the same results: one thread per cell in both
+        for name, value in m.items():
+            if name.startswith(("test/top1", "test/top5", "val/top1", "mflops/", "params_m/")):
+                assert value == pytest.approx(local_metrics[key][name], abs=1e-6), (key, name)
