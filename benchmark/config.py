@@ -91,8 +91,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "smoke": {
         "description": "seconds per cell on CPU: tiny models and data, for tests and demos",
-        "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256},
-        "data": {"val_size": 100, "train_subset": 320, "test_subset": 200},
+        "train": {"epochs": 3, "batch_size": 32, "lr": 0.1, "eval_batch_size": 256},
+        "data": {"val_size": 100, "train_subset": 640, "test_subset": 200},
         "runtime": {"latency_warmup": 1, "latency_repeats": 3, "log_every": 5},
         "arch": {
             "msdnet": {
