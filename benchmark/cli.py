@@ -31,13 +31,14 @@ def _add_cell_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """`--set` items plus `--data-root`/`--download` (where the command has them) as overrides."""
     from benchmark.config import parse_sets
 
     sets = parse_sets(args.sets)
-    if args.data_root:
+    if getattr(args, "data_root", None):
         sets["data.root"] = args.data_root
-    if args.download:
+    if getattr(args, "download", False):
         sets["data.download"] = True
     return sets
 
@@ -75,7 +76,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from benchmark.flops import count_costs, measure_latency
     from benchmark.train import make_model
 
-    cfg = resolve(args.arch, args.dataset, "joint", 0, args.profile, _overrides(args))
+    cfg = resolve(args.arch, args.dataset, "joint", 0, args.profile, overrides_from_args(args))
     num_classes, image_size = datasets.describe(args.dataset, cfg["data"])
     model = make_model(cfg, num_classes, image_size)
     costs = count_costs(model, image_size)
@@ -101,7 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from benchmark.config import resolve
     from benchmark.train import train_cell
 
-    cfg = resolve(args.arch, args.dataset, args.method, args.seed, args.profile, _overrides(args))
+    cfg = resolve(
+        args.arch, args.dataset, args.method, args.seed, args.profile, overrides_from_args(args)
+    )
     result = train_cell(
         cfg,
         tracking_uri=args.tracking_uri,

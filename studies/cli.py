@@ -92,14 +92,10 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.config import parse_sets
+    from benchmark.cli import overrides_from_args
     from studies.run import RunOptions, run_study
 
-    sets = parse_sets(args.sets)
-    if args.data_root:
-        sets["data.root"] = args.data_root
-    if args.download:
-        sets["data.download"] = True
+    sets = overrides_from_args(args)
     opts = RunOptions(
         trials=args.trials,
         study_name=args.study_name,

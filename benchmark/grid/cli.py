@@ -29,13 +29,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from benchmark.config import parse_sets
+    from benchmark.cli import overrides_from_args
     from benchmark.grid.runner import tracking_uri
     from benchmark.grid.spec import load_grid
 
-    sets = parse_sets(args.sets)
-    if args.data_root:
-        sets["data.root"] = args.data_root
+    sets = overrides_from_args(args)
     for key in PATH_KEYS:  # relative to the current directory, as the shell user means them
         if isinstance(sets.get(key), str):
             sets[key] = str(Path(sets[key]).expanduser().resolve())
