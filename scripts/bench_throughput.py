@@ -31,12 +31,14 @@ class PILDataset(Dataset):
         from torchvision import transforms
 
         self.x, self.y = x.permute(0, 2, 3, 1).numpy(), y.tolist()
-        self.tf = transforms.Compose([
-            transforms.RandomCrop(x.shape[-1], padding=4),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ])
+        self.tf = transforms.Compose(
+            [
+                transforms.RandomCrop(x.shape[-1], padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -49,14 +51,22 @@ class PILDataset(Dataset):
 
 def run_flexbench(cfg, splits, device, steps: int, warmup: int) -> float:
     model = make_model(cfg, splits.num_classes, splits.image_size).to(
-        device, memory_format=torch.channels_last)
+        device, memory_format=torch.channels_last
+    )
     method = make_method(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step = _Step(model, method, method.stages(model.num_submodels)[0],
-                 amp=device.type == "cuda", device=device, compile_model=False)
+    step = _Step(
+        model,
+        method,
+        method.stages(model.num_submodels)[0],
+        amp=device.type == "cuda",
+        device=device,
+        compile_model=False,
+    )
     norm = Normalizer(splits.mean, splits.std, device)
-    batches = TrainBatches(splits.train_x, splits.train_y, cfg["train"]["batch_size"], norm, 0,
-                           device)
+    batches = TrainBatches(
+        splits.train_x, splits.train_y, cfg["train"]["batch_size"], norm, 0, device
+    )
     log_every = cfg["runtime"]["log_every"]
     loss_sum = torch.zeros((), device=device)
     it = batches.epoch(0)
@@ -82,9 +92,14 @@ def run_plain(cfg, splits, device, steps: int, warmup: int, workers: int) -> flo
     model = make_model(cfg, splits.num_classes, splits.image_size).to(device)
     method = make_method(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loader = DataLoader(PILDataset(splits.train_x, splits.train_y, splits.mean, splits.std),
-                        batch_size=cfg["train"]["batch_size"], shuffle=True, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(
+        PILDataset(splits.train_x, splits.train_y, splits.mean, splits.std),
+        batch_size=cfg["train"]["batch_size"],
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     k_all = list(range(model.num_submodels))[::-1]
     it = iter(loader)
     n = 0
@@ -123,14 +138,18 @@ def main() -> None:
     cfg = resolve(args.arch, args.dataset, args.method, 0, args.profile, parse_sets(args.sets))
     device = pick_device(cfg["runtime"]["device"])
     splits = datasets.load_splits(args.dataset, cfg["data"])
-    print(f"{args.arch} / {args.method} / {args.profile} on {device} "
-          f"({torch.get_num_threads()} threads), batch {cfg['train']['batch_size']}, "
-          f"{args.steps} timed steps")
+    print(
+        f"{args.arch} / {args.method} / {args.profile} on {device} "
+        f"({torch.get_num_threads()} threads), batch {cfg['train']['batch_size']}, "
+        f"{args.steps} timed steps"
+    )
     fb = run_flexbench(cfg, splits, device, args.steps, args.warmup)
     plain = run_plain(cfg, splits, device, args.steps, args.warmup, args.loader_workers)
     print(f"flexbench step : {fb:9.1f} images/s")
-    print(f"plain loop     : {plain:9.1f} images/s "
-          f"(DataLoader x{args.loader_workers} workers, PIL transforms, NCHW, .item() per step)")
+    print(
+        f"plain loop     : {plain:9.1f} images/s "
+        f"(DataLoader x{args.loader_workers} workers, PIL transforms, NCHW, .item() per step)"
+    )
     print(f"ratio          : {fb / plain:9.2f}x")
 
 
