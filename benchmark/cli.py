@@ -19,16 +19,22 @@ def _add_cell_args(p: argparse.ArgumentParser) -> None:
         help="cifar10 | cifar100 | synthetic | imagefolder:<dir or .zip>",
     )
     p.add_argument("--profile", default="smoke", help="smoke | mini | paper")
+    add_override_args(p, "override a setting, e.g. --set method.T=4 --set train.epochs=10")
+
+
+def add_override_args(p: argparse.ArgumentParser, set_help: str, download: bool = True) -> None:
+    """`--set SECTION.KEY=VALUE`, `--data-root` (and `--download`): read by overrides_from_args."""
     p.add_argument(
         "--set",
         dest="sets",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override a setting, e.g. --set method.T=4 --set train.epochs=10",
+        help=set_help,
     )
     p.add_argument("--data-root", help="folder holding the standard CIFAR files (data.root)")
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    if download:
+        p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmark.cli import add_override_args
 from benchmark.errors import ConfigError
 
 
@@ -31,17 +32,11 @@ def _cell_args(p: argparse.ArgumentParser, create: bool) -> None:
         type=int,
         help="the fixed tuning seed of every trial (default 0); never searched",
     )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a setting for every trial, e.g. --set train.epochs=20; "
+    add_override_args(
+        p,
+        "override a setting for every trial, e.g. --set train.epochs=20; "
         "--set method.a=0.5 fixes a parameter (it leaves the search space)",
     )
-    p.add_argument("--data-root", help="folder holding the standard CIFAR files (data.root)")
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
 
 
 def _tracking_args(p: argparse.ArgumentParser) -> None:

@@ -6,21 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmark.cli import add_override_args
+
 PATH_KEYS = ("data.root", "runtime.workdir")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="grid YAML file (see benchmark/configs/)")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a setting in every cell (method.X / arch.X only where the method / arch "
+    add_override_args(
+        p,
+        "override a setting in every cell (method.X / arch.X only where the method / arch "
         "has X); part of the cell keys, so give the same --set to run, plan and status",
+        download=False,
     )
-    p.add_argument("--data-root", help="folder holding the standard CIFAR files (data.root)")
     p.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
