@@ -93,13 +93,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"profile {args.profile}: {arch}"
     )
     print(
-        f"{'sub-model':10s} {'MMACs':>10s} {'MFLOPs':>10s} {'params (M)':>11s} {'latency ms':>11s}"
+        f"{'sub-model':10s} {'MMACs':>10s} {'MFLOPs':>10s} {'GBitOps':>10s} {'params (M)':>11s}"
+        f" {'latency ms':>11s}"
     )
     for c, ms in zip(costs, lat):
-        print(f"{c.name:10s} {c.mmacs:10.3f} {c.mflops:10.3f} {c.params_m:11.4f} {ms:11.2f}")
+        print(
+            f"{c.name:10s} {c.mmacs:10.3f} {c.mflops:10.3f} {c.gbitops:10.3f}"
+            f" {c.params_m:11.4f} {ms:11.2f}"
+        )
     print(
-        "MMACs: conv+linear multiply-adds; MFLOPs: FlopCounterMode (2 x MACs);"
-        " exits are cumulative incl. earlier heads; latency: CPU, batch 1, median"
+        "MMACs: conv+linear multiply-adds; MFLOPs: FlopCounterMode (2 x MACs); GBitOps: MACs x"
+        " weight bits x activation bits (32 x 32 unless quantized); exits are cumulative incl."
+        " earlier heads; latency: CPU, batch 1, median"
     )
     return 0
 

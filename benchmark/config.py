@@ -255,8 +255,9 @@ def resolve(
 
 
 def _validate_arch(cfg: dict[str, Any]) -> None:
-    """Build the model on the meta device (no memory, no init) so that bad architecture values
-    fail at resolve time, i.e. before the first cell of a grid starts."""
+    """Build the model on the meta device (no memory, no init) so that bad architecture values,
+    and methods that cannot train this architecture, fail at resolve time, i.e. before the first
+    cell of a grid starts."""
     import torch
 
     from benchmark.models import build_model
@@ -264,7 +265,8 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
     num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
     params = {k: v for k, v in cfg["arch"].items() if k != "name"}
     with torch.device("meta"):
-        build_model(cfg["arch"]["name"], params, num_classes, image_size)
+        model = build_model(cfg["arch"]["name"], params, num_classes, image_size)
+    METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
 
 
 def cell_key(cfg: dict[str, Any]) -> str:

@@ -6,6 +6,10 @@ Conventions (named in the metric keys):
 - `mflops`: `torch.utils.flop_counter.FlopCounterMode` on the forward pass = 2 x mmacs.
 - For early-exit models the cost of exit k is cumulative: the trunk up to exit k plus every exit
   head up to k (the anytime-inference cost, as counted by the MSDNet reference op counter).
+- `gbitops`: billions of bit-operations, sum over layers of MACs x weight bits x activation bits;
+  layers that run in full precision count 32 x 32, quantized layers (modules with
+  `active_bits()`) their active bit-widths. Comparable across every architecture, and the cost
+  that separates the sub-models of a bit-width-switchable network.
 - `params_m`: parameters used by the sub-model (cumulative incl. earlier heads for exits).
 - `latency_ms`: median wall time of the same forward (eval mode, after warm-up) at the
   recorded batch size and device.
@@ -32,6 +36,7 @@ class SubCost:
     mmacs: float
     mflops: float
     params_m: float
+    gbitops: float
     latency_ms: float | None = None
 
     def row(self) -> dict:
@@ -55,10 +60,25 @@ def count_costs(
             m.cost_forward(x, sub.index)
         flops = counter.get_total_flops()
         params = count_active_params(m, lambda k=sub.index: m.cost_forward(x, k))
-        costs.append(SubCost(sub.name, flops / 2e6, flops / 1e6, params / 1e6))
+        bitops = _bitops(m, flops, counter.get_flop_counts())
+        costs.append(SubCost(sub.name, flops / 2e6, flops / 1e6, params / 1e6, bitops / 1e9))
     if cache_key is not None:
         _CACHE[cache_key] = copy.deepcopy(costs)
     return costs
+
+
+def _bitops(model: FlexibleModel, flops: int, per_module: dict[str, dict]) -> float:
+    """MACs x bits of the forward just counted; quantized modules report `active_bits()` (their
+    bit-widths for the sub-model that ran), everything else is full precision (32 x 32)."""
+    root = type(model).__name__
+    quant_macs, bitops = 0.0, 0.0
+    for name, module in model.named_modules():
+        if name and hasattr(module, "active_bits"):
+            macs = sum(per_module.get(f"{root}.{name}", {}).values()) / 2
+            w_bits, a_bits = module.active_bits()
+            quant_macs += macs
+            bitops += macs * w_bits * a_bits
+    return bitops + (flops / 2 - quant_macs) * 32 * 32
 
 
 def measure_latency(

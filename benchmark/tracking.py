@@ -206,7 +206,7 @@ class CellRun:
                 },
             )
             cid = child.info.run_id
-            keys = ("top1", "top5", "mmacs", "mflops", "params_m", "latency_ms")
+            keys = ("top1", "top5", "mmacs", "mflops", "params_m", "gbitops", "latency_ms")
             self.client.log_batch(
                 cid,
                 metrics=[Metric(k, float(row[k]), ts, 0) for k in keys if row.get(k) is not None],

@@ -29,7 +29,7 @@ from benchmark.config import cell_key, flatten
 from benchmark.data.pipeline import Normalizer, TrainBatches, eval_batches
 from benchmark.errors import ConfigError, TrainingError
 from benchmark.flops import SubCost, count_costs, measure_latency
-from benchmark.methods import METHODS, Method, Stage
+from benchmark.methods import METHODS, EpochContext, Method, Stage
 from benchmark.models import FlexibleModel, IndependentModel, build_model
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -57,7 +57,9 @@ def make_model(cfg: dict[str, Any], num_classes: int, image_size: int) -> Flexib
     torch.manual_seed(cfg["seed"])
     arch = {k: v for k, v in cfg["arch"].items() if k != "name"}
     model = build_model(cfg["arch"]["name"], arch, num_classes, image_size)
-    if METHODS.get(cfg["method"]["name"]).separate_networks:
+    method_cls = METHODS.get(cfg["method"]["name"])
+    method_cls.check_model(model, cfg["arch"]["name"])
+    if method_cls.separate_networks:
         model = IndependentModel(model)
     return model
 
@@ -151,25 +153,41 @@ class _Step:
             device,
         )
         self.k = model.num_submodels
-        self.fwd_all = torch.compile(model.forward_all) if compile_model else model.forward_all
-        self.fwd_sub = torch.compile(model.forward_sub) if compile_model else model.forward_sub
+        fwd_all, fwd_sub = model.forward_all, model.forward_sub
+        if method.uses_features:
+            fwd_all, fwd_sub = model.forward_all_features, model.forward_sub_features
+        self.fwd_all = torch.compile(fwd_all) if compile_model else fwd_all
+        self.fwd_sub = torch.compile(fwd_sub) if compile_model else fwd_sub
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], dict[int, Tensor]]:
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
+        feats = self.method.uses_features
         teachers: dict[int, Tensor] = {}
+        t_feats: dict[int, list[Tensor]] = {}  # detached; the student's own are added per k
         with torch.no_grad(), autocast:
             for t in self.stage.frozen_teachers:
-                teachers[t] = self.fwd_sub(x, t).float()
+                if feats:
+                    z, f = self.fwd_sub(x, t)
+                    t_feats[t] = [v.float() for v in f]
+                else:
+                    z = self.fwd_sub(x, t)
+                teachers[t] = z.float()
         terms: dict[str, Tensor] = {}
         order = sorted(self.stage.train, reverse=True)  # largest first: teachers exist in time
         total = torch.zeros((), device=self.device)
         if self.model.single_pass:
             with autocast:
-                outs = dict(zip(order, self.fwd_all(x, order)))
-            outs = {k: z.float() for k, z in outs.items()}
+                outs_f = dict(zip(order, self.fwd_all(x, order)))
+            if feats:
+                outs = {k: z.float() for k, (z, _) in outs_f.items()}
+                live = {k: [v.float() for v in f] for k, (_, f) in outs_f.items()}
+                t_feats.update({k: [v.detach() for v in f] for k, f in live.items()})
+            else:
+                outs = {k: z.float() for k, z in outs_f.items()}
             teachers.update({k: z.detach() for k, z in outs.items()})
             for k in order:
-                loss_k, tk = self.method.loss(k, outs[k], teachers, y, self.k)
+                fk = {**t_feats, k: live[k]} if feats else None
+                loss_k, tk = self.method.loss(k, outs[k], teachers, y, self.k, fk)
                 total = total + loss_k
                 self._terms(terms, k, tk)
             total.backward()
@@ -177,11 +195,18 @@ class _Step:
             outs = {}
             for k in order:
                 with autocast:
-                    z = self.fwd_sub(x, k)
-                z = z.float()
-                loss_k, tk = self.method.loss(k, z, teachers, y, self.k)
+                    out = self.fwd_sub(x, k)
+                fk = None
+                if feats:
+                    out, f = out
+                    f = [v.float() for v in f]
+                    fk = {**t_feats, k: f}
+                z = out.float()
+                loss_k, tk = self.method.loss(k, z, teachers, y, self.k, fk)
                 loss_k.backward()
                 teachers[k] = outs[k] = z.detach()
+                if feats:
+                    t_feats[k] = [v.detach() for v in f]
                 total = total + loss_k.detach()
                 self._terms(terms, k, tk)
         return total.detach(), terms, outs
@@ -227,7 +252,7 @@ def _train_epoch(
     for i, (xb, yb) in enumerate(batches.epoch(epoch)):
         lr = lr_at(t_cfg, epoch, i, steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         loss, terms, outs = step_fn(xb, yb)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -328,11 +353,19 @@ def train_cell(
     method = method.to(device)
     names = [s.name for s in model.submodels]
     stages = method.stages(model.num_submodels)
-    params = list(model.parameters()) + list(method.parameters())
 
     def new_optimizer() -> torch.optim.Optimizer:
+        groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+        if list(method.parameters()):  # learned by the method itself: own lr scale, no decay
+            groups.append(
+                {
+                    "params": list(method.parameters()),
+                    "lr_scale": method.param_lr_scale,
+                    "weight_decay": 0.0,
+                }
+            )
         return torch.optim.SGD(
-            params,
+            groups,
             lr=t_cfg["lr"],
             momentum=t_cfg["momentum"],
             nesterov=t_cfg["nesterov"],
@@ -390,6 +423,18 @@ def train_cell(
                     names,
                     progress,
                     device,
+                )
+                metrics.update(
+                    method.epoch_end(
+                        EpochContext(
+                            model,
+                            stage,
+                            epoch,
+                            n_epochs,
+                            batches.epoch,
+                            lambda: torch.autocast(device.type, torch.bfloat16, enabled=amp),
+                        )
+                    )
                 )
                 val1, _ = evaluate(
                     model, splits.val_x, splits.val_y, t_cfg["eval_batch_size"], norm, device, amp
@@ -496,6 +541,7 @@ def _finish(
             "mmacs": c.mmacs,
             "mflops": c.mflops,
             "params_m": c.params_m,
+            "gbitops": c.gbitops,
             "latency_ms": ms,
         }
         rows.append(row)
@@ -506,6 +552,7 @@ def _finish(
                 f"mmacs/{sub.name}": c.mmacs,
                 f"mflops/{sub.name}": c.mflops,
                 f"params_m/{sub.name}": c.params_m,
+                f"gbitops/{sub.name}": c.gbitops,
                 f"latency_ms/{sub.name}": ms,
             }
         )

@@ -31,13 +31,14 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 PANEL = ["arch", "dataset", "profile"]
 CELL = [*PANEL, "method", "seed"]
-SUB_METRICS = ("top1", "top5", "mmacs", "mflops", "params_m", "latency_ms")
+SUB_METRICS = ("top1", "top5", "mmacs", "mflops", "params_m", "gbitops", "latency_ms")
 _METRIC_KEY = {
     "top1": "test/top1/",
     "top5": "test/top5/",
     "mmacs": "mmacs/",
     "mflops": "mflops/",
     "params_m": "params_m/",
+    "gbitops": "gbitops/",
     "latency_ms": "latency_ms/",
 }
 T = "tags.flexbench."

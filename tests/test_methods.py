@@ -231,8 +231,8 @@ def test_students_kd_terms_leave_teacher_params_without_gradient(arch, name):
     from benchmark.train import _Step
 
     class KDTermsOnly(METHODS.get(name)):
-        def loss(self, k, logits, teachers, y, num_submodels):
-            loss, terms = super().loss(k, logits, teachers, y, num_submodels)
+        def loss(self, k, logits, teachers, y, num_submodels, feats=None):
+            loss, terms = super().loss(k, logits, teachers, y, num_submodels, feats)
             return (loss * 0 if k == num_submodels - 1 else loss), terms
 
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import torch
 
 from benchmark.flops import count_costs
 from benchmark.models import ARCHS, build_model
-from benchmark.models.slimmable_mobilenet_v1 import SlimConv2d, SwitchableBatchNorm2d
+from benchmark.models.slimmable_mobilenet_v1 import SlimConv2d
+from benchmark.models.switchable import SwitchableBatchNorm2d
 
 # The MSDNet reference implementation's op counter (conv + linear multiply-adds, linear bias
 # adds included) and its cumulative parameter counts of the CIFAR models.

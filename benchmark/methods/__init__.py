@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmark.methods.base import Method, Stage, kd_loss
+from benchmark.methods.base import EpochContext, Method, Stage, kd_loss
 from benchmark.registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -19,4 +19,4 @@ def register_method(name: str):
 
 from benchmark.methods import independent, ipkd, ipkd_ta, joint, takd  # noqa: E402,F401
 
-__all__ = ["METHODS", "Method", "Stage", "kd_loss", "register_method"]
+__all__ = ["METHODS", "EpochContext", "Method", "Stage", "kd_loss", "register_method"]

@@ -7,6 +7,8 @@ into the teacher from a student's KD term).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,8 +49,21 @@ def temperature(default: float = 1.0) -> ParamSpec:
     return ParamSpec(default, lambda v: v > 0, "T must be > 0")
 
 
-def weight(default: float = 1.0) -> ParamSpec:
-    return ParamSpec(default, lambda v: 0 <= v <= 1, "a must be in [0, 1]")
+def weight(default: float = 1.0, name: str = "a") -> ParamSpec:
+    """A mixing weight in [0, 1] (e.g. a in (1-a) CE + a KD)."""
+    return ParamSpec(default, lambda v: 0 <= v <= 1, f"{name} must be in [0, 1]")
+
+
+def scale(default: float, name: str) -> ParamSpec:
+    """A non-negative loss coefficient without an upper bound (e.g. attention-transfer weight)."""
+    return ParamSpec(default, lambda v: v >= 0, f"{name} must be >= 0")
+
+
+def integer(default: int, name: str, low: int = 1) -> ParamSpec:
+    """A whole-number setting (e.g. a schedule period); stored as a float like every param."""
+    return ParamSpec(
+        default, lambda v: v >= low and float(v).is_integer(), f"{name} must be an integer >= {low}"
+    )
 
 
 @dataclass(frozen=True)
@@ -65,10 +80,15 @@ class Method(nn.Module):
     `separate_networks`: train K independent networks (no weight sharing) instead of the shared
     flexible model. `stages(K)`: the training schedule; online methods have one stage training
     every sub-model at once, offline methods (TAKD) one stage per sub-model.
+    `uses_features`: the trainer passes every sub-model's stage features to `loss` (`feats`).
+    A method's own parameters (e.g. learned importance weights) are trained by the same
+    optimizer, at `param_lr_scale` times the learning rate and without weight decay.
     """
 
     PARAMS: ClassVar[dict[str, ParamSpec]] = {}
     separate_networks: ClassVar[bool] = False
+    uses_features: ClassVar[bool] = False
+    param_lr_scale: ClassVar[float] = 1.0
     description: ClassVar[str] = ""
 
     def __init__(self, params: dict[str, Any] | None = None, label_smoothing: float = 0.0):
@@ -102,12 +122,41 @@ class Method(nn.Module):
     def ce(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
+    @classmethod
+    def check_model(cls, model: nn.Module, arch: str) -> None:
+        """Raise ConfigError when this method cannot train `model` (checked before any work)."""
+
     def loss(
-        self, k: int, logits: Tensor, teachers: dict[int, Tensor], y: Tensor, num_submodels: int
+        self,
+        k: int,
+        logits: Tensor,
+        teachers: dict[int, Tensor],
+        y: Tensor,
+        num_submodels: int,
+        feats: dict[int, list[Tensor]] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of sub-model k and its named terms (for diagnostics).
 
         `teachers` holds detached logits of the larger sub-models of this step (k+1..K-1) and,
-        in offline stages, of frozen teachers.
+        in offline stages, of frozen teachers. With `uses_features`, `feats[k]` are sub-model
+        k's stage features (with gradient) and `feats[j]` of its teachers are detached.
         """
         raise NotImplementedError
+
+    def epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        """Called after every training epoch, before validation and the checkpoint; methods that
+        change the model between epochs (hsd re-ranks channels) do it here. Returns metrics."""
+        return {}
+
+
+@dataclass
+class EpochContext:
+    """What `Method.epoch_end` may use: the model, the position in training and a way to draw
+    training batches (normalised, augmented as in training) for extra passes such as saliency."""
+
+    model: nn.Module
+    stage: Stage
+    epoch: int
+    epochs: int
+    batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]]
+    autocast: Callable[[], AbstractContextManager]

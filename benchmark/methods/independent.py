@@ -9,6 +9,6 @@ class Independent(Method):
     description = "K separate networks, each trained alone with CE (no sharing, no KD)"
     separate_networks = True
 
-    def loss(self, k, logits, teachers, y, num_submodels):
+    def loss(self, k, logits, teachers, y, num_submodels, feats=None):
         ce = self.ce(logits, y)
         return ce, {"ce": ce}

@@ -16,7 +16,7 @@ class IPKD(Method):
     def teacher_of(self, k: int, num_submodels: int) -> int:
         return num_submodels - 1
 
-    def loss(self, k, logits, teachers, y, num_submodels):
+    def loss(self, k, logits, teachers, y, num_submodels, feats=None):
         ce = self.ce(logits, y)
         if k == num_submodels - 1:
             return ce, {"ce": ce}

@@ -8,6 +8,6 @@ from benchmark.methods.base import Method
 class Joint(Method):
     description = "sum of CE over sub-models, shared weights, no distillation"
 
-    def loss(self, k, logits, teachers, y, num_submodels):
+    def loss(self, k, logits, teachers, y, num_submodels, feats=None):
         ce = self.ce(logits, y)
         return ce, {"ce": ce}

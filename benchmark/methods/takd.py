@@ -21,7 +21,7 @@ class TAKD(Method):
         last = num_submodels - 1
         return [Stage((last,))] + [Stage((k,), (k + 1,)) for k in range(last - 1, -1, -1)]
 
-    def loss(self, k, logits, teachers, y, num_submodels):
+    def loss(self, k, logits, teachers, y, num_submodels, feats=None):
         ce = self.ce(logits, y)
         if k == num_submodels - 1:
             return ce, {"ce": ce}

@@ -44,6 +44,22 @@ class FlexibleModel(nn.Module):
         which = list(range(len(self.submodels))) if which is None else which
         return [self.forward_sub(x, k) for k in which]
 
+    def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
+        """Logits of sub-model k and its stage features (for feature-based methods such as ekd).
+
+        Features are the outputs of the sub-model's resolution stages, in the same order for
+        every sub-model, so that position i of two sub-models can be compared when their
+        spatial sizes agree (attention transfer compares maps, not channels).
+        """
+        raise NotImplementedError
+
+    def forward_all_features(
+        self, x: Tensor, which: list[int] | None = None
+    ) -> list[tuple[Tensor, list[Tensor]]]:
+        """`forward_sub_features` of the requested sub-models (one pass for early exits)."""
+        which = list(range(len(self.submodels))) if which is None else which
+        return [self.forward_sub_features(x, k) for k in which]
+
     def cost_forward(self, x: Tensor, k: int) -> Tensor:
         """The computation whose cost is reported for sub-model k (see benchmark.flops)."""
         return self.forward_sub(x, k)
@@ -74,6 +90,9 @@ class IndependentModel(FlexibleModel):
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
         return self.members[k].forward_sub(x, k)
+
+    def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
+        return self.members[k].forward_sub_features(x, k)
 
     def cost_forward(self, x: Tensor, k: int) -> Tensor:
         return self.members[k].cost_forward(x, k)

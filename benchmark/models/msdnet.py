@@ -201,18 +201,31 @@ class MSDNet(FlexibleModel):
             self.heads.append(_Head(n_in * gr[-1], head_channels, num_classes))
         self.submodels = [SubModel(i, f"exit{i + 1}") for i in range(n_blocks)]
 
-    def _run(self, x: Tensor, upto: int, heads: set[int]) -> dict[int, Tensor]:
-        out: dict[int, Tensor] = {}
+    def _run(
+        self, x: Tensor, upto: int, heads: set[int], features: bool = False
+    ) -> dict[int, Tensor | tuple[Tensor, list[Tensor]]]:
+        out: dict[int, Tensor | tuple[Tensor, list[Tensor]]] = {}
         h = x
         for i in range(upto + 1):
             h = self.blocks[i](h)
             if i in heads:
-                out[i] = self.heads[i](h)
+                # The feature of an exit is the coarsest-scale map its classifier reads.
+                out[i] = (self.heads[i](h), [h[-1]]) if features else self.heads[i](h)
         return out
 
     def forward_all(self, x: Tensor, which: list[int] | None = None) -> list[Tensor]:
         which = list(range(len(self.submodels))) if which is None else which
         out = self._run(x, max(which), set(which))
+        return [out[k] for k in which]
+
+    def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
+        return self._run(x, k, {k}, features=True)[k]
+
+    def forward_all_features(
+        self, x: Tensor, which: list[int] | None = None
+    ) -> list[tuple[Tensor, list[Tensor]]]:
+        which = list(range(len(self.submodels))) if which is None else which
+        out = self._run(x, max(which), set(which), features=True)
         return [out[k] for k in which]
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:

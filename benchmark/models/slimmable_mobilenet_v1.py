@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
 from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.switchable import Switch, SwitchableBatchNorm2d, set_active
 
 # (channels, blocks, stride) of MobileNet-V1 after the stem, as in the reference.
 STAGES = [(64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2)]
@@ -28,13 +29,7 @@ def make_divisible(v: float, divisor: int = 8, min_value: int = 8) -> int:
     return new_v
 
 
-class _Switch:
-    """Mixin: the index of the active width, set by SlimmableMobileNetV1.set_width."""
-
-    active: int = -1
-
-
-class SlimConv2d(nn.Conv2d, _Switch):
+class SlimConv2d(nn.Conv2d, Switch):
     """Conv whose width-k variant uses the first in_list[k]/out_list[k] channels."""
 
     def __init__(self, in_list, out_list, kernel, stride, depthwise=False):
@@ -61,7 +56,7 @@ class SlimConv2d(nn.Conv2d, _Switch):
         return c_out * (1 if self.depthwise else c_in) * k
 
 
-class SlimLinear(nn.Linear, _Switch):
+class SlimLinear(nn.Linear, Switch):
     def __init__(self, in_list, num_classes):
         super().__init__(max(in_list), num_classes)
         self.in_list = list(in_list)
@@ -72,17 +67,6 @@ class SlimLinear(nn.Linear, _Switch):
 
     def active_num_params(self) -> int:
         return self.in_list[self.active] * self.out_features + self.out_features
-
-
-class SwitchableBatchNorm2d(nn.Module, _Switch):
-    """One private BatchNorm2d (affine + running stats) per width."""
-
-    def __init__(self, channels_list):
-        super().__init__()
-        self.bn = nn.ModuleList(nn.BatchNorm2d(c) for c in channels_list)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn[self.active](x)
 
 
 def _dw_separable(in_list, out_list, stride) -> list[nn.Module]:
@@ -107,6 +91,7 @@ class SlimmableMobileNetV1(FlexibleModel):
             return [make_divisible(c * w * width_mult) for w in self.widths]
 
         layers: list[nn.Module] = []
+        self.stage_ends: list[int] = []  # index in `features` after which the resolution drops
         c_in = chans(32)
         layers += [
             SlimConv2d([3] * len(widths), c_in, 3, stem_stride),
@@ -115,13 +100,15 @@ class SlimmableMobileNetV1(FlexibleModel):
         ]
         for (c, _, s), n in zip(STAGES, stage_blocks):
             c_out = chans(c)
+            if s == 2 and layers:
+                self.stage_ends.append(len(layers) - 1)
             for i in range(n):
                 layers += _dw_separable(c_in, c_out, s if i == 0 else 1)
                 c_in = c_out
         self.features = nn.Sequential(*layers)
         self.classifier = SlimLinear(c_in, num_classes)
         self.channels = c_in
-        self.switches = [m for m in self.modules() if isinstance(m, _Switch)]
+        self.switches = [m for m in self.modules() if isinstance(m, Switch)]
         self.submodels = [SubModel(i, f"w{w}") for i, w in enumerate(self.widths)]
         self._reset_parameters()
 
@@ -136,12 +123,21 @@ class SlimmableMobileNetV1(FlexibleModel):
                 nn.init.zeros_(m.bias)
 
     def set_width(self, k: int) -> None:
-        for m in self.switches:
-            m.active = k
+        set_active(self.switches, k)
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
         self.set_width(k)
         return self.classifier(self.features(x).mean((2, 3)))
+
+    def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
+        self.set_width(k)
+        feats = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.stage_ends:
+                feats.append(x)
+        feats.append(x)
+        return self.classifier(x.mean((2, 3))), feats
 
 
 def _validate_widths(widths) -> list[float]:
