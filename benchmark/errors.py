@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """A cell failed during training (e.g. a non-finite loss)."""
+
+
+class IncompatibleError(ConfigError):
+    """A method that cannot train an architecture (e.g. hsd needs re-rankable channels); a grid
+    skips such a pair only when its file excludes it."""

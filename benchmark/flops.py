@@ -60,24 +60,39 @@ def count_costs(
             m.cost_forward(x, sub.index)
         flops = counter.get_total_flops()
         params = count_active_params(m, lambda k=sub.index: m.cost_forward(x, k))
-        bitops = _bitops(m, flops, counter.get_flop_counts())
+        bitops = _bitops(m, x, sub.index, flops)
         costs.append(SubCost(sub.name, flops / 2e6, flops / 1e6, params / 1e6, bitops / 1e9))
     if cache_key is not None:
         _CACHE[cache_key] = copy.deepcopy(costs)
     return costs
 
 
-def _bitops(model: FlexibleModel, flops: int, per_module: dict[str, dict]) -> float:
-    """MACs x bits of the forward just counted; quantized modules report `active_bits()` (their
-    bit-widths for the sub-model that ran), everything else is full precision (32 x 32)."""
-    root = type(model).__name__
+def _bitops(model: FlexibleModel, x: torch.Tensor, k: int, flops: int) -> float:
+    """MACs x bits of sub-model k: modules with `active_bits()` (quantized layers) have their
+    MACs counted apart at their active bit-widths; all other MACs count 32 x 32. Quantized
+    modules are found by identity (a forward hook), not by FlopCounterMode's module names, which
+    depend on how the forward reaches a module (e.g. through IndependentModel's members)."""
+    calls: list[tuple[torch.nn.Module, tuple, tuple[int, int]]] = []
+    handles = [
+        mod.register_forward_hook(
+            lambda mod, inp, _out: calls.append((mod, inp, mod.active_bits()))
+        )
+        for mod in model.modules()
+        if hasattr(mod, "active_bits")
+    ]
+    try:
+        with torch.no_grad():
+            model.cost_forward(x, k)
+    finally:
+        for h in handles:
+            h.remove()
     quant_macs, bitops = 0.0, 0.0
-    for name, module in model.named_modules():
-        if name and hasattr(module, "active_bits"):
-            macs = sum(per_module.get(f"{root}.{name}", {}).values()) / 2
-            w_bits, a_bits = module.active_bits()
-            quant_macs += macs
-            bitops += macs * w_bits * a_bits
+    for mod, inp, (w_bits, a_bits) in calls:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            mod(*inp)  # still set to sub-model k
+        macs = counter.get_total_flops() / 2
+        quant_macs += macs
+        bitops += macs * w_bits * a_bits
     return bitops + (flops / 2 - quant_macs) * 32 * 32
 
 

@@ -26,6 +26,7 @@ from benchmark import checkpoint, tracking
 from benchmark import data as datasets
 from benchmark.budgeted import budgeted_curve
 from benchmark.config import cell_key, flatten
+from benchmark.cost_axis import auc_top1, cost_axis
 from benchmark.data.pipeline import Normalizer, TrainBatches, eval_batches
 from benchmark.errors import ConfigError, TrainingError
 from benchmark.flops import SubCost, count_costs, measure_latency
@@ -64,9 +65,12 @@ def make_model(cfg: dict[str, Any], num_classes: int, image_size: int) -> Flexib
     return model
 
 
-def make_method(cfg: dict[str, Any]) -> Method:
+def make_method(cfg: dict[str, Any], num_submodels: int) -> Method:
+    """The cell's method, bound to its K sub-models (methods may own K-dependent parameters)."""
     params = {k: v for k, v in cfg["method"].items() if k != "name"}
-    return METHODS.get(cfg["method"]["name"])(params, cfg["train"]["label_smoothing"])
+    method = METHODS.get(cfg["method"]["name"])(params, cfg["train"]["label_smoothing"])
+    method.bind(num_submodels)
+    return method
 
 
 def lr_at(t: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -120,17 +124,6 @@ def evaluate(
     if not confidences:
         return acc
     return (*acc, torch.cat(conf, 1).cpu(), torch.cat(hit1, 1).cpu())
-
-
-def auc_top1(mflops: list[float], top1: list[float]) -> float:
-    """Normalised area under top-1 vs MFLOPs (trapezoid / FLOPs range): the mean accuracy over
-    the cost range; equals top-1 when there is a single sub-model."""
-    pts = sorted(zip(mflops, top1))
-    span = pts[-1][0] - pts[0][0]
-    if span <= 0:
-        return sum(t for _, t in pts) / len(pts)
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
-    return area / span
 
 
 class _Step:
@@ -317,7 +310,7 @@ def train_cell(
     datasets.check(cfg["data"]["name"], cfg["data"])
     device = pick_device(str(r_cfg["device"]))
     model = make_model(cfg, num_classes, image_size)
-    method = make_method(cfg)
+    method = make_method(cfg, model.num_submodels)
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)
     ckpt_path = run_dir(cfg, experiment, key) / "checkpoint.pt"
@@ -556,10 +549,14 @@ def _finish(
                 f"latency_ms/{sub.name}": ms,
             }
         )
+    axis = cost_axis([r["mflops"] for r in rows], [r["gbitops"] for r in rows])
     final[f"{split}/top1_mean"] = sum(top1) / len(top1)
-    final[f"{split}/top1_auc"] = auc_top1([r["mflops"] for r in rows], top1)
+    final[f"{split}/top1_auc"] = auc_top1([r[axis] for r in rows], top1)
+    run.set_tags({tracking.TAG + "cost_axis": axis})
     with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
-        art = _artifacts(Path(tmp), cfg, rows, split, r_cfg["log_checkpoint"], ckpt_path, budgeted)
+        art = _artifacts(
+            Path(tmp), cfg, rows, split, r_cfg["log_checkpoint"], ckpt_path, budgeted, axis
+        )
         run.finish(final, rows, art, cfg, key, total_epochs, budgeted)
     _progress_line(
         f"[{key}] finished: "
@@ -570,7 +567,7 @@ def _finish(
 
 
 def _artifacts(
-    folder: Path, cfg, rows, split, log_checkpoint, ckpt_path, budgeted
+    folder: Path, cfg, rows, split, log_checkpoint, ckpt_path, budgeted, axis
 ) -> list[tuple[Path, str | None]]:
     import csv
 
@@ -585,7 +582,7 @@ def _artifacts(
         writer.writeheader()
         writer.writerows(rows)
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
-    xs, ys = [r["mflops"] for r in rows], [r["top1"] for r in rows]
+    xs, ys = [r[axis] for r in rows], [r["top1"] for r in rows]
     ax.plot(xs, ys, marker="o", label="anytime (each exit)" if budgeted else None)
     if budgeted:
         ax.plot(
@@ -598,12 +595,16 @@ def _artifacts(
     for r in rows:
         ax.annotate(
             r["name"],
-            (r["mflops"], r["top1"]),
+            (r[axis], r["top1"]),
             textcoords="offset points",
             xytext=(4, -10),
             fontsize=7,
         )
-    ax.set_xlabel("MFLOPs (FlopCounterMode, forward)")
+    ax.set_xlabel(
+        "MFLOPs (FlopCounterMode, forward)"
+        if axis == "mflops"
+        else "GBitOps (MACs x weight bits x activation bits)"
+    )
     ax.set_ylabel(f"{split} top-1 (%)")
     ax.set_title(
         f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}", fontsize=8

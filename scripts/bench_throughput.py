@@ -53,7 +53,7 @@ def run_flexbench(cfg, splits, device, steps: int, warmup: int) -> float:
     model = make_model(cfg, splits.num_classes, splits.image_size).to(
         device, memory_format=torch.channels_last
     )
-    method = make_method(cfg)
+    method = make_method(cfg, model.num_submodels)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step = _Step(
         model,
@@ -90,7 +90,7 @@ def run_flexbench(cfg, splits, device, steps: int, warmup: int) -> float:
 
 def run_plain(cfg, splits, device, steps: int, warmup: int, workers: int) -> float:
     model = make_model(cfg, splits.num_classes, splits.image_size).to(device)
-    method = make_method(cfg)
+    method = make_method(cfg, model.num_submodels)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loader = DataLoader(
         PILDataset(splits.train_x, splits.train_y, splits.mean, splits.std),

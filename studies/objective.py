@@ -18,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from benchmark.cost_axis import auc_top1, cost_axis
 from benchmark.errors import ConfigError
 from studies.choices import OBJECTIVES
 from studies.space import space_from_dict, suggest
@@ -106,14 +107,13 @@ class Objective:
             model = make_model(cfg, num_classes, image_size)
             key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
             costs = count_costs(model, image_size, cache_key=key)
-            self._subs = ([c.name for c in costs], [c.mflops for c in costs])
+            axis = cost_axis([c.mflops for c in costs], [c.gbitops for c in costs])
+            self._subs = ([c.name for c in costs], [getattr(c, axis) for c in costs])
         return self._subs
 
     def summary(self, metrics: dict[str, float], cfg: dict[str, Any]) -> float:
         """The objective from a metrics dict holding `val/top1/<sub>` for every sub-model."""
-        from benchmark.train import auc_top1
-
-        names, mflops = self.submodels(cfg)
+        names, cost = self.submodels(cfg)
         top1 = [metrics[f"val/top1/{n}"] for n in names]
         kind = self.ctx.spec.objective
         if kind == "mean":
@@ -121,7 +121,7 @@ class Objective:
         if kind == "smallest":
             return top1[0]
         if kind == "auc":
-            return auc_top1(mflops, top1)
+            return auc_top1(cost, top1)
         raise ConfigError(f"unknown objective {kind!r}; valid: {', '.join(OBJECTIVES)}")
 
     # -- one trial --------------------------------------------------------------------------
@@ -197,4 +197,4 @@ class Objective:
 def _method_stages(cfg: dict[str, Any], num_submodels: int) -> list:
     from benchmark.train import make_method
 
-    return make_method(cfg).stages(num_submodels)
+    return make_method(cfg, num_submodels).stages(num_submodels)

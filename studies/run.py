@@ -298,7 +298,7 @@ def run_study(opts: RunOptions) -> RunSummary:
     cfg = _validate(spec, run_sets)
     from benchmark.train import make_method
 
-    total_epochs = cfg["train"]["epochs"] * len(make_method(cfg).stages(_n_subs(cfg)))
+    total_epochs = cfg["train"]["epochs"] * len(make_method(cfg, _n_subs(cfg)).stages(_n_subs(cfg)))
     prev = existing.user_attrs if existing else {}
     sampler = opts.sampler or prev.get("sampler", "tpe")
     pruner = opts.pruner or prev.get("pruner", "median")

@@ -43,11 +43,12 @@ SPACES: dict[str, dict[str, Dim]] = {
     "ipkd": {"T": TEMPERATURE, "a": KD_WEIGHT},
     "ipkd_ta": {"T": TEMPERATURE, "a": KD_WEIGHT},
     "takd": {"T": TEMPERATURE, "a": KD_WEIGHT},
-    # Methods not implemented yet: ranges from the research notes (ekd: KL weight b around the
-    # neutral 1, attention-transfer weight g needs 10^2-10^3 to matter; multi_teacher: KL weight
-    # b, CMT-KD used 0.5). Checked against the method's PARAMS once it is registered.
+    # Ranges from the research notes: ekd's KL weight b around the neutral 1, its attention
+    # weight g needs 10^2-10^3 to matter; multi_teacher's KL weight b (CMT-KD used 0.5); hsd's
+    # distillation chain as ipkd_ta (its re-ranking schedule is not searched).
     "ekd": {"T": TEMPERATURE, "b": Dim(0.0, 2.0), "g": Dim(1.0, 1000.0, log=True)},
     "multi_teacher": {"T": TEMPERATURE, "b": Dim(0.0, 2.0)},
+    "hsd": {"T": TEMPERATURE, "a": KD_WEIGHT},
 }
 
 NOT_SEARCHABLE = {"seed": "the seed is a grid axis, never a search dimension"}

@@ -146,7 +146,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, capsys):
 
 
 def test_api_raises_config_error_listing_valid_values():
-    with pytest.raises(ConfigError, match="valid methods: independent, ipkd, ipkd_ta"):
+    with pytest.raises(ConfigError, match="valid methods: " + ", ".join(METHODS.names())):
         resolve("msdnet", "synthetic", "distill")
     with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
         resolve("msdnet", "synthetic", "joint", seed=-1)
@@ -204,6 +204,17 @@ def test_overrides_apply_with_yaml_types():
     flat = flatten(cfg)
     assert flat["method.T"] == "4.0" and flat["arch.widths"] == "[0.5, 1.0]"
     assert flat["data.name"] == "synthetic"
+
+
+def test_profile_schedule_per_architecture_and_set_wins():
+    """mini gives saliency_vgg its own lr; other archs keep the profile's; --set overrides."""
+    mini_lr = PROFILES["mini"]["train"]["lr"]
+    vgg_lr = PROFILES["mini"]["train_by_arch"]["saliency_vgg"]["lr"]
+    assert vgg_lr != mini_lr
+    assert resolve("saliency_vgg", "synthetic", "hsd", 0, "mini")["train"]["lr"] == vgg_lr
+    assert resolve("msdnet", "synthetic", "joint", 0, "mini")["train"]["lr"] == mini_lr
+    cfg = resolve("saliency_vgg", "synthetic", "joint", 0, "mini", {"train.lr": 0.3})
+    assert cfg["train"]["lr"] == 0.3
 
 
 def test_cell_key_depends_on_what_determines_the_result():

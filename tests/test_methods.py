@@ -61,29 +61,65 @@ def ref_losses(method: str, T: float, a: float) -> list[float]:
     ce = [ref_ce(z[k], y) for k in range(K)]
     if method in ("joint", "independent"):
         return ce
-    teacher = {"ipkd": lambda k: last, "ipkd_ta": lambda k: k + 1, "takd": lambda k: k + 1}[method]
+    teacher = {
+        "ipkd": lambda k: last,
+        "ipkd_ta": lambda k: k + 1,
+        "takd": lambda k: k + 1,
+        "hsd": lambda k: k + 1,
+    }[method]
     return [
         ce[k] if k == last else (1 - a) * ce[k] + a * ref_kd(z[k], z[teacher(k)], T)
         for k in range(K)
     ]
 
 
+def ref_attention(f: list) -> list[list[float]]:
+    """Attention map per sample: mean over channels of f^2 at each position, l2-normalised."""
+    out = []
+    for sample in f:  # (C, H, W) nested lists
+        q = [
+            sum(ch[i][j] ** 2 for ch in sample) / len(sample)
+            for i in range(len(sample[0]))
+            for j in range(len(sample[0][0]))
+        ]
+        norm = math.sqrt(sum(v * v for v in q))
+        out.append([v / norm for v in q])
+    return out
+
+
+def ref_at(fs: list, ft: list) -> float:
+    """Mean over samples and positions of the squared difference of attention maps."""
+    qs, qt = ref_attention(fs), ref_attention(ft)
+    diffs = [(a - b) ** 2 for rs, rt in zip(qs, qt) for a, b in zip(rs, rt)]
+    return sum(diffs) / len(diffs)
+
+
 # --- the methods as the trainer runs them ---------------------------------------------------
-def method_params(name: str, T: float, a: float) -> dict[str, float]:
-    return {k: v for k, v in {"T": T, "a": a}.items() if k in METHODS.get(name).PARAMS}
+def method_params(name: str, case: dict[str, float]) -> dict[str, float]:
+    """The values of `case` that `name` takes (its tunable loss parameters)."""
+    return {k: v for k, v in case.items() if k in METHODS.get(name).PARAMS}
 
 
-def run_losses(name: str, params: dict, logits: list, labels: list) -> dict[int, float]:
+def run_losses(
+    name: str, params: dict, logits: list, labels: list, feats: list | None = None
+) -> dict[int, float]:
     """Loss of every sub-model over all stages, with teachers as train._Step provides them:
-    frozen teachers' logits plus the larger sub-models of the same step, detached."""
+    frozen teachers' logits (and stage features) plus the larger sub-models of the same step,
+    detached."""
     method = METHODS.get(name)(params)
+    method.bind(len(logits))
     z = [torch.tensor(v, dtype=torch.float64) for v in logits]
+    f = [[torch.tensor(m, dtype=torch.float64) for m in sub] for sub in feats or []]
     y = torch.tensor(labels)
     out: dict[int, float] = {}
     for stage in method.stages(len(z)):
         teachers = {t: z[t] for t in stage.frozen_teachers}
         for k in sorted(stage.train, reverse=True):
-            loss, terms = method.loss(k, z[k], teachers, y, len(z))
+            fk = None
+            if method.uses_features:
+                fk = {j: [m.detach() for m in f[j]] for j in range(len(z)) if j != k}
+                fk[k] = f[k]
+            loss, terms = method.loss(k, z[k], teachers, y, len(z), fk)
             teachers[k] = z[k].detach()
             assert k not in out, f"{name}: sub-model {k} trained in two stages"
             out[k] = loss.item()
@@ -93,14 +129,54 @@ def run_losses(name: str, params: dict, logits: list, labels: list) -> dict[int,
 CASES = [(1.0, 1.0), (4.0, 0.5), (2.0, 0.0), (3.0, 0.3)]
 
 
-@pytest.mark.parametrize("name", ["joint", "independent", "ipkd", "ipkd_ta", "takd"])
+def _feats(seed: int, shapes: list[tuple[int, ...]]) -> list:
+    """Stage features for K sub-models (nested lists), one map per shape."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(s, generator=g, dtype=torch.float64).tolist() for s in shapes]
+        for _ in range(K)
+    ]
+
+
+# Two stages of stage features: 4 samples x 2 channels at 3x2, then 3 channels at 2x2.
+FEATS = _feats(7, [(4, 2, 3, 2), (4, 3, 2, 2)])
+
+
+@pytest.mark.parametrize("name", ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd"])
 @pytest.mark.parametrize("T,a", CASES)
 def test_loss_matches_hand_computed(name, T, a):
-    got = run_losses(name, method_params(name, T, a), LOGITS, LABELS)
+    got = run_losses(name, method_params(name, {"T": T, "a": a}), LOGITS, LABELS)
     want = ref_losses(name, T, a)
     assert sorted(got) == list(range(K))
     for k in range(K):
         assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), (name, k)
+
+
+@pytest.mark.parametrize("T,b,g", [(1.0, 1.0, 500.0), (4.0, 0.5, 10.0), (2.0, 0.0, 0.0)])
+def test_ekd_loss_matches_hand_computed(T, b, g):
+    """L_k = CE + b KD(z_k, z_K; T) + g sum_s AT(f_k^s, f_K^s); the full net: CE only."""
+    got = run_losses("ekd", {"T": T, "b": b, "g": g}, LOGITS, LABELS, FEATS)
+    last = K - 1
+    for k in range(K):
+        want = ref_ce(LOGITS[k], LABELS)
+        if k < last:
+            want += b * ref_kd(LOGITS[k], LOGITS[last], T)
+            want += g * sum(ref_at(FEATS[k][s], FEATS[last][s]) for s in range(2))
+        assert got[k] == pytest.approx(want, rel=1e-10), k
+
+
+def test_ekd_compares_only_same_resolution_maps_and_detaches_the_full_net():
+    method = METHODS.get("ekd")({"T": 2.0, "b": 1.0, "g": 100.0})
+    z = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in LOGITS]
+    f = [[torch.tensor(m, dtype=torch.float64, requires_grad=True) for m in sub] for sub in FEATS]
+    small = torch.randn(4, 3, 1, 2, dtype=torch.float64, requires_grad=True)  # another resolution
+    feats = {0: [f[0][0], small], K - 1: f[K - 1]}  # NOT detached by the caller
+    loss, terms = method.loss(0, z[0], {K - 1: z[K - 1]}, torch.tensor(LABELS), K, feats)
+    assert terms["at"].item() == pytest.approx(ref_at(FEATS[0][0], FEATS[K - 1][0]), rel=1e-10)
+    loss.backward()
+    assert small.grad is None  # its resolution matches no map of the full net
+    assert z[K - 1].grad is None and all(m.grad is None for m in f[K - 1])
+    assert z[0].grad.abs().sum() > 0 and f[0][0].grad.abs().sum() > 0
 
 
 def test_kd_is_batchmean_kl_times_t_squared():
@@ -144,24 +220,45 @@ def test_online_methods_train_every_submodel_in_one_stage(name):
 
 
 # --- regression fixture --------------------------------------------------------------------
-FIXTURE_CASES = [(1.0, 1.0), (4.0, 0.5), (2.0, 0.9)]
+FIXTURE_CASES = [
+    {"T": 1.0, "a": 1.0, "b": 1.0, "g": 500.0},
+    {"T": 4.0, "a": 0.5, "b": 0.5, "g": 10.0},
+    {"T": 2.0, "a": 0.9, "b": 2.0, "g": 0.0},
+]
 
 
-def _fixture_batch() -> tuple[list, list]:
-    g = torch.Generator().manual_seed(2024)
-    logits = (torch.randn(K, 8, 10, generator=g, dtype=torch.float64) * 2).tolist()
-    labels = torch.randint(0, 10, (8,), generator=g).tolist()
-    return logits, labels
+def _fixture_batch() -> dict:
+    """The stored batch if there is one (so regenerating never moves existing numbers)."""
+    batch = json.loads(FIXTURE.read_text())["batch"] if FIXTURE.exists() else {}
+    if "logits" not in batch:
+        g = torch.Generator().manual_seed(2024)
+        batch["logits"] = (torch.randn(K, 8, 10, generator=g, dtype=torch.float64) * 2).tolist()
+        batch["labels"] = torch.randint(0, 10, (8,), generator=g).tolist()
+    if "feats" not in batch:
+        g = torch.Generator().manual_seed(2025)
+        batch["feats"] = [
+            [torch.randn(s, generator=g, dtype=torch.float64).tolist() for s in FEAT_SHAPES]
+            for _ in range(K)
+        ]
+    return batch
 
 
-def _compute_fixture(logits: list, labels: list) -> dict:
+FEAT_SHAPES = [(8, 3, 4, 4), (8, 4, 2, 2)]
+
+
+def _case_key(name: str, case: dict[str, float]) -> str:
+    keys = [k for k in case if k in ("T", "a") or k in METHODS.get(name).PARAMS]
+    return ",".join(f"{k}={case[k]:g}" for k in keys)
+
+
+def _compute_fixture(batch: dict) -> dict:
     methods = {}
     for name in METHODS.names():
         cases = {}
-        for T, a in FIXTURE_CASES:
-            params = method_params(name, T, a)
-            per = run_losses(name, params, logits, labels)
-            cases[f"T={T:g},a={a:g}"] = {
+        for case in FIXTURE_CASES:
+            params = method_params(name, case)
+            per = run_losses(name, params, batch["logits"], batch["labels"], batch["feats"])
+            cases[_case_key(name, case)] = {
                 "params": params,
                 "submodels": [per[k] for k in range(K)],
                 "total": sum(per.values()),
@@ -170,27 +267,27 @@ def _compute_fixture(logits: list, labels: list) -> dict:
     return {
         "_doc": "loss of every registered method on a fixed batch; regenerate with "
         "FLEXBENCH_REGEN_FIXTURES=1 pytest tests/test_methods.py -k fixture",
-        "batch": {"logits": logits, "labels": labels},
+        "batch": batch,
         "methods": methods,
     }
 
 
 def test_loss_regression_fixture():
     if os.environ.get("FLEXBENCH_REGEN_FIXTURES") == "1":
-        logits, labels = _fixture_batch()
+        fixture = _compute_fixture(_fixture_batch())
         FIXTURE.parent.mkdir(exist_ok=True)
-        FIXTURE.write_text(json.dumps(_compute_fixture(logits, labels), indent=1) + "\n")
+        FIXTURE.write_text(json.dumps(fixture, indent=1) + "\n")
     stored = json.loads(FIXTURE.read_text())
     missing = sorted(set(METHODS.names()) - set(stored["methods"]))
     assert not missing, (
         f"registered method(s) missing from {FIXTURE.name}: {', '.join(missing)}; regenerate "
         f"it with FLEXBENCH_REGEN_FIXTURES=1"
     )
-    logits, labels = stored["batch"]["logits"], stored["batch"]["labels"]
+    batch = stored["batch"]
     mismatches = []
     for name in METHODS.names():
         for case, want in stored["methods"][name].items():
-            got = run_losses(name, want["params"], logits, labels)
+            got = run_losses(name, want["params"], batch["logits"], batch["labels"], batch["feats"])
             got_list = [got[k] for k in range(K)]
             if got_list != pytest.approx(want["submodels"], rel=1e-5) or sum(
                 got_list
@@ -200,7 +297,7 @@ def test_loss_regression_fixture():
 
 
 # --- teachers get no gradient from students' KD terms ----------------------------------------
-@pytest.mark.parametrize("name", ["ipkd", "ipkd_ta", "takd"])
+@pytest.mark.parametrize("name", ["ipkd", "ipkd_ta", "takd", "hsd"])
 @pytest.mark.parametrize("student", range(K - 1))
 def test_kd_term_gives_no_gradient_to_teacher_logits(name, student):
     method = METHODS.get(name)({"T": 2.0, "a": 1.0})

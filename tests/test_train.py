@@ -19,16 +19,26 @@ from conftest import FAST, all_runs, smoke_cfg
 
 from benchmark import checkpoint, cli
 from benchmark.config import cell_key, resolve
+from benchmark.errors import ConfigError
 from benchmark.methods import METHODS
-from benchmark.models import IndependentModel
+from benchmark.models import ARCHS, IndependentModel
 from benchmark.train import _Step, make_method, make_model, run_dir, train_cell
 
-ARCHS = ["msdnet", "slimmable_mobilenet_v1"]
-ALL_METHODS = ["joint", "independent", "ipkd", "ipkd_ta", "takd"]
+ALL_ARCHS = ARCHS.names()
+ALL_METHODS = [
+    "joint", "independent", "ipkd", "ipkd_ta", "takd", "ekd", "multi_teacher", "hsd"
+]  # fmt: skip
 
 
 def test_every_method_is_covered_here():
     assert sorted(ALL_METHODS) == METHODS.names()
+
+
+def _incompatible(arch: str, method: str) -> str | None:
+    """Why `method` cannot train `arch` (None when it can); see docs/methods.md."""
+    if method == "hsd" and arch != "saliency_vgg":
+        return f"method hsd needs saliency-ranked channels; architecture {arch} has none"
+    return None
 
 
 # --- forwards per training step -------------------------------------------------------------
@@ -39,11 +49,11 @@ class ForwardLog:
     def __init__(self, model) -> None:
         self.calls: list[tuple[str, object, bool]] = []
         self.parts: dict[str, int] = {}
-        for fn in ("forward_sub", "forward_all"):
+        for fn in ("forward_sub", "forward_all", "forward_sub_features", "forward_all_features"):
             real = getattr(model, fn)
 
             def wrapped(x, arg=None, _real=real, _fn=fn):
-                self.calls.append((_fn, arg, torch.is_grad_enabled()))
+                self.calls.append((_fn.replace("_features", ""), arg, torch.is_grad_enabled()))
                 return _real(x, arg)
 
             setattr(model, fn, wrapped)
@@ -55,20 +65,32 @@ class ForwardLog:
         self.parts[name] = self.parts.get(name, 0) + 1
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 @pytest.mark.parametrize("name", ALL_METHODS)
-def test_forwards_per_step(arch, name, tmp_path):
+def test_every_method_trains_every_architecture_with_one_forward_per_submodel(arch, name, tmp_path):
+    """The full arch x method matrix: one real training step per stage, the expected forwards
+    (one per sub-model, one in all for early exits), finite loss, gradients and an optimizer
+    step that changes the weights; combinations that make no sense fail at resolve time."""
+    why = _incompatible(arch, name)
+    if why:
+        with pytest.raises(ConfigError, match=why):
+            smoke_cfg(arch, name, tmp_path)
+        return
     cfg = smoke_cfg(arch, name, tmp_path)
     model = make_model(cfg, 10, 32).train()
-    method = make_method(cfg)
+    method = make_method(cfg, model.num_submodels)
     k_all = model.num_submodels
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     stages = method.stages(k_all)
     for stage in stages:
         log = ForwardLog(model)
         step = _Step(model, method, stage, False, torch.device("cpu"), False)
+        before = [p.detach().clone() for p in model.parameters()]
         loss, _, outs = step(x, y)
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        model.zero_grad(set_to_none=True)
         assert torch.isfinite(loss)
+        assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
         assert sorted(outs) == sorted(stage.train)
         trained = sorted(stage.train, reverse=True)
         teachers = [("forward_sub", t, False) for t in stage.frozen_teachers]
@@ -83,9 +105,10 @@ def test_forwards_per_step(arch, name, tmp_path):
             assert stages == [stages[0]] and not stage.frozen_teachers
             assert log.calls == [("forward_all", list(range(k_all))[::-1], True)]
             assert log.parts == {f"{p}.{i}": 1 for p in ("blocks", "heads") for i in range(3)}
-        else:  # slimmable: one forward per width, largest first
+        else:  # one forward per sub-model (its own width, depth or bit-width), largest first
             assert log.calls == [("forward_sub", k, True) for k in range(k_all)[::-1]]
-            assert log.parts == {"features": k_all}
+            if arch == "slimmable_mobilenet_v1" and not method.uses_features:
+                assert log.parts == {"features": k_all}
     if name == "takd":  # largest first; each next stage: next larger one as frozen teacher
         assert [(s.train, s.frozen_teachers) for s in stages] == [((k_all - 1,), ())] + [
             ((k,), (k + 1,)) for k in range(k_all - 2, -1, -1)
@@ -95,7 +118,7 @@ def test_forwards_per_step(arch, name, tmp_path):
 def test_takd_stage_gives_the_frozen_teacher_no_gradient(tmp_path):
     cfg = smoke_cfg("slimmable_mobilenet_v1", "takd", tmp_path)
     model = make_model(cfg, 10, 32).train()
-    method = make_method(cfg)
+    method = make_method(cfg, model.num_submodels)
     stage = method.stages(model.num_submodels)[1]  # train K-2 from frozen K-1
     _Step(model, method, stage, False, torch.device("cpu"), False)(
         torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
@@ -106,13 +129,15 @@ def test_takd_stage_gives_the_frozen_teacher_no_gradient(tmp_path):
 
 
 # --- same initial weights for every method ----------------------------------------------------
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_same_initial_weights_for_every_method(arch, tmp_path):
     def weights(method: str, seed: int = 0) -> object:
         return make_model(smoke_cfg(arch, method, tmp_path, seed=seed), 10, 32)
 
     shared = weights("joint").state_dict()
     for name in ALL_METHODS:
+        if _incompatible(arch, name):
+            continue
         model = weights(name)
         if METHODS.get(name).separate_networks:
             assert isinstance(model, IndependentModel)

@@ -27,7 +27,7 @@ import yaml
 
 from benchmark import data as datasets
 from benchmark.config import PROFILES, SECTIONS, cell_key, resolve
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, IncompatibleError
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS
 
@@ -359,6 +359,12 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
         w = f"{where}: cell {arch}/{ds}/{method}/seed {seed}"
         try:
             cfg = resolve(arch, resolved_dataset(ds), method, seed, profile, overrides)
+        except IncompatibleError as exc:
+            raise _err(
+                w,
+                f"{exc}; to skip this pair add to the grid: "
+                f"exclude: [{{arch: {arch}, method: {method}}}]",
+            ) from None
         except ConfigError as exc:
             raise _err(w, str(exc)) from None
         # Paths not set in the grid file are relative to the current directory: make them
@@ -480,7 +486,7 @@ def estimate(spec: GridSpec, cells: list[Cell] | None = None) -> None:
                 ) from None
             built[mkey] = (model, [s.mflops for s in costs])
         model, mflops = built[mkey]
-        stages = make_method(c.cfg).stages(model.num_submodels)
+        stages = make_method(c.cfg, model.num_submodels).stages(model.num_submodels)
         epochs = c.cfg["train"]["epochs"]
         c.total_epochs = epochs * len(stages)
         n = _n_train(c.cfg["data"])

@@ -17,6 +17,15 @@ def register_method(name: str):
     return deco
 
 
-from benchmark.methods import independent, ipkd, ipkd_ta, joint, takd  # noqa: E402,F401
+from benchmark.methods import (  # noqa: E402,F401
+    ekd,
+    hsd,
+    independent,
+    ipkd,
+    ipkd_ta,
+    joint,
+    multi_teacher,
+    takd,
+)
 
 __all__ = ["METHODS", "EpochContext", "Method", "Stage", "kd_loss", "register_method"]

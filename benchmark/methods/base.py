@@ -126,6 +126,11 @@ class Method(nn.Module):
     def check_model(cls, model: nn.Module, arch: str) -> None:
         """Raise ConfigError when this method cannot train `model` (checked before any work)."""
 
+    def bind(self, num_submodels: int) -> None:
+        """Called by the trainer once the number of sub-models K is known, before the optimizer
+        and the checkpoint see the method: methods whose own parameters depend on K create them
+        here."""
+
     def loss(
         self,
         k: int,

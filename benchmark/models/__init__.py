@@ -70,6 +70,12 @@ def build_model(
 
 
 # Importing the modules registers them.
-from benchmark.models import msdnet, slimmable_mobilenet_v1  # noqa: E402,F401
+from benchmark.models import (  # noqa: E402,F401
+    ddnn_resnet,
+    msdnet,
+    saliency_vgg,
+    slimmable_mobilenet_v1,
+    switchable_precision,
+)
 
 __all__ = ["ARCHS", "ArchSpec", "FlexibleModel", "IndependentModel", "SubModel", "build_model"]
