@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
+from benchmark.cost_axis import UNITS
 from benchmark.errors import ConfigError
 from reports import figures as figs
 from reports import tables as tb
@@ -95,15 +96,17 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 
 def method_summaries(summary: pd.DataFrame, pairs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
-    """Per panel x method: n, top-1 mean and AUC (mean ± std), and their paired gain."""
+    """Per panel x method: n, top-1 mean and AUC (mean ± std), and their paired gain; `AUC over`
+    names the panel's cost unit (MFLOPs or GBitOps)."""
     rows = []
     if summary.empty:
         return pd.DataFrame()
     s = summary[summary["key"].isin([MEAN, AUC])].set_index([*PANEL, "method", "key"])
     p = pairs.set_index([*PANEL, "method", "key"]) if not pairs.empty else None
     for panel, g in summary.groupby(PANEL, sort=True):
+        unit = UNITS[g["cost_axis"].iloc[0]]
         for m in [m for m in order if m in set(g["method"])]:
-            row = {**dict(zip(PANEL, panel)), "method": m}
+            row = {**dict(zip(PANEL, panel)), "method": m, "AUC over": unit}
             for key, label in ((MEAN, "top-1 mean"), (AUC, "AUC")):
                 idx = (*panel, m, key)
                 if idx in s.index:
@@ -122,7 +125,7 @@ def method_summaries(summary: pd.DataFrame, pairs: pd.DataFrame, order: list[str
                 else:
                     row[f"Δ {label}"] = ""
             rows.append(row)
-    cols = [*PANEL, "method", "n", "top-1 mean", "Δ top-1 mean", "AUC", "Δ AUC"]
+    cols = [*PANEL, "method", "n", "top-1 mean", "Δ top-1 mean", "AUC over", "AUC", "Δ AUC"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
@@ -212,7 +215,7 @@ def build_report(
         c_panel = finished[(finished[PANEL] == pd.Series(t.panel, index=PANEL)).all(axis=1)]
         h_panel = hist[hist["run_id"].isin(c_panel["run_id"])]
         made = [
-            figs.acc_vs_flops(s_panel, t.panel, order, styles, base, out),
+            figs.acc_vs_cost(s_panel, t.panel, order, styles, base, out),
             figs.gain(p_panel, s_panel, t.panel, order, styles, base, out),
             figs.curves(h_panel, c_panel, t.panel, order, styles, base, out),
         ]

@@ -1,9 +1,10 @@
-"""Figures, each saved as PNG and PDF: accuracy vs MFLOPs, gain over the baseline, curves per epoch.
+"""Figures, each saved as PNG and PDF: accuracy vs cost, gain over the baseline, curves per epoch.
 
 Every figure takes the already computed statistics (never raw runs), uses the colour and marker
 of `reports.style.method_styles` for each method, and fits one column (3.4 in) of a two-column
 paper, except the per-epoch curves which span both columns. Each builder returns a `Figure`
-record (files + caption) or None when there is nothing to draw.
+record (files + caption) or None when there is nothing to draw. Costs are the panel's `cost`
+column, in MFLOPs or GBitOps (its `cost_axis`, see `reports.load`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from benchmark.cost_axis import UNITS  # noqa: E402
 from reports.stats import AUC, MEAN  # noqa: E402
 from reports.style import COLUMN_WIDTH, PAGE_WIDTH, RC  # noqa: E402
-from reports.tables import fmt_flops, panel_slug, panel_title  # noqa: E402
+from reports.tables import COST_DEFINITION, fmt_cost, panel_slug, panel_title  # noqa: E402
+
+X_LABEL = {"mflops": "MFLOPs per image (forward)", "gbitops": "GBitOps per image"}
 
 
 @dataclass
@@ -50,7 +54,7 @@ def _legend_label(method: str, n: int, baseline: str | None) -> str:
     return f"{method}{base}, n={n}"
 
 
-def acc_vs_flops(
+def acc_vs_cost(
     summary: pd.DataFrame,
     panel: tuple[str, str, str],
     order: list[str],
@@ -58,13 +62,16 @@ def acc_vs_flops(
     baseline: str | None,
     out: Path,
 ) -> Figure | None:
-    """Mean test top-1 vs MFLOPs per sub-model, one line per method, ±1 std error bars."""
-    g = summary[summary["mflops"].notna()]
+    """Mean test top-1 vs the panel's cost per sub-model, one line per method, ±1 std bars.
+    The file stem names the cost: `acc_vs_mflops_<panel>` or `acc_vs_gbitops_<panel>`."""
+    g = summary[summary["cost"].notna()]
     if g.empty:
         return None
+    axis = g["cost_axis"].iloc[0]
+    unit = UNITS[axis]
     methods = [m for m in order if m in set(g["method"])]
     subs = g.sort_values("key_index").drop_duplicates("key")
-    xs_all = subs["mflops"].to_numpy()
+    xs_all = subs["cost"].to_numpy()
     log = xs_all.min() > 0 and xs_all.max() / xs_all.min() > 8
     span = (xs_all.max() - xs_all.min()) or max(xs_all.max(), 1e-9)
     with plt.rc_context(RC):
@@ -72,7 +79,7 @@ def acc_vs_flops(
         for i, m in enumerate(methods):
             h = g[g["method"] == m].sort_values("key_index")
             dodge = (i - (len(methods) - 1) / 2) * 0.008
-            x = h["mflops"].to_numpy()
+            x = h["cost"].to_numpy()
             x = x * (1 + dodge * 4) if log else x + dodge * span
             yerr = h["std"].to_numpy() if (h["n"] > 1).any() else None
             st = styles[m]
@@ -88,7 +95,7 @@ def acc_vs_flops(
             )
         if log:
             ax.set_xscale("log")
-        ax.set_xlabel("MFLOPs per image (forward)")
+        ax.set_xlabel(X_LABEL[axis])
         ax.set_ylabel("test top-1 (%)")
         top = ax.secondary_xaxis("top")
         top.set_xticks(xs_all, labels=subs["key"].tolist(), fontsize=6)
@@ -97,17 +104,18 @@ def acc_vs_flops(
             top.minorticks_off()
         ax.legend(frameon=False, loc="best")
         ax.set_title(panel_title(panel), pad=14)
-        stem = f"figures/acc_vs_mflops_{panel_slug(panel)}"
+        stem = f"figures/acc_vs_{axis}_{panel_slug(panel)}"
         files = save(fig, out, stem)
     ns = sorted(set(int(n) for n in summary["n"]))
     n_text = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
     cap = (
-        f"Test top-1 at the last epoch vs MFLOPs of each sub-model, {panel_title(panel)}: "
+        f"Test top-1 at the last epoch vs {COST_DEFINITION[axis]} of each sub-model, "
+        f"{panel_title(panel)}: "
         f"mean over seeds ({n_text} seeds per method, see legend), error bars ±1 std "
         f"(none with n = 1); sub-model names on the top axis. Points are dodged sideways "
         f"slightly so that error bars do not hide each other."
     )
-    return Figure(stem, f"Accuracy vs MFLOPs — {panel_title(panel)}", cap, files)
+    return Figure(stem, f"Accuracy vs {unit} — {panel_title(panel)}", cap, files)
 
 
 def gain(
@@ -126,11 +134,12 @@ def gain(
     if not methods:
         return None
     keys = pairs.sort_values("key_index").drop_duplicates("key")["key"].tolist()
-    flops = summary.drop_duplicates("key").set_index("key")["mflops"]
+    cost = summary.drop_duplicates("key").set_index("key")["cost"]
+    unit = UNITS[summary["cost_axis"].iloc[0]]
     labels = []
     for k in keys:
-        f = flops.get(k, math.nan)
-        labels.append(k if k in (MEAN, AUC) or math.isnan(f) else f"{k}\n{fmt_flops(f)} MF")
+        f = cost.get(k, math.nan)
+        labels.append(k if k in (MEAN, AUC) or math.isnan(f) else f"{k}\n{fmt_cost(f)}")
     width = 0.8 / len(methods)
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8), layout="constrained")
@@ -166,6 +175,7 @@ def gain(
         if summaries and summaries[0] > 0:
             ax.axvline(summaries[0] - 0.5, color="grey", linestyle=":", linewidth=0.8)
         ax.set_xticks(np.arange(len(keys)), labels=labels, fontsize=6)
+        ax.set_xlabel(f"sub-model and its cost ({unit})", fontsize=7)
         ax.set_ylabel(f"top-1 gain over {baseline} (pp)")
         ax.grid(axis="x", visible=False)
         fig.legend(frameon=False, loc="outside lower center", ncol=min(3, len(methods)))
@@ -176,8 +186,8 @@ def gain(
         f"Gain in test top-1 (percentage points) over {baseline}, {panel_title(panel)}: mean "
         f"of the paired differences over the seeds both methods finished (n in the legend), "
         f"error bars = 95% t-interval of that mean (n ≥ 2). * / ** mark paired t-test "
-        f"p < 0.05 / 0.01, only with n ≥ 3 pairs. Right of the dotted line: the per-cell "
-        f"summaries ('{MEAN}', '{AUC}')."
+        f"p < 0.05 / 0.01, only with n ≥ 3 pairs. Under each sub-model: its cost in {unit}. "
+        f"Right of the dotted line: the per-cell summaries ('{MEAN}', '{AUC}' over {unit})."
     )
     return Figure(stem, f"Gain over {baseline} — {panel_title(panel)}", cap, files)
 

@@ -6,8 +6,11 @@
   (finished but without test metrics), or `missing` (no run at all, although the experiment
   holds that arch/dataset and that method and that seed elsewhere);
 - `tidy`: one row per finished cell x sub-model with top-1/top-5 (test split, last epoch),
-  MMACs, MFLOPs, parameters and latency, read from the parent run's final metrics
-  (`test/top1/<sub>`, ...), with the sub-model's position from its child run.
+  MMACs, MFLOPs, GBitOps, parameters and latency, read from the parent run's final metrics
+  (`test/top1/<sub>`, ...), with the sub-model's position from its child run, and the panel's
+  cost: `cost_axis` ("mflops" or "gbitops", `benchmark.cost_axis` on the panel's sub-model
+  costs, the trainer's rule) and `cost` (that metric's value). Every figure, table and AUC of a
+  panel uses this one column, so bit-width sub-models, which share their MFLOPs, stay apart.
 
 Runs tagged `flexbench.kind` (e.g. `report`), runs without `flexbench.cell`, child runs and cells
 whose final metrics are on the validation split (study trials, `flexbench.test_evaluated=false`)
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from benchmark.cost_axis import cost_axis
 from benchmark.errors import ConfigError
 
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -146,19 +150,35 @@ def _tidy_rows(
                 row[name] = float(run[col]) if col in run.index and pd.notna(run[col]) else None
             row["submodel_index"] = order.get((cell.run_id, sub))
             rows.append(row)
-    tidy = pd.DataFrame(rows, columns=[*CELL, "submodel", "submodel_index", "run_id", *SUB_METRICS])
+    cols = [*CELL, "submodel", "submodel_index", "run_id", *SUB_METRICS, "cost_axis", "cost"]
+    tidy = pd.DataFrame(rows, columns=cols)
     if tidy.empty:
         return tidy, incomplete
-    # Sub-models without a child run: order by cost (sub-models are smallest first).
-    tidy["mflops"] = pd.to_numeric(tidy["mflops"])
-    missing = tidy["submodel_index"].isna()
-    if missing.any():
-        rank = tidy.groupby("run_id")["mflops"].rank(method="first") - 1
-        tidy.loc[missing, "submodel_index"] = rank[missing]
-    tidy["submodel_index"] = tidy["submodel_index"].astype(int)
     for name in SUB_METRICS:
         tidy[name] = pd.to_numeric(tidy[name])
+    tidy = _with_cost(tidy)
+    # Sub-models without a child run: order by cost (sub-models are smallest first).
+    missing = tidy["submodel_index"].isna()
+    if missing.any():
+        rank = tidy.groupby("run_id")["cost"].rank(method="first") - 1
+        tidy.loc[missing, "submodel_index"] = rank[missing]
+    tidy["submodel_index"] = tidy["submodel_index"].astype(int)
     return tidy.sort_values([*CELL, "submodel_index"]).reset_index(drop=True), incomplete
+
+
+def _with_cost(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Set `cost_axis` per panel from its sub-models' mean costs, and `cost` from that axis.
+    A panel with any cell lacking GBitOps (runs older than the bit-ops column) uses MFLOPs."""
+    axes = {}
+    for panel, g in tidy.groupby(PANEL, sort=False):
+        by_sub = g.groupby("submodel")
+        bitops = by_sub["gbitops"].mean().tolist()
+        if g["gbitops"].isna().any():
+            bitops = [None] * len(bitops)
+        axes[panel] = cost_axis(by_sub["mflops"].mean().tolist(), bitops)
+    tidy["cost_axis"] = [axes[p] for p in tidy[PANEL].itertuples(index=False, name=None)]
+    tidy["cost"] = tidy["mflops"].where(tidy["cost_axis"] == "mflops", tidy["gbitops"])
+    return tidy
 
 
 def _dedupe(cells: pd.DataFrame) -> pd.DataFrame:

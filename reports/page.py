@@ -25,11 +25,17 @@ STATISTICS = [
     f"n ≥ {MIN_N_WILCOXON} pairs the exact Wilcoxon signed-rank test is reported as well.",
     f"Significance marks (* p < {ALPHA}, ** p < 0.01) appear only with n ≥ "
     f"{MIN_N_SIGNIFICANCE} pairs, and are not corrected for multiple comparisons.",
-    "AUC: area under top-1 vs MFLOPs (trapezoids over the sub-models) divided by the MFLOPs "
-    "range: the mean accuracy over the cost range, comparable between methods on the same "
-    "architecture.",
+    "AUC: area under top-1 vs cost (trapezoids over the sub-models) divided by the cost range: "
+    "the mean accuracy over the cost range, comparable between methods on the same "
+    "architecture; the same value as a cell's own test/top1_auc.",
+    "Cost: MFLOPs, except in panels whose sub-models all have the same MFLOPs and differ in "
+    "bit-operations (bit-width-switchable networks), where it is GBitOps: the trainer's rule "
+    "(benchmark.cost_axis, tag flexbench.cost_axis). Figures, tables and AUC of a panel all use "
+    "its one cost, named in every caption; runs without GBitOps use MFLOPs.",
     "MFLOPs: forward pass of one image counted by torch's FlopCounterMode (2 × multiply-adds); "
     "MSDNet exits are cumulative (the cost of reaching that exit, earlier heads included).",
+    "GBitOps: billions of bit-operations of one image's forward pass, multiply-adds × weight "
+    "bits × activation bits (32 × 32 for full-precision layers).",
     "Missing cells: an arch/dataset of the experiment × a method of the experiment × a seed of "
     "the experiment without any run; failed, interrupted, pruned and running cells are listed "
     "with their status and never averaged.",
@@ -189,8 +195,8 @@ def render_html(r, table_files: list[Path]) -> str:
         tb.frame_html(
             r.methods,
             "Per method: n finished seeds; mean top-1 over the sub-models and normalised AUC "
-            "(mean ± std over seeds); Δ: paired difference to the baseline with n pairs and "
-            "t-test p (marks only with n ≥ 3).",
+            "over the panel's cost (column 'AUC over'), mean ± std over seeds; Δ: paired "
+            "difference to the baseline with n pairs and t-test p (marks only with n ≥ 3).",
         )
     )
     parts.append("<h2 id='tests'>Paired tests against the baseline</h2>")

@@ -2,8 +2,9 @@
 
 Everything works on a long `scores` table: one row per (arch, dataset, profile, method, seed, key)
 where `key` is a sub-model name or one of the per-cell summaries `MEAN` (mean top-1 over the
-sub-models) and `AUC` (normalised area under top-1 vs MFLOPs). So a summary gets exactly the same
-treatment (CIs, paired tests, tables) as a sub-model.
+sub-models) and `AUC` (normalised area under top-1 vs the panel's `cost`: MFLOPs, or GBitOps
+where only bit-widths separate the sub-models, see `reports.load`). So a summary gets exactly the
+same treatment (CIs, paired tests, tables) as a sub-model. Rows carry the panel's `cost_axis`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
+from benchmark.cost_axis import auc_top1
 from reports.load import PANEL
 
 MEAN = "top-1 mean"
@@ -22,23 +24,13 @@ AUC = "AUC"
 ALPHA = 0.05
 MIN_N_SIGNIFICANCE = 3  # never mark significance with fewer paired seeds
 MIN_N_WILCOXON = 6  # below 6 pairs the exact two-sided Wilcoxon p cannot reach 0.05
-
-
-def auc_top1(mflops: list[float], top1: list[float]) -> float:
-    """Normalised area under top-1 vs MFLOPs: trapezoid area divided by the MFLOPs range, i.e.
-    the mean accuracy over the cost range (the same definition as a cell's `test/top1_auc`);
-    equals top-1 when all sub-models cost the same or there is one."""
-    pts = sorted(zip(mflops, top1))
-    span = pts[-1][0] - pts[0][0]
-    if not span > 0:
-        return float(np.mean([t for _, t in pts]))
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
-    return float(area / span)
+# Costs of a sub-model (NaN for the summaries) and the panel's cost axis (on every row).
+COSTS = ("mflops", "gbitops", "cost_axis", "cost")
 
 
 def scores(tidy: pd.DataFrame) -> pd.DataFrame:
     """Long table: per cell, one row per sub-model (top-1) plus the MEAN and AUC summaries."""
-    cols = [*PANEL, "method", "seed", "key", "key_index", "mflops", "value"]
+    cols = [*PANEL, "method", "seed", "key", "key_index", *COSTS, "value"]
     if tidy.empty:
         return pd.DataFrame(columns=cols)
     subs = tidy.rename(columns={"submodel": "key", "submodel_index": "key_index", "top1": "value"})
@@ -48,14 +40,18 @@ def scores(tidy: pd.DataFrame) -> pd.DataFrame:
         g = g.dropna(subset=["top1"])
         if g.empty:
             continue
-        base = dict(zip([*PANEL, "method", "seed"], cell), mflops=np.nan)
+        base = dict(zip([*PANEL, "method", "seed"], cell), cost_axis=g["cost_axis"].iloc[0])
         rows.append({**base, "key": MEAN, "key_index": 1000, "value": g["top1"].mean()})
-        if g["mflops"].notna().all():
-            value = auc_top1(g["mflops"].tolist(), g["top1"].tolist())
+        if g["cost"].notna().all():
+            value = auc_top1(g["cost"].tolist(), g["top1"].tolist())
             rows.append({**base, "key": AUC, "key_index": 1001, "value": value})
     out = pd.concat([subs, pd.DataFrame(rows, columns=cols)], ignore_index=True)
     out["key_index"] = out["key_index"].astype(int)
     return out
+
+
+def _mean(x: pd.Series) -> float:
+    return float(x.mean()) if x.notna().any() else math.nan
 
 
 def describe(values) -> dict[str, float]:
@@ -73,8 +69,8 @@ def describe(values) -> dict[str, float]:
 
 
 def summarize(sc: pd.DataFrame) -> pd.DataFrame:
-    """Per (panel, method, key): n, mean, std, ci95 over seeds, MFLOPs, and the seeds used."""
-    cols = [*PANEL, "method", "key", "key_index", "mflops", "n", "mean", "std", "ci95", "seeds"]
+    """Per (panel, method, key): n, mean, std, ci95 over seeds, the costs, and the seeds used."""
+    cols = [*PANEL, "method", "key", "key_index", *COSTS, "n", "mean", "std", "ci95", "seeds"]
     if sc.empty:
         return pd.DataFrame(columns=cols)
     rows = []
@@ -84,7 +80,8 @@ def summarize(sc: pd.DataFrame) -> pd.DataFrame:
             {
                 **dict(zip([*PANEL, "method", "key"], key)),
                 "key_index": int(g["key_index"].iloc[0]),
-                "mflops": float(g["mflops"].mean()) if g["mflops"].notna().any() else math.nan,
+                **{c: _mean(g[c]) for c in ("mflops", "gbitops", "cost")},
+                "cost_axis": g["cost_axis"].iloc[0],
                 **d,
                 "seeds": ",".join(str(s) for s in sorted(g["seed"].unique())),
             }

@@ -2,8 +2,10 @@
 
 A `ResultTable` holds the numbers once; `markdown`, `latex` (booktabs), `html` and `csv_frame`
 render it. Cells are mean ± std over seeds, the best mean of each column is bold, and the marks
-are those of the paired test against the baseline (see `reports.stats.mark`). `frame_*` render
-any small DataFrame (status, summaries, references) in the same three formats.
+are those of the paired test against the baseline (see `reports.stats.mark`). Column costs are in
+the panel's unit (`cost_axis`, see `reports.load`); `COST_DEFINITION` says what each unit counts,
+for every caption. `frame_*` render any small DataFrame (status, summaries, references) in the
+same three formats.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from benchmark.cost_axis import UNITS
 from reports.load import PANEL
 from reports.stats import ALPHA, AUC, MEAN, MIN_N_SIGNIFICANCE
 
@@ -22,7 +25,17 @@ def fmt_num(x: float, digits: int = 2) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def fmt_flops(x: float) -> str:
+COST_DEFINITION = {
+    "mflops": "MFLOPs (forward pass, FlopCounterMode, 2 × multiply-adds)",
+    "gbitops": (
+        "GBitOps (billions of bit-operations of the forward pass: multiply-adds × weight bits × "
+        "activation bits, 32 × 32 at full precision; all sub-models have the same MFLOPs, so "
+        "bit-operations are what separates them)"
+    ),
+}
+
+
+def fmt_cost(x: float) -> str:
     if x is None or math.isnan(x):
         return ""
     return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
@@ -68,7 +81,8 @@ class Cell:
 class ResultTable:
     panel: tuple[str, str, str]
     keys: list[str]  # column keys: sub-models (smallest first), then MEAN, AUC
-    mflops: dict[str, float]
+    cost_axis: str  # "mflops" or "gbitops": the unit of `cost` and of the AUC
+    cost: dict[str, float]
     methods: list[str]  # row order, baseline first
     n: dict[str, int]  # seeds per method (cells with all sub-models finished)
     cells: dict[tuple[str, str], Cell]
@@ -76,14 +90,17 @@ class ResultTable:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def unit(self) -> str:
+        return UNITS[self.cost_axis]
+
+    @property
     def caption(self) -> str:
         parts = [
             f"Top-1 accuracy (%) of {panel_title(self.panel)} on the test split at the last "
             f"epoch (never best-on-test): mean ± std over seeds, {n_phrase(self.n.values())}.",
-            "Columns: sub-models, smallest first, with their MFLOPs (forward pass, "
-            "FlopCounterMode, 2 × multiply-adds); "
-            f"'{MEAN}' is the mean over sub-models and '{AUC}' the area under top-1 vs MFLOPs "
-            "divided by the MFLOPs range.",
+            f"Columns: sub-models, smallest first, with their {COST_DEFINITION[self.cost_axis]}; "
+            f"'{MEAN}' is the mean over sub-models and '{AUC}' the area under top-1 vs "
+            f"{self.unit} divided by the {self.unit} range.",
             "Bold: best mean in the column.",
         ]
         if self.baseline in self.methods:
@@ -108,7 +125,7 @@ def build_tables(
         keys = (
             g.sort_values("key_index").drop_duplicates("key")[["key", "key_index"]]["key"].tolist()
         )
-        mflops = {k: float(g[g["key"] == k]["mflops"].median()) for k in keys}
+        cost = {k: float(g[g["key"] == k]["cost"].median()) for k in keys}
         methods = [m for m in order if m in set(g["method"])]
         cells = {}
         for r in g.itertuples(index=False):
@@ -130,7 +147,10 @@ def build_tables(
         notes = []
         if baseline is not None and baseline not in methods:
             notes.append(f"(Baseline {baseline} has no finished cell here.)")
-        tables.append(ResultTable(tuple(panel), keys, mflops, methods, n, cells, baseline, notes))
+        axis = g["cost_axis"].iloc[0]
+        tables.append(
+            ResultTable(tuple(panel), keys, axis, cost, methods, n, cells, baseline, notes)
+        )
     return tables
 
 
@@ -143,8 +163,8 @@ def _value(c: Cell | None) -> str:
 
 
 def _header_label(t: ResultTable, k: str) -> tuple[str, str]:
-    f = t.mflops.get(k, math.nan)
-    return k, (f"{fmt_flops(f)} MFLOPs" if not math.isnan(f) else "")
+    f = t.cost.get(k, math.nan)
+    return k, (f"{fmt_cost(f)} {t.unit}" if not math.isnan(f) else "")
 
 
 def markdown(t: ResultTable) -> str:
@@ -271,7 +291,7 @@ def csv_frame(t: ResultTable) -> pd.DataFrame:
                     **dict(zip(PANEL, t.panel)),
                     "method": m,
                     "key": k,
-                    "mflops": t.mflops.get(k),
+                    t.cost_axis: t.cost.get(k),
                     "n": c.n,
                     "mean": c.mean,
                     "std": c.std,

@@ -37,10 +37,10 @@ TOP1 = {
 T_975_2 = 4.302652729749462  # Student t quantile, 97.5%, 2 degrees of freedom (from a table)
 
 
-def _tags(method, seed, **extra):
+def _tags(method, seed, arch=ARCH, **extra):
     return {
         "flexbench.cell": f"{method}-{seed}",
-        "flexbench.arch": ARCH,
+        "flexbench.arch": arch,
         "flexbench.dataset": DATASET,
         "flexbench.method": method,
         "flexbench.seed": str(seed),
@@ -49,8 +49,12 @@ def _tags(method, seed, **extra):
     }
 
 
-def _finished_cell(client, exp_id, method, seed, top1, epochs=3):
-    tags = _tags(method, seed, **{"flexbench.status": "running"})
+def _finished_cell(
+    client, exp_id, method, seed, top1, epochs=3, arch=ARCH, subs=SUBS, mflops=MFLOPS, gbitops=None
+):
+    """A finished cell as the trainer logs it; without `gbitops`, as runs before the bit-ops
+    column were logged (no `gbitops/<sub>`, no cost-axis tag, no `test/top1_auc`)."""
+    tags = _tags(method, seed, arch, **{"flexbench.status": "running"})
     run = client.create_run(exp_id, run_name=f"{method}-s{seed}", tags=tags)
     rid = run.info.run_id
     ts = int(time.time() * 1000)
@@ -60,15 +64,15 @@ def _finished_cell(client, exp_id, method, seed, top1, epochs=3):
             Metric("train/loss", 3.0 - ep, ts, ep),
             Metric("val/top1_mean", 40.0 + 5 * ep + seed, ts, ep),
         ]
-        metrics += [Metric(f"val/top1/{s}", 40.0 + ep, ts, ep) for s in SUBS]
+        metrics += [Metric(f"val/top1/{s}", 40.0 + ep, ts, ep) for s in subs]
     client.log_batch(rid, metrics=metrics, params=[Param("method.name", method)])
     final = []
-    for i, (s, a, f) in enumerate(zip(SUBS, top1, MFLOPS)):
+    for i, (s, a, f) in enumerate(zip(subs, top1, mflops)):
         child = client.create_run(
             exp_id,
             run_name=f"{method}-s{seed}-{s}",
             tags={
-                **_tags(method, seed),
+                **_tags(method, seed, arch),
                 "mlflow.parentRunId": rid,
                 "flexbench.submodel": s,
                 "flexbench.submodel_index": str(i),
@@ -82,6 +86,9 @@ def _finished_cell(client, exp_id, method, seed, top1, epochs=3):
             "params_m": 0.01 * (i + 1),
             "latency_ms": 1.0 + i,
         }
+        if gbitops is not None:
+            vals["gbitops"] = gbitops[i]
+            final.append(Metric(f"gbitops/{s}", gbitops[i], ts, epochs))
         client.log_batch(child.info.run_id, metrics=[Metric(k, v, ts, 0) for k, v in vals.items()])
         client.set_terminated(child.info.run_id, "FINISHED")
         final += [
@@ -93,7 +100,15 @@ def _finished_cell(client, exp_id, method, seed, top1, epochs=3):
             Metric(f"latency_ms/{s}", 1.0 + i, ts, epochs),
         ]
     final.append(Metric("test/top1_mean", sum(top1) / len(top1), ts, epochs))
-    client.log_batch(rid, metrics=final, tags=[RunTag("flexbench.status", "finished")])
+    tags = [RunTag("flexbench.status", "finished")]
+    if gbitops is not None:  # the trainer's own rule and AUC (benchmark/cost_axis.py)
+        from benchmark.cost_axis import auc_top1, cost_axis
+
+        axis = cost_axis(mflops, gbitops)
+        auc = auc_top1({"mflops": mflops, "gbitops": gbitops}[axis], top1)
+        final.append(Metric("test/top1_auc", auc, ts, epochs))
+        tags.append(RunTag("flexbench.cost_axis", axis))
+    client.log_batch(rid, metrics=final, tags=tags)
     client.set_terminated(rid, "FINISHED")
     return rid
 
@@ -506,3 +521,106 @@ def test_optuna_study_figures(tmp_path):
     empty = optuna.create_study(study_name="none")
     figs, skipped = study_figures(empty, tmp_path)
     assert figs == [] and "no finished trial" in skipped[0]
+
+
+# ---- the cost axis per panel: bit-width sub-models share their MFLOPs ----------------------
+
+BITS = ["b2", "b4", "b8", "b32"]
+BIT_ARCH = "switchable_precision_resnet"
+BIT_GBITOPS = [0.04, 0.16, 0.64, 10.24]  # 10 MMACs x bits x bits / 1000, MFLOPs 20 each
+BIT_TOP1 = {
+    ("joint", 0): [40, 60, 70, 72],
+    ("joint", 1): [42, 62, 70, 74],
+    ("ipkd", 0): [44, 63, 71, 72],
+    ("ipkd", 1): [46, 63, 73, 74],
+}
+# MSDNet-like: MFLOPs differ; its GBitOps are deliberately not proportional to its MFLOPs, so
+# that an AUC over the wrong axis would give another value.
+MSD_GBITOPS = [0.5, 3.0, 4.0]
+BIT_PANEL, MSD_PANEL = (BIT_ARCH, DATASET, PROFILE), (ARCH, DATASET, PROFILE)
+
+
+@pytest.fixture(scope="session")
+def mixed(store, tmp_path_factory):
+    """Experiment "mixed": a bit-width panel and an MSDNet-like panel, both logging GBitOps."""
+    from reports.build import build_report
+
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("mixed")
+    for (method, seed), top1 in BIT_TOP1.items():
+        _finished_cell(client, exp, method, seed, top1, 1, BIT_ARCH, BITS, [20.0] * 4, BIT_GBITOPS)
+        _finished_cell(client, exp, method, seed, TOP1[(method, seed)], 1, gbitops=MSD_GBITOPS)
+    out = tmp_path_factory.mktemp("mixed") / "out"
+    return build_report("mixed", tracking_uri=store, out=out, log_to_mlflow=False)
+
+
+def _panel(df, arch):
+    return df[df["arch"] == arch]
+
+
+def test_auc_over_the_panels_cost_axis_by_hand(mixed, report):
+    from reports.load import CELL
+
+    bit, msd = _panel(mixed.scores, BIT_ARCH), _panel(mixed.scores, ARCH)
+    assert set(bit["cost_axis"]) == {"gbitops"} and set(msd["cost_axis"]) == {"mflops"}
+    # joint seed 0 over GBitOps: (0.12 * 50 + 0.48 * 65 + 9.6 * 71) / 10.2 (over MFLOPs: 60.5)
+    auc = _row(bit, method="joint", seed=0, key="AUC")["value"]
+    assert auc == pytest.approx((0.12 * 50 + 0.48 * 65 + 9.6 * 71) / 10.2)
+    # MSDNet joint seed 0 over MFLOPs as in "known" (over its GBitOps it would be 405 / 7)
+    assert _row(msd, method="joint", seed=0, key="AUC")["value"] == pytest.approx(185 / 3)
+    assert _row(_panel(mixed.summary, BIT_ARCH), method="ipkd", key="b8")["cost"] == 0.64
+    # every cell's AUC is the one the trainer logged
+    client = MlflowClient(tracking_uri=mixed.experiment.uri)
+    aucs = mixed.scores[mixed.scores["key"] == "AUC"].merge(mixed.experiment.cells, on=CELL)
+    assert len(aucs) == 8
+    for r in aucs.itertuples():
+        assert r.value == pytest.approx(client.get_run(r.run_id).data.metrics["test/top1_auc"])
+    # runs logged before GBitOps existed keep MFLOPs
+    assert set(report.summary["cost_axis"]) == {"mflops"}
+
+
+def test_bitwidth_figures_draw_gbitops(mixed, monkeypatch, tmp_path):
+    from reports import figures
+    from reports.style import method_styles
+
+    stems = {Path(f.stem).name for figs in mixed.figures.values() for f in figs}
+    assert {
+        "acc_vs_gbitops_" + "_".join(BIT_PANEL),
+        "acc_vs_mflops_" + "_".join(MSD_PANEL),
+    } <= stems
+    drawn = []  # the axes of each figure, taken where it would be saved
+    monkeypatch.setattr(figures, "save", lambda fig, out, stem: drawn.append(fig.axes[0]) or [])
+    args = (mixed.order, method_styles(mixed.order), "joint", tmp_path)
+    s, p = _panel(mixed.summary, BIT_ARCH), _panel(mixed.pairs, BIT_ARCH)
+    f = figures.acc_vs_cost(s, BIT_PANEL, *args)
+    assert f.title.startswith("Accuracy vs GBitOps") and "GBitOps (billions" in f.caption
+    figures.gain(p, s, BIT_PANEL, *args)
+    figures.acc_vs_cost(_panel(mixed.summary, ARCH), MSD_PANEL, *args)
+    acc, gain, msd = drawn
+    assert acc.get_xlabel() == "GBitOps per image" and acc.get_xscale() == "log"
+    for line in acc.get_lines()[:2]:  # one line per method, dodged sideways by < 2%
+        assert list(line.get_xdata()) == pytest.approx(BIT_GBITOPS, rel=0.02)
+    (top,) = acc.child_axes  # sub-model names sit exactly at their cost
+    assert list(top.get_xticks()) == pytest.approx(BIT_GBITOPS)
+    labels = [t.get_text() for t in gain.get_xticklabels()]
+    assert labels[:2] == ["b2\n0.04", "b4\n0.16"] and "(GBitOps)" in gain.get_xlabel()
+    assert msd.get_xlabel() == "MFLOPs per image (forward)"
+    assert list(msd.get_lines()[0].get_xdata()) == pytest.approx(MFLOPS, rel=0.02)
+
+
+def test_tables_name_each_panels_cost(mixed):
+    folder = mixed.out / "tables"
+    bit = "results_" + "_".join(BIT_PANEL)
+    md = (folder / f"{bit}.md").read_text()
+    assert "b2 (0.04 GBitOps)" in md and "b32 (10.2 GBitOps)" in md and " MFLOPs)" not in md
+    assert "area under top-1 vs GBitOps divided by the GBitOps range" in md
+    assert "0.04 GBitOps" in (folder / f"{bit}.tex").read_text()
+    csv = pd.read_csv(folder / f"{bit}.csv")
+    assert "mflops" not in csv and _row(csv, method="joint", key="b4")["gbitops"] == 0.16
+    msd = "results_" + "_".join(MSD_PANEL)
+    md = (folder / f"{msd}.md").read_text()
+    assert "exit3 (4 MFLOPs)" in md and "GBitOps" not in md
+    assert _row(pd.read_csv(folder / f"{msd}.csv"), method="joint", key="exit3")["mflops"] == 4.0
+    assert set(_panel(mixed.methods, BIT_ARCH)["AUC over"]) == {"GBitOps"}
+    assert set(_panel(mixed.methods, ARCH)["AUC over"]) == {"MFLOPs"}
+    assert "| AUC over |" in (folder / "summary.md").read_text()
