@@ -133,6 +133,11 @@ def resolve_space(
                 f"method {method} has no parameter {key!r}; searchable: "
                 f"{', '.join(cls.PARAMS) or '(none)'}"
             )
+        if not cls.PARAMS[key].searched:
+            raise ConfigError(
+                f"{key} is a schedule setting of method {method}, not searched; set it with "
+                f"--set method.{key}=VALUE"
+            )
         space[key] = parse_dim(key, rng)
     for key, dim in space.items():
         check = cls.PARAMS[key].check
@@ -148,7 +153,8 @@ def resolve_space(
                 f"choose one"
             )
         space.pop(key, None)  # fixed with --set method.KEY=VALUE
-    missing = sorted(set(cls.PARAMS) - set(space) - set(fixed or {}))
+    searched = {k for k, spec in cls.PARAMS.items() if spec.searched}
+    missing = sorted(searched - set(space) - set(fixed or {}))
     if missing:
         raise ConfigError(
             f"method {method}: no search range for {', '.join(missing)}; pass --space "

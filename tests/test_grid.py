@@ -28,6 +28,8 @@ import yaml
 from benchmark.cli import main
 from benchmark.errors import ConfigError
 from benchmark.grid.spec import load_grid
+from benchmark.methods import METHODS
+from benchmark.models import ARCHS
 
 HERE = Path(__file__).parent
 TINY = HERE / "grid_tiny.yaml"
@@ -108,7 +110,10 @@ def fresh_db(schema_db: Path, folder: Path) -> tuple[Path, str]:
 
 # --- grid files --------------------------------------------------------------------------
 BAD = [
-    ({"archs": ["msdnet", "resnet"]}, ["unknown architecture 'resnet'", "msdnet, slimmable"]),
+    (
+        {"archs": ["msdnet", "resnet"]},
+        ["unknown architecture 'resnet'", "msdnet, saliency_vgg, slimmable"],
+    ),
     ({"methods": ["joint", "kd"]}, ["unknown method 'kd'", "independent, ipkd"]),
     ({"datasets": ["cifar11"]}, ["unknown dataset 'cifar11'", "cifar10, cifar100"]),
     ({"archs": []}, ["archs is empty"]),
@@ -242,7 +247,12 @@ def test_shipped_configs_are_valid():
     from benchmark.grid.spec import estimate
 
     smoke = load_grid(REPO / "benchmark" / "configs" / "smoke.yaml")
-    assert len(smoke.cells) == 2 * 5 and smoke.profile == "smoke"
+    # every arch x every method, minus hsd on the 4 archs without re-rankable channels
+    assert len(smoke.cells) == len(ARCHS.names()) * len(METHODS.names()) - 4
+    assert smoke.excluded == 4 and smoke.profile == "smoke"
+    assert {c.method for c in smoke.cells if c.arch != "saliency_vgg"} == set(METHODS.names()) - {
+        "hsd"
+    }
     estimate(smoke)
     assert all(c.total_epochs >= 2 and c.gflops > 0 for c in smoke.cells)
     mini = REPO / "benchmark" / "configs" / "mini.yaml"
@@ -250,7 +260,7 @@ def test_shipped_configs_are_valid():
     if zip_path.exists():
         assert load_grid(mini).cells[0].cfg["data"]["name"] == f"imagefolder:{zip_path.resolve()}"
     paper = yaml.safe_load((REPO / "benchmark" / "configs" / "paper.yaml").read_text())
-    assert len(paper["archs"]) * len(paper["datasets"]) * len(paper["seeds"]) == 12
+    assert len(paper["archs"]) * len(paper["datasets"]) * len(paper["seeds"]) == 30
     with pytest.raises(ConfigError, match="cifar10 not found"):  # no CIFAR files here
         load_grid(REPO / "benchmark" / "configs" / "paper.yaml", {"data.root": "/nonexistent"})
 

@@ -37,7 +37,7 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 # --- search spaces --------------------------------------------------------------------------
 def test_every_method_with_parameters_has_a_search_space():
     for name in METHODS.names():
-        params = METHODS.get(name).PARAMS
+        params = {k for k, spec in METHODS.get(name).PARAMS.items() if spec.searched}
         if not params:
             with pytest.raises(ConfigError, match="nothing to search"):
                 resolve_space(name)
@@ -45,6 +45,16 @@ def test_every_method_with_parameters_has_a_search_space():
         space = resolve_space(name)
         assert set(space) == set(params), name
         assert set(SPACES[name]) == set(params), f"declare {name}'s ranges in studies/space.py"
+
+
+def test_schedule_settings_are_kept_not_searched():
+    """hsd's re-ranking schedule is not a loss weight: a study keeps its value, and asking to
+    search it says how to set it instead."""
+    assert set(resolve_space("hsd")) == {"T", "a"}
+    with pytest.raises(
+        ConfigError, match="schedule setting of method hsd.*--set method.rerank_every"
+    ):
+        resolve_space("hsd", items=["rerank_every=1:3"])
 
 
 def test_space_defaults_and_overrides(tmp_path):

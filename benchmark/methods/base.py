@@ -38,11 +38,14 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float) -> Tensor:
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One tunable method parameter: default and validity check (with its error text)."""
+    """One method parameter: default and validity check (with its error text). `searched`:
+    studies search it; False for a method's schedule settings, which a study keeps at their
+    value (e.g. hsd's re-ranking period)."""
 
     default: float
     check: Any
     rule: str
+    searched: bool = True
 
 
 def temperature(default: float = 1.0) -> ParamSpec:
@@ -59,10 +62,13 @@ def scale(default: float, name: str) -> ParamSpec:
     return ParamSpec(default, lambda v: v >= 0, f"{name} must be >= 0")
 
 
-def integer(default: int, name: str, low: int = 1) -> ParamSpec:
+def integer(default: int, name: str, low: int = 1, searched: bool = True) -> ParamSpec:
     """A whole-number setting (e.g. a schedule period); stored as a float like every param."""
     return ParamSpec(
-        default, lambda v: v >= low and float(v).is_integer(), f"{name} must be an integer >= {low}"
+        default,
+        lambda v: v >= low and float(v).is_integer(),
+        f"{name} must be an integer >= {low}",
+        searched,
     )
 
 

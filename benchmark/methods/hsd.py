@@ -79,9 +79,12 @@ class HSD(IPKDTA):
     description = "ipkd_ta chain on channel sub-models re-chosen by KD-loss Taylor saliency"
     PARAMS = {
         **IPKDTA.PARAMS,
-        "rerank_every": integer(1, "rerank_every"),
-        "rerank_until": ParamSpec(0.5, lambda v: 0 < v <= 1, "rerank_until must be in (0, 1]"),
-        "saliency_batches": integer(8, "saliency_batches"),
+        # The re-ranking schedule: kept at its value by studies (not a loss weight).
+        "rerank_every": integer(1, "rerank_every", searched=False),
+        "rerank_until": ParamSpec(
+            0.5, lambda v: 0 < v <= 1, "rerank_until must be in (0, 1]", searched=False
+        ),
+        "saliency_batches": integer(8, "saliency_batches", searched=False),
     }
 
     @classmethod
