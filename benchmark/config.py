@@ -114,6 +114,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "switchable_precision_resnet": {"depth": 8, "width": 0.25},
             "saliency_vgg": {"depth": 11, "width_mult": 0.125},
         },
+        "train_by_arch": {"saliency_vgg": {"lr": 0.02}},  # as in mini
     },
 }
 

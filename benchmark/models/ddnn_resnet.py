@@ -20,19 +20,8 @@ from torch.nn import functional as F
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
 from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.cifar_resnet import STAGE_CHANNELS, option_a_shortcut
 from benchmark.models.switchable import Switch, SwitchableBatchNorm2d, set_active
-
-
-class _ShortcutA(nn.Module):
-    """He et al.'s CIFAR option A: subsample by the stride and zero-pad the new channels."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.stride, self.pad = stride, c_out - c_in
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.pad)) if self.pad else x
 
 
 class _Block(nn.Module):
@@ -42,13 +31,11 @@ class _Block(nn.Module):
         self.bn1 = SwitchableBatchNorm2d([c_out] * n_bn)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = SwitchableBatchNorm2d([c_out] * n_bn)
-        self.shortcut = (
-            _ShortcutA(c_in, c_out, stride) if stride != 1 or c_in != c_out else nn.Identity()
-        )
+        self.stride, self.pad = stride, c_out - c_in
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return F.relu(self.bn2(self.conv2(out)) + option_a_shortcut(x, self.stride, self.pad))
 
 
 class DDNNResNet(FlexibleModel):
@@ -58,7 +45,7 @@ class DDNNResNet(FlexibleModel):
         super().__init__()
         self.depths, self.private_bn = list(depths), private_bn
         n_bn = len(depths) if private_bn else 1
-        chans = [max(1, round(c * width)) for c in (16, 32, 64)]
+        chans = [max(1, round(c * width)) for c in STAGE_CHANNELS]
         self.conv1 = nn.Conv2d(3, chans[0], 3, 1, 1, bias=False)
         self.bn1 = SwitchableBatchNorm2d([chans[0]] * n_bn)
         c_in = chans[0]

@@ -44,10 +44,10 @@ from torch.nn import functional as F
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
 from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.cifar_resnet import STAGE_CHANNELS, option_a_shortcut
 from benchmark.models.switchable import Switch, SwitchableBatchNorm2d, set_active
 
 FULL_PRECISION = 32
-STAGE_CHANNELS = (16, 32, 64)
 
 
 def quantize_unit(x: Tensor, bits: int) -> Tensor:
@@ -104,17 +104,10 @@ class BasicBlock(nn.Module):
         self.bn2 = SwitchableBatchNorm2d([c_out] * k)
         self.stride, self.pad = stride, c_out - c_in
 
-    def shortcut(self, x: Tensor) -> Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.pad:
-            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return x
-
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + option_a_shortcut(x, self.stride, self.pad))
 
 
 class SwitchablePrecisionResNet(FlexibleModel):
