@@ -143,6 +143,14 @@ BAD = [
     ({"method_params": {"from_study": "nope.yaml"}}, ["from_study file", "does not exist"]),
     ({"method_params": "from_study"}, ["from_study needs the study's best-params file"]),
     ({"datasets": ["imagefolder:missing.zip"]}, ["imagefolder path", "does not exist"]),
+    (
+        {"methods": ["joint", "hsd"]},
+        [
+            "cell msdnet/synthetic/hsd/seed 0: method hsd needs saliency-ranked channels",
+            "use saliency_vgg",
+            "exclude: [{arch: msdnet, method: hsd}]",
+        ],
+    ),
 ]
 
 
