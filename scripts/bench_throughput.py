@@ -110,10 +110,15 @@ def run_plain(cfg, splits, device, steps: int, warmup: int, workers: int) -> flo
             t0, n = time.perf_counter(), 0
         xb, yb = next(it)
         xb, yb = xb.to(device), yb.to(device)
-        teachers, total = {}, 0.0
+        teachers, feats, total = {}, {}, 0.0
         for k in k_all:
-            z = model.forward_sub(xb, k)
-            loss, _ = method.loss(k, z, teachers, yb, model.num_submodels)
+            if method.uses_features:
+                z, feats[k] = model.forward_sub_features(xb, k)
+                fk = {j: [f.detach() for f in v] for j, v in feats.items() if j != k}
+                fk[k] = feats[k]
+            else:
+                z, fk = model.forward_sub(xb, k), None
+            loss, _ = method.loss(k, z, teachers, yb, model.num_submodels, fk)
             teachers[k] = z.detach()
             total = total + loss
         opt.zero_grad()
