@@ -135,6 +135,16 @@ def test_level_batchnorm_trains_like_nn_batchnorm_on_its_channels(idx):
     torch.testing.assert_close(bn(x), ref(x))
 
 
+def test_all_levels_forward_then_one_backward():
+    """Summing every level's loss and back-propagating once (as a plain training loop does)
+    works: one level's BatchNorm update never invalidates another level's saved tensors."""
+    model = _model().train()
+    x = torch.randn(4, 3, 32, 32)
+    total = sum(F.cross_entropy(model.forward_sub(x, k), torch.arange(4)) for k in (3, 2, 1, 0))
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_rerank_keeps_the_top_candidates_nested_and_survives_state_dict():
     model = _model()
     _randomise_bn(model)

@@ -103,16 +103,21 @@ class LevelBatchNorm2d(nn.Module, Switch):
     def forward(self, x: Tensor) -> Tensor:
         k, idx = self.active, self.idx
         w, b = self.weight[k], self.bias[k]
-        mean, var = self.running_mean[k], self.running_var[k]  # views of the buffers
+        mean, var = self.running_mean[k], self.running_var[k]  # views of the shared buffers
         if idx is not None:
             w, b, mean, var = w[idx], b[idx], mean[idx], var[idx]  # copies
         if self.probe:
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         if not self.training:
             return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
+        if idx is None:  # copies too: an in-place update of the shared buffers' views would
+            mean, var = mean.clone(), var.clone()  # invalidate another level's saved tensors
         out = F.batch_norm(x, mean, var, w, b, True, self.momentum, self.eps)  # updates mean/var
-        if idx is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if idx is None:
+                self.running_mean[k].copy_(mean)
+                self.running_var[k].copy_(var)
+            else:
                 self.running_mean[k].index_copy_(0, idx, mean)
                 self.running_var[k].index_copy_(0, idx, var)
         return out
