@@ -72,7 +72,8 @@ def acc_vs_cost(
     methods = [m for m in order if m in set(g["method"])]
     subs = g.sort_values("key_index").drop_duplicates("key")
     xs_all = subs["cost"].to_numpy()
-    log = xs_all.min() > 0 and xs_all.max() / xs_all.min() > 8
+    # Bit-operations grow with the square of the bit-width: always a log axis for them.
+    log = xs_all.min() > 0 and (axis == "gbitops" or xs_all.max() / xs_all.min() > 8)
     span = (xs_all.max() - xs_all.min()) or max(xs_all.max(), 1e-9)
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
