@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import smoke_cfg
+from test_methods import LABELS, LOGITS, K, softmax_row
 from torch.nn import functional as F
 
 from benchmark import checkpoint
@@ -186,23 +187,8 @@ def test_bitops_fall_with_the_bit_width_and_match_layer_macs():
     assert count_costs(IndependentModel(model_of(width=0.5)), 32) == costs
 
 
-# --- multi_teacher --------------------------------------------------------------------------
-K = 3
-LOGITS = [
-    [[1.0, -0.5, 0.3, 2.0, 0.0], [0.2, 0.1, -1.0, 0.5, 1.5], [-0.3, 2.2, 0.0, 0.1, -1.2],
-     [0.0, 0.0, 0.5, -0.5, 1.0]],
-    [[1.5, -1.0, 0.0, 2.5, -0.2], [0.0, 0.4, -1.5, 0.9, 2.0], [-0.8, 2.9, 0.3, 0.0, -1.0],
-     [0.3, -0.2, 0.9, -0.9, 1.6]],
-    [[2.0, -1.2, -0.4, 3.1, -0.5], [-0.3, 0.6, -2.0, 1.0, 2.8], [-1.0, 3.5, 0.2, -0.4, -1.1],
-     [0.6, -0.5, 1.2, -1.4, 2.3]],
-]  # fmt: skip
-LABELS = [3, 4, 2, 1]
+# --- multi_teacher (on the fixed logits of tests/test_methods.py) -----------------------------
 PI = {0: [0.4, -0.3], 1: [0.8]}  # importance logits of students 0 and 1 over their teachers
-
-
-def softmax_row(row: list[float], T: float = 1.0) -> list[float]:
-    e = [math.exp(v / T) for v in row]
-    return [v / sum(e) for v in e]
 
 
 def ref_terms(k: int, T: float) -> dict[str, float]:
