@@ -8,6 +8,7 @@ import importlib.util
 import os
 import sys
 
+from benchmark import signals
 from benchmark.errors import ConfigError, TrainingError
 
 
@@ -111,18 +112,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from benchmark.config import resolve
-    from benchmark.train import train_cell
+    from benchmark.train import CellOptions, train_cell
 
     cfg = resolve(
         args.arch, args.dataset, args.method, args.seed, args.profile, overrides_from_args(args)
     )
-    result = train_cell(
-        cfg,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
-        resume=args.resume,
-        restart=args.restart,
-    )
+    opts = CellOptions(args.tracking_uri, args.experiment, args.resume, args.restart)
+    result = train_cell(cfg, opts)
     print(f"cell {result.key}: MLflow run {result.run_id}")
     for row in result.rows:
         print(
@@ -175,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     args = build_parser().parse_args(argv)
+    signals.install()
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -183,9 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"flexbench: training failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("flexbench: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(
+            f"flexbench: {exc or 'interrupted'}; rerun with --resume to continue", file=sys.stderr
+        )
+        return signals.exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -12,3 +12,8 @@ class TrainingError(RuntimeError):
 class IncompatibleError(ConfigError):
     """A method that cannot train an architecture (e.g. hsd needs re-rankable channels); a grid
     skips such a pair only when its file excludes it."""
+
+
+class CellPruned(Exception):
+    """Raised by an epoch callback to stop a cell early on purpose (a study's pruner); the run
+    is then marked `pruned`, not failed."""

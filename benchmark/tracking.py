@@ -14,10 +14,12 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmark.errors import ConfigError
+from benchmark.errors import CellPruned, ConfigError
 
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -213,8 +215,9 @@ class CellRun:
                 params=[Param("submodel", row["name"]), Param("method", cfg["method"]["name"])],
             )
             self.client.set_terminated(cid, "FINISHED")
-        self.log_metrics(final, step)
-        if budgeted:
+        if not self.has_metric_at(next(iter(final)), step):  # a resumed finish()
+            self.log_metrics(final, step)
+        if budgeted and not self.has_metric_at("budgeted/top1", 0):
             ts = int(time.time() * 1000)
             self.client.log_batch(
                 self.run_id,
@@ -241,6 +244,40 @@ class CellRun:
             return
         self.set_tags({TAG + "status": "interrupted"})
         self.client.set_terminated(self.run_id, "KILLED")
+
+    def pruned(self) -> None:
+        """Stopped on purpose by a study's pruner: KILLED, status `pruned`."""
+        self.set_tags({TAG + "status": "pruned"})
+        self.client.set_terminated(self.run_id, "KILLED")
+
+    def has_metric_at(self, key: str, step: int) -> bool:
+        """Whether `key` already has a point at `step` (a resumed cell must not log it twice)."""
+        return any(m.step == step for m in self.client.get_metric_history(self.run_id, key))
+
+    @contextmanager
+    def status_on_exit(self) -> Iterator[None]:
+        """Close the run with the status its end deserves: Ctrl-C (or a terminating signal,
+        see benchmark.signals) -> `interrupted`, CellPruned -> `pruned`, any other exception ->
+        `failed` with the error; a normal exit leaves it to `finish`. The exception propagates."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.interrupted()
+            raise
+        except CellPruned:
+            self.pruned()
+            raise
+        except Exception as exc:
+            self.fail(f"{type(exc).__name__}: {exc}")
+            raise
+
+
+def environment_tags(device: Any, threads: int) -> dict[str, str]:
+    """Where a cell ran: device (GPU name or CPU thread count) and torch version."""
+    import torch
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
+    return {TAG + "device": f"{device} ({where})", TAG + "torch": torch.__version__}
 
 
 # --- Optuna studies (studies/): one parent run per study, one child run per trial ------------

@@ -1,19 +1,21 @@
-"""Train one cell: data -> model -> method -> epochs -> final evaluation -> MLflow.
+"""Train one cell, top to bottom: prepare -> every epoch of the flat schedule -> finish.
 
-Read top to bottom: `train_cell` validates everything first, then runs the stages of the method
-(one stage for online methods), checkpointing atomically after every epoch, and finally
-evaluates every sub-model on the test split once and writes the MLflow record.
+`prepare` validates everything and builds the cell (data, model, method, optimizer, checkpoint,
+MLflow run) before any work; `train_cell` then runs each remaining position (stage, epoch) of
+the method's schedule: train one epoch -> the method's epoch end -> validate -> checkpoint -> log
+-> callback; `finish` evaluates every sub-model once on test and writes the MLflow record.
+The step itself is in `benchmark.step`, the checkpoint format in `benchmark.checkpoint`, run
+statuses in `benchmark.tracking`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,45 @@ from tqdm import tqdm
 from benchmark import checkpoint, tracking
 from benchmark import data as datasets
 from benchmark.budgeted import budgeted_curve
+from benchmark.cell import (
+    CellPlan,
+    Position,
+    lr_at,
+    make_method,
+    make_model,
+    new_optimizer,
+    pick_device,
+    plan_cell,
+    set_lr,
+)
 from benchmark.config import cell_key, flatten
 from benchmark.cost_axis import auc_top1, cost_axis
-from benchmark.data.pipeline import Normalizer, TrainBatches, eval_batches
+from benchmark.data.base import Splits
+from benchmark.data.pipeline import Normalizer, TrainBatches
 from benchmark.errors import ConfigError, TrainingError
-from benchmark.flops import SubCost, count_costs, measure_latency
-from benchmark.methods import METHODS, EpochContext, Method, Stage
-from benchmark.models import FlexibleModel, IndependentModel, build_model
+from benchmark.evaluate import evaluate
+from benchmark.flops import measure_latency
+from benchmark.methods import EpochContext, Method
+from benchmark.models import FlexibleModel, IndependentModel
+from benchmark.step import StepResult, make_step
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class CellOptions:
+    """How to run a cell. `evaluate_test=False` seals the test split (studies: final metrics on
+    val only); `epoch_callback(global epoch, metrics)` runs after every epoch's checkpoint and
+    may raise CellPruned (run marked `pruned`) or anything else (run marked `failed`)."""
+
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    resume: bool = False
+    restart: bool = False
+    evaluate_test: bool = True
+    epoch_callback: EpochCallback | None = None
+    progress: bool = True
+    extra_tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,586 +76,315 @@ class CellResult:
     metrics: dict[str, float]
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device {spec!r} requested but CUDA is not available; use cpu")
-    return dev
+@dataclass
+class Cell:
+    """Everything a cell's training loop touches, built once by `prepare`."""
+
+    cfg: dict[str, Any]
+    key: str
+    plan: CellPlan
+    model: FlexibleModel
+    method: Method
+    optimizer: torch.optim.Optimizer
+    splits: Splits
+    batches: TrainBatches
+    norm: Normalizer
+    device: torch.device
+    amp: bool
+    run: tracking.CellRun
+    ckpt: Path
+    start: int
+    opts: CellOptions
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
 
 
-def make_model(cfg: dict[str, Any], num_classes: int, image_size: int) -> FlexibleModel:
-    """Same seed -> same initial weights for every method (independent copies included)."""
-    torch.manual_seed(cfg["seed"])
-    arch = {k: v for k, v in cfg["arch"].items() if k != "name"}
-    model = build_model(cfg["arch"]["name"], arch, num_classes, image_size)
-    method_cls = METHODS.get(cfg["method"]["name"])
-    method_cls.check_model(model, cfg["arch"]["name"])
-    if method_cls.separate_networks:
-        model = IndependentModel(model)
-    return model
+def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResult:
+    """Train and evaluate one resolved cell; returns its per-sub-model results. Raises
+    ConfigError (before any work) for bad input and TrainingError for a diverging cell."""
+    opts = opts or CellOptions()
+    cell = prepare(cfg, opts)
+    with cell.run.status_on_exit():
+        step = None
+        for pos in cell.plan.positions(cell.start):
+            if step is None or pos.epoch == 0:
+                stage = cell.plan.stages[pos.stage]
+                step = make_step(
+                    cell.model, cell.method, stage, cell.device, cell.amp, cfg["runtime"]["compile"]
+                )
+            metrics = train_epoch(cell, step, pos)
+            metrics.update(cell.method.epoch_end(_epoch_context(cell, pos)))
+            metrics.update(validate(cell))
+            if pos.last_of_stage and not pos.last:  # each stage of a chain starts fresh
+                cell.optimizer = new_optimizer(cell.model, cell.method, cfg["train"])
+            save_checkpoint(cell, pos, metrics)
+            cell.run.log_metrics(metrics, pos.index)
+            if opts.progress:
+                _progress_line(_epoch_line(cell, pos, metrics))
+            if opts.epoch_callback is not None:
+                opts.epoch_callback(pos.index, metrics)
+        return finish(cell)
 
 
-def make_method(cfg: dict[str, Any], num_submodels: int) -> Method:
-    """The cell's method, bound to its K sub-models (methods may own K-dependent parameters)."""
-    params = {k: v for k, v in cfg["method"].items() if k != "name"}
-    method = METHODS.get(cfg["method"]["name"])(params, cfg["train"]["label_smoothing"])
-    method.bind(num_submodels)
-    return method
+def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
+    """Validate, build and restore everything; nothing is discarded (`--restart`) or written
+    until every check has passed and the MLflow run is open."""
+    experiment = opts.experiment or tracking.DEFAULT_EXPERIMENT
+    key = cell_key(cfg)
+    datasets.check(cfg["data"]["name"], cfg["data"])
+    device = pick_device(str(cfg["runtime"]["device"]))
+    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+    model = make_model(cfg, num_classes, image_size)
+    plan = plan_cell(cfg, model)
+    method = make_method(cfg, plan.num_submodels)
+    uri = tracking.resolve_uri(opts.tracking_uri)
+    tracking.check_reachable(uri)
+    ckpt = checkpoint.cell_dir(cfg, experiment, key) / "checkpoint.pt"
+    state = _existing_checkpoint(ckpt, opts)
+    if cfg["runtime"]["threads"]:
+        torch.set_num_threads(cfg["runtime"]["threads"])
+    splits, batches, norm = _load_data(cfg, device, sealed=not opts.evaluate_test)
+    model = model.to(device, memory_format=torch.channels_last)
+    method = method.to(device)
+    optimizer = new_optimizer(model, method, cfg["train"])
+    start = 0
+    if state is not None:
+        modules = {"model": model, "method": method, "optimizer": optimizer}
+        stage, epoch = checkpoint.restore(state, modules, device)
+        start = stage * plan.epochs + epoch
+    run = tracking.CellRun(uri, experiment)
+    tags = {
+        **tracking.environment_tags(device, torch.get_num_threads()),
+        tracking.TAG + "split_seed": str(cfg["data"]["split_seed"]),
+        tracking.TAG + "val_hash": splits.val_hash,
+        tracking.TAG + "test_evaluated": str(opts.evaluate_test).lower(),
+        **opts.extra_tags,
+    }
+    run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
+    amp = bool(cfg["runtime"]["amp"]) and device.type == "cuda"
+    cell = Cell(
+        cfg, key, plan, model, method, optimizer, splits, batches, norm, device, amp, run, ckpt,
+        start, opts,
+    )  # fmt: skip
+    if opts.restart:
+        ckpt.unlink(missing_ok=True)
+    if state is not None:
+        _log_pending_metrics(run, state)
+        _progress_line(f"resuming cell {key} at stage {stage + 1}, epoch {epoch + 1}")
+    return cell
 
 
-def lr_at(t: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at (epoch, step): linear warm-up, then multi-step or cosine decay."""
-    pos = epoch + step / steps_per_epoch
-    warm = t["warmup_epochs"]
-    if warm and pos < warm:
-        return t["lr"] * (pos + 1 / steps_per_epoch) / warm
-    if t["schedule"] == "multistep":
-        return t["lr"] * t["gamma"] ** sum(epoch >= m * t["epochs"] for m in t["milestones"])
-    frac = (pos - warm) / max(t["epochs"] - warm, 1e-9)
-    return 0.5 * t["lr"] * (1 + math.cos(math.pi * frac))
+def _existing_checkpoint(ckpt: Path, opts: CellOptions) -> dict[str, Any] | None:
+    """The checkpoint to resume from (with --resume), None (none, or --restart), else an error:
+    an existing checkpoint is never silently overwritten."""
+    if not ckpt.exists() or opts.restart:
+        return None
+    if opts.resume:
+        return checkpoint.load(ckpt)
+    raise ConfigError(
+        f"a checkpoint of this cell exists ({ckpt}); pass --resume to continue it "
+        f"or --restart to discard it"
+    )
 
 
-@torch.no_grad()
-def evaluate(
-    model: FlexibleModel,
-    x: Tensor,
-    y: Tensor,
-    batch: int,
-    norm: Normalizer,
-    device: torch.device,
-    amp: bool,
-    confidences: bool = False,
-) -> tuple[list[float], list[float]] | tuple[list[float], list[float], Tensor, Tensor]:
-    """Top-1/top-5 (%) of every sub-model in one pass over (x, y); one host sync at the end.
-
-    With `confidences`, also the per-sample max-softmax confidence and top-1 correctness of every
-    sub-model, (K, N) each, for budgeted-batch evaluation.
-    """
-    was_training = model.training
-    model.eval()
-    k = model.num_submodels
-    c1 = torch.zeros(k, device=device)
-    c5 = torch.zeros(k, device=device)
-    conf, hit1 = [], []
-    for xb, yb in eval_batches(x, y, batch, norm, device):
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            outs = model.forward_all(xb)
-        for i, z in enumerate(outs):
-            top = z.topk(min(5, z.shape[1]), dim=1).indices
-            hit = top == yb[:, None]
-            c1[i] += hit[:, 0].sum()
-            c5[i] += hit.any(1).sum()
-        if confidences:
-            conf.append(torch.stack([z.float().softmax(1).amax(1) for z in outs]))
-            hit1.append(torch.stack([z.argmax(1) == yb for z in outs]))
-    model.train(was_training)
-    n = max(1, x.shape[0])
-    acc = (c1 * 100 / n).tolist(), (c5 * 100 / n).tolist()
-    if not confidences:
-        return acc
-    return (*acc, torch.cat(conf, 1).cpu(), torch.cat(hit1, 1).cpu())
-
-
-class _Step:
-    """One optimisation step of a stage; teachers' logits are reused, detached, never recomputed."""
-
-    def __init__(
-        self,
-        model: FlexibleModel,
-        method: Method,
-        stage: Stage,
-        amp: bool,
-        device: torch.device,
-        compile_model: bool,
-    ) -> None:
-        self.model, self.method, self.stage, self.amp, self.device = (
-            model,
-            method,
-            stage,
-            amp,
-            device,
+def _load_data(
+    cfg: dict[str, Any], device: torch.device, sealed: bool
+) -> tuple[Splits, TrainBatches, Normalizer]:
+    splits = datasets.load_splits(cfg["data"]["name"], cfg["data"])
+    splits.sealed = sealed
+    norm = Normalizer(splits.mean, splits.std, device)
+    t = cfg["train"]
+    batches = TrainBatches(
+        splits.train_x, splits.train_y, t["batch_size"], norm, cfg["seed"], device
+    )
+    if len(batches) == 0:
+        raise ConfigError(
+            f"train.batch_size {t['batch_size']} exceeds the {splits.train_x.shape[0]} "
+            f"training images"
         )
-        self.k = model.num_submodels
-        fwd_all, fwd_sub = model.forward_all, model.forward_sub
-        if method.uses_features:
-            fwd_all, fwd_sub = model.forward_all_features, model.forward_sub_features
-        self.fwd_all = torch.compile(fwd_all) if compile_model else fwd_all
-        self.fwd_sub = torch.compile(fwd_sub) if compile_model else fwd_sub
-
-    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], dict[int, Tensor]]:
-        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
-        feats = self.method.uses_features
-        teachers: dict[int, Tensor] = {}
-        t_feats: dict[int, list[Tensor]] = {}  # detached; the student's own are added per k
-        with torch.no_grad(), autocast:
-            for t in self.stage.frozen_teachers:
-                if feats:
-                    z, f = self.fwd_sub(x, t)
-                    t_feats[t] = [v.float() for v in f]
-                else:
-                    z = self.fwd_sub(x, t)
-                teachers[t] = z.float()
-        terms: dict[str, Tensor] = {}
-        order = sorted(self.stage.train, reverse=True)  # largest first: teachers exist in time
-        total = torch.zeros((), device=self.device)
-        if self.model.single_pass:
-            with autocast:
-                outs_f = dict(zip(order, self.fwd_all(x, order)))
-            if feats:
-                outs = {k: z.float() for k, (z, _) in outs_f.items()}
-                live = {k: [v.float() for v in f] for k, (_, f) in outs_f.items()}
-                t_feats.update({k: [v.detach() for v in f] for k, f in live.items()})
-            else:
-                outs = {k: z.float() for k, z in outs_f.items()}
-            teachers.update({k: z.detach() for k, z in outs.items()})
-            for k in order:
-                fk = {**t_feats, k: live[k]} if feats else None
-                loss_k, tk = self.method.loss(k, outs[k], teachers, y, self.k, fk)
-                total = total + loss_k
-                self._terms(terms, k, tk)
-            total.backward()
-        else:  # one forward per sub-model; backward each at once so memory stays at one sub-model
-            outs = {}
-            for k in order:
-                with autocast:
-                    out = self.fwd_sub(x, k)
-                fk = None
-                if feats:
-                    out, f = out
-                    f = [v.float() for v in f]
-                    fk = {**t_feats, k: f}
-                z = out.float()
-                loss_k, tk = self.method.loss(k, z, teachers, y, self.k, fk)
-                loss_k.backward()
-                teachers[k] = outs[k] = z.detach()
-                if feats:
-                    t_feats[k] = [v.detach() for v in f]
-                total = total + loss_k.detach()
-                self._terms(terms, k, tk)
-        return total.detach(), terms, outs
-
-    def _terms(self, terms: dict[str, Tensor], k: int, tk: dict[str, Tensor]) -> None:
-        name = self.model.submodels[k].name
-        for term, v in tk.items():
-            terms[f"{term}/{name}"] = v.detach()
+    return splits, batches, norm
 
 
-def _train_epoch(
-    model,
-    stage,
-    step_fn,
-    optimizer,
-    batches,
-    t_cfg,
-    r_cfg,
-    epoch,
-    g_epoch,
-    total_epochs,
-    names,
-    progress,
-    device,
+def _log_pending_metrics(run: tracking.CellRun, state: dict[str, Any]) -> None:
+    """The checkpoint holds the metrics of the epoch it closed; a kill after the checkpoint and
+    before they reached MLflow leaves them unlogged: log them now, exactly once."""
+    metrics, step = state.get("metrics"), state.get("metrics_step")
+    if metrics and not run.has_metric_at("train/loss", step):
+        run.log_metrics(metrics, step)
+
+
+def train_epoch(
+    cell: Cell, step: Callable[[Tensor, Tensor], StepResult], pos: Position
 ) -> dict[str, float]:
-    """One pass over the training batches; metrics stay on the device until the epoch ends."""
+    """One pass over the training batches; metrics stay on the device until the epoch ends
+    (one host sync per `runtime.log_every` steps, to catch a diverging loss early)."""
     t0 = time.perf_counter()
-    model.train()
-    if isinstance(model, IndependentModel):
-        for t in stage.frozen_teachers:
-            model.members[t].eval()
-    loss_sum = torch.zeros((), device=device)
+    cell.model.train()
+    if isinstance(cell.model, IndependentModel):
+        for t in cell.plan.stages[pos.stage].frozen_teachers:
+            cell.model.members[t].eval()
+    steps, log_every = len(cell.batches), cell.cfg["runtime"]["log_every"]
+    loss_sum = torch.zeros((), device=cell.device)
     term_sums: dict[str, Tensor] = {}
-    correct = torch.zeros(model.num_submodels, device=device)
-    steps = len(batches)
+    correct = torch.zeros(cell.plan.num_submodels, device=cell.device)
     bar = tqdm(
         total=steps,
-        disable=not (progress and sys.stderr.isatty()),
-        desc=f"epoch {g_epoch + 1}/{total_epochs}",
+        disable=not (cell.opts.progress and sys.stderr.isatty()),
+        desc=f"epoch {pos.index + 1}/{cell.plan.total_epochs}",
         leave=False,
     )
-    lr = t_cfg["lr"]
-    for i, (xb, yb) in enumerate(batches.epoch(epoch)):
-        lr = lr_at(t_cfg, epoch, i, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        loss, terms, outs = step_fn(xb, yb)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss
-        for name, v in terms.items():
+    lr = cell.cfg["train"]["lr"]
+    for i, (xb, yb) in enumerate(cell.batches.epoch(pos.epoch)):
+        lr = lr_at(cell.cfg["train"], pos.epoch, i, steps)
+        set_lr(cell.optimizer, lr)
+        out = step(xb, yb)
+        cell.optimizer.step()
+        cell.optimizer.zero_grad(set_to_none=True)
+        loss_sum += out.loss
+        for name, v in out.terms.items():
             term_sums[name] = term_sums.get(name, 0) + v
-        for k, z in outs.items():
+        for k, z in out.logits.items():
             correct[k] += (z.argmax(1) == yb).sum()
-        if (i + 1) % r_cfg["log_every"] == 0:
-            mean_loss = loss_sum.item() / (i + 1)  # one host sync per log_every steps
-            if not math.isfinite(mean_loss):
-                raise TrainingError(
-                    f"non-finite loss at epoch {g_epoch + 1}, step {i + 1}; "
-                    f"lower train.lr or check the data"
-                )
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}")
+        if (i + 1) % log_every == 0:
+            _check_finite(loss_sum.item() / (i + 1), pos, f", step {i + 1}")
+            bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{lr:.3g}")
         bar.update()
     bar.close()
     metrics = {"train/loss": loss_sum.item() / steps, "lr": lr}
-    if not math.isfinite(metrics["train/loss"]):
-        raise TrainingError(
-            f"non-finite loss in epoch {g_epoch + 1}; lower train.lr or check the data"
-        )
+    _check_finite(metrics["train/loss"], pos, "")
     metrics.update({f"train/loss_terms/{n}": float(v) / steps for n, v in term_sums.items()})
-    seen = steps * batches.batch_size
-    for k in stage.train:
-        metrics[f"train/top1/{names[k]}"] = float(correct[k]) * 100 / seen
+    seen = steps * cell.batches.batch_size
+    for k in cell.plan.stages[pos.stage].train:
+        metrics[f"train/top1/{cell.plan.names[k]}"] = float(correct[k]) * 100 / seen
     metrics["time/epoch_s"] = time.perf_counter() - t0
     return metrics
+
+
+def _check_finite(loss: float, pos: Position, where: str) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"non-finite loss at epoch {pos.index + 1}{where}; lower train.lr or check the data"
+        )
+
+
+def _epoch_context(cell: Cell, pos: Position) -> EpochContext:
+    stage = cell.plan.stages[pos.stage]
+    return EpochContext(
+        cell.model, stage, pos.epoch, cell.plan.epochs, cell.batches.epoch, cell.autocast
+    )
+
+
+def validate(cell: Cell) -> dict[str, float]:
+    """`val/top1/<sub>` of every sub-model and their mean, on the validation split."""
+    val = (cell.splits.val_x, cell.splits.val_y)
+    acc = evaluate(cell.model, val, cell.cfg["train"]["eval_batch_size"], cell.norm, cell.amp)
+    metrics = {f"val/top1/{n}": v for n, v in zip(cell.plan.names, acc.top1)}
+    metrics["val/top1_mean"] = sum(acc.top1) / len(acc.top1)
+    return metrics
+
+
+def save_checkpoint(cell: Cell, pos: Position, metrics: dict[str, float]) -> None:
+    """Atomically save the state after `pos`, pointing at the next (stage, epoch)."""
+    nxt = pos.index + 1
+    modules = {"model": cell.model, "method": cell.method, "optimizer": cell.optimizer}
+    extra = {"run_id": cell.run.run_id, "key": cell.key, "metrics": metrics}
+    extra["metrics_step"] = pos.index
+    next_pos = (nxt // cell.plan.epochs, nxt % cell.plan.epochs)
+    checkpoint.save(cell.ckpt, checkpoint.build(modules, next_pos, cell.device, extra))
+
+
+def _epoch_line(cell: Cell, pos: Position, metrics: dict[str, float]) -> str:
+    eta = metrics["time/epoch_s"] * (cell.plan.total_epochs - pos.index - 1)
+    val = " ".join(f"{metrics[f'val/top1/{n}']:.1f}" for n in cell.plan.names)
+    return (
+        f"[{cell.key}] epoch {pos.index + 1}/{cell.plan.total_epochs}"
+        f" loss {metrics['train/loss']:.4f} val top1 {val}"
+        f" ({metrics['time/epoch_s']:.1f}s, ETA {eta:.0f}s)"
+    )
 
 
 def _progress_line(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_dir(cfg: dict[str, Any], experiment: str, key: str) -> Path:
-    return Path(cfg["runtime"]["workdir"]) / experiment / key
-
-
-def train_cell(
-    cfg: dict[str, Any],
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    resume: bool = False,
-    restart: bool = False,
-    evaluate_test: bool = True,
-    epoch_callback: EpochCallback | None = None,
-    progress: bool = True,
-    extra_tags: dict[str, str] | None = None,
-) -> CellResult:
-    """Train and evaluate one resolved cell; returns its per-sub-model results.
-
-    `evaluate_test=False` seals the test split (studies): final metrics are then on val only.
-    `epoch_callback(epoch, metrics)` runs after every epoch (e.g. Optuna pruning); an exception
-    it raises ends the cell, which is marked failed unless the exception is TrialPruned-like.
-    """
-    experiment = experiment or tracking.DEFAULT_EXPERIMENT
-    key = cell_key(cfg)
-    t_cfg, r_cfg = cfg["train"], cfg["runtime"]
-    # --- validate everything before any work -------------------------------------------
-    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
-    datasets.check(cfg["data"]["name"], cfg["data"])
-    device = pick_device(str(r_cfg["device"]))
-    model = make_model(cfg, num_classes, image_size)
-    method = make_method(cfg, model.num_submodels)
-    uri = tracking.resolve_uri(tracking_uri)
-    tracking.check_reachable(uri)
-    ckpt_path = run_dir(cfg, experiment, key) / "checkpoint.pt"
-    state = None
-    if ckpt_path.exists():
-        if restart:
-            ckpt_path.unlink()
-        elif resume:
-            state = checkpoint.load(ckpt_path)
-        else:
-            raise ConfigError(
-                f"a checkpoint of this cell exists ({ckpt_path}); pass --resume to continue it "
-                f"or --restart to discard it"
-            )
-    if r_cfg["threads"]:
-        torch.set_num_threads(r_cfg["threads"])
-    splits = datasets.load_splits(cfg["data"]["name"], cfg["data"])
-    splits.sealed = not evaluate_test
-    norm = Normalizer(splits.mean, splits.std, device)
-    batches = TrainBatches(
-        splits.train_x, splits.train_y, t_cfg["batch_size"], norm, cfg["seed"], device
-    )
-    if len(batches) == 0:
-        raise ConfigError(
-            f"train.batch_size {t_cfg['batch_size']} exceeds the {splits.train_x.shape[0]} "
-            f"training images"
-        )
-    amp = bool(r_cfg["amp"]) and device.type == "cuda"
-    arch_key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
-    costs: list[SubCost] = count_costs(model, image_size, cache_key=arch_key)
-
-    model = model.to(device, memory_format=torch.channels_last)
-    method = method.to(device)
-    names = [s.name for s in model.submodels]
-    stages = method.stages(model.num_submodels)
-
-    def new_optimizer() -> torch.optim.Optimizer:
-        groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
-        if list(method.parameters()):  # learned by the method itself: own lr scale, no decay
-            groups.append(
-                {
-                    "params": list(method.parameters()),
-                    "lr_scale": method.param_lr_scale,
-                    "weight_decay": 0.0,
-                }
-            )
-        return torch.optim.SGD(
-            groups,
-            lr=t_cfg["lr"],
-            momentum=t_cfg["momentum"],
-            nesterov=t_cfg["nesterov"],
-            weight_decay=t_cfg["weight_decay"],
-        )
-
-    optimizer = new_optimizer()
-    stage_idx, epoch = 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        stage_idx, epoch = state["stage"], state["epoch"]
-
-    run = tracking.CellRun(uri, experiment)
-    tags = {
-        tracking.TAG + "device": str(device)
-        + (
-            f" ({torch.cuda.get_device_name(device)})"
-            if device.type == "cuda"
-            else f" ({torch.get_num_threads()} threads)"
-        ),
-        tracking.TAG + "split_seed": str(cfg["data"]["split_seed"]),
-        tracking.TAG + "val_hash": splits.val_hash,
-        tracking.TAG + "torch": torch.__version__,
-        tracking.TAG + "test_evaluated": str(evaluate_test).lower(),
-        **(extra_tags or {}),
-    }
-    run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
-    if state:
-        _progress_line(f"resuming cell {key} at stage {stage_idx + 1}, epoch {epoch + 1}")
-
-    n_epochs = t_cfg["epochs"]
-    total_epochs = n_epochs * len(stages)
-    try:
-        while stage_idx < len(stages):
-            stage = stages[stage_idx]
-            step_fn = _Step(model, method, stage, amp, device, bool(r_cfg["compile"]))
-            while epoch < n_epochs:
-                g_epoch = stage_idx * n_epochs + epoch
-                metrics = _train_epoch(
-                    model,
-                    stage,
-                    step_fn,
-                    optimizer,
-                    batches,
-                    t_cfg,
-                    r_cfg,
-                    epoch,
-                    g_epoch,
-                    total_epochs,
-                    names,
-                    progress,
-                    device,
-                )
-                metrics.update(
-                    method.epoch_end(
-                        EpochContext(
-                            model,
-                            stage,
-                            epoch,
-                            n_epochs,
-                            batches.epoch,
-                            lambda: torch.autocast(device.type, torch.bfloat16, enabled=amp),
-                        )
-                    )
-                )
-                val1, _ = evaluate(
-                    model, splits.val_x, splits.val_y, t_cfg["eval_batch_size"], norm, device, amp
-                )
-                metrics.update({f"val/top1/{n}": v for n, v in zip(names, val1)})
-                metrics["val/top1_mean"] = sum(val1) / len(val1)
-                run.log_metrics(metrics, g_epoch)
-                epoch += 1
-                if epoch == n_epochs and stage_idx + 1 < len(stages):
-                    optimizer = new_optimizer()  # each stage of a chain starts fresh
-                next_pos = (stage_idx + 1, 0) if epoch == n_epochs else (stage_idx, epoch)
-                checkpoint.save(
-                    ckpt_path,
-                    {
-                        "model": model.state_dict(),
-                        "method": method.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "stage": next_pos[0],
-                        "epoch": next_pos[1],
-                        "rng_cpu": torch.get_rng_state(),
-                        "rng_cuda": torch.cuda.get_rng_state(device)
-                        if device.type == "cuda"
-                        else None,
-                        "run_id": run.run_id,
-                        "key": key,
-                    },
-                )
-                if progress:
-                    eta = metrics["time/epoch_s"] * (total_epochs - g_epoch - 1)
-                    _progress_line(
-                        f"[{key}] epoch {g_epoch + 1}/{total_epochs}"
-                        f" loss {metrics['train/loss']:.4f}"
-                        f" val top1 {' '.join(f'{v:.1f}' for v in val1)}"
-                        f" ({metrics['time/epoch_s']:.1f}s, ETA {eta:.0f}s)"
-                    )
-                if epoch_callback is not None:
-                    epoch_callback(g_epoch, metrics)
-            stage_idx, epoch = stage_idx + 1, 0
-        return _finish(
-            cfg,
-            key,
-            run,
-            model,
-            splits,
-            norm,
-            device,
-            amp,
-            costs,
-            evaluate_test,
-            total_epochs,
-            ckpt_path,
-        )
-    except KeyboardInterrupt:
-        run.interrupted()
-        raise
-    except Exception as exc:
-        if type(exc).__name__ == "TrialPruned":
-            run.set_tags({tracking.TAG + "status": "pruned"})
-            run.client.set_terminated(run.run_id, "KILLED")
-        else:
-            run.fail(f"{type(exc).__name__}: {exc}")
-        raise
-
-
-def _finish(
-    cfg, key, run, model, splits, norm, device, amp, costs, evaluate_test, total_epochs, ckpt_path
-) -> CellResult:
+def finish(cell: Cell) -> CellResult:
     """Final evaluation of every sub-model in one pass, latency, and the MLflow record."""
-    r_cfg, t_cfg = cfg["runtime"], cfg["train"]
-    split = "test" if evaluate_test else "val"
-    x, y = splits.test() if evaluate_test else (splits.val_x, splits.val_y)
-    top1, top5, conf, correct = evaluate(
-        model, x, y, t_cfg["eval_batch_size"], norm, device, amp, confidences=True
-    )
+    cfg, plan, t = cell.cfg, cell.plan, cell.cfg["train"]
+    sealed = not cell.opts.evaluate_test
+    split = "val" if sealed else "test"
+    data = (cell.splits.val_x, cell.splits.val_y) if sealed else cell.splits.test()
+    acc = evaluate(cell.model, data, t["eval_batch_size"], cell.norm, cell.amp, confidences=True)
     budgeted = []
-    if model.early_exit and evaluate_test:
-        val_conf = evaluate(
-            model,
-            splits.val_x,
-            splits.val_y,
-            t_cfg["eval_batch_size"],
-            norm,
-            device,
-            amp,
-            confidences=True,
-        )[2]
-        budgeted = budgeted_curve(val_conf, conf, correct, [c.mflops for c in costs])
+    if cell.model.early_exit and not sealed:  # thresholds are fitted on val, applied to test
+        val = (cell.splits.val_x, cell.splits.val_y)
+        val_acc = evaluate(cell.model, val, t["eval_batch_size"], cell.norm, cell.amp, True)
+        costs = [c.mflops for c in plan.costs]
+        budgeted = budgeted_curve(val_acc.confidence, acc.confidence, acc.correct, costs)
+    r = cfg["runtime"]
     lat = measure_latency(
-        model,
-        splits.image_size,
-        device,
-        r_cfg["latency_batch"],
-        r_cfg["latency_warmup"],
-        r_cfg["latency_repeats"],
+        cell.model,
+        plan.image_size,
+        cell.device,
+        r["latency_batch"],
+        r["latency_warmup"],
+        r["latency_repeats"],
     )
-    rows = []
-    final: dict[str, float] = {}
-    for sub, c, a1, a5, ms in zip(model.submodels, costs, top1, top5, lat):
-        row = {
-            "index": sub.index,
-            "name": sub.name,
-            "top1": a1,
-            "top5": a5,
-            "mmacs": c.mmacs,
-            "mflops": c.mflops,
-            "params_m": c.params_m,
-            "gbitops": c.gbitops,
-            "latency_ms": ms,
-        }
-        rows.append(row)
-        final.update(
-            {
-                f"{split}/top1/{sub.name}": a1,
-                f"{split}/top5/{sub.name}": a5,
-                f"mmacs/{sub.name}": c.mmacs,
-                f"mflops/{sub.name}": c.mflops,
-                f"params_m/{sub.name}": c.params_m,
-                f"gbitops/{sub.name}": c.gbitops,
-                f"latency_ms/{sub.name}": ms,
-            }
-        )
-    axis = cost_axis([r["mflops"] for r in rows], [r["gbitops"] for r in rows])
-    final[f"{split}/top1_mean"] = sum(top1) / len(top1)
-    final[f"{split}/top1_auc"] = auc_top1([r[axis] for r in rows], top1)
-    run.set_tags({tracking.TAG + "cost_axis": axis})
+    rows = [
+        {"index": i, "name": c.name, "top1": a1, "top5": a5}
+        | {"mmacs": c.mmacs, "mflops": c.mflops, "params_m": c.params_m}
+        | {"gbitops": c.gbitops, "latency_ms": ms}
+        for i, (c, a1, a5, ms) in enumerate(zip(plan.costs, acc.top1, acc.top5, lat))
+    ]
+    axis = cost_axis([row["mflops"] for row in rows], [row["gbitops"] for row in rows])
+    final = _final_metrics(rows, split)
+    final[f"{split}/top1_auc"] = auc_top1([row[axis] for row in rows], acc.top1)
+    cell.run.set_tags({tracking.TAG + "cost_axis": axis})
     with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
-        art = _artifacts(
-            Path(tmp), cfg, rows, split, r_cfg["log_checkpoint"], ckpt_path, budgeted, axis
-        )
-        run.finish(final, rows, art, cfg, key, total_epochs, budgeted)
+        art = _artifacts(Path(tmp), cell, rows, split, budgeted, axis)
+        cell.run.finish(final, rows, art, cfg, cell.key, plan.total_epochs, budgeted)
     _progress_line(
-        f"[{key}] finished: "
+        f"[{cell.key}] finished: "
         + ", ".join(f"{r['name']} {r['top1']:.1f}% @ {r['mflops']:.2f} MFLOPs" for r in rows)
         + f" ({split})"
     )
-    return CellResult(key, run.run_id, rows, final)
+    return CellResult(cell.key, cell.run.run_id, rows, final)
+
+
+def _final_metrics(rows: list[dict[str, Any]], split: str) -> dict[str, float]:
+    keys = {"top1": f"{split}/top1", "top5": f"{split}/top5"}
+    final = {
+        f"{keys.get(f, f)}/{row['name']}": row[f]
+        for row in rows
+        for f in ("top1", "top5", "mmacs", "mflops", "params_m", "gbitops", "latency_ms")
+    }
+    final[f"{split}/top1_mean"] = sum(row["top1"] for row in rows) / len(rows)
+    return final
 
 
 def _artifacts(
-    folder: Path, cfg, rows, split, log_checkpoint, ckpt_path, budgeted, axis
+    folder: Path, cell: Cell, rows: list[dict[str, Any]], split: str, budgeted: list, axis: str
 ) -> list[tuple[Path, str | None]]:
+    """Files attached to the cell's run: resolved config, per-sub-model CSV, the
+    accuracy-vs-cost figure, budgeted-batch points, and (runtime.log_checkpoint) the weights."""
     import csv
 
-    import matplotlib
+    from reports.cell_figure import draw_cell_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    cfg = cell.cfg
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    with open(folder / "submodels.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
-    xs, ys = [r[axis] for r in rows], [r["top1"] for r in rows]
-    ax.plot(xs, ys, marker="o", label="anytime (each exit)" if budgeted else None)
-    if budgeted:
-        ax.plot(
-            [p["mflops"] for p in budgeted],
-            [p["top1"] for p in budgeted],
-            lw=1,
-            label="budgeted batch (thresholds from val)",
-        )
-        ax.legend(fontsize=7)
-    for r in rows:
-        ax.annotate(
-            r["name"],
-            (r[axis], r["top1"]),
-            textcoords="offset points",
-            xytext=(4, -10),
-            fontsize=7,
-        )
-    ax.set_xlabel(
-        "MFLOPs (FlopCounterMode, forward)"
-        if axis == "mflops"
-        else "GBitOps (MACs x weight bits x activation bits)"
-    )
-    ax.set_ylabel(f"{split} top-1 (%)")
-    ax.set_title(
-        f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}", fontsize=8
-    )
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "acc_vs_flops.png")
-    plt.close(fig)
-    out = [
-        (folder / "config.yaml", None),
-        (folder / "submodels.csv", None),
-        (folder / "acc_vs_flops.png", "plots"),
-    ]
-    if budgeted:
-        with open(folder / "budgeted.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(budgeted[0]))
-            writer.writeheader()
-            writer.writerows(budgeted)
-        out.append((folder / "budgeted.csv", None))
-    if log_checkpoint and ckpt_path.exists():
-        out.append((ckpt_path, "checkpoint"))
+    out: list[tuple[Path, str | None]] = [(folder / "config.yaml", None)]
+    tables = {"submodels.csv": rows, "budgeted.csv": budgeted}
+    for name, table in tables.items():
+        if table:
+            with open(folder / name, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows(table)
+            out.append((folder / name, None))
+    title = f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}"
+    png = draw_cell_figure(folder / "acc_vs_flops.png", title, rows, axis, split, budgeted)
+    out.insert(2, (png, "plots"))
+    if cfg["runtime"]["log_checkpoint"] and cell.ckpt.exists():
+        out.append((cell.ckpt, "checkpoint"))
     return out

@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark import data as datasets
+from benchmark.cell import make_method, make_model, pick_device
 from benchmark.config import parse_sets, resolve
 from benchmark.data.pipeline import Normalizer, TrainBatches
-from benchmark.train import _Step, make_method, make_model, pick_device
+from benchmark.step import make_step
 
 
 class PILDataset(Dataset):
@@ -55,13 +56,8 @@ def run_flexbench(cfg, splits, device, steps: int, warmup: int) -> float:
     )
     method = make_method(cfg, model.num_submodels)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step = _Step(
-        model,
-        method,
-        method.stages(model.num_submodels)[0],
-        amp=device.type == "cuda",
-        device=device,
-        compile_model=False,
+    step = make_step(
+        model, method, method.stages(model.num_submodels)[0], device, amp=device.type == "cuda"
     )
     norm = Normalizer(splits.mean, splits.std, device)
     batches = TrainBatches(
@@ -77,7 +73,7 @@ def run_flexbench(cfg, splits, device, steps: int, warmup: int) -> float:
                 torch.cuda.synchronize()
             t0, n = time.perf_counter(), 0
         xb, yb = next(it)
-        loss, _, _ = step(xb, yb)
+        loss = step(xb, yb).loss
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += loss

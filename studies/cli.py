@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmark import signals
 from benchmark.cli import add_override_args
 from benchmark.errors import ConfigError
 
@@ -114,13 +115,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         s = run_study(opts)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
             "flexbench: study interrupted; the running trials are marked failed. Rerun the same "
             "command to continue the study",
             file=sys.stderr,
         )
-        return 130
+        return signals.exit_code(exc)
     c = s.counts
     print(
         f"study {s.study_name} ({s.storage}): +{s.new_trials} trials, {sum(c.values())} in all "

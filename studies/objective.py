@@ -99,14 +99,9 @@ class Objective:
         """Sub-model names (smallest first) and MFLOPs, counted once per process (and cached
         under the same key `train_cell` uses)."""
         if self._subs is None:
-            from benchmark import data as datasets
-            from benchmark.flops import count_costs
-            from benchmark.train import make_model
+            from benchmark.cell import plan_cell
 
-            num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
-            model = make_model(cfg, num_classes, image_size)
-            key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
-            costs = count_costs(model, image_size, cache_key=key)
+            costs = plan_cell(cfg).costs
             axis = cost_axis([c.mflops for c in costs], [c.gbitops for c in costs])
             self._subs = ([c.name for c in costs], [getattr(c, axis) for c in costs])
         return self._subs
@@ -127,7 +122,9 @@ class Objective:
     # -- one trial --------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial) -> float:
         from benchmark import tracking
-        from benchmark.train import train_cell
+        from benchmark.cell import plan_cell
+        from benchmark.errors import CellPruned
+        from benchmark.train import CellOptions, train_cell
 
         ctx = self.ctx
         params = suggest(trial, self.space)
@@ -149,7 +146,7 @@ class Objective:
             base = Path(self.config(params)["runtime"]["workdir"])
             trial_dir = base / "studies" / ctx.study_name / f"trial-{trial.number}"
             cfg = self.config(params, str(trial_dir))
-            total = cfg["train"]["epochs"] * len(_method_stages(cfg, len(self.submodels(cfg)[0])))
+            total = plan_cell(cfg).total_epochs
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 v = self.summary(metrics, cfg)
@@ -157,10 +154,9 @@ class Objective:
                 trial.report(v, epoch)
                 # never prune after the last epoch: the trial is complete by then
                 if epoch < total - 1 and trial.should_prune():
-                    raise optuna.TrialPruned(f"epoch {epoch + 1}/{total}: objective {v:.3f}")
+                    raise CellPruned(f"epoch {epoch + 1}/{total}: objective {v:.3f}")
 
-            result = train_cell(
-                cfg,
+            opts = CellOptions(
                 tracking_uri=ctx.tracking_uri,
                 experiment=ctx.experiment,
                 restart=True,
@@ -169,6 +165,7 @@ class Objective:
                 progress=ctx.progress,
                 extra_tags=tags,
             )
+            result = train_cell(cfg, opts)
             leaked = sorted(k for k in result.metrics if k.startswith("test/"))
             if leaked:
                 from benchmark.data.base import TestSplitSealed
@@ -177,9 +174,9 @@ class Objective:
             value = self.summary({k: v for k, v in result.metrics.items()}, cfg)
             state = "complete"
             return value
-        except optuna.TrialPruned:
+        except CellPruned as exc:
             state = "pruned"
-            raise
+            raise optuna.TrialPruned(str(exc)) from exc
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
             raise
@@ -192,9 +189,3 @@ class Objective:
                 )
             if trial_dir is not None:  # trials never resume: their checkpoints are garbage
                 shutil.rmtree(trial_dir, ignore_errors=True)
-
-
-def _method_stages(cfg: dict[str, Any], num_submodels: int) -> list:
-    from benchmark.train import make_method
-
-    return make_method(cfg, num_submodels).stages(num_submodels)

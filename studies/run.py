@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from benchmark import signals
 from benchmark.errors import ConfigError, TrainingError
 from studies import storage as st
 from studies.choices import HEARTBEAT_S, OBJECTIVES, PRUNERS, SAMPLERS
@@ -182,10 +183,11 @@ def run_worker(ctx: TrialContext, n_trials: int, index: int, total_epochs: int) 
 
 
 def _spawned(ctx: TrialContext, n_trials: int, index: int, total_epochs: int) -> None:
+    signals.install()
     try:
         run_worker(ctx, n_trials, index, total_epochs)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        sys.exit(signals.exit_code(exc))
     except ConfigError as exc:
         print(f"flexbench: worker {index}: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -296,9 +298,9 @@ def run_study(opts: RunOptions) -> RunSummary:
     if opts.workers > 1 and not run_sets.get("runtime.threads"):
         run_sets["runtime.threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
     cfg = _validate(spec, run_sets)
-    from benchmark.train import make_method
+    from benchmark.cell import plan_cell
 
-    total_epochs = cfg["train"]["epochs"] * len(make_method(cfg, _n_subs(cfg)).stages(_n_subs(cfg)))
+    total_epochs = plan_cell(cfg).total_epochs
     prev = existing.user_attrs if existing else {}
     sampler = opts.sampler or prev.get("sampler", "tpe")
     pruner = opts.pruner or prev.get("pruner", "median")
@@ -385,14 +387,6 @@ def run_study(opts: RunOptions) -> RunSummary:
             )
         study_run.end(status)
     return summary
-
-
-def _n_subs(cfg: dict[str, Any]) -> int:
-    from benchmark import data as datasets
-    from benchmark.train import make_model
-
-    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
-    return make_model(cfg, num_classes, image_size).num_submodels
 
 
 def _run_spawned(ctx: TrialContext, shares: list[int], total_epochs: int) -> list[str]:

@@ -16,7 +16,7 @@ from benchmark.data import DATASETS
 from benchmark.errors import ConfigError, TrainingError
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS
-from benchmark.train import train_cell
+from benchmark.train import CellOptions, train_cell
 
 BAD_INPUTS = {
     # id: (extra CLI args, substrings the message must contain)
@@ -158,9 +158,11 @@ def test_non_finite_loss_stops_the_cell_and_marks_the_run_failed(tracking_uri, c
     with pytest.raises(TrainingError, match="non-finite loss"):
         train_cell(
             cfg,
-            tracking_uri=tracking_uri,
-            progress=False,
-            epoch_callback=lambda e, m: epochs_done.append(e),
+            CellOptions(
+                tracking_uri=tracking_uri,
+                progress=False,
+                epoch_callback=lambda e, m: epochs_done.append(e),
+            ),
         )
     assert epochs_done == []  # stopped inside the first epoch
     (run,) = all_runs(client)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from benchmark import data as datasets
 from benchmark.data.pipeline import Normalizer, TrainBatches, crop_flip
-from benchmark.train import train_cell
+from benchmark.train import CellOptions, train_cell
 
 CLASSES = ["cat", "dog", "emu"]
 PER_CLASS = {"train": 12, "test": 4}
@@ -153,7 +153,9 @@ def test_test_split_is_read_only_by_the_final_evaluation(spy_splits, tracking_ur
         assert not any(k.startswith("test/") for k in metrics)
 
     cfg = smoke_cfg("slimmable_mobilenet_v1", "joint", tmp_path / "runs", train__epochs=2)
-    result = train_cell(cfg, tracking_uri=tracking_uri, epoch_callback=on_epoch, progress=False)
+    result = train_cell(
+        cfg, CellOptions(tracking_uri=tracking_uri, epoch_callback=on_epoch, progress=False)
+    )
     assert reads_at_epoch_end == [0, 0]
     assert spy_splits[0].test_reads == 1
     assert "test/top1_mean" in result.metrics
@@ -161,7 +163,9 @@ def test_test_split_is_read_only_by_the_final_evaluation(spy_splits, tracking_ur
 
 def test_evaluate_test_false_seals_the_test_split(spy_splits, tracking_uri, client, tmp_path):
     cfg = smoke_cfg("msdnet", "joint", tmp_path / "runs", train__epochs=1)
-    result = train_cell(cfg, tracking_uri=tracking_uri, evaluate_test=False, progress=False)
+    result = train_cell(
+        cfg, CellOptions(tracking_uri=tracking_uri, evaluate_test=False, progress=False)
+    )
     (splits,) = spy_splits
     assert splits.sealed and splits.test_reads == 0
     with pytest.raises(datasets.TestSplitSealed):

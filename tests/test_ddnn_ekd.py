@@ -9,7 +9,7 @@ from conftest import smoke_cfg
 
 from benchmark.flops import count_costs
 from benchmark.models import ARCHS, build_model
-from benchmark.train import train_cell
+from benchmark.train import CellOptions, train_cell
 
 
 def _model(**arch):
@@ -95,7 +95,9 @@ def test_bad_depths_are_rejected_with_the_rule(bad, tmp_path):
 
 def test_ekd_cell_logs_kd_and_attention_terms_for_every_subnet(tracking_uri, client, tmp_path):
     cfg = smoke_cfg("ddnn_resnet", "ekd", tmp_path)
-    result = train_cell(cfg, tracking_uri=tracking_uri, experiment="ekd", progress=False)
+    result = train_cell(
+        cfg, CellOptions(tracking_uri=tracking_uri, experiment="ekd", progress=False)
+    )
     history = client.get_run(result.run_id).data.metrics
     for sub in ("d8",):  # the student; the full net d14 has only its CE
         assert history[f"train/loss_terms/at/{sub}"] > 0

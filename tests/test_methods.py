@@ -103,7 +103,7 @@ def method_params(name: str, case: dict[str, float]) -> dict[str, float]:
 def run_losses(
     name: str, params: dict, logits: list, labels: list, feats: list | None = None
 ) -> dict[int, float]:
-    """Loss of every sub-model over all stages, with teachers as train._Step provides them:
+    """Loss of every sub-model over all stages, with teachers as benchmark.step provides them:
     frozen teachers' logits (and stage features) plus the larger sub-models of the same step,
     detached."""
     method = METHODS.get(name)(params)
@@ -322,10 +322,10 @@ TINY = {
 @pytest.mark.parametrize("arch", ["msdnet", "slimmable_mobilenet_v1"])
 @pytest.mark.parametrize("name", ["ipkd", "ipkd_ta"])
 def test_students_kd_terms_leave_teacher_params_without_gradient(arch, name):
-    """One real training step (train._Step, all sub-models in one stage) in which the full
+    """One real training step (benchmark.step, all sub-models in one stage) in which the full
     model's own CE is switched off and a=1: only the students' KD terms backpropagate, so the
     parameters that only the full model uses must get no gradient."""
-    from benchmark.train import _Step
+    from benchmark.step import make_step
 
     class KDTermsOnly(METHODS.get(name)):
         def loss(self, k, logits, teachers, y, num_submodels, feats=None):
@@ -336,7 +336,7 @@ def test_students_kd_terms_leave_teacher_params_without_gradient(arch, name):
     model = build_model(arch, ARCHS.get(arch).resolve(TINY[arch]), 10, 32).train()
     method = KDTermsOnly({"T": 2.0, "a": 1.0})
     (stage,) = method.stages(K)
-    step = _Step(model, method, stage, amp=False, device=torch.device("cpu"), compile_model=False)
+    step = make_step(model, method, stage, torch.device("cpu"), False)
     step(torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4]))
 
     def grads(sub: int) -> list:

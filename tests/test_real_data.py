@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmark.config import resolve
-from benchmark.train import train_cell
+from benchmark.train import CellOptions, train_cell
 
 ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 
@@ -41,7 +41,9 @@ def test_family_learns_on_real_cifar10(arch, method, tracking_uri, tmp_path):
         "mini",
         {"runtime.device": "cpu", "runtime.threads": 2, "runtime.workdir": str(tmp_path / "runs")},
     )
-    result = train_cell(cfg, tracking_uri=tracking_uri, experiment="real", progress=False)
+    result = train_cell(
+        cfg, CellOptions(tracking_uri=tracking_uri, experiment="real", progress=False)
+    )
     print(arch, method, [(r["name"], round(r["top1"], 1)) for r in result.rows])
     for row in result.rows:
         assert row["top1"] >= 35.0, (row["name"], row["top1"])

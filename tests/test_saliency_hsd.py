@@ -23,7 +23,7 @@ from benchmark.methods import METHODS, EpochContext, Stage, kd_loss
 from benchmark.methods.hsd import kd_saliency
 from benchmark.models import ARCHS, build_model
 from benchmark.models.saliency_vgg import LevelBatchNorm2d
-from benchmark.train import run_dir, train_cell
+from benchmark.train import CellOptions, train_cell
 
 TINY = {"depth": 11, "width_mult": 0.125}  # conv widths 8, 16, 32, 32, 64, 64, 64, 64
 
@@ -347,15 +347,15 @@ def test_hsd_cell_reranks_logs_and_resumes_with_its_channels(tracking_uri, clien
         raise _Stop
 
     with pytest.raises(_Stop):  # dies after the first epoch (the only re-rank epoch)
-        train_cell(cfg, tracking_uri=tracking_uri, progress=False, epoch_callback=stop)
-    ckpt = run_dir(cfg, "flexbench", cell_key(cfg)) / "checkpoint.pt"
+        train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False, epoch_callback=stop))
+    ckpt = checkpoint.cell_dir(cfg, "flexbench", cell_key(cfg)) / "checkpoint.pt"
     saved = checkpoint.load(ckpt)
     assert saved["epoch"] == 1
     masks = {n: t for n, t in saved["model"].items() if ".kept" in n}
     prefix = _model().state_dict()
     assert any(not torch.equal(t, prefix[n]) for n, t in masks.items())  # channels changed
 
-    result = train_cell(cfg, tracking_uri=tracking_uri, progress=False, resume=True)
+    result = train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False, resume=True))
     assert result.key == cell_key(cfg)
     final = checkpoint.load(ckpt)["model"]
     assert all(torch.equal(final[n], t) for n, t in masks.items())  # resumed with its channels

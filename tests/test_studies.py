@@ -217,7 +217,7 @@ def test_a_study_never_reads_the_test_split(env, monkeypatch):
 
     from benchmark import train
     from benchmark.data.base import Splits
-    from benchmark.train import train_cell
+    from benchmark.train import CellOptions, train_cell
 
     reads = []
 
@@ -227,9 +227,9 @@ def test_a_study_never_reads_the_test_split(env, monkeypatch):
 
     calls = []
 
-    def spy_train_cell(cfg, *args, **kwargs):
-        calls.append(kwargs.get("evaluate_test", True))
-        return train_cell(cfg, *args, **kwargs)
+    def spy_train_cell(cfg, opts):
+        calls.append(opts.evaluate_test)
+        return train_cell(cfg, opts)
 
     monkeypatch.setattr(Splits, "test", spy_test)
     monkeypatch.setattr(train, "train_cell", spy_train_cell)
@@ -244,7 +244,7 @@ def test_a_study_never_reads_the_test_split(env, monkeypatch):
     # the probe is live: an ordinary cell (final test evaluation) does read it
     cfg = smoke_cfg(ARCH, "joint", env["root"] / "probe")
     with pytest.raises(AssertionError, match="test split was read"):
-        train_cell(cfg, tracking_uri=env["uri"], restart=True, progress=False)
+        train_cell(cfg, CellOptions(tracking_uri=env["uri"], restart=True, progress=False))
     assert len(reads) == 1
 
 

@@ -23,7 +23,8 @@ from benchmark.models.switchable_precision import (
     quantize_activation,
     quantize_weight,
 )
-from benchmark.train import _Step, run_dir, train_cell
+from benchmark.step import make_step
+from benchmark.train import CellOptions, train_cell
 
 ARCH = "switchable_precision_resnet"
 TINY = {"depth": 8, "width": 0.25}
@@ -278,10 +279,10 @@ def test_multi_teacher_parameters_exist_after_bind_and_learn_in_a_training_step(
     assert set(method.state_dict()) == {"pi.0", "pi.1", "pi.2"}
     assert METHODS.get("multi_teacher").param_lr_scale == 0.1
     model = model_of()
-    step = _Step(model, method, Stage((0, 1, 2, 3)), False, torch.device("cpu"), False)
+    step = make_step(model, method, Stage((0, 1, 2, 3)), torch.device("cpu"), False)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     before = [p.detach().clone() for p in method.pi]
-    _, terms, _ = step(x, y)
+    terms = step(x, y).terms
     assert {"imp/b2", "kd/b2", "ce/b2", "imp/b8", "ce/b32"} <= set(terms)
     assert method.pi[0].grad.abs().sum() > 0 and method.pi[1].grad.abs().sum() > 0
     torch.optim.SGD(method.parameters(), lr=1.0).step()
@@ -290,7 +291,7 @@ def test_multi_teacher_parameters_exist_after_bind_and_learn_in_a_training_step(
 
 def test_multi_teacher_cell_logs_bitops_and_importance(tracking_uri, client, tmp_path):
     cfg = smoke_cfg(ARCH, "multi_teacher", tmp_path, arch__depth=8, arch__width=0.25)
-    result = train_cell(cfg, tracking_uri=tracking_uri, progress=False)
+    result = train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
     run = client.get_run(result.run_id)
     m = run.data.metrics
     names = ["b2", "b4", "b8", "b32"]
@@ -309,6 +310,6 @@ def test_multi_teacher_cell_logs_bitops_and_importance(tracking_uri, client, tmp
     assert learned["b8"] == {"b32": 1.0}
     assert learned["b2"] != pytest.approx({t: 1 / 3 for t in ("b4", "b8", "b32")}, abs=1e-6)
     # the learned importance is part of the checkpoint (resume continues from it)
-    state = checkpoint.load(run_dir(cfg, "flexbench", result.key) / "checkpoint.pt")
+    state = checkpoint.load(checkpoint.cell_dir(cfg, "flexbench", result.key) / "checkpoint.pt")
     w = state["method"]["pi.0"].softmax(0).tolist()
     assert w == pytest.approx([learned["b2"][t] for t in ("b4", "b8", "b32")], rel=1e-6)

@@ -18,11 +18,13 @@ import yaml
 from conftest import FAST, all_runs, smoke_cfg
 
 from benchmark import checkpoint, cli
+from benchmark.cell import make_method, make_model
 from benchmark.config import cell_key, resolve
 from benchmark.errors import ConfigError
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS, IndependentModel
-from benchmark.train import _Step, make_method, make_model, run_dir, train_cell
+from benchmark.step import make_step
+from benchmark.train import CellOptions, train_cell
 
 ALL_ARCHS = ARCHS.names()
 ALL_METHODS = [
@@ -84,9 +86,10 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
     stages = method.stages(k_all)
     for stage in stages:
         log = ForwardLog(model)
-        step = _Step(model, method, stage, False, torch.device("cpu"), False)
+        step = make_step(model, method, stage, torch.device("cpu"), False)
         before = [p.detach().clone() for p in model.parameters()]
-        loss, _, outs = step(x, y)
+        out = step(x, y)
+        loss, outs = out.loss, out.logits
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         model.zero_grad(set_to_none=True)
         assert torch.isfinite(loss)
@@ -120,7 +123,7 @@ def test_takd_stage_gives_the_frozen_teacher_no_gradient(tmp_path):
     model = make_model(cfg, 10, 32).train()
     method = make_method(cfg, model.num_submodels)
     stage = method.stages(model.num_submodels)[1]  # train K-2 from frozen K-1
-    _Step(model, method, stage, False, torch.device("cpu"), False)(
+    make_step(model, method, stage, torch.device("cpu"), False)(
         torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     )
     (student,), (teacher,) = stage.train, stage.frozen_teachers
@@ -159,13 +162,15 @@ def test_same_initial_weights_for_every_method(arch, tmp_path):
 def test_takd_end_to_end_freezes_each_teacher(tracking_uri, tmp_path):
     """Across a whole TAKD chain, a network never changes after its own stage."""
     cfg = smoke_cfg("msdnet", "takd", tmp_path / "runs", train__epochs=1)
-    ckpt = run_dir(cfg, "flexbench", cell_key(cfg)) / "checkpoint.pt"
+    ckpt = checkpoint.cell_dir(cfg, "flexbench", cell_key(cfg)) / "checkpoint.pt"
     snapshots = []
     train_cell(
         cfg,
-        tracking_uri=tracking_uri,
-        progress=False,
-        epoch_callback=lambda e, m: snapshots.append(checkpoint.load(ckpt)["model"]),
+        CellOptions(
+            tracking_uri=tracking_uri,
+            progress=False,
+            epoch_callback=lambda e, m: snapshots.append(checkpoint.load(ckpt)["model"]),
+        ),
     )
     assert len(snapshots) == 3  # one stage (of one epoch) per sub-model
 
@@ -184,7 +189,7 @@ def test_takd_end_to_end_freezes_each_teacher(tracking_uri, tmp_path):
 def test_mlflow_record_of_a_cell(tracking_uri, client, tmp_path):
     epochs = 2
     cfg = smoke_cfg("msdnet", "ipkd_ta", tmp_path / "runs", train__epochs=epochs, seed=3)
-    result = train_cell(cfg, tracking_uri=tracking_uri, progress=False)
+    result = train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
     subs = ["exit1", "exit2", "exit3"]
     runs = all_runs(client)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -301,7 +306,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tracking_uri, client, tm
     assert f"cell {key}: MLflow run {killed.info.run_id}" in resumed.stdout
 
     # 4. the uninterrupted reference (same seed, same config, another experiment)
-    reference = train_cell(cfg, tracking_uri=tracking_uri, experiment="reference", progress=False)
+    reference = train_cell(
+        cfg, CellOptions(tracking_uri=tracking_uri, experiment="reference", progress=False)
+    )
 
     parents = [r for r in all_runs(client) if "mlflow.parentRunId" not in r.data.tags]
     resumed_parents = [

@@ -9,15 +9,13 @@ on an executor with a live progress view -> summary; exit code 1 unless every ce
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from benchmark import tracking
+from benchmark import signals, tracking
 from benchmark.errors import ConfigError
 from benchmark.grid.progress import Progress, fmt_s
 from benchmark.grid.spec import Cell, GridSpec, estimate
@@ -209,10 +207,6 @@ def _precheck(opts: RunOptions) -> None:
         raise ConfigError(f"unknown executor {opts.executor!r}; valid: local, ray")
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     t0 = time.monotonic()
@@ -292,22 +286,18 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
                     progress._line(f"warning: could not record the failure in MLflow: {exc}")
             progress.handle(ev)
 
-        in_main = threading.current_thread() is threading.main_thread()
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
         try:
             executor.run(tasks, emit)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             progress.close()
             print(
                 "grid interrupted: running cells keep their checkpoints; rerun the same command "
                 "to resume them (finished cells are skipped)",
                 file=out,
             )
-            return 130
+            return signals.exit_code(exc)
         finally:
             progress.close()
-            if in_main:
-                signal.signal(signal.SIGTERM, old_term)
     return _summary(spec, uri, plan, todo, progress, time.monotonic() - t0, out)
 
 

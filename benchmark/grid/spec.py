@@ -465,37 +465,27 @@ def estimate(spec: GridSpec, cells: list[Cell] | None = None) -> None:
     sub-models (one pass for early-exit models) + forward FLOPs of frozen teachers.
     `cells`: only these (a run estimates the cells it will train)."""
     todo = [c for c in (spec.cells if cells is None else cells) if not c.total_epochs]
-    from benchmark.flops import count_costs
-    from benchmark.train import make_method, make_model
+    from benchmark.cell import plan_cell
 
-    built: dict[str, tuple[Any, list[float]]] = {}
     for c in todo:
-        num_classes, image_size = datasets.describe(c.cfg["data"]["name"], c.cfg["data"])
-        sep = METHODS.get(c.method).separate_networks
-        mkey = json.dumps([c.cfg["arch"], num_classes, image_size, sep], sort_keys=True)
-        if mkey not in built:
-            try:
-                model = make_model(c.cfg, num_classes, image_size)
-                costs = count_costs(model, image_size)
-            except ConfigError as exc:
-                raise _err(f"grid {spec.path}: cell {c.label}", str(exc)) from None
-            except Exception as exc:  # a bad arch setting that only the model build notices
-                raise _err(
-                    f"grid {spec.path}: cell {c.label}",
-                    f"cannot build {c.arch} with {c.cfg['arch']}: {type(exc).__name__}: {exc}",
-                ) from None
-            built[mkey] = (model, [s.mflops for s in costs])
-        model, mflops = built[mkey]
-        stages = make_method(c.cfg, model.num_submodels).stages(model.num_submodels)
-        epochs = c.cfg["train"]["epochs"]
-        c.total_epochs = epochs * len(stages)
+        try:
+            plan = plan_cell(c.cfg)
+        except ConfigError as exc:
+            raise _err(f"grid {spec.path}: cell {c.label}", str(exc)) from None
+        except Exception as exc:  # a bad arch setting that only the model build notices
+            raise _err(
+                f"grid {spec.path}: cell {c.label}",
+                f"cannot build {c.arch} with {c.cfg['arch']}: {type(exc).__name__}: {exc}",
+            ) from None
+        c.total_epochs = plan.total_epochs
         n = _n_train(c.cfg["data"])
         if n is None:
             c.gflops = None
             continue
+        mflops = [s.mflops for s in plan.costs]
         per_image = 0.0
-        for st in stages:
+        for st in plan.stages:
             trained = [mflops[k] for k in st.train]
-            fwd = max(trained) if model.single_pass else sum(trained)
+            fwd = max(trained) if plan.single_pass else sum(trained)
             per_image += 3 * fwd + sum(mflops[k] for k in st.frozen_teachers)
-        c.gflops = per_image * n * epochs / 1e3
+        c.gflops = per_image * n * plan.epochs / 1e3

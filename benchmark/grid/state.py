@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark import tracking
+from benchmark import checkpoint, tracking
 from benchmark.config import flatten
 from benchmark.errors import ConfigError
 from benchmark.grid.spec import Cell, GridSpec
-from benchmark.train import run_dir
 
 STATUS = tracking.TAG + "status"
 CELL = tracking.TAG + "cell"
@@ -84,7 +83,7 @@ def parent_runs(uri: str, experiment: str, key: str | None = None) -> dict[str, 
 
 
 def checkpoint_path(cell: Cell, experiment: str) -> Path:
-    return run_dir(cell.cfg, experiment, cell.key) / "checkpoint.pt"
+    return checkpoint.cell_dir(cell.cfg, experiment, cell.key) / "checkpoint.pt"
 
 
 def cell_states(spec: GridSpec, uri: str, grid_active: bool = False) -> dict[str, CellState]:
@@ -122,7 +121,6 @@ def cell_states(spec: GridSpec, uri: str, grid_active: bool = False) -> dict[str
 
 def checkpoint_run_id(cell: Cell, experiment: str) -> str | None:
     """The MLflow run a cell's checkpoint belongs to (None if unreadable)."""
-    from benchmark import checkpoint
 
     try:
         return checkpoint.load(checkpoint_path(cell, experiment)).get("run_id")

@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from benchmark import signals
+
 Emit = Callable[[tuple], None]
 HEADLINE = ("test/top1_mean", "test/top1_auc", "val/top1_mean")
 
@@ -32,7 +34,7 @@ def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None 
     MLflow run is then already marked failed by train_cell, when it had started)."""
     import torch
 
-    from benchmark.train import train_cell
+    from benchmark.train import CellOptions, train_cell
 
     cfg = copy.deepcopy(task["cfg"])
     runtime = cfg["runtime"]
@@ -47,8 +49,7 @@ def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None 
         if emit is not None:
             emit(("epoch", key, epoch + 1, metrics.get("val/top1_mean"), metrics.get("train/loss")))
 
-    result = train_cell(
-        cfg,
+    opts = CellOptions(
         tracking_uri=task["uri"],
         experiment=task["experiment"],
         resume=task["mode"] != "restart",
@@ -57,6 +58,7 @@ def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None 
         epoch_callback=on_epoch,
         extra_tags={"flexbench.grid": task["experiment"], "flexbench.executor": task["executor"]},
     )
+    result = train_cell(cfg, opts)
     return {
         "key": result.key,
         "run_id": result.run_id,
@@ -87,17 +89,12 @@ def _redirect(log_path: str) -> None:
     sys.stderr.reconfigure(line_buffering=True)
 
 
-def _first_interrupt_only(signum: int, frame: Any) -> None:
-    """Ctrl-C reaches a worker twice (from the terminal and from the grid process): the first
-    raises KeyboardInterrupt (the run is marked interrupted), later ones are ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def worker_main(conn, index: int, device: str, threads: int, log_path: str, parent_pid: int):
     """Loop of one local worker: receive a task, train it, report; None ends the loop."""
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, _first_interrupt_only)
+    # Ctrl-C reaches a worker twice (from the terminal and from the grid process): the first
+    # signal (SIGINT, SIGTERM or SIGHUP) interrupts, the run is marked interrupted
+    signals.install(include_sigint=True)
     _redirect(log_path)
     limit_threads(threads)
     try:

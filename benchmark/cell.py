@@ -1,0 +1,146 @@
+"""What one cell is made of: its model, its method, its plan and its optimizer.
+
+`plan_cell` is the one place that says how a cell will run (sub-models, stages, epochs, costs):
+the trainer, the grid's compute estimate and the studies all ask it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from benchmark import data as datasets
+from benchmark.errors import ConfigError
+from benchmark.flops import SubCost, count_costs
+from benchmark.methods import METHODS, Method, Stage
+from benchmark.models import FlexibleModel, IndependentModel, build_model
+
+
+def pick_device(spec: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu. Raises ConfigError for cuda without CUDA."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device {spec!r} requested but CUDA is not available; use cpu")
+    return dev
+
+
+def make_model(cfg: dict[str, Any], num_classes: int, image_size: int) -> FlexibleModel:
+    """The cell's network; the same seed gives the same initial weights for every method
+    (separate networks included). Raises IncompatibleError when the method cannot train it."""
+    torch.manual_seed(cfg["seed"])
+    arch = {k: v for k, v in cfg["arch"].items() if k != "name"}
+    model = build_model(cfg["arch"]["name"], arch, num_classes, image_size)
+    method_cls = METHODS.get(cfg["method"]["name"])
+    method_cls.check_model(model, cfg["arch"]["name"])
+    if method_cls.separate_networks:
+        model = IndependentModel(model)
+    return model
+
+
+def make_method(cfg: dict[str, Any], num_submodels: int) -> Method:
+    """The cell's method, bound to its K sub-models (methods may own K-dependent parameters)."""
+    params = {k: v for k, v in cfg["method"].items() if k != "name"}
+    method = METHODS.get(cfg["method"]["name"])(params, cfg["train"]["label_smoothing"])
+    method.bind(num_submodels)
+    return method
+
+
+@dataclass(frozen=True)
+class Position:
+    """One epoch of the flat schedule: `index` counts epochs over all stages (the MLflow step)."""
+
+    index: int
+    stage: int
+    epoch: int
+    last_of_stage: bool
+    last: bool
+
+
+@dataclass
+class CellPlan:
+    """How a cell runs: sub-model names (smallest first), the method's stages, epochs per stage
+    and the cost of every sub-model (MACs, FLOPs, params, bit-ops; counted once per arch)."""
+
+    names: list[str]
+    stages: list[Stage]
+    epochs: int
+    costs: list[SubCost]
+    single_pass: bool
+    image_size: int
+
+    @property
+    def num_submodels(self) -> int:
+        return len(self.names)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs * len(self.stages)
+
+    def positions(self, start: int = 0) -> list[Position]:
+        """The epochs still to run, from global epoch `start` (a resumed checkpoint's)."""
+        out, n, last = [], self.epochs, self.total_epochs - 1
+        for g in range(start, self.total_epochs):
+            out.append(Position(g, g // n, g % n, g % n == n - 1, g == last))
+        return out
+
+
+# arch config -> (sub-model names, costs, single_pass): a grid plans many cells of one model
+_MODEL_FACTS: dict[str, tuple[list[str], list[SubCost], bool]] = {}
+
+
+def plan_cell(cfg: dict[str, Any], model: FlexibleModel | None = None) -> CellPlan:
+    """The plan of a resolved cell. Builds the model on CPU (once per architecture config and
+    process) unless the caller passes the one it built."""
+    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+    separate = METHODS.get(cfg["method"]["name"]).separate_networks
+    key = json.dumps([cfg["arch"], num_classes, image_size, separate], sort_keys=True)
+    if key not in _MODEL_FACTS or model is not None:
+        model = model or make_model(cfg, num_classes, image_size)
+        arch_key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
+        costs = count_costs(model, image_size, cache_key=arch_key)
+        _MODEL_FACTS[key] = ([s.name for s in model.submodels], costs, model.single_pass)
+    names, costs, single_pass = _MODEL_FACTS[key]
+    stages = make_method(cfg, len(names)).stages(len(names))
+    return CellPlan(names, stages, cfg["train"]["epochs"], costs, single_pass, image_size)
+
+
+def lr_at(t: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at (epoch, step) of a stage: linear warm-up over `warmup_epochs` (from
+    lr/(warmup x steps) to lr), then multi-step decay (x gamma at each milestone fraction of the
+    epochs, MSDNet's CIFAR recipe) or cosine decay to 0 over the remaining epochs."""
+    pos = epoch + step / steps_per_epoch
+    warm = t["warmup_epochs"]
+    if warm and pos < warm:
+        return t["lr"] * (pos + 1 / steps_per_epoch) / warm
+    if t["schedule"] == "multistep":
+        return t["lr"] * t["gamma"] ** sum(epoch >= m * t["epochs"] for m in t["milestones"])
+    frac = (pos - warm) / max(t["epochs"] - warm, 1e-9)
+    return 0.5 * t["lr"] * (1 + math.cos(math.pi * frac))
+
+
+def new_optimizer(model: FlexibleModel, method: Method, t: dict[str, Any]) -> torch.optim.SGD:
+    """SGD over the model's weights and, in a second group, the method's own learned parameters
+    (e.g. multi_teacher's teacher importance) at `param_lr_scale` x lr without weight decay.
+    Each group carries `lr_scale`; the trainer sets lr = lr_at(...) x lr_scale every step."""
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    own = list(method.parameters())
+    if own:
+        groups.append({"params": own, "lr_scale": method.param_lr_scale, "weight_decay": 0.0})
+    return torch.optim.SGD(
+        groups,
+        lr=t["lr"],
+        momentum=t["momentum"],
+        nesterov=t["nesterov"],
+        weight_decay=t["weight_decay"],
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

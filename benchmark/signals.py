@@ -1,0 +1,49 @@
+"""Terminating signals end a command the way Ctrl-C does.
+
+Schedulers, `docker stop` and `timeout` send SIGTERM; a closed terminal sends SIGHUP. Both are
+turned into `Terminated`, a KeyboardInterrupt, so every handler of Ctrl-C (a cell's run becomes
+`interrupted` with its checkpoint intact, a grid stops its workers, a study marks its trials)
+handles them too. A command exits with 128 + the signal number: 130 (SIGINT), 143 (SIGTERM),
+129 (SIGHUP), as a shell reports a process killed by that signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+HANDLED = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """A terminating signal (`signum`) arrived; handled like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_once(signum: int, frame: FrameType | None) -> None:
+    """The first signal interrupts; later ones are ignored so that the cleanup it started
+    (closing MLflow runs, stopping workers) is not itself interrupted."""
+    for sig in (*HANDLED, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+def install(include_sigint: bool = False) -> None:
+    """Turn SIGTERM and SIGHUP (and SIGINT with `include_sigint`, for worker processes that
+    get Ctrl-C twice: from the terminal and from their parent) into one interruption. Only
+    the main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in HANDLED + ((signal.SIGINT,) if include_sigint else ()):
+        signal.signal(sig, _raise_once)
+
+
+def exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the number of the signal that interrupted (SIGINT for a plain Ctrl-C)."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)

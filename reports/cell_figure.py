@@ -1,0 +1,55 @@
+"""The per-cell accuracy-vs-cost figure the trainer attaches to a cell's MLflow run.
+
+One cell, one seed: each sub-model is a marker on its cost (MFLOPs, or GBitOps for bit-width
+networks, see `benchmark.cost_axis`); early-exit cells add the budgeted-batch curve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+AXIS_LABEL = {
+    "mflops": "MFLOPs (FlopCounterMode, forward)",
+    "gbitops": "GBitOps (MACs x weight bits x activation bits)",
+}
+
+
+def draw_cell_figure(
+    path: Path,
+    title: str,
+    rows: list[dict[str, Any]],
+    axis: str,
+    split: str,
+    budgeted: list[dict[str, float]] | None = None,
+) -> Path:
+    """Write the PNG of `rows` (one dict per sub-model with `name`, `top1` and `axis`) to
+    `path`; `budgeted`: points with `mflops` and `top1` (thresholds fitted on val)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
+    xs, ys = [r[axis] for r in rows], [r["top1"] for r in rows]
+    ax.plot(xs, ys, marker="o", label="anytime (each exit)" if budgeted else None)
+    if budgeted:
+        ax.plot(
+            [p["mflops"] for p in budgeted],
+            [p["top1"] for p in budgeted],
+            lw=1,
+            label="budgeted batch (thresholds from val)",
+        )
+        ax.legend(fontsize=7)
+    for r in rows:
+        ax.annotate(
+            r["name"], (r[axis], r["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=7
+        )
+    ax.set_xlabel(AXIS_LABEL[axis])
+    ax.set_ylabel(f"{split} top-1 (%)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
