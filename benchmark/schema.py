@@ -85,7 +85,8 @@ class SubmodelField:
         return self.parent is not None
 
     def parent_key(self, sub: str, split: str = "test") -> str:
-        assert self.parent is not None, f"{self.name} is not a metric"
+        if self.parent is None:
+            raise ValueError(f"sub-model field {self.name!r} has no parent-run metric")
         return self.parent.format(split=split, sub=sub)
 
 

@@ -1,9 +1,10 @@
-"""The only module that writes to MLflow (schema: see docs/mlflow-schema.md).
+"""The only module that writes to MLflow (schema: benchmark/schema.py, docs/mlflow-schema.md).
 
 One parent run per cell (tags, flattened params, per-epoch metrics, final per-sub-model metrics,
-summaries, artifacts) and one child run per sub-model. Metrics are always sent in batches: one
-`log_batch` per epoch, never one request per value. `flexbench.status` becomes `finished` only
-after everything else is written.
+summaries, artifacts) and one child run per sub-model; study runs (`StudyRun`) and report runs
+(`log_artifact_run`). Store URI helpers (`benchmark/store.py`) are re-exported here. Metrics
+are always sent in batches: one `log_batch` per epoch, never one request per value.
+`flexbench.status` becomes `finished` only after everything else is written.
 """
 
 from __future__ import annotations
@@ -112,15 +113,14 @@ def prepare_store(uri: str, experiment: str) -> None:
 
 def cell_tags(cfg: dict[str, Any], key: str) -> dict[str, str]:
     """The tags naming a cell (`schema.CELL_TAGS`), on its parent run and on every child run."""
-    values = (
-        key,
-        cfg["arch"]["name"],
-        cfg["data"]["name"],
-        cfg["method"]["name"],
-        str(cfg["seed"]),
-        cfg["profile"],
-    )
-    return dict(zip(schema.CELL_TAGS, values))
+    return {
+        schema.CELL: key,
+        schema.ARCH: cfg["arch"]["name"],
+        schema.DATASET: cfg["data"]["name"],
+        schema.METHOD: cfg["method"]["name"],
+        schema.SEED: str(cfg["seed"]),
+        schema.PROFILE: cfg["profile"],
+    }
 
 
 def git_commit() -> str:
