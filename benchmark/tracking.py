@@ -1,9 +1,10 @@
-"""The only module that writes to MLflow (schema: see docs/mlflow-schema.md).
+"""The only module that writes to MLflow (schema: benchmark/schema.py, docs/mlflow-schema.md).
 
 One parent run per cell (tags, flattened params, per-epoch metrics, final per-sub-model metrics,
-summaries, artifacts) and one child run per sub-model. Metrics are always sent in batches: one
-`log_batch` per epoch, never one request per value. `flexbench.status` becomes `finished` only
-after everything else is written.
+summaries, artifacts) and one child run per sub-model; study runs (`StudyRun`) and report runs
+(`log_artifact_run`). Store URI helpers (`benchmark/store.py`) are re-exported here. Metrics
+are always sent in batches: one `log_batch` per epoch, never one request per value.
+`flexbench.status` becomes `finished` only after everything else is written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmark import schema
 from benchmark.errors import CellPruned, ConfigError
+from benchmark.store import (  # noqa: F401 - re-exported: the one home of URI plumbing
+    absolute_sqlite,
+    redact_uri,
+    refuse_file_store,
+    sqlite_path,
+)
 
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -29,7 +37,6 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DEFAULT_EXPERIMENT = "flexbench"
-TAG = "flexbench."
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -41,38 +48,36 @@ def resolve_uri(uri: str | None) -> str:
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail before training when the tracking store cannot be written."""
+    shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 if resp.status != 200:
-                    raise ConfigError(f"MLflow server {uri} answered {resp.status} on /health")
+                    raise ConfigError(f"MLflow server {shown} answered {resp.status} on /health")
         except urllib.error.HTTPError as exc:
             if exc.code not in (401, 403):  # 401/403: an auth-protected server is up
-                raise ConfigError(f"MLflow server {uri} answered {exc.code} on /health") from exc
+                raise ConfigError(f"MLflow server {shown} answered {exc.code} on /health") from exc
         except (urllib.error.URLError, OSError) as exc:
             raise ConfigError(
-                f"cannot reach the MLflow tracking server {uri} ({exc}); start it "
+                f"cannot reach the MLflow tracking server {shown} ({exc}); start it "
                 f"(`flexbench server start`) or set --tracking-uri / MLFLOW_TRACKING_URI"
             ) from exc
         _check_login(uri, timeout)
-    elif uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :])
-        folder = path.parent if str(path.parent) else Path(".")
+    elif (path := sqlite_path(uri)) is not None:
+        folder = path.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConfigError(
                 f"tracking URI {uri}: directory {folder} does not exist or is not writable"
             )
-    elif uri.startswith("file:") or "://" not in uri:
-        raise ConfigError(
-            f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use "
-            f"sqlite:///path/mlflow.db or an http(s):// server"
-        )
+    else:
+        refuse_file_store(uri, "tracking URI", "sqlite:///path/mlflow.db or an http(s):// server")
 
 
 def _check_login(uri: str, timeout: float) -> None:
     """A server with basic-auth answers /health to anyone: try a read with the credentials
     MLflow's client will use (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN) before training."""
+    shown = redact_uri(uri)
     req = urllib.request.Request(
         uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     )
@@ -91,12 +96,32 @@ def _check_login(uri: str, timeout: float) -> None:
         if exc.code in (401, 403):
             given = "were refused" if user and password else "are not set"
             raise ConfigError(
-                f"MLflow server {uri} requires a login (HTTP {exc.code}) and the credentials "
+                f"MLflow server {shown} requires a login (HTTP {exc.code}) and the credentials "
                 f"{given}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
             ) from exc
         # anything else is left to MLflow's client, which reports it on the first request
     except (urllib.error.URLError, OSError):
         pass
+
+
+def prepare_store(uri: str, experiment: str) -> None:
+    """Create the tracking schema and the experiment from ONE process, before any worker:
+    processes racing to create a fresh MLflow database crash on the schema."""
+    check_reachable(uri)
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    CellRun(uri, experiment)
+
+
+def cell_tags(cfg: dict[str, Any], key: str) -> dict[str, str]:
+    """The tags naming a cell (`schema.CELL_TAGS`), on its parent run and on every child run."""
+    return {
+        schema.CELL: key,
+        schema.ARCH: cfg["arch"]["name"],
+        schema.DATASET: cfg["data"]["name"],
+        schema.METHOD: cfg["method"]["name"],
+        schema.SEED: str(cfg["seed"]),
+        schema.PROFILE: cfg["profile"],
+    }
 
 
 def git_commit() -> str:
@@ -141,21 +166,16 @@ class CellRun:
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, TAG + "status", "running")
+            self.client.set_tag(run_id, schema.STATUS, "running")
             return run_id
         # a caller may name the run (study trials: `mlflow.runName` in extra_tags)
         name = tags.get("mlflow.runName") or (
             f"{cfg['arch']['name']}-{cfg['method']['name']}-s{cfg['seed']}"
         )
         all_tags = {
-            TAG + "cell": key,
-            TAG + "arch": cfg["arch"]["name"],
-            TAG + "dataset": cfg["data"]["name"],
-            TAG + "method": cfg["method"]["name"],
-            TAG + "seed": str(cfg["seed"]),
-            TAG + "profile": cfg["profile"],
-            TAG + "status": "running",
-            TAG + "git_commit": git_commit(),
+            **cell_tags(cfg, key),
+            schema.STATUS: "running",
+            schema.GIT_COMMIT: git_commit(),
             **tags,
         }
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -197,21 +217,14 @@ class CellRun:
                 run_name=f"{cfg['arch']['name']}-{cfg['method']['name']}-s{cfg['seed']}-{row['name']}",
                 tags={
                     "mlflow.parentRunId": self.run_id,
-                    TAG + "submodel": row["name"],
-                    TAG + "submodel_index": str(row["index"]),
-                    TAG + "cell": key,
-                    TAG + "arch": cfg["arch"]["name"],
-                    TAG + "dataset": cfg["data"]["name"],
-                    TAG + "method": cfg["method"]["name"],
-                    TAG + "seed": str(cfg["seed"]),
-                    TAG + "profile": cfg["profile"],
+                    **schema.child_tags(row),
+                    **cell_tags(cfg, key),
                 },
             )
             cid = child.info.run_id
-            keys = ("top1", "top5", "mmacs", "mflops", "params_m", "gbitops", "latency_ms")
             self.client.log_batch(
                 cid,
-                metrics=[Metric(k, float(row[k]), ts, 0) for k in keys if row.get(k) is not None],
+                metrics=[Metric(k, v, ts, 0) for k, v in schema.child_metrics(row).items()],
                 params=[Param("submodel", row["name"]), Param("method", cfg["method"]["name"])],
             )
             self.client.set_terminated(cid, "FINISHED")
@@ -229,25 +242,27 @@ class CellRun:
             )
         for path, folder in artifacts:
             self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
-        self.set_tags({TAG + "status": "finished"})
+        self.set_tags({schema.STATUS: "finished"})
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, reason: str) -> None:
         if self.run_id is None:
             return
-        self.set_tags({TAG + "status": "failed", TAG + "error": reason[:4000]})
+        self.set_tags({schema.STATUS: "failed", schema.ERROR: reason[:4000]})
         self.client.set_terminated(self.run_id, "FAILED")
 
     def interrupted(self) -> None:
         """Ctrl-C: the checkpoint stays, the run is marked KILLED and can be resumed."""
         if self.run_id is None:
             return
-        self.set_tags({TAG + "status": "interrupted"})
+        self.set_tags({schema.STATUS: "interrupted"})
         self.client.set_terminated(self.run_id, "KILLED")
 
     def pruned(self) -> None:
-        """Stopped on purpose by a study's pruner: KILLED, status `pruned`."""
-        self.set_tags({TAG + "status": "pruned"})
+        """A study trial stopped by Optuna's pruner: status `pruned`, MLflow status KILLED."""
+        if self.run_id is None:
+            return
+        self.set_tags({schema.STATUS: "pruned"})
         self.client.set_terminated(self.run_id, "KILLED")
 
     def has_metric_at(self, key: str, step: int) -> bool:
@@ -277,7 +292,29 @@ def environment_tags(device: Any, threads: int) -> dict[str, str]:
     import torch
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
-    return {TAG + "device": f"{device} ({where})", TAG + "torch": torch.__version__}
+    return {schema.DEVICE: f"{device} ({where})", schema.TORCH: torch.__version__}
+
+
+def log_artifact_run(
+    uri: str,
+    experiment_id: str,
+    name: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+    paths: list[Path],
+) -> str:
+    """A finished run holding `paths` as artifacts (a folder keeps its name), e.g. a report
+    (`flexbench.kind=report`); returns its id."""
+    client = MlflowClient(tracking_uri=uri)
+    rid = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    for path in paths:
+        if path.is_dir():
+            client.log_artifacts(rid, str(path), artifact_path=path.name)
+        else:
+            client.log_artifact(rid, str(path))
+    client.set_terminated(rid, "FINISHED")
+    return rid
 
 
 # --- Optuna studies (studies/): one parent run per study, one child run per trial ------------
@@ -312,7 +349,8 @@ class StudyRun:
         if run is None:
             found = self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`{TAG}kind` = 'study' and tags.`{TAG}study` = '{study}'",
+                filter_string=f"tags.`{schema.KIND}` = 'study' "
+                f"and tags.`{schema.STUDY}` = '{study}'",
                 max_results=1,
             )
             run = found[0] if found else None
@@ -320,14 +358,14 @@ class StudyRun:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"study-{study}",
-                tags={TAG + "kind": "study", TAG + "study": study, **tags},
+                tags={schema.KIND: "study", schema.STUDY: study, **tags},
             )
             self.run_id = run.info.run_id
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
         else:
             self.run_id = run.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
-        self.set_tags({**tags, TAG + "status": "running"})
+        self.set_tags({**tags, schema.STATUS: "running"})
         return self.run_id
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -345,13 +383,13 @@ class StudyRun:
 
     def end(self, status: str) -> None:
         """status: finished | interrupted | failed."""
-        self.set_tags({TAG + "status": status})
+        self.set_tags({schema.STATUS: status})
         mlflow_status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
         self.client.set_terminated(self.run_id, mlflow_status)
 
     def trial_runs(self, status: str | None = None) -> list:
         """The trial runs of this study (children carrying `flexbench.trial`)."""
-        flt = f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`{TAG}trial` != ''"
+        flt = f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`{schema.TRIAL}` != ''"
         if status:
             flt += f" and attributes.status = '{status}'"
         return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5000)
@@ -360,7 +398,7 @@ class StudyRun:
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and "
-            f"tags.`{TAG}trial` = '{number}'",
+            f"tags.`{schema.TRIAL}` = '{number}'",
             max_results=1,
         )
         return found[0].info.run_id if found else None
@@ -382,7 +420,7 @@ class StudyRun:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"trial-{number}",
-                tags={"mlflow.parentRunId": self.run_id, TAG + "trial": str(number)},
+                tags={"mlflow.parentRunId": self.run_id, schema.TRIAL: str(number)},
             )
             run_id = run.info.run_id
             self.client.log_batch(
@@ -393,9 +431,9 @@ class StudyRun:
         metrics = [Metric("study/objective", float(v), ts, s) for s, v in sorted(curve.items())]
         if value is not None:
             metrics.append(Metric("study/value", float(value), ts, 0))
-        tags = [RunTag(TAG + "trial_state", state)]
+        tags = [RunTag(schema.TRIAL_STATE, state)]
         if error:
-            tags.append(RunTag(TAG + "error", error[:4000]))
+            tags.append(RunTag(schema.ERROR, error[:4000]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         return run_id
 
@@ -404,9 +442,9 @@ class StudyRun:
         self.client.log_batch(
             run_id,
             tags=[
-                RunTag(TAG + "status", "failed"),
-                RunTag(TAG + "trial_state", "failed"),
-                RunTag(TAG + "error", reason[:4000]),
+                RunTag(schema.STATUS, "failed"),
+                RunTag(schema.TRIAL_STATE, "failed"),
+                RunTag(schema.ERROR, reason[:4000]),
             ],
         )
         self.client.set_terminated(run_id, "FAILED")

@@ -24,7 +24,7 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from benchmark import checkpoint, tracking
+from benchmark import checkpoint, schema, tracking
 from benchmark import data as datasets
 from benchmark.budgeted import budgeted_curve
 from benchmark.cell import (
@@ -156,9 +156,9 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
     run = tracking.CellRun(uri, experiment)
     tags = {
         **tracking.environment_tags(device, torch.get_num_threads()),
-        tracking.TAG + "split_seed": str(cfg["data"]["split_seed"]),
-        tracking.TAG + "val_hash": splits.val_hash,
-        tracking.TAG + "test_evaluated": str(opts.evaluate_test).lower(),
+        schema.SPLIT_SEED: str(cfg["data"]["split_seed"]),
+        schema.VAL_HASH: splits.val_hash,
+        schema.TEST_EVALUATED: str(opts.evaluate_test).lower(),
         **opts.extra_tags,
     }
     run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
@@ -279,8 +279,9 @@ def validate(cell: Cell) -> dict[str, float]:
     """`val/top1/<sub>` of every sub-model and their mean, on the validation split."""
     val = (cell.splits.val_x, cell.splits.val_y)
     acc = evaluate(cell.model, val, cell.cfg["train"]["eval_batch_size"], cell.norm, cell.amp)
-    metrics = {f"val/top1/{n}": v for n, v in zip(cell.plan.names, acc.top1)}
-    metrics["val/top1_mean"] = sum(acc.top1) / len(acc.top1)
+    top1 = schema.FIELDS["top1"]
+    metrics = {top1.parent_key(n, "val"): v for n, v in zip(cell.plan.names, acc.top1)}
+    metrics[schema.TOP1_MEAN.format(split="val")] = sum(acc.top1) / len(acc.top1)
     return metrics
 
 
@@ -337,9 +338,10 @@ def finish(cell: Cell) -> CellResult:
         for i, (c, a1, a5, ms) in enumerate(zip(plan.costs, acc.top1, acc.top5, lat))
     ]
     axis = cost_axis([row["mflops"] for row in rows], [row["gbitops"] for row in rows])
-    final = _final_metrics(rows, split)
-    final[f"{split}/top1_auc"] = auc_top1([row[axis] for row in rows], acc.top1)
-    cell.run.set_tags({tracking.TAG + "cost_axis": axis})
+    final = schema.parent_metrics(rows, split)
+    final[schema.TOP1_MEAN.format(split=split)] = sum(acc.top1) / len(acc.top1)
+    final[schema.TOP1_AUC.format(split=split)] = auc_top1([row[axis] for row in rows], acc.top1)
+    cell.run.set_tags({schema.COST_AXIS: axis})
     with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
         art = _artifacts(Path(tmp), cell, rows, split, budgeted, axis)
         cell.run.finish(final, rows, art, cfg, cell.key, plan.total_epochs, budgeted)
@@ -349,17 +351,6 @@ def finish(cell: Cell) -> CellResult:
         + f" ({split})"
     )
     return CellResult(cell.key, cell.run.run_id, rows, final)
-
-
-def _final_metrics(rows: list[dict[str, Any]], split: str) -> dict[str, float]:
-    keys = {"top1": f"{split}/top1", "top5": f"{split}/top5"}
-    final = {
-        f"{keys.get(f, f)}/{row['name']}": row[f]
-        for row in rows
-        for f in ("top1", "top5", "mmacs", "mflops", "params_m", "gbitops", "latency_ms")
-    }
-    final[f"{split}/top1_mean"] = sum(row["top1"] for row in rows) / len(rows)
-    return final
 
 
 def _artifacts(
@@ -373,18 +364,20 @@ def _artifacts(
 
     cfg = cell.cfg
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    out: list[tuple[Path, str | None]] = [(folder / "config.yaml", None)]
-    tables = {"submodels.csv": rows, "budgeted.csv": budgeted}
-    for name, table in tables.items():
-        if table:
-            with open(folder / name, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-                writer.writeheader()
-                writer.writerows(table)
-            out.append((folder / name, None))
+    schema.write_submodels_csv(folder / "submodels.csv", rows)
     title = f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}"
     png = draw_cell_figure(folder / "acc_vs_flops.png", title, rows, axis, split, budgeted)
-    out.insert(2, (png, "plots"))
+    out: list[tuple[Path, str | None]] = [
+        (folder / "config.yaml", None),
+        (folder / "submodels.csv", None),
+        (png, "plots"),
+    ]
+    if budgeted:
+        with open(folder / "budgeted.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(budgeted[0]))
+            writer.writeheader()
+            writer.writerows(budgeted)
+        out.append((folder / "budgeted.csv", None))
     if cfg["runtime"]["log_checkpoint"] and cell.ckpt.exists():
         out.append((cell.ckpt, "checkpoint"))
     return out

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.errors import ConfigError
+from benchmark.store import absolute_sqlite, refuse_file_store, sqlite_path
+from benchmark.store import redact_uri as mask_uri  # the URI with any password replaced by ***
 
 DEFAULT_DATA_DIR = "mlflow_data"
 DATA_DIR_ENV = "FLEXBENCH_SERVER_DIR"
@@ -129,24 +131,6 @@ def resolve_data_dir(data_dir: Path | str | None) -> Path:
 
 def state_dir(data_dir: Path | str | None) -> Path:
     return resolve_data_dir(data_dir) / STATE_SUBDIR
-
-
-def mask_uri(uri: str) -> str:
-    """The URI with any password replaced by ***."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparsable URI>"
-    if parts.password is None:
-        return uri
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def is_loopback(host: str) -> bool:
@@ -251,29 +235,20 @@ def _port_owner(port: int) -> str:
     return ""
 
 
-def _absolute_sqlite(uri: str) -> str:
-    """sqlite:///relative.db is relative to the caller's cwd, not to the server's."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        path = uri[len(prefix) :]
-        if path and not path.startswith(("/", ":memory:")):
-            return prefix + str(Path(path).absolute())
-    return uri
-
-
 def _check_backend(uri: str, data_dir: Path, connect_timeout: int) -> None:
     """Fail fast, with a clear message, on a backend the server could not open."""
+    refuse_file_store(
+        uri,
+        "backend store",
+        f"sqlite:///path/mlflow.db (the default is {data_dir}/mlflow.db) or "
+        f"postgresql://user:password@host:port/db",
+        ServerError,
+    )
     scheme = uri.split(":", 1)[0].lower()
-    if "://" not in uri or scheme == "file":
-        raise ServerError(
-            f"backend store {uri!r} is a file store, which MLflow 3 refuses; use "
-            f"sqlite:///path/mlflow.db (the default is {data_dir}/mlflow.db) or "
-            f"postgresql://user:password@host:port/db"
-        )
     if scheme == "sqlite":
-        path = uri[len("sqlite:///") :]
-        if path and path != ":memory:":
-            _probe_writable(Path(path).parent, "the SQLite backend's directory")
+        path = sqlite_path(uri)
+        if path is not None:
+            _probe_writable(path.parent, "the SQLite backend's directory")
         return
     import sqlalchemy
     from sqlalchemy.pool import NullPool
@@ -506,7 +481,7 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
             else data_dir / "artifacts"
         )
         _probe_writable(artifacts, "artifact directory")
-        backend = _absolute_sqlite(opts.backend_store or f"sqlite:///{data_dir / 'mlflow.db'}")
+        backend = absolute_sqlite(opts.backend_store or f"sqlite:///{data_dir / 'mlflow.db'}")
         password = _admin_password(opts) if opts.auth else None
         _check_backend(backend, data_dir, opts.db_connect_timeout)
         problem = _port_in_use(host, int(opts.port))

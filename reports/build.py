@@ -11,12 +11,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
+from benchmark import schema
 from benchmark.cost_axis import UNITS
 from benchmark.errors import ConfigError
+from benchmark.store import redact_uri
 from reports import figures as figs
 from reports import tables as tb
 from reports.load import CELL, PANEL, Experiment, histories, load_experiment
@@ -26,7 +27,6 @@ from reports.style import method_order, method_styles
 
 FORMATS = ("md", "html", "tex", "csv")
 MARKER = ".flexbench-report"
-KIND_TAG = "flexbench.kind"
 
 
 @dataclass
@@ -54,18 +54,7 @@ class Report:
 
     @property
     def uri_display(self) -> str:
-        return redact(self.experiment.uri)
-
-
-def redact(uri: str) -> str:
-    """The tracking URI without credentials."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return uri
+        return redact_uri(self.experiment.uri)
 
 
 def pick_baseline(methods: list[str], requested: str | None) -> str | None:
@@ -288,34 +277,24 @@ def _notes(r: Report, requested: str | None) -> list[str]:
 
 def log_report(r: Report) -> str:
     """Log the report folder as the artifacts of a `report` run in the same experiment."""
-    from mlflow.entities import Param, RunTag
-    from mlflow.tracking import MlflowClient
+    from benchmark import tracking
 
-    client = MlflowClient(tracking_uri=r.experiment.uri)
-    run = client.create_run(
-        r.experiment.experiment_id,
-        run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={KIND_TAG: "report", "flexbench.report_of": r.experiment.name},
-    )
-    rid = run.info.run_id
     n_done = (
         int((r.experiment.cells["status"] == "finished").sum()) if len(r.experiment.cells) else 0
     )
-    client.log_batch(
-        rid,
-        params=[
-            Param("baseline", str(r.baseline)),
-            Param("finished_cells", str(n_done)),
-            Param("cells", str(len(r.experiment.cells))),
-        ],
-        tags=[RunTag("mlflow.note.content", "flexbench report: open index.html")],
+    return tracking.log_artifact_run(
+        r.experiment.uri,
+        r.experiment.experiment_id,
+        f"report-{time.strftime('%Y%m%d-%H%M%S')}",
+        {
+            schema.KIND: "report",
+            schema.REPORT_OF: r.experiment.name,
+            "mlflow.note.content": "flexbench report: open index.html",
+        },
+        {
+            "baseline": str(r.baseline),
+            "finished_cells": str(n_done),
+            "cells": str(len(r.experiment.cells)),
+        },
+        sorted(p for p in r.out.iterdir() if p.name != MARKER),
     )
-    for path in sorted(r.out.iterdir()):
-        if path.name == MARKER:
-            continue
-        if path.is_dir():
-            client.log_artifacts(rid, str(path), artifact_path=path.name)
-        else:
-            client.log_artifact(rid, str(path))
-    client.set_terminated(rid, "FINISHED")
-    return rid

@@ -5,12 +5,13 @@
   the parent run's own status (`failed`, `running`, `interrupted`, `pruned`), `incomplete`
   (finished but without test metrics), or `missing` (no run at all, although the experiment
   holds that arch/dataset and that method and that seed elsewhere);
-- `tidy`: one row per finished cell x sub-model with top-1/top-5 (test split, last epoch),
-  MMACs, MFLOPs, GBitOps, parameters and latency, read from the parent run's final metrics
-  (`test/top1/<sub>`, ...), with the sub-model's position from its child run, and the panel's
-  cost: `cost_axis` ("mflops" or "gbitops", `benchmark.cost_axis` on the panel's sub-model
-  costs, the trainer's rule) and `cost` (that metric's value). Every figure, table and AUC of a
-  panel uses this one column, so bit-width sub-models, which share their MFLOPs, stay apart.
+- `tidy`: one row per finished cell x sub-model with a column per metric of
+  `benchmark.schema.SUBMODEL_FIELDS` (top-1/top-5 on the test split, MMACs, MFLOPs, GBitOps,
+  parameters, latency), read from the parent run's final metrics (`test/top1/<sub>`, ...),
+  with the sub-model's position from its child run, and the panel's cost: `cost_axis`
+  ("mflops" or "gbitops", `benchmark.cost_axis` on the panel's sub-model costs, the trainer's
+  rule) and `cost` (that metric's value). Every figure, table and AUC of a panel uses this one
+  column, so bit-width sub-models, which share their MFLOPs, stay apart.
 
 Runs tagged `flexbench.kind` (e.g. `report`), runs without `flexbench.cell`, child runs and cells
 whose final metrics are on the validation split (study trials, `flexbench.test_evaluated=false`)
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from benchmark import schema
 from benchmark.cost_axis import cost_axis
 from benchmark.errors import ConfigError
 
@@ -35,17 +37,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 PANEL = ["arch", "dataset", "profile"]
 CELL = [*PANEL, "method", "seed"]
-SUB_METRICS = ("top1", "top5", "mmacs", "mflops", "params_m", "gbitops", "latency_ms")
-_METRIC_KEY = {
-    "top1": "test/top1/",
-    "top5": "test/top5/",
-    "mmacs": "mmacs/",
-    "mflops": "mflops/",
-    "params_m": "params_m/",
-    "gbitops": "gbitops/",
-    "latency_ms": "latency_ms/",
-}
-T = "tags.flexbench."
+SUB_METRICS = tuple(f.name for f in schema.METRIC_FIELDS)
+SPLIT = "test"  # cells whose final metrics are on the validation split are not read
 
 
 @dataclass
@@ -78,24 +71,28 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index)
 
 
+def _tag(df: pd.DataFrame, tag: str) -> pd.Series:
+    return _col(df, "tags." + tag)
+
+
 def _parents(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """Cell runs only; the others are counted by reason."""
-    kind = _col(runs, T + "kind")
-    cell = _col(runs, T + "cell")
+    kind = _tag(runs, schema.KIND)
+    cell = _tag(runs, schema.CELL)
     is_child = _col(runs, "tags.mlflow.parentRunId").notna()
     ignored = {
         "report and other non-cell flexbench runs": int((kind.notna()).sum()),
         "runs without flexbench tags": int((cell.isna() & kind.isna()).sum()),
     }
     parents = runs[cell.notna() & kind.isna() & ~is_child].copy()
-    val_only = _col(parents, T + "test_evaluated").astype(str).str.lower() == "false"
+    val_only = _tag(parents, schema.TEST_EVALUATED).astype(str).str.lower() == "false"
     ignored["cells evaluated on the validation split only (study trials)"] = int(val_only.sum())
     return parents[~val_only], ignored
 
 
 def _sub_order(runs: pd.DataFrame) -> dict[tuple[str, str], int]:
     """(parent run id, sub-model name) -> sub-model index, from the child runs."""
-    sub, idx = _col(runs, T + "submodel"), _col(runs, T + "submodel_index")
+    sub, idx = _tag(runs, schema.SUBMODEL), _tag(runs, schema.SUBMODEL_INDEX)
     parent = _col(runs, "tags.mlflow.parentRunId")
     ok = sub.notna() & parent.notna()
     out = {}
@@ -108,18 +105,18 @@ def _sub_order(runs: pd.DataFrame) -> dict[tuple[str, str], int]:
 
 
 def _cell_frame(parents: pd.DataFrame) -> pd.DataFrame:
-    seed = pd.to_numeric(_col(parents, T + "seed"), errors="coerce")
+    seed = pd.to_numeric(_tag(parents, schema.SEED), errors="coerce")
     cells = pd.DataFrame(
         {
-            "arch": _col(parents, T + "arch").fillna("?"),
-            "dataset": _col(parents, T + "dataset").fillna("?"),
-            "profile": _col(parents, T + "profile").fillna("?"),
-            "method": _col(parents, T + "method").fillna("?"),
+            "arch": _tag(parents, schema.ARCH).fillna("?"),
+            "dataset": _tag(parents, schema.DATASET).fillna("?"),
+            "profile": _tag(parents, schema.PROFILE).fillna("?"),
+            "method": _tag(parents, schema.METHOD).fillna("?"),
             "seed": seed,
-            "status": _col(parents, T + "status").fillna("unknown"),
-            "error": _col(parents, T + "error"),
+            "status": _tag(parents, schema.STATUS).fillna("unknown"),
+            "error": _tag(parents, schema.ERROR),
             "run_id": parents["run_id"],
-            "cell": _col(parents, T + "cell"),
+            "cell": _tag(parents, schema.CELL),
             "start_time": parents["start_time"],
         }
     )
@@ -132,7 +129,7 @@ def _tidy_rows(
     parents: pd.DataFrame, cells: pd.DataFrame, order: dict[tuple[str, str], int]
 ) -> tuple[pd.DataFrame, set[str]]:
     """One row per finished cell x sub-model; returns also the finished runs lacking metrics."""
-    prefix = "metrics." + _METRIC_KEY["top1"]
+    prefix = "metrics." + schema.FIELDS["top1"].parent_key("", SPLIT)
     sub_cols = [c for c in parents.columns if c.startswith(prefix)]
     by_id = parents.set_index("run_id")
     rows, incomplete = [], set()
@@ -145,9 +142,9 @@ def _tidy_rows(
         for sub in subs:
             row = {k: getattr(cell, k) for k in CELL}
             row.update(submodel=sub, run_id=cell.run_id)
-            for name, key in _METRIC_KEY.items():
-                col = "metrics." + key + sub
-                row[name] = float(run[col]) if col in run.index and pd.notna(run[col]) else None
+            for f in schema.METRIC_FIELDS:
+                col = "metrics." + f.parent_key(sub, SPLIT)
+                row[f.name] = float(run[col]) if col in run.index and pd.notna(run[col]) else None
             row["submodel_index"] = order.get((cell.run_id, sub))
             rows.append(row)
     cols = [*CELL, "submodel", "submodel_index", "run_id", *SUB_METRICS, "cost_axis", "cost"]

@@ -144,8 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
+    from benchmark.store import redact_uri
     from studies import export as ex
-    from studies.storage import redact
 
     study, url = _load(args)
     k, params, meta = ex.best_params(study)
@@ -156,7 +156,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     )
     print(f"{k}: " + ", ".join(f"{n}={v:.6g}" for n, v in params.items()))
     if args.export:
-        ex.export(study, args.export, redact(url))
+        ex.export(study, args.export, redact_uri(url))
         print(f"wrote {args.export} (key {k}); use it in a grid with `method_params: from_study`")
     return 0
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from benchmark import schema
 from benchmark.cost_axis import auc_top1, cost_axis
 from benchmark.errors import ConfigError
 from studies.choices import OBJECTIVES
@@ -109,7 +110,7 @@ class Objective:
     def summary(self, metrics: dict[str, float], cfg: dict[str, Any]) -> float:
         """The objective from a metrics dict holding `val/top1/<sub>` for every sub-model."""
         names, cost = self.submodels(cfg)
-        top1 = [metrics[f"val/top1/{n}"] for n in names]
+        top1 = [metrics[schema.FIELDS["top1"].parent_key(n, "val")] for n in names]
         kind = self.ctx.spec.objective
         if kind == "mean":
             return sum(top1) / len(top1)
@@ -121,7 +122,6 @@ class Objective:
 
     # -- one trial --------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial) -> float:
-        from benchmark import tracking
         from benchmark.cell import plan_cell
         from benchmark.errors import CellPruned
         from benchmark.train import CellOptions, train_cell
@@ -135,11 +135,11 @@ class Objective:
         tags = {
             "mlflow.parentRunId": ctx.parent_run_id,
             "mlflow.runName": f"trial-{trial.number}",
-            tracking.TAG + "study": ctx.study_name,
-            tracking.TAG + "trial": str(trial.number),
+            schema.STUDY: ctx.study_name,
+            schema.TRIAL: str(trial.number),
         }
         if previous is not None and previous != trial.number:
-            tags[tracking.TAG + "retry_of"] = str(previous)
+            tags[schema.RETRY_OF] = str(previous)
         curve: dict[int, float] = {}
         state, value, error = "failed", None, None
         try:

@@ -23,8 +23,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from benchmark import signals
+from benchmark import schema, signals
 from benchmark.errors import ConfigError, TrainingError
+from benchmark.store import redact_uri
 from studies import storage as st
 from studies.choices import HEARTBEAT_S, OBJECTIVES, PRUNERS, SAMPLERS
 from studies.objective import Objective, StudySpec, TrialContext, is_per_run
@@ -214,7 +215,7 @@ def _reconcile(study: optuna.Study, study_run) -> None:
     """MLflow runs of trials that Optuna failed for a lost worker are marked failed too."""
     failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     for run in study_run.trial_runs(status="RUNNING"):
-        number = int(run.data.tags.get("flexbench.trial", -1))
+        number = int(run.data.tags.get(schema.TRIAL, -1))
         if number in failed:
             study_run.fail_trial_run(
                 run.info.run_id, "worker lost (no heartbeat): the trial was failed and retried"
@@ -239,19 +240,21 @@ def _summarise(
         ("trial/value", t.value, t.number, int(t.datetime_complete.timestamp() * 1000))
         for t in done
     ]
-    tags = {f"flexbench.trials_{k}": str(v) for k, v in c.items() if k != "waiting" or v}
+    tags = {
+        schema.TRIALS_IN_STATE.format(state=k): str(v) for k, v in c.items() if k != "waiting" or v
+    }
     if best is not None:
         points.append(
             ("best_value", best.value, len(done), int(best.datetime_complete.timestamp() * 1000))
         )
-        tags["flexbench.best_trial"] = str(best.number)
-        tags["flexbench.best_value"] = f"{best.value:.6g}"
-        tags.update({f"flexbench.best.{k}": f"{v:.6g}" for k, v in best.params.items()})
+        tags[schema.BEST_TRIAL] = str(best.number)
+        tags[schema.BEST_VALUE] = f"{best.value:.6g}"
+        tags.update({schema.BEST_PARAM.format(param=k): f"{v:.6g}" for k, v in best.params.items()})
     study_run.log_points(points)
     study_run.set_tags(tags)
     return RunSummary(
         study.study_name,
-        st.redact(url),
+        redact_uri(url),
         study_run.run_id,
         c,
         sum(t.datetime_start is not None and t.datetime_start >= started for t in study.trials),
@@ -291,7 +294,7 @@ def run_study(opts: RunOptions) -> RunSummary:
     if name in st.study_names(storage):
         existing = optuna.load_study(study_name=name, storage=storage)
         if "flexbench" not in existing.user_attrs:
-            raise ConfigError(f"study {name!r} in {st.redact(url)} was not created by flexbench")
+            raise ConfigError(f"study {name!r} in {redact_uri(url)} was not created by flexbench")
     stored = StudySpec(**existing.user_attrs["flexbench"]) if existing else None
     spec = _spec(opts, stored, name)
     run_sets = {k: v for k, v in opts.sets.items() if is_per_run(k)}
@@ -324,15 +327,15 @@ def run_study(opts: RunOptions) -> RunSummary:
         **{f"set.{k}": str(v) for k, v in sorted(spec.sets.items())},
     }
     tags = {
-        tracking.TAG + "arch": spec.arch,
-        tracking.TAG + "dataset": spec.dataset,
-        tracking.TAG + "method": spec.method,
-        tracking.TAG + "profile": spec.profile,
-        tracking.TAG + "storage": st.redact(url),
-        tracking.TAG + "sampler": sampler,
-        tracking.TAG + "pruner": pruner,
-        tracking.TAG + "objective": spec.objective,
-        tracking.TAG + "git_commit": tracking.git_commit(),
+        schema.ARCH: spec.arch,
+        schema.DATASET: spec.dataset,
+        schema.METHOD: spec.method,
+        schema.PROFILE: spec.profile,
+        schema.STORAGE: redact_uri(url),
+        schema.SAMPLER: sampler,
+        schema.PRUNER: pruner,
+        schema.OBJECTIVE: spec.objective,
+        schema.GIT_COMMIT: tracking.git_commit(),
     }
     run_id = study_run.open(name, tags, params, prev.get("mlflow_run_id"))
     study.set_user_attr("mlflow_run_id", run_id)
@@ -381,7 +384,7 @@ def run_study(opts: RunOptions) -> RunSummary:
             status = "failed"
             study_run.set_tags(
                 {
-                    "flexbench.error": f"workers died: {', '.join(dead)}; "
+                    schema.ERROR: f"workers died: {', '.join(dead)}; "
                     f"trials {lost} failed and queued for retry"
                 }
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 
 from benchmark.errors import ConfigError
+from benchmark.store import redact_uri
 from studies.choices import HEARTBEAT_S
 
 DEFAULT_FILE = "flexbench_studies.db"
@@ -28,16 +29,6 @@ def resolve_url(url: str | None) -> str:
     if url:
         return url
     return os.environ.get(ENV) or f"sqlite:///{Path.cwd() / DEFAULT_FILE}"
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for logs, MLflow tags and exported files)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is reported by check_url
-        return url.split("@")[-1]
 
 
 def check_url(url: str) -> None:
@@ -94,13 +85,14 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBS
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
     except ImportError as exc:
         raise ConfigError(
-            f"--storage {redact(url)}: the database driver is missing ({exc.__cause__ or exc}); "
+            f"--storage {redact_uri(url)}: the database driver is missing "
+            f"({exc.__cause__ or exc}); "
             f"for postgresql:// install psycopg[binary] (or write postgresql+psycopg2://)"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - connection/auth errors are user errors here
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"cannot open Optuna storage {redact(url)}: {exc}") from exc
+        raise ConfigError(f"cannot open Optuna storage {redact_uri(url)}: {exc}") from exc
 
 
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:

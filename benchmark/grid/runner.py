@@ -22,13 +22,11 @@ from benchmark.grid.spec import Cell, GridSpec, estimate
 from benchmark.grid.state import (
     CellState,
     GridLock,
-    absolute_uri,
     cell_states,
     checkpoint_run_id,
     ensure_failed,
     grid_active,
     mark_stale,
-    prepare_store,
 )
 
 RUN_ACTIONS = ("resume", "restart", "new")
@@ -54,7 +52,7 @@ class Planned:
 
 
 def tracking_uri(uri: str | None) -> str:
-    return absolute_uri(tracking.resolve_uri(uri))
+    return tracking.absolute_sqlite(tracking.resolve_uri(uri))
 
 
 def make_plan(spec: GridSpec, uri: str, rerun_failed: bool, active: bool = False) -> list[Planned]:
@@ -93,7 +91,8 @@ def _header(spec: GridSpec, uri: str, out: TextIO) -> None:
         file=out,
     )
     workdirs = ", ".join(str(w) for w in spec.workdirs)
-    print(f"tracking {uri}, experiment {spec.name}; checkpoints in {workdirs}", file=out)
+    shown = tracking.redact_uri(uri)
+    print(f"tracking {shown}, experiment {spec.name}; checkpoints in {workdirs}", file=out)
 
 
 def print_plan(spec: GridSpec, uri: str, plan: list[Planned], workers: int, out: TextIO) -> None:
@@ -211,7 +210,7 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
     out = out or sys.stdout
     t0 = time.monotonic()
     _precheck(opts)
-    prepare_store(uri, spec.name)
+    tracking.prepare_store(uri, spec.name)
     with GridLock(spec):
         stale = mark_stale(spec, uri)
         plan = make_plan(spec, uri, opts.rerun_failed)

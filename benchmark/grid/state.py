@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark import checkpoint, tracking
+from benchmark import checkpoint, schema, tracking
 from benchmark.config import flatten
 from benchmark.errors import ConfigError
 from benchmark.grid.spec import Cell, GridSpec
 
-STATUS = tracking.TAG + "status"
-CELL = tracking.TAG + "cell"
-HEADLINE = ("test/top1_mean", "test/top1_auc")
+STATUS = schema.STATUS
+CELL = schema.CELL
+HEADLINE = (schema.TOP1_MEAN.format(split="test"), schema.TOP1_AUC.format(split="test"))
 
 
 @dataclass
@@ -38,26 +38,10 @@ class CellState:
     run_ids: list[str] = field(default_factory=list)
 
 
-def absolute_uri(uri: str) -> str:
-    """sqlite:///relative.db -> sqlite:////abs/relative.db (workers may run elsewhere)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
-def prepare_store(uri: str, experiment: str) -> None:
-    """Create the tracking schema and the experiment from ONE process, before any worker:
-    processes racing to create a fresh MLflow database crash on the schema."""
-    tracking.check_reachable(uri)
-    client = tracking.MlflowClient(tracking_uri=uri)
-    client.search_experiments(max_results=1)
-    tracking.CellRun(uri, experiment)
-
-
 def parent_runs(uri: str, experiment: str, key: str | None = None) -> dict[str, list[Any]]:
     """{cell key: [parent runs, oldest first]} of an experiment (child runs carry no status)."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+    db = tracking.sqlite_path(uri)
+    if db is not None and not db.exists():
         return {}  # no database yet (and reading must not create one)
     client = tracking.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
@@ -107,9 +91,7 @@ def cell_states(spec: GridSpec, uri: str, grid_active: bool = False) -> dict[str
                 state = "running" if grid_active and status == "running" else "interrupted"
             else:
                 state = "failed"
-            st = CellState(
-                state, r.info.run_id, ckpt, error=r.data.tags.get(tracking.TAG + "error", "")
-            )
+            st = CellState(state, r.info.run_id, ckpt, error=r.data.tags.get(schema.ERROR, ""))
             st.metrics = dict(r.data.metrics)
         else:
             st = CellState("pending", None, ckpt)
@@ -166,7 +148,7 @@ def ensure_failed(cell: Cell, uri: str, experiment: str, reason: str, since: flo
         r.data.tags.get(STATUS) == "failed" and (r.info.end_time or 0) >= since_ms for r in runs
     ):
         return  # the worker recorded it
-    tags = {tracking.TAG + "grid": experiment}
+    tags = {schema.GRID: experiment}
     run.start(cell.cfg, cell.key, flatten(cell.cfg), tags)
     run.fail(reason)
 

@@ -16,10 +16,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from benchmark import signals
+from benchmark import schema, signals  # light: no torch, so limit_threads still comes first
 
 Emit = Callable[[tuple], None]
-HEADLINE = ("test/top1_mean", "test/top1_auc", "val/top1_mean")
+HEADLINE = (
+    schema.TOP1_MEAN.format(split="test"),
+    schema.TOP1_AUC.format(split="test"),
+    schema.TOP1_MEAN.format(split="val"),
+)
 
 
 def limit_threads(threads: int) -> None:
@@ -56,7 +60,7 @@ def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None 
         restart=task["mode"] == "restart",
         progress=False,
         epoch_callback=on_epoch,
-        extra_tags={"flexbench.grid": task["experiment"], "flexbench.executor": task["executor"]},
+        extra_tags={schema.GRID: task["experiment"], schema.EXECUTOR: task["executor"]},
     )
     result = train_cell(cfg, opts)
     return {

@@ -1,0 +1,155 @@
+"""The MLflow schema of flexbench results, in one place (documented in docs/mlflow-schema.md).
+
+`SUBMODEL_FIELDS` is the table of per-sub-model result fields: the trainer's row dicts, the
+parent run's final metrics, the child runs, `submodels.csv` and `reports.load`'s tidy table all
+iterate it, so a new per-sub-model metric is one row here (plus its line in the doc; a test
+fails without it). The `flexbench.*` tag names are the constants below.
+Imports nothing heavy: the `flexbench` CLI and the readers import it freely.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PREFIX = "flexbench."
+
+# --- tags of a cell's parent run ---------------------------------------------------------------
+CELL = PREFIX + "cell"  # the cell key (hash of the resolved config minus runtime settings)
+ARCH = PREFIX + "arch"
+DATASET = PREFIX + "dataset"
+METHOD = PREFIX + "method"
+SEED = PREFIX + "seed"
+PROFILE = PREFIX + "profile"
+STATUS = PREFIX + "status"  # running | finished | failed | interrupted | pruned
+ERROR = PREFIX + "error"
+GIT_COMMIT = PREFIX + "git_commit"
+DEVICE = PREFIX + "device"
+TORCH = PREFIX + "torch"
+GRID = PREFIX + "grid"
+EXECUTOR = PREFIX + "executor"
+SPLIT_SEED = PREFIX + "split_seed"
+VAL_HASH = PREFIX + "val_hash"
+TEST_EVALUATED = PREFIX + "test_evaluated"
+COST_AXIS = PREFIX + "cost_axis"
+# --- tags of a sub-model's child run ----------------------------------------------------------
+SUBMODEL = PREFIX + "submodel"
+SUBMODEL_INDEX = PREFIX + "submodel_index"
+# --- study and report runs ---------------------------------------------------------------------
+KIND = PREFIX + "kind"  # study | report: not a cell
+STUDY = PREFIX + "study"
+TRIAL = PREFIX + "trial"
+RETRY_OF = PREFIX + "retry_of"
+TRIAL_STATE = PREFIX + "trial_state"
+STORAGE = PREFIX + "storage"
+SAMPLER = PREFIX + "sampler"
+PRUNER = PREFIX + "pruner"
+OBJECTIVE = PREFIX + "objective"
+BEST_TRIAL = PREFIX + "best_trial"
+BEST_VALUE = PREFIX + "best_value"
+BEST_PARAM = PREFIX + "best.{param}"  # one per hyperparameter of the best trial
+TRIALS_IN_STATE = PREFIX + "trials_{state}"  # trial counts per Optuna state
+REPORT_OF = PREFIX + "report_of"
+
+# The tags that say which cell a run belongs to: on the parent run and on every child run.
+CELL_TAGS = (CELL, ARCH, DATASET, METHOD, SEED, PROFILE)
+
+TAGS: tuple[str, ...] = tuple(
+    v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and k != "PREFIX"
+)
+"""Every tag name above (patterns keep their `{placeholder}`), for the documentation test."""
+
+
+@dataclass(frozen=True)
+class SubmodelField:
+    """One per-sub-model result.
+
+    name: key in the trainer's row dicts and column of `reports.load`'s tidy table;
+    parent: final metric on the cell's parent run, a pattern over `{split}` (`test`, or `val`
+    when a study seals the test split) and `{sub}` (sub-model name); None for identity fields;
+    child: metric of the sub-model's child run, or the tag that carries it there;
+    csv: column of `submodels.csv`; unit: unit of the value."""
+
+    name: str
+    parent: str | None
+    child: str
+    csv: str
+    unit: str
+    description: str
+
+    @property
+    def is_metric(self) -> bool:
+        return self.parent is not None
+
+    def parent_key(self, sub: str, split: str = "test") -> str:
+        if self.parent is None:
+            raise ValueError(f"sub-model field {self.name!r} has no parent-run metric")
+        return self.parent.format(split=split, sub=sub)
+
+
+SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
+    SubmodelField("index", None, SUBMODEL_INDEX, "index", "", "position, smallest sub-model 0"),
+    SubmodelField("name", None, SUBMODEL, "name", "", "sub-model name, e.g. exit3 or w0.5"),
+    SubmodelField("top1", "{split}/top1/{sub}", "top1", "top1", "%", "top-1 accuracy"),
+    SubmodelField("top5", "{split}/top5/{sub}", "top5", "top5", "%", "top-5 accuracy"),
+    SubmodelField("mmacs", "mmacs/{sub}", "mmacs", "mmacs", "millions", "multiply-accumulates"),
+    SubmodelField("mflops", "mflops/{sub}", "mflops", "mflops", "millions", "FLOPs, forward"),
+    SubmodelField("params_m", "params_m/{sub}", "params_m", "params_m", "millions", "parameters"),
+    SubmodelField(
+        "gbitops",
+        "gbitops/{sub}",
+        "gbitops",
+        "gbitops",
+        "billions",
+        "bit-operations: MACs x weight bits x activation bits",
+    ),
+    SubmodelField("latency_ms", "latency_ms/{sub}", "latency_ms", "latency_ms", "ms", "latency"),
+)
+METRIC_FIELDS: tuple[SubmodelField, ...] = tuple(f for f in SUBMODEL_FIELDS if f.is_metric)
+FIELDS = {f.name: f for f in SUBMODEL_FIELDS}
+
+# Per-cell summaries over the sub-models, final metrics of the parent run.
+TOP1_MEAN = "{split}/top1_mean"
+TOP1_AUC = "{split}/top1_auc"
+
+
+def parent_metrics(rows: Iterable[Mapping[str, Any]], split: str) -> dict[str, float]:
+    """The parent run's final per-sub-model metrics, e.g. `test/top1/exit1`, from the trainer's
+    rows (one dict per sub-model with the keys of `SUBMODEL_FIELDS`); a missing or None value
+    is left out (never logged as 0)."""
+    out: dict[str, float] = {}
+    for row in rows:
+        for f in METRIC_FIELDS:
+            if row.get(f.name) is not None:
+                out[f.parent_key(row["name"], split)] = float(row[f.name])
+    return out
+
+
+def child_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics of one sub-model's child run (`top1`, `mflops`, ...), Nones left out."""
+    return {f.child: float(row[f.name]) for f in METRIC_FIELDS if row.get(f.name) is not None}
+
+
+def child_tags(row: Mapping[str, Any]) -> dict[str, str]:
+    """The tags that identify one sub-model's child run: its name and index."""
+    return {f.child: str(row[f.name]) for f in SUBMODEL_FIELDS if not f.is_metric}
+
+
+def csv_columns() -> list[str]:
+    """The header of `submodels.csv`, in table order."""
+    return [f.csv for f in SUBMODEL_FIELDS]
+
+
+def write_submodels_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """`submodels.csv`: one line per sub-model, the columns of `csv_columns()` (empty where a
+    row lacks a value)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(csv_columns())
+        for row in rows:
+            writer.writerow(
+                ["" if row.get(f.name) is None else row[f.name] for f in SUBMODEL_FIELDS]
+            )

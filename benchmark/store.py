@@ -1,0 +1,72 @@
+"""Store URIs (MLflow tracking/backend stores, Optuna storages): the one home of their plumbing.
+
+Credentials are masked before a URI is printed, tagged or exported; relative SQLite paths are
+made absolute before another process (a grid worker, the MLflow server) sees them; and the
+`./mlruns` file store, which MLflow 3 refuses, is rejected with a message saying what to use.
+Imports neither mlflow nor SQLAlchemy: the `flexbench` CLI and `mlflow_server` import it on
+every invocation. `benchmark.tracking` re-exports these functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from benchmark.errors import ConfigError
+
+SQLITE = "sqlite:///"
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with its password replaced by `***` (user, host, port, path and query kept),
+    e.g. `postgresql://u:***@db:5432/x`; a URI without a password is returned unchanged and one
+    that cannot be parsed as `<unparsable URI>` (it might hold a secret in any place)."""
+    try:
+        parts = urlsplit(uri)
+        password, port = parts.password, parts.port
+    except ValueError:
+        return "<unparsable URI>"
+    if password is None:
+        return uri
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative to the cwd when it has three slashes
+    only); None for other URIs, in-memory databases and an empty path."""
+    if not uri.startswith(SQLITE):
+        return None
+    path = uri[len(SQLITE) :].split("?", 1)[0]
+    if path in ("", ":memory:"):
+        return None
+    return Path(path)
+
+
+def absolute_sqlite(uri: str) -> str:
+    """`sqlite:///relative.db` -> `sqlite:////cwd/relative.db`: a relative path means the
+    caller's cwd, not that of the worker or server that opens it later. Other URIs unchanged."""
+    path = sqlite_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    _, query, rest = uri[len(SQLITE) :].partition("?")
+    return SQLITE + str(path.absolute()) + query + rest
+
+
+def is_file_store(uri: str) -> bool:
+    """A plain path or `file:` URI: MLflow's `./mlruns` file store."""
+    return "://" not in uri or uri.split(":", 1)[0].lower() == "file"
+
+
+def refuse_file_store(
+    uri: str, what: str, alternatives: str, error: type[ConfigError] = ConfigError
+) -> None:
+    """Raise `error` when `uri` names a file store, which MLflow 3 refuses.
+
+    what: the option named in the message (e.g. "tracking URI"); alternatives: the stores to
+    use instead (e.g. "sqlite:///path/mlflow.db or an http(s):// server")."""
+    if is_file_store(uri):
+        raise error(f"{what} {uri!r} is a file store, which MLflow 3 refuses; use {alternatives}")
