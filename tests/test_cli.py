@@ -68,7 +68,7 @@ def test_info_prints_one_row_per_exit_without_dataset_files(dataset, num_classes
         assert gbitops == pytest.approx(mmacs * 1024 / 1e3, rel=1e-3)  # full precision: 32 x 32
         assert params_m == pytest.approx(ref_params / 1e6, abs=1e-4)
         assert latency > 0 and iqr >= 0
-    assert "latency: median and IQR of 1 interleaved rounds" in out and " threads" in out
+    assert "latency: median and IQR of 1 interleaved rounds" in out and "cpu, 1 thread" in out
     assert not (tmp_path / "no-data-here").exists()
 
 
