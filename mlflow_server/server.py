@@ -544,15 +544,7 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
     _probe_writable(data_dir, "data directory")
     _probe_writable(sdir, "state directory")
     with _locked(sdir):
-        running = _running(sdir)
-        if running is not None and running.orphans:
-            echo(
-                f"the previous server's main process (pid {running.pid}) had died; stopping "
-                f"its leftover processes (pids {', '.join(map(str, running.orphans))})"
-            )
-            _end(running, grace=20.0)
-            _clear_state(sdir)
-            running = None
+        running = _replace_broken(sdir, _running(sdir), echo)
         if running is not None:
             running.already_running = True
             asked = (host, int(opts.port), opts.auth)
@@ -650,6 +642,20 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
         (sdir / "state.json").write_text(json.dumps(record, indent=2) + "\n")
         (sdir / "server.pid").write_text(f"{proc.pid}\n")
         return info
+
+
+def _replace_broken(sdir: Path, running: ServerInfo | None, echo) -> ServerInfo | None:
+    """End what is left of a server whose main process died (so a new one can start);
+    returns `running` unchanged when it is healthy or None."""
+    if running is None or not running.orphans:
+        return running
+    echo(
+        f"the previous server's main process (pid {running.pid}) had died; stopping its "
+        f"leftover processes (pids {', '.join(map(str, running.orphans))})"
+    )
+    _end(running, grace=20.0)
+    _clear_state(sdir)
+    return None
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
