@@ -80,14 +80,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from benchmark import data as datasets
     from benchmark.config import resolve
-    from benchmark.flops import count_costs, measure_latency
+    from benchmark.flops import count_costs, latency_profile
     from benchmark.train import make_model
 
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be a positive integer, got {args.repeats}")
+    if args.latency_threads < 0:
+        raise ConfigError(f"--latency-threads must be 0 or more, got {args.latency_threads}")
     cfg = resolve(args.arch, args.dataset, "joint", 0, args.profile, overrides_from_args(args))
     num_classes, image_size = datasets.describe(args.dataset, cfg["data"])
     model = make_model(cfg, num_classes, image_size)
     costs = count_costs(model, image_size)
-    lat = measure_latency(model, image_size, torch.device("cpu"), warmup=2, repeats=args.repeats)
+    lat = latency_profile(
+        model, image_size, torch.device("cpu"), 1, 2, args.repeats, args.latency_threads or None
+    )
     arch = {k: v for k, v in cfg["arch"].items() if k != "name"}
     print(
         f"{args.arch} for {args.dataset} ({num_classes} classes, {image_size}px), "
@@ -95,18 +101,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(
         f"{'sub-model':10s} {'MMACs':>10s} {'MFLOPs':>10s} {'GBitOps':>10s} {'params (M)':>11s}"
-        f" {'latency ms':>11s}"
+        f" {'latency ms':>11s} {'IQR ms':>8s}"
     )
-    for c, ms in zip(costs, lat):
+    for c, ms, iqr in zip(costs, lat.median_ms, lat.iqr_ms):
         print(
             f"{c.name:10s} {c.mmacs:10.3f} {c.mflops:10.3f} {c.gbitops:10.3f}"
-            f" {c.params_m:11.4f} {ms:11.2f}"
+            f" {c.params_m:11.4f} {ms:11.2f} {iqr:8.2f}"
         )
     print(
         "MMACs: conv+linear multiply-adds; MFLOPs: FlopCounterMode (2 x MACs); GBitOps: MACs x"
         " weight bits x activation bits (32 x 32 unless quantized); exits are cumulative incl."
-        " earlier heads; latency: CPU, batch 1, median"
+        f" earlier heads; latency: {lat.method()}"
     )
+    if lat.relative_spread() > 0.25:
+        print(
+            f"warning: latency varied by up to {lat.relative_spread():.0%} of the median (IQR):"
+            " the machine was busy; compare latencies from an idle machine, or raise --repeats"
+        )
     return 0
 
 
@@ -144,7 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print the sub-model cost table of an architecture")
     _add_cell_args(p)
-    p.add_argument("--repeats", type=int, default=10, help="latency repeats per sub-model")
+    p.add_argument("--repeats", type=int, default=10, help="latency rounds (default 10)")
+    p.add_argument(
+        "--latency-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPU threads for the latency forwards (default 1; 0: torch's default)",
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train one cell and log it to MLflow")

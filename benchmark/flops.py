@@ -12,7 +12,11 @@ Conventions (named in the metric keys):
   that separates the sub-models of a bit-width-switchable network.
 - `params_m`: parameters used by the sub-model (cumulative incl. earlier heads for exits).
 - `latency_ms`: median wall time of the same forward (eval mode, after warm-up) at the
-  recorded batch size and device.
+  recorded batch size, device and thread count (1 intra-op thread on CPU unless asked
+  otherwise: robust to other processes on the same cores). Sub-models are timed interleaved
+  (one forward of each per round, the order rotating every round), so load from other
+  processes falls on all sub-models alike instead of on whichever was being timed.
+  `latency_iqr_ms` is the spread (interquartile range) of the same samples.
 Counting uses a copy of the model on CPU with batch 1, in eval mode, under no_grad (the counter's
 backward counts are wrong for grouped convolutions, so only forwards are counted).
 """
@@ -20,13 +24,14 @@ backward counts are wrong for grouped convolutions, so only forwards are counted
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmark import schema
 from benchmark.models.base import FlexibleModel, count_active_params
 
 
@@ -96,6 +101,110 @@ def _bitops(model: FlexibleModel, x: torch.Tensor, k: int, flops: int) -> float:
     return bitops + (flops / 2 - quant_macs) * 32 * 32
 
 
+@dataclass
+class LatencyProfile:
+    """Latency of every sub-model (ms), from interleaved timing rounds (see `latency_profile`).
+
+    `median_ms[k]` is the robust statistic (what `latency_ms/<sub>` records), `iqr_ms[k]` its
+    spread (75th minus 25th percentile of the samples).
+    """
+
+    names: list[str]
+    median_ms: list[float]
+    iqr_ms: list[float]
+    repeats: int
+    warmup: int
+    batch: int
+    device: str
+    threads: int
+
+    def method(self) -> str:
+        """How it was measured, in words (the `flexbench.latency_method` tag)."""
+        return (
+            f"median and IQR of {self.repeats} interleaved rounds (sub-model order rotating) after "
+            f"{self.warmup} warm-up rounds; batch {self.batch}, {self.device}, "
+            f"{self.threads} thread" + ("" if self.threads == 1 else "s")
+        )
+
+    def relative_spread(self) -> float:
+        """Largest IQR / median over sub-models: above ~0.25 the machine was busy."""
+        return max((q / m for q, m in zip(self.iqr_ms, self.median_ms) if m > 0), default=0.0)
+
+    def metrics(self) -> dict[str, float]:
+        """`latency_ms/<sub>` (median) and `latency_iqr_ms/<sub>` for the MLflow record."""
+        return schema.parent_metrics(self.rows(), "")
+
+    def rows(self) -> list[dict[str, float | str]]:
+        """Per sub-model: `name`, `latency_ms` (median) and `latency_iqr_ms` (schema fields)."""
+        return [
+            {"name": n, "latency_ms": m, "latency_iqr_ms": q}
+            for n, m, q in zip(self.names, self.median_ms, self.iqr_ms)
+        ]
+
+    def tags(self) -> dict[str, str]:
+        """`flexbench.latency_method` and `flexbench.latency_threads` for the MLflow record."""
+        return {
+            schema.LATENCY_METHOD: self.method(),
+            schema.LATENCY_THREADS: str(self.threads),
+        }
+
+
+def latency_profile(
+    model: FlexibleModel,
+    image_size: int,
+    device: torch.device,
+    batch: int = 1,
+    warmup: int = 10,
+    repeats: int = 50,
+    threads: int | None = 1,
+) -> LatencyProfile:
+    """Time each sub-model's cost forward (eval mode, no_grad) in `repeats` interleaved rounds.
+
+    Round r runs every sub-model once, starting at sub-model r mod K, so a burst of load from
+    another process slows a few samples of every sub-model rather than all samples of one;
+    the median then ignores it. Timing blocks of one sub-model at a time (as before) let a
+    loaded machine report exit2 slower than exit7 although exit7 runs exit2's whole trunk.
+    On CPU the forwards run on `threads` intra-op threads (None: the current setting): with
+    several threads, one thread descheduled by another process stalls every operator, which
+    on a busy 2-core machine inflated batch-1 latencies ~10-100x and erratically.
+    """
+    prev_threads, was_training = torch.get_num_threads(), model.training
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    model.eval()
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
+    subs = [s.index for s in model.submodels]
+    samples: dict[int, list[float]] = {k: [] for k in subs}
+    try:
+        with torch.no_grad():
+            for r in range(-warmup, repeats):  # r < 0: warm-up rounds, not recorded
+                shift = r % len(subs)
+                for k in subs[shift:] + subs[:shift]:
+                    t0 = time.perf_counter()
+                    model.cost_forward(x, k)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if r >= 0:
+                        samples[k].append((time.perf_counter() - t0) * 1e3)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(prev_threads)
+        model.train(was_training)
+    q1, med, q3 = np.percentile([samples[k] for k in subs], [25, 50, 75], axis=1).tolist()
+    return LatencyProfile(
+        names=[s.name for s in model.submodels],
+        median_ms=med,
+        iqr_ms=[b - a for a, b in zip(q1, q3)],
+        repeats=repeats,
+        warmup=warmup,
+        batch=batch,
+        device=str(device),
+        threads=used_threads,
+    )
+
+
 def measure_latency(
     model: FlexibleModel,
     image_size: int,
@@ -104,29 +213,6 @@ def measure_latency(
     warmup: int = 10,
     repeats: int = 50,
 ) -> list[float]:
-    """Median latency (ms) of each sub-model's cost forward, in eval mode."""
-    was_training = model.training
-    model.eval()
-    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
-        memory_format=torch.channels_last
-    )
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    out = []
-    with torch.no_grad():
-        for sub in model.submodels:
-            for _ in range(warmup):
-                model.cost_forward(x, sub.index)
-            sync()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model.cost_forward(x, sub.index)
-                sync()
-                times.append((time.perf_counter() - t0) * 1e3)
-            out.append(statistics.median(times))
-    model.train(was_training)
-    return out
+    """Median latency (ms) of each sub-model: `latency_profile(...).median_ms` (on CPU with 1
+    thread)."""
+    return latency_profile(model, image_size, device, batch, warmup, repeats).median_ms

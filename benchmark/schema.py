@@ -33,6 +33,9 @@ GRID = PREFIX + "grid"
 EXECUTOR = PREFIX + "executor"
 SPLIT_SEED = PREFIX + "split_seed"
 VAL_HASH = PREFIX + "val_hash"
+DATA_HASH = PREFIX + "data_hash"  # hash of the decoded images, labels and classes of the data
+LATENCY_METHOD = PREFIX + "latency_method"  # how latency was measured, in words
+LATENCY_THREADS = PREFIX + "latency_threads"
 TEST_EVALUATED = PREFIX + "test_evaluated"
 COST_AXIS = PREFIX + "cost_axis"
 # --- tags of a sub-model's child run ----------------------------------------------------------
@@ -106,7 +109,17 @@ SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
         "billions",
         "bit-operations: MACs x weight bits x activation bits",
     ),
-    SubmodelField("latency_ms", "latency_ms/{sub}", "latency_ms", "latency_ms", "ms", "latency"),
+    SubmodelField(
+        "latency_ms", "latency_ms/{sub}", "latency_ms", "latency_ms", "ms", "latency (median)"
+    ),
+    SubmodelField(
+        "latency_iqr_ms",
+        "latency_iqr_ms/{sub}",
+        "latency_iqr_ms",
+        "latency_iqr_ms",
+        "ms",
+        "latency interquartile range",
+    ),
 )
 METRIC_FIELDS: tuple[SubmodelField, ...] = tuple(f for f in SUBMODEL_FIELDS if f.is_metric)
 FIELDS = {f.name: f for f in SUBMODEL_FIELDS}

@@ -44,7 +44,7 @@ from benchmark.data.base import Splits
 from benchmark.data.pipeline import Normalizer, TrainBatches
 from benchmark.errors import ConfigError, TrainingError
 from benchmark.evaluate import evaluate
-from benchmark.flops import measure_latency
+from benchmark.flops import latency_profile
 from benchmark.methods import EpochContext, Method
 from benchmark.models import FlexibleModel, IndependentModel
 from benchmark.step import StepResult, make_step
@@ -158,6 +158,7 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
         **tracking.environment_tags(device, torch.get_num_threads()),
         schema.SPLIT_SEED: str(cfg["data"]["split_seed"]),
         schema.VAL_HASH: splits.val_hash,
+        schema.DATA_HASH: splits.data_hash,
         schema.TEST_EVALUATED: str(opts.evaluate_test).lower(),
         **opts.extra_tags,
     }
@@ -323,7 +324,7 @@ def finish(cell: Cell) -> CellResult:
         costs = [c.mflops for c in plan.costs]
         budgeted = budgeted_curve(val_acc.confidence, acc.confidence, acc.correct, costs)
     r = cfg["runtime"]
-    lat = measure_latency(
+    lat = latency_profile(
         cell.model,
         plan.image_size,
         cell.device,
@@ -333,15 +334,15 @@ def finish(cell: Cell) -> CellResult:
     )
     rows = [
         {"index": i, "name": c.name, "top1": a1, "top5": a5}
-        | {"mmacs": c.mmacs, "mflops": c.mflops, "params_m": c.params_m}
-        | {"gbitops": c.gbitops, "latency_ms": ms}
-        for i, (c, a1, a5, ms) in enumerate(zip(plan.costs, acc.top1, acc.top5, lat))
+        | {"mmacs": c.mmacs, "mflops": c.mflops, "params_m": c.params_m, "gbitops": c.gbitops}
+        | lat_row
+        for i, (c, a1, a5, lat_row) in enumerate(zip(plan.costs, acc.top1, acc.top5, lat.rows()))
     ]
     axis = cost_axis([row["mflops"] for row in rows], [row["gbitops"] for row in rows])
     final = schema.parent_metrics(rows, split)
     final[schema.TOP1_MEAN.format(split=split)] = sum(acc.top1) / len(acc.top1)
     final[schema.TOP1_AUC.format(split=split)] = auc_top1([row[axis] for row in rows], acc.top1)
-    cell.run.set_tags({schema.COST_AXIS: axis})
+    cell.run.set_tags({schema.COST_AXIS: axis, **lat.tags()})
     with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
         art = _artifacts(Path(tmp), cell, rows, split, budgeted, axis)
         cell.run.finish(final, rows, art, cfg, cell.key, plan.total_epochs, budgeted)

@@ -70,6 +70,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     info = server.stop(args.data_dir)
     if info is None:
         print(f"no MLflow server running for {server.resolve_data_dir(args.data_dir)}")
+    elif info.orphans:
+        pids = ", ".join(map(str, info.orphans))
+        print(
+            f"stopped what was left of the MLflow server at {info.url}: its main process "
+            f"(pid {info.pid}) had died; ended pids {pids}"
+        )
     else:
         print(f"stopped the MLflow server at {info.url} (pid {info.pid})")
     return 0
@@ -82,6 +88,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 3
     up = time.time() - info.started_at
     answer = "not answering" if health is None else f"answers {health}"
+    if info.orphans:
+        print(f"MLflow server BROKEN (main pid {info.pid} gone, up {up:.0f} s); /health {answer}")
+        for warning in info.warnings:
+            print(f"flexbench: WARNING: {warning}", file=sys.stderr)
+        _print_info(info)
+        return 1
     print(f"MLflow server running (pid {info.pid}, up {up:.0f} s); /health {answer}")
     _print_info(info)
     return 0 if health in (200, 401) else 1
@@ -154,6 +166,8 @@ def add_parser(subparsers) -> None:
     _add_data_dir(s)
     s.set_defaults(func=cmd_stop)
 
-    s = sub.add_parser("status", help="is the server running? (exit 0 yes, 3 no)")
+    s = sub.add_parser(
+        "status", help="is the server running? (exit 0 yes, 3 no, 1 not answering or broken)"
+    )
     _add_data_dir(s)
     s.set_defaults(func=cmd_status)

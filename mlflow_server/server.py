@@ -111,6 +111,9 @@ class ServerInfo:
     start_seconds: float
     already_running: bool = field(default=False, compare=False)
     warnings: list[str] = field(default_factory=list, compare=False)
+    # pids still alive in the server's process group after its main process died (see
+    # `_running`); empty for a healthy server. Not stored in state.json.
+    orphans: list[int] = field(default_factory=list, compare=False)
 
     @property
     def tracking_uri(self) -> str:
@@ -387,8 +390,8 @@ def _locked(sdir: Path):
 def _read_state(sdir: Path) -> ServerInfo | None:
     try:
         data = json.loads((sdir / "state.json").read_text())
-        data.pop("already_running", None)
-        data.pop("warnings", None)
+        for transient in ("already_running", "warnings", "orphans"):
+            data.pop(transient, None)
         return ServerInfo(**data)
     except (OSError, ValueError, TypeError):
         return None
@@ -400,15 +403,68 @@ def _clear_state(sdir: Path) -> None:
             (sdir / name).unlink()
 
 
+def _server_group(info: ServerInfo) -> list:
+    """Live (non-zombie) processes of the recorded server's process group: the `mlflow server`
+    process, uvicorn and its workers. [] when none of them is the server that was started.
+
+    The server runs in its own process group, whose id is the recorded pid. The kernel never
+    reuses a pid as long as a group of that id has members, so the group is ours if one member
+    was born while the server started (between the main process's creation and the first
+    /health answer); a server started before this machine booted is gone.
+    """
+    psutil = _psutil()
+    if info.create_time < psutil.boot_time() - 1.0:
+        return []
+    members = []
+    for proc in psutil.process_iter(["create_time", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or os.getpgid(proc.pid) != info.pid:
+                continue
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            continue
+        members.append(proc)
+    born_at_start = [
+        p
+        for p in members
+        if info.create_time - 1.0 <= (p.info["create_time"] or 0) <= info.started_at + 1.0
+    ]
+    return members if born_at_start else []
+
+
 def _running(sdir: Path) -> ServerInfo | None:
-    """The recorded server if its process is still alive; clears a stale record."""
+    """The recorded server if any process of it is still alive; clears a stale record.
+
+    When the main process died (e.g. `kill -9`) but uvicorn and its workers still serve,
+    the server is returned with `orphans` listing their pids and a warning, so that `status`
+    reports it and `stop` ends it.
+    """
     info = _read_state(sdir)
     if info is None:
         return None
-    if _process(info.pid, info.create_time) is None:
+    if _process(info.pid, info.create_time) is not None:
+        return info
+    group = _server_group(info)
+    if not group:
         _clear_state(sdir)
         return None
+    info.orphans = sorted(p.pid for p in group)
+    info.warnings.append(
+        f"the server's main process (pid {info.pid}) is gone, but {len(group)} of its processes "
+        f"(pids {', '.join(map(str, info.orphans))}) still run and may hold port {info.port}; "
+        f"`flexbench server stop` ends them, `flexbench server start` replaces them"
+    )
     return info
+
+
+def _end(info: ServerInfo, grace: float) -> None:
+    """SIGTERM (then SIGKILL) the server's whole process group; ServerError if any survives."""
+    _kill_group(info.pid, info.pid, grace)
+    alive = _server_group(info)
+    if alive:
+        raise ServerError(
+            f"the MLflow server (process group {info.pid}) did not stop: pids "
+            f"{', '.join(str(p.pid) for p in alive)} are still running"
+        )
 
 
 # ------------------------------------------------------------------------------------ API
@@ -463,7 +519,7 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
     _probe_writable(data_dir, "data directory")
     _probe_writable(sdir, "state directory")
     with _locked(sdir):
-        running = _running(sdir)
+        running = _replace_broken(sdir, _running(sdir), echo)
         if running is not None:
             running.already_running = True
             asked = (host, int(opts.port), opts.auth)
@@ -556,11 +612,25 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
             warnings=warnings,
         )
         record = asdict(info)
-        record.pop("already_running")
-        record.pop("warnings")
+        for transient in ("already_running", "warnings", "orphans"):
+            record.pop(transient)
         (sdir / "state.json").write_text(json.dumps(record, indent=2) + "\n")
         (sdir / "server.pid").write_text(f"{proc.pid}\n")
         return info
+
+
+def _replace_broken(sdir: Path, running: ServerInfo | None, echo) -> ServerInfo | None:
+    """End what is left of a server whose main process died (so a new one can start);
+    returns `running` unchanged when it is healthy or None."""
+    if running is None or not running.orphans:
+        return running
+    echo(
+        f"the previous server's main process (pid {running.pid}) had died; stopping its "
+        f"leftover processes (pids {', '.join(map(str, running.orphans))})"
+    )
+    _end(running, grace=20.0)
+    _clear_state(sdir)
+    return None
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
@@ -584,7 +654,8 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> 
 
 
 def stop(data_dir: Path | str | None = None, grace: float = 20.0) -> ServerInfo | None:
-    """Stop the recorded server (its whole process group); None if none was running."""
+    """Stop the recorded server (its whole process group, also when its main process has died
+    and left uvicorn workers behind); None if none was running."""
     sdir = state_dir(data_dir)
     if not sdir.is_dir():
         return None
@@ -592,15 +663,17 @@ def stop(data_dir: Path | str | None = None, grace: float = 20.0) -> ServerInfo 
         info = _running(sdir)
         if info is None:
             return None
-        _kill_group(info.pid, info.pid, grace)
-        if _process(info.pid, info.create_time) is not None:
-            raise ServerError(f"the MLflow server (pid {info.pid}) did not stop")
+        _end(info, grace)
         _clear_state(sdir)
         return info
 
 
 def status(data_dir: Path | str | None = None) -> tuple[ServerInfo | None, int | None]:
-    """(recorded running server or None, HTTP status of its /health or None)."""
+    """(recorded running server or None, HTTP status of its /health or None).
+
+    A server whose main process died but whose workers still run is returned with `orphans`
+    set; a record of a server that is entirely gone is deleted.
+    """
     sdir = state_dir(data_dir)
     if not sdir.is_dir():
         return None, None

@@ -62,12 +62,13 @@ def test_info_prints_one_row_per_exit_without_dataset_files(dataset, num_classes
     macs, params = MSDNET_REFERENCE[("anytime", num_classes)]
     assert [r[0] for r in rows] == [f"exit{i + 1}" for i in range(7)]
     for row, ref_macs, ref_params in zip(rows, macs, params):
-        mmacs, mflops, gbitops, params_m, latency = map(float, row[1:])
+        mmacs, mflops, gbitops, params_m, latency, iqr = map(float, row[1:])
         assert mmacs == pytest.approx(ref_macs / 1e6, rel=1e-3)
         assert mflops == pytest.approx(2 * mmacs, abs=2e-3)
         assert gbitops == pytest.approx(mmacs * 1024 / 1e3, rel=1e-3)  # full precision: 32 x 32
         assert params_m == pytest.approx(ref_params / 1e6, abs=1e-4)
-        assert latency > 0
+        assert latency > 0 and iqr >= 0
+    assert "latency: median and IQR of 1 interleaved rounds" in out and "cpu, 1 thread" in out
     assert not (tmp_path / "no-data-here").exists()
 
 

@@ -3,17 +3,21 @@ read only by the final evaluation, and the batched augmentation."""
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import smoke_cfg
+from conftest import FAST, all_runs, smoke_cfg
 from PIL import Image
 
 from benchmark import data as datasets
+from benchmark.config import resolve
+from benchmark.data import imagefolder
 from benchmark.data.pipeline import Normalizer, TrainBatches, crop_flip
+from benchmark.errors import ConfigError
 from benchmark.train import CellOptions, train_cell
 
 CLASSES = ["cat", "dog", "emu"]
@@ -32,10 +36,8 @@ def image_ids(x: torch.Tensor) -> list[int]:
     return [int(img[0, 0, 0]) * 256 + int(img[1, 0, 0]) for img in x]
 
 
-@pytest.fixture(scope="module")
-def image_tree(tmp_path_factory) -> Path:
+def write_tree(root: Path) -> Path:
     """train/<class>/*.png and test/<class>/*.png; every image unique, 16x16."""
-    root = tmp_path_factory.mktemp("imgs") / "tiny"
     uid = 0
     rng = np.random.default_rng(0)
     for split, n in PER_CLASS.items():
@@ -50,13 +52,22 @@ def image_tree(tmp_path_factory) -> Path:
     return root
 
 
+def write_zip(tree: Path, path: Path) -> Path:
+    """Every file under `tree` (hidden ones included) as a zip entry of the same name."""
+    with zipfile.ZipFile(path, "w") as z:
+        for f in sorted(p for p in tree.rglob("*") if p.is_file()):
+            z.write(f, f.relative_to(tree).as_posix())
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory) -> Path:
+    return write_tree(tmp_path_factory.mktemp("imgs") / "tiny")
+
+
 @pytest.fixture(scope="module")
 def image_zip(image_tree) -> Path:
-    path = image_tree.parent / "tiny.zip"
-    with zipfile.ZipFile(path, "w") as z:
-        for f in sorted(image_tree.rglob("*.png")):
-            z.write(f, f.relative_to(image_tree).as_posix())
-    return path
+    return write_zip(image_tree, image_tree.parent / "tiny.zip")
 
 
 def check_disjoint(splits, n_train_total: int) -> None:
@@ -118,6 +129,101 @@ def test_imagefolder_resizes_to_image_size(image_tree):
     assert datasets.describe(name, data_cfg(image_size=24)) == (3, 24)
     s = datasets.load_splits(name, data_cfg(image_size=24))
     assert tuple(s.train_x.shape[1:]) == (3, 24, 24)
+
+
+# --- what users' folders really hold: system files, broken images, changed data -----------
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "  # 24 bytes
+
+
+def add_system_files(root: Path) -> None:
+    """What copies from macOS and Windows leave next to the images (none is data)."""
+    (root / "train/dog/._005.png").write_bytes(APPLEDOUBLE)
+    (root / "test/emu/._000.png").write_bytes(APPLEDOUBLE)
+    (root / "train/.DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train/cat/Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "test/cat/desktop.ini").write_text("[.ShellClassInfo]\n")
+    (root / "__MACOSX/train/dog").mkdir(parents=True)
+    (root / "__MACOSX/train/dog/._005.png").write_bytes(APPLEDOUBLE)
+    (root / "__MACOSX/train/dog/007.png").write_bytes(APPLEDOUBLE)
+    hidden_class = root / "train/.ipynb_checkpoints"  # a hidden folder is no class
+    hidden_class.mkdir()
+    (hidden_class / "000.png").write_bytes((root / "train/cat/000.png").read_bytes())
+
+
+@pytest.mark.parametrize("form", ["dir", "zip"])
+def test_hidden_and_system_files_are_skipped(form, image_tree, tmp_path):
+    root = write_tree(tmp_path / "mac")
+    add_system_files(root)
+    path = root if form == "dir" else write_zip(root, tmp_path / "mac.zip")
+    name = f"imagefolder:{path}"
+    assert datasets.describe(name, data_cfg()) == (3, 16)
+    got = datasets.load_splits(name, data_cfg(val_size=6))
+    clean = datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(val_size=6))
+    assert got.classes == CLASSES
+    assert torch.equal(got.train_x, clean.train_x) and torch.equal(got.val_x, clean.val_x)
+    assert torch.equal(got.test()[0], clean.test()[0])
+    assert got.data_hash == clean.data_hash
+
+
+@pytest.mark.parametrize("form", ["dir", "zip"])
+def test_undecodable_images_fail_before_training_naming_their_paths(
+    form, tmp_path, tracking_uri, client
+):
+    root = write_tree(tmp_path / "broken")
+    (root / "train/dog/bad.png").write_bytes(b"not a png, 24 bytes long")
+    good = (root / "test/emu/000.png").read_bytes()
+    (root / "test/emu/cut.png").write_bytes(good[: len(good) // 2])  # truncated
+    path = root if form == "dir" else write_zip(root, tmp_path / "broken.zip")
+    shown = f"{path}:train/dog/bad.png" if form == "zip" else str(path / "train/dog/bad.png")
+    with pytest.raises(ConfigError) as err:
+        datasets.load_splits(f"imagefolder:{path}", data_cfg(val_size=6))
+    msg = str(err.value)
+    assert shown in msg and "1 other file(s) failed" in msg and "test/emu/cut.png" in msg
+
+    sets = {**FAST, "runtime.workdir": str(tmp_path / "runs"), "data.image_size": 32}
+    cfg = resolve("slimmable_mobilenet_v1", f"imagefolder:{path}", "joint", 0, "smoke", sets)
+    with pytest.raises(ConfigError, match="bad.png"):
+        train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
+    assert all_runs(client) == []  # no run was started: it failed before training
+
+
+def test_changed_image_folder_is_decoded_again(tmp_path, monkeypatch):
+    root = write_tree(tmp_path / "grows")
+    name = f"imagefolder:{root}"
+    before = datasets.load_splits(name, data_cfg(val_size=6))
+    rng = np.random.default_rng(1)
+    for f in sorted((root / "test/cat").iterdir()):  # overwrite in place (same file names)
+        stat = f.stat()
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(f)
+        os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    for i in range(3):  # and new training images
+        img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / f"train/cat/new{i}.png")
+    after = datasets.load_splits(name, data_cfg(val_size=6))
+    assert after.train_x.shape[0] == before.train_x.shape[0] + 3
+    assert not torch.equal(after.test()[0], before.test()[0])
+    assert after.data_hash != before.data_hash
+
+    monkeypatch.setenv("FLEXBENCH_CACHE", str(tmp_path / "fresh-cache"))
+    fresh = datasets.load_splits(name, data_cfg(val_size=6))
+    assert torch.equal(after.test()[0], fresh.test()[0]) and after.data_hash == fresh.data_hash
+
+    def no_decoding(*args):
+        raise AssertionError("an unchanged folder must be read from the cache")
+
+    monkeypatch.setattr(imagefolder, "_load_split", no_decoding)
+    again = datasets.load_splits(name, data_cfg(val_size=6))
+    assert again.data_hash == fresh.data_hash and torch.equal(again.train_x, fresh.train_x)
+
+
+def test_data_hash_identifies_the_decoded_data(image_tree, image_zip):
+    a = datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(val_size=6))
+    b = datasets.load_splits(f"imagefolder:{image_zip}", data_cfg(val_size=9))
+    assert a.data_hash == b.data_hash  # same images: same identity, whatever the container
+    resized = datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(image_size=24))
+    synthetic = datasets.load_splits("synthetic", data_cfg())
+    assert len({a.data_hash, resized.data_hash, synthetic.data_hash}) == 3
+    assert synthetic.data_hash == datasets.load_splits("synthetic", data_cfg()).data_hash
 
 
 def test_sealed_test_split_refuses_reads():

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from base64 import b64encode
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -330,6 +331,105 @@ def test_stop_and_status_without_a_server(tmp_path):
 def test_mask_uri():
     assert srv.mask_uri("postgresql://u:p%40ss@db:5432/x") == "postgresql://u:***@db:5432/x"
     assert srv.mask_uri("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+
+
+def _fake_state(data_dir: Path, pid: int, create_time: float, port: int) -> Path:
+    """A state directory recording a server that `pid` is said to be (for stale-state tests)."""
+    sdir = data_dir / "server"
+    sdir.mkdir(parents=True)
+    info = srv.ServerInfo(
+        pid=pid, create_time=create_time, host="127.0.0.1", port=port,
+        url=f"http://127.0.0.1:{port}", backend_store="sqlite:///x.db", artifacts="a",
+        auth=False, admin_username=None, data_dir=str(data_dir), log=str(sdir / "server.log"),
+        started_at=create_time + 5, start_seconds=5.0,
+    )  # fmt: skip
+    transient = ("already_running", "warnings", "orphans")
+    record = {k: v for k, v in asdict(info).items() if k not in transient}
+    (sdir / "state.json").write_text(json.dumps(record))
+    (sdir / "server.pid").write_text(f"{pid}\n")
+    return sdir
+
+
+@pytest.mark.parametrize("recorded", ["earlier boot", "pid reused"])
+def test_stale_state_is_cleaned_and_never_trusted(recorded, tmp_path):
+    """A record whose pid (and process group) now belongs to another program: status and stop
+    say no server runs, delete the record, and leave that program alone."""
+    import psutil
+
+    other = subprocess.Popen(["sleep", "120"], start_new_session=True)  # its own group
+    try:
+        born = psutil.Process(other.pid).create_time()
+        create_time = psutil.boot_time() - 600 if recorded == "earlier boot" else born - 600
+        sdir = _fake_state(tmp_path, other.pid, create_time, _free_port())
+        out = cli("server", "status", "--data-dir", str(tmp_path))
+        assert out.returncode == 3 and "no MLflow server running" in out.stdout
+        assert not (sdir / "state.json").exists() and not (sdir / "server.pid").exists()
+        _fake_state(tmp_path / "again", other.pid, create_time, _free_port())
+        out = cli("server", "stop", "--data-dir", str(tmp_path / "again"))
+        assert out.returncode == 0 and "no MLflow server running" in out.stdout
+        assert other.poll() is None  # not ours: never signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_killed_main_process_is_followed_to_its_workers(tmp_path):
+    """`kill -9` of the pid in server.pid leaves uvicorn and its workers serving the port:
+    status reports them, start replaces them, stop ends everything."""
+    import psutil
+
+    s = _start("orphans", tmp_path, "--workers", "2")
+    sdir = s.data_dir / "server"
+    started: list[psutil.Process] = []  # every process this test starts, for the teardown
+    try:
+        pid = int((sdir / "server.pid").read_text())
+        started += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        old_tree = [p.pid for p in started[1:]]
+        assert len(old_tree) >= 3  # uvicorn and two workers
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert srv._health(s.uri) == 200  # the workers still serve
+
+        out = cli("server", "status", "--data-dir", str(s.data_dir))
+        assert out.returncode == 1 and "BROKEN" in out.stdout, out.stdout + out.stderr
+        assert f"main process (pid {pid}) is gone" in out.stderr
+        assert str(old_tree[0]) in out.stderr
+
+        out = flexbench("server", "start", "--data-dir", str(s.data_dir), "--port", str(s.port),
+                        "--workers", "1", timeout=240)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "had died" in out.stdout and "server started" in out.stdout
+        assert not any(_alive(p) for p in old_tree)
+        new_pid = int((sdir / "server.pid").read_text())
+        new_procs = [psutil.Process(new_pid), *psutil.Process(new_pid).children(recursive=True)]
+        started += new_procs
+        new_tree = [p.pid for p in new_procs]
+        assert srv._health(s.uri) == 200
+
+        os.kill(new_pid, signal.SIGKILL)  # broken again: now stop must end the rest
+        out = flexbench("server", "stop", "--data-dir", str(s.data_dir), timeout=60)
+        assert out.returncode == 0 and "had died" in out.stdout, out.stdout + out.stderr
+        assert not any(_alive(p) for p in old_tree + new_tree)
+        assert srv._port_in_use("127.0.0.1", s.port) is None
+        assert not (sdir / "state.json").exists()
+        assert cli("server", "status", "--data-dir", str(s.data_dir)).returncode == 3
+    finally:
+        for proc in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.is_running():  # still the same process (pid and start time)
+                    proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # ------------------------------------------------------ one real server per backend (module)

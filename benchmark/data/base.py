@@ -26,6 +26,22 @@ class ImageData:
     classes: list[str]
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    digest: str | None = None  # content hash (see `data_digest`); filled in by `cached`
+
+
+def data_digest(data: ImageData) -> str:
+    """Identity of a decoded dataset: BLAKE2b (16 hex digits) over the uint8 images, labels and
+    class names of both splits, with their shapes.
+
+    It depends on what the network sees (pixels after decoding and resizing), not on file names
+    or times, so two runs with equal digests trained on identical data.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr(data.classes).encode())
+    for t in (data.train_x, data.train_y, data.test_x, data.test_y):
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+    return h.hexdigest()
 
 
 class TestSplitSealed(RuntimeError):
@@ -37,7 +53,8 @@ class Splits:
     """train/val carved from the training set; test only through `test()`.
 
     `test()` counts reads and refuses them when sealed (studies seal it), so "test is used only
-    for the final evaluation" is enforced by code, not convention.
+    for the final evaluation" is enforced by code, not convention. `data_hash` identifies the
+    decoded dataset (the trainer tags it), `val_hash` the validation indices within it.
     """
 
     train_x: Tensor
@@ -48,6 +65,7 @@ class Splits:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     val_hash: str
+    data_hash: str  # `data_digest` of the whole decoded dataset, before splitting
     _test_x: Tensor = field(repr=False)
     _test_y: Tensor = field(repr=False)
     sealed: bool = False
@@ -115,6 +133,7 @@ def make_splits(
         mean=mean,
         std=std,
         val_hash=hashlib.sha1(val_idx.numpy().tobytes()).hexdigest()[:12],
+        data_hash=data.digest or data_digest(data),
         _test_x=data.test_x[test_idx],
         _test_y=data.test_y[test_idx],
     )
@@ -145,7 +164,11 @@ def cache_dir() -> Path:
 
 
 def cached(key: str, build: Callable[[], ImageData]) -> ImageData:
-    """Decode once, then load the uint8 tensors from the cache (atomic write)."""
+    """Decode once, then load the uint8 tensors from the cache (atomic write).
+
+    `key` must change whenever the source data does (see imagefolder's file fingerprints); the
+    cached entry also stores the data's digest, so loading it needs no re-hashing.
+    """
     path = cache_dir() / f"{key}.pt"
     if path.exists():
         try:
@@ -153,6 +176,7 @@ def cached(key: str, build: Callable[[], ImageData]) -> ImageData:
         except Exception:  # a corrupt cache file is rebuilt, never trusted
             path.unlink(missing_ok=True)
     data = build()
+    data.digest = data.digest or data_digest(data)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(data.__dict__, tmp)
     os.replace(tmp, path)

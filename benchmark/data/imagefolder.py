@@ -2,6 +2,10 @@
 
 Images are decoded once (in parallel) into uint8 tensors and cached; later runs load the cache.
 Every image is resized to `data.image_size` (default: the size of the first training image).
+Hidden and system files (dot-files such as macOS `._x.png` AppleDouble files, `__MACOSX/`,
+`Thumbs.db`, `desktop.ini`) are skipped everywhere; an image that cannot be decoded stops the
+load with its path. The cache key covers every image's name, size and mtime (CRC in a zip),
+so a changed dataset is decoded again.
 """
 
 from __future__ import annotations
@@ -22,20 +26,48 @@ from benchmark.data.base import DatasetSpec, ImageData, cached
 from benchmark.errors import ConfigError
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# Folders and files that operating systems and archivers leave behind; never data.
+SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "$recycle.bin"})
+MAX_NAMED_FAILURES = 5
+
+Index = dict[str, dict[str, list[str]]]  # {split: {class: [entry, ...]}}
 
 
-def _index(path: Path) -> dict[str, dict[str, list[str]]]:
-    """{split: {class: [entry, ...]}} for a directory or a zip (entries sorted)."""
+def is_system_file(name: str) -> bool:
+    """True for a path with a hidden (dot) or system component: `train/dog/._5.png`,
+    `__MACOSX/train/dog/5.png`, `train/dog/Thumbs.db`, `train/.ipynb_checkpoints/x.png`."""
+    parts = name.replace("\\", "/").split("/")
+    return any(p.startswith(".") or p.lower() in SYSTEM_NAMES for p in parts if p)
+
+
+def _listing(path: Path) -> dict[str, str]:
+    """{entry name: fingerprint} of every non-system file: "size:mtime_ns" in a directory,
+    "size:crc32" in a zip. Hidden folders are not walked."""
     if not path.exists():
         raise ConfigError(f"imagefolder path {path} does not exist")
     if path.is_dir():
-        names = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
-    elif zipfile.is_zipfile(path):
+        found: dict[str, str] = {}
+        for folder, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not is_system_file(d))
+            rel = Path(folder).relative_to(path)
+            for f in files:
+                if not is_system_file(f):
+                    st = os.stat(os.path.join(folder, f))
+                    found[(rel / f).as_posix()] = f"{st.st_size}:{st.st_mtime_ns}"
+        return found
+    if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if not n.endswith("/")]
-    else:
-        raise ConfigError(f"imagefolder path {path} is neither a directory nor a .zip file")
-    index: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+            return {
+                i.filename: f"{i.file_size}:{i.CRC}"
+                for i in z.infolist()
+                if not i.is_dir() and not is_system_file(i.filename)
+            }
+    raise ConfigError(f"imagefolder path {path} is neither a directory nor a .zip file")
+
+
+def _index(path: Path, names: list[str]) -> Index:
+    """Group `names` into train/test classes (entries sorted); ConfigError on a bad layout."""
+    index: Index = {"train": {}, "test": {}}
     for name in names:
         parts = name.replace("\\", "/").split("/")
         if len(parts) == 3 and parts[0] in index and name.lower().endswith(IMAGE_EXT):
@@ -54,35 +86,84 @@ def _index(path: Path) -> dict[str, dict[str, list[str]]]:
     return {s: {c: sorted(v) for c, v in sorted(d.items())} for s, d in index.items()}
 
 
-def _decode(job: tuple[str, list[str], int | None]) -> np.ndarray:
+def _open(source: Path, name: str, zf: zipfile.ZipFile | None):
+    """The PIL image of one entry (not yet decoded)."""
+    from PIL import Image
+
+    raw = zf.read(name) if zf else (source / name).read_bytes()
+    return Image.open(io.BytesIO(raw))
+
+
+def _why(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _decode(job: tuple[str, list[str], int]) -> tuple[np.ndarray | None, list[tuple[str, str]]]:
+    """Decode and resize a chunk of entries: (images (n, size, size, 3) uint8 or None when any
+    failed, [(entry, reason), ...] for those that failed)."""
     from PIL import Image
 
     source, names, size = job
     zf = zipfile.ZipFile(source) if zipfile.is_zipfile(source) else None
-    out = []
+    out, failed = [], []
     for name in names:
-        raw = zf.read(name) if zf else (Path(source) / name).read_bytes()
-        img = Image.open(io.BytesIO(raw)).convert("RGB")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        out.append(np.asarray(img))
-    return np.stack(out)
+        try:
+            img = _open(Path(source), name, zf).convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            out.append(np.asarray(img))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            failed.append((name, _why(exc)))
+    return (None if failed else np.stack(out)), failed
 
 
-def _first_size(source: Path, name: str) -> int:
+def _shown(source: Path, name: str) -> str:
+    """Where an entry is, for messages: a file path, or `archive.zip:entry`."""
+    return f"{source}:{name}" if source.is_file() else str(source / name)
+
+
+def _failure_error(source: Path, failed: list[tuple[str, str]]) -> ConfigError:
+    first, why = failed[0]
+    lines = [f"  {_shown(source, n)}: {w}" for n, w in failed[:MAX_NAMED_FAILURES]]
+    more = len(failed) - len(lines)
+    others = len(failed) - 1
+    return ConfigError(
+        f"cannot decode image {_shown(source, first)} ({why}); "
+        + (f"{others} other file(s) failed too" if others else "no other file failed")
+        + ". Fix or delete what cannot be decoded (hidden and system files are skipped):\n"
+        + "\n".join(lines)
+        + (f"\n  ... and {more} more" if more else "")
+    )
+
+
+def _first_size(source: Path, names: list[str]) -> int:
+    """Side of the first training image that opens (broken ones are reported by the load)."""
     from PIL import Image
 
-    if zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as z:
-            w, h = Image.open(io.BytesIO(z.read(name))).size
-    else:
-        w, h = Image.open(source / name).size
-    if w != h:
-        raise ConfigError(f"first image {name} is {w}x{h}; set data.image_size for non-square data")
-    return w
+    zf = zipfile.ZipFile(source) if zipfile.is_zipfile(source) else None
+    failed = []
+    for name in names[:50]:
+        try:
+            w, h = _open(source, name, zf).size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            failed.append((name, _why(exc)))
+            continue
+        if w != h:
+            raise ConfigError(
+                f"first image {name} is {w}x{h}; set data.image_size for non-square data"
+            )
+        return w
+    raise _failure_error(source, failed)
 
 
-def _load_split(source: Path, classes: dict[str, list[str]], size: int):
+def _load_split(
+    source: Path, classes: dict[str, list[str]], size: int
+) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
+    """(images (N, 3, size, size) uint8 or None if any failed, labels (N,), failures)."""
     items = [(n, label) for label, names in enumerate(classes.values()) for n in names]
     names = [n for n, _ in items]
     chunk = max(1, len(names) // (8 * (os.cpu_count() or 1)) + 1)
@@ -90,18 +171,21 @@ def _load_split(source: Path, classes: dict[str, list[str]], size: int):
     workers = min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            arrays = list(pool.map(_decode, jobs))
+            results = list(pool.map(_decode, jobs))
     else:
-        arrays = [_decode(j) for j in jobs]
-    x = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor([label for _, label in items], dtype=torch.int64)
+        results = [_decode(j) for j in jobs]
+    failed = [f for _, fails in results for f in fails]
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    if failed:
+        return None, labels, failed
+    x = torch.from_numpy(np.concatenate([a for a, _ in results])).permute(0, 3, 1, 2)
+    return x.contiguous(), labels, []
 
 
-def _size(path: Path, index, cfg: dict[str, Any]) -> int:
+def _size(path: Path, index: Index, cfg: dict[str, Any]) -> int:
     size = cfg.get("image_size")
     if size is None:
-        first_class = next(iter(index["train"].values()))
-        return _first_size(path, first_class[0])
+        return _first_size(path, [n for names in index["train"].values() for n in names])
     if not isinstance(size, int) or size < 8:
         raise ConfigError(f"data.image_size must be an integer >= 8, got {size!r}")
     return size
@@ -109,23 +193,34 @@ def _size(path: Path, index, cfg: dict[str, Any]) -> int:
 
 def describe(arg: str | None, cfg: dict[str, Any]) -> tuple[int, int]:
     path = Path(arg).expanduser()
-    index = _index(path)
+    index = _index(path, list(_listing(path)))
     return len(index["train"]), _size(path, index, cfg)
+
+
+def cache_key(path: Path, index: Index, listing: dict[str, str], size: int) -> str:
+    """Changes whenever any image's name, size or mtime (zip: CRC) or the image size does."""
+    h = hashlib.sha1(f"{path}|{size}".encode())
+    for split in ("train", "test"):
+        for names in index[split].values():
+            for name in names:
+                h.update(f"\n{name}|{listing[name]}".encode())
+    return h.hexdigest()[:16]
 
 
 def load(arg: str | None, cfg: dict[str, Any]) -> ImageData:
     path = Path(arg).expanduser().resolve()
-    index = _index(path)
+    listing = _listing(path)
+    index = _index(path, list(listing))
     size = _size(path, index, cfg)
-    st = path.stat()
-    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{size}".encode()).hexdigest()[:16]
 
     def build() -> ImageData:
-        trx, try_ = _load_split(path, index["train"], size)
-        tex, tey = _load_split(path, index["test"], size)
+        trx, try_, train_failed = _load_split(path, index["train"], size)
+        tex, tey, test_failed = _load_split(path, index["test"], size)
+        if train_failed or test_failed:
+            raise _failure_error(path, train_failed + test_failed)
         return ImageData(trx, try_, tex, tey, list(index["train"]))
 
-    return cached(f"imagefolder-{key}", build)
+    return cached(f"imagefolder-{cache_key(path, index, listing, size)}", build)
 
 
 register_dataset(
