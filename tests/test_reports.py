@@ -64,7 +64,18 @@ def _finished_cell(
             Metric("train/loss", 3.0 - ep, ts, ep),
             Metric("val/top1_mean", 40.0 + 5 * ep + seed, ts, ep),
         ]
-        metrics += [Metric(f"val/top1/{s}", 40.0 + ep, ts, ep) for s in subs]
+        # per sub-model: 40 + epoch + 10 x sub-model index + 2 x seed
+        metrics += [
+            Metric(f"val/top1/{s}", 40.0 + ep + 10 * i + 2 * seed, ts, ep)
+            for i, s in enumerate(subs)
+        ]
+    if arch == ARCH:  # early exits: budgeted-batch points (step = exit distribution)
+        for q in range(4):
+            metrics += [
+                Metric("budgeted/top1", 50.0 + 5 * q + seed, ts, q),
+                Metric("budgeted/mflops", 1.0 + q + 0.1 * seed, ts, q),
+                Metric("budgeted/q", (q + 1) / 20, ts, q),
+            ]
     client.log_batch(rid, metrics=metrics, params=[Param("method.name", method)])
     final = []
     for i, (s, a, f) in enumerate(zip(subs, top1, mflops)):
