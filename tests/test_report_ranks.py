@@ -93,7 +93,7 @@ def test_demsar_worked_example():
 
 def test_ranks_friedman_and_cd_by_hand():
     # 3 methods x 4 cases, no ties. Ranks per case (1 = highest):
-    #   case 1: a 1, b 2, c 3;  case 2: a 1, b 3, c 2;  case 3: a 2, b 1, c 3;  case 4: a 1, b 2, c 3
+    #   case 1: a 1, b 2, c 3; case 2: a 1, b 3, c 2; case 3: a 2, b 1, c 3; case 4: a 1, b 2, c 3
     matrix = [[90, 80, 70], [90, 70, 80], [85, 88, 60], [70, 65, 60]]
     t = ranks.rank_test(_scores(matrix, ["a", "b", "c"]))
     assert t.avg_rank.to_dict() == pytest.approx({"a": 5 / 4, "b": 8 / 4, "c": 11 / 4})
