@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from reports.figures import Figure, _every, _legend_label, plt, save
 from reports.style import COLUMN_WIDTH, PAGE_WIDTH, RC
@@ -74,6 +75,7 @@ def submodel_curves(
                 _draw(ax, g.index.to_numpy() + 1, g, styles[m], label if first else None)
             ax.set_title(sub)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in axes.flat[len(subs) :]:
             ax.set_visible(False)
         for row in axes:
