@@ -266,6 +266,32 @@ def _rankings_html(r) -> list[str]:
     return parts
 
 
+def _references_html(r) -> list[str]:
+    parts: list[str] = []
+    parts.append("<h2 id='references'>Published vs ours</h2>")
+    if r.ref_table.empty:
+        parts.append(
+            "<p>No published reference concerns an architecture and dataset of this experiment.</p>"
+        )
+    else:
+        parts.append(
+            tb.frame_html(
+                _ref_frame(r.ref_table),
+                "Published top-1 (errors converted to 100 − error) and ours (mean ± std over n "
+                "seeds, last epoch); cost in the unit the source used.",
+            )
+        )
+        parts.append(tb.frame_html(r.ref_sources, "Sources: what exactly was measured."))
+    if r.ref_unrelated:
+        names = ", ".join(x.id for x in r.ref_unrelated)
+        parts.append(
+            f"<p class='meta'>{len(r.ref_unrelated)} further reference(s) concern architectures "
+            f"or datasets not in this experiment (or have no flexbench counterpart): "
+            f"{e(names)}. They are kept in reports/references/.</p>"
+        )
+    return parts
+
+
 def render_html(r, table_files: list[Path]) -> str:
     exp = r.experiment
     parts = [
@@ -314,27 +340,7 @@ def render_html(r, table_files: list[Path]) -> str:
         + "</details>"
     )
     parts += _rankings_html(r)
-    parts.append("<h2 id='references'>Published vs ours</h2>")
-    if r.ref_table.empty:
-        parts.append(
-            "<p>No published reference concerns an architecture and dataset of this experiment.</p>"
-        )
-    else:
-        parts.append(
-            tb.frame_html(
-                _ref_frame(r.ref_table),
-                "Published top-1 (errors converted to 100 − error) and ours (mean ± std over n "
-                "seeds, last epoch); cost in the unit the source used.",
-            )
-        )
-        parts.append(tb.frame_html(r.ref_sources, "Sources: what exactly was measured."))
-    if r.ref_unrelated:
-        names = ", ".join(x.id for x in r.ref_unrelated)
-        parts.append(
-            f"<p class='meta'>{len(r.ref_unrelated)} further reference(s) concern architectures "
-            f"or datasets not in this experiment (or have no flexbench counterpart): "
-            f"{e(names)}. They are kept in reports/references/.</p>"
-        )
+    parts += _references_html(r)
     if r.study_figures:
         parts.append("<h2 id='studies'>Optuna studies</h2><div class='figs'>")
         parts += [_figure_html(f) for f in r.study_figures]
