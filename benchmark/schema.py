@@ -31,6 +31,10 @@ DEVICE = PREFIX + "device"
 TORCH = PREFIX + "torch"
 GRID = PREFIX + "grid"
 EXECUTOR = PREFIX + "executor"
+GRID_CELLS = PREFIX + "grid_cells"  # on a grid's plan run (kind=grid): cells planned
+GRID_EXCLUDED = PREFIX + "grid_excluded"
+GRID_FILE = PREFIX + "grid_file"
+GRID_RECORDED = PREFIX + "grid_recorded"
 SPLIT_SEED = PREFIX + "split_seed"
 VAL_HASH = PREFIX + "val_hash"
 DATA_HASH = PREFIX + "data_hash"  # hash of the decoded images, labels and classes of the data

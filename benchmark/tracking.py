@@ -448,3 +448,39 @@ class StudyRun:
             ],
         )
         self.client.set_terminated(run_id, "FAILED")
+
+
+# --- Grid plans: which cells a grid means to run (read by `flexbench report`) ----------------
+
+PLAN_ARTIFACT = "grid_plan.json"
+
+
+def record_grid_plan(uri: str, experiment: str, plan: dict[str, Any]) -> str:
+    """Write the grid's plan as the artifact `grid_plan.json` of the experiment's one run tagged
+    `flexbench.kind=grid` (created on the first `grid run`, overwritten by later ones, so it is
+    always the latest grid file's plan). `plan`: {"grid", "path", "profile", "excluded",
+    "cells": [{"key", "arch", "dataset", "method", "seed", "profile"}, ...]}, with `dataset`
+    as the cells' `flexbench.dataset` tag. Returns the run id."""
+    exp_id = CellRun(uri, experiment).experiment_id
+    client = MlflowClient(tracking_uri=uri)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{schema.KIND}` = 'grid'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(
+            exp_id, run_name=f"grid-{experiment}", tags={schema.KIND: "grid"}
+        ).info.run_id
+    client.log_dict(run_id, plan, PLAN_ARTIFACT)
+    client.log_batch(
+        run_id,
+        tags=[
+            RunTag(schema.GRID_CELLS, str(len(plan["cells"]))),
+            RunTag(schema.GRID_EXCLUDED, str(plan.get("excluded", 0))),
+            RunTag(schema.GRID_FILE, str(plan.get("path", ""))),
+            RunTag(schema.GRID_RECORDED, time.strftime("%Y-%m-%d %H:%M:%S")),
+        ],
+    )
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

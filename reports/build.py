@@ -19,7 +19,10 @@ from benchmark.cost_axis import UNITS
 from benchmark.errors import ConfigError
 from benchmark.store import redact_uri
 from reports import figures as figs
+from reports import ranks as rk
+from reports import spread_figures as sf
 from reports import tables as tb
+from reports.cd_diagram import cd_diagram
 from reports.load import CELL, PANEL, Experiment, histories, load_experiment
 from reports.references import Reference, compare, load_references, sources_frame
 from reports.stats import AUC, MEAN, paired, scores, summarize
@@ -46,6 +49,10 @@ class Report:
     ref_table: pd.DataFrame
     ref_sources: pd.DataFrame
     ref_unrelated: list[Reference]
+    ranks: rk.RankTest | None = None  # Friedman/Nemenyi over all cases (None: < 3 methods)
+    rank_figures: list[figs.Figure] = field(default_factory=list)
+    win_tie_loss: pd.DataFrame = field(default_factory=pd.DataFrame)
+    separation: pd.DataFrame = field(default_factory=pd.DataFrame)  # seeds needed per cell
     study_figures: list[figs.Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
@@ -160,6 +167,52 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("written by `flexbench report`; safe to delete\n")
 
 
+def panel_figures(r: Report, styles: dict) -> dict[tuple, list[figs.Figure]]:
+    """Per panel: accuracy vs cost, gain, curves per epoch, validation top-1 per sub-model and
+    budgeted-batch curves (the last two with bands over seeds)."""
+    exp, base, order, out = r.experiment, r.baseline, r.order, r.out
+    summary, pairs = r.summary, r.pairs
+    finished = exp.cells[exp.cells["status"] == "finished"]
+    hist = (
+        histories(exp.uri, finished["run_id"].tolist())
+        if not finished.empty
+        else pd.DataFrame(columns=["run_id", "key", "step", "value"])
+    )
+    figures: dict[tuple, list[figs.Figure]] = {}
+    for t in r.tables:
+
+        def sel(df: pd.DataFrame, panel=t.panel) -> pd.DataFrame:
+            return df[(df[PANEL] == pd.Series(panel, index=PANEL)).all(axis=1)]
+
+        s_panel, c_panel = sel(summary), sel(finished)
+        h_panel = hist[hist["run_id"].isin(c_panel["run_id"])]
+        subs = sel(exp.tidy).sort_values("submodel_index")["submodel"].unique().tolist()
+        spread = histories(
+            exp.uri,
+            c_panel["run_id"].tolist(),
+            (*(sf.VAL_PREFIX + s for s in subs), *sf.BUDGETED),
+        )
+        made = [
+            figs.acc_vs_cost(s_panel, t.panel, order, styles, base, out),
+            figs.gain(sel(pairs), s_panel, t.panel, order, styles, base, out),
+            figs.curves(h_panel, c_panel, t.panel, order, styles, base, out),
+            sf.submodel_curves(spread, c_panel, subs, t.panel, styles, order, out),
+            sf.budgeted_curves(spread, c_panel, t.panel, styles, order, out),
+        ]
+        figures[t.panel] = [f for f in made if f is not None]
+    return figures
+
+
+def add_rankings(r: Report, styles: dict) -> None:
+    """Friedman/Nemenyi over all cases with its CD diagram, win/tie/loss against the baseline,
+    and the seeds needed to separate the two best methods of each cell (`reports.ranks`)."""
+    r.ranks = rk.rank_test(r.scores)
+    if r.ranks is not None:
+        r.rank_figures.append(cd_diagram(r.ranks, styles, r.out))
+    r.win_tie_loss = rk.win_tie_loss(r.pairs, r.baseline, r.order)
+    r.separation = rk.separation(r.scores, r.summary)
+
+
 def build_report(
     experiment: str,
     tracking_uri: str | None = None,
@@ -190,26 +243,6 @@ def build_report(
     pairs = paired(sc, base)
     tables = tb.build_tables(summary, pairs, base, order)
 
-    finished = exp.cells[exp.cells["status"] == "finished"]
-    hist = (
-        histories(exp.uri, finished["run_id"].tolist())
-        if not finished.empty
-        else pd.DataFrame(columns=["run_id", "key", "step", "value"])
-    )
-    figures: dict[tuple, list[figs.Figure]] = {}
-    for t in tables:
-        sel = (summary[PANEL] == pd.Series(t.panel, index=PANEL)).all(axis=1)
-        s_panel = summary[sel]
-        p_panel = pairs[(pairs[PANEL] == pd.Series(t.panel, index=PANEL)).all(axis=1)]
-        c_panel = finished[(finished[PANEL] == pd.Series(t.panel, index=PANEL)).all(axis=1)]
-        h_panel = hist[hist["run_id"].isin(c_panel["run_id"])]
-        made = [
-            figs.acc_vs_cost(s_panel, t.panel, order, styles, base, out),
-            figs.gain(p_panel, s_panel, t.panel, order, styles, base, out),
-            figs.curves(h_panel, c_panel, t.panel, order, styles, base, out),
-        ]
-        figures[t.panel] = [f for f in made if f is not None]
-
     ref_table, unrelated = compare(refs, exp.tidy)
     report = Report(
         experiment=exp,
@@ -220,7 +253,7 @@ def build_report(
         summary=summary,
         pairs=pairs,
         tables=tables,
-        figures=figures,
+        figures={},
         methods=method_summaries(summary, pairs, order),
         coverage=coverage(exp.cells, order),
         problems=problems(exp.cells),
@@ -228,6 +261,8 @@ def build_report(
         ref_sources=sources_frame([r for r in refs if r not in unrelated]),
         ref_unrelated=unrelated,
     )
+    report.figures = panel_figures(report, styles)
+    add_rankings(report, styles)
     report.notes += _notes(report, baseline)
     if studies:
         from reports.optuna_plots import study_figures
@@ -261,6 +296,18 @@ def _notes(r: Report, requested: str | None) -> list[str]:
     for reason, count in exp.ignored.items():
         if count and not reason.startswith("report"):  # earlier reports: expected, no news
             notes.append(f"Ignored {count} run(s): {reason}.")
+    notes += _plan_notes(exp)
+    rt = r.ranks
+    if rt is not None and (rt.left_out or rt.cases_left_out):
+        notes.append(
+            f"Rank statistics: {rt.cases_left_out} case(s) without every ranked method are left "
+            f"out"
+            + (
+                f"; not ranked: {', '.join(rt.left_out)} (missing from many cases)"
+                * bool(rt.left_out)
+            )
+            + "."
+        )
     dup = int(exp.cells.get("superseded", pd.Series(dtype=int)).fillna(0).sum())
     if dup:
         notes.append(
@@ -273,6 +320,30 @@ def _notes(r: Report, requested: str | None) -> list[str]:
             "and they are never marked significant."
         )
     return notes
+
+
+def _plan_notes(exp: Experiment) -> list[str]:
+    """Where the expected cells come from: the grid's recorded plan, or the cross product."""
+    plan = exp.plan
+    if plan is not None:
+        excluded = int(plan.get("excluded", 0))
+        extra = ""
+        if "planned" in exp.cells.columns and (~exp.cells["planned"]).any():
+            extra = f" {int((~exp.cells['planned']).sum())} cell(s) with runs are not in that plan."
+        return [
+            f"Expected cells: the {len(plan['cells'])} cells of the plan recorded by `flexbench "
+            f"grid run` for grid {plan.get('grid', '?')!r} ({plan.get('path', '?')})"
+            + (f"; the {excluded} cell(s) its grid file excludes are not expected" * bool(excluded))
+            + "."
+            + extra
+        ]
+    if (exp.cells.get("status", pd.Series(dtype=str)) == "missing").any():
+        return [
+            "No grid plan is recorded in this experiment (cells not run by `flexbench grid run`, "
+            "or by a version that did not record it): a cell counts as missing when the "
+            "experiment holds its arch/dataset, its method and its seed elsewhere."
+        ]
+    return []
 
 
 def log_report(r: Report) -> str:

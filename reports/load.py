@@ -3,15 +3,17 @@
 `load_experiment` returns
 - `cells`: one row per cell (arch, dataset, profile, method, seed) with its status: `finished`,
   the parent run's own status (`failed`, `running`, `interrupted`, `pruned`), `incomplete`
-  (finished but without test metrics), or `missing` (no run at all, although the experiment
-  holds that arch/dataset and that method and that seed elsewhere);
+  (finished but without test metrics), or `missing` (no run at all although the grid planned
+  it: the plan `flexbench grid run` records, see `load_plan`; for an experiment without a
+  plan, although the experiment holds that arch/dataset and that method and that seed
+  elsewhere);
 - `tidy`: one row per finished cell x sub-model with a column per metric of
-  `benchmark.schema.SUBMODEL_FIELDS` (top-1/top-5 on the test split, MMACs, MFLOPs, GBitOps,
-  parameters, latency), read from the parent run's final metrics (`test/top1/<sub>`, ...),
-  with the sub-model's position from its child run, and the panel's cost: `cost_axis`
-  ("mflops" or "gbitops", `benchmark.cost_axis` on the panel's sub-model costs, the trainer's
-  rule) and `cost` (that metric's value). Every figure, table and AUC of a panel uses this one
-  column, so bit-width sub-models, which share their MFLOPs, stay apart.
+  `benchmark.schema.SUBMODEL_FIELDS` (top-1/top-5 on the test split at the last epoch, MMACs,
+  MFLOPs, GBitOps, parameters, latency), read from the parent run's final metrics
+  (`test/top1/<sub>`, ...), with the sub-model's position from its child run, and the panel's
+  cost: `cost_axis` ("mflops" or "gbitops", `benchmark.cost_axis` on the panel's sub-model
+  costs, the trainer's rule) and `cost` (that metric's value). Every figure, table and AUC of a
+  panel uses this one column, so bit-width sub-models, which share their MFLOPs, stay apart.
 
 Runs tagged `flexbench.kind` (e.g. `report`), runs without `flexbench.cell`, child runs and cells
 whose final metrics are on the validation split (study trials, `flexbench.test_evaluated=false`)
@@ -49,6 +51,7 @@ class Experiment:
     cells: pd.DataFrame
     tidy: pd.DataFrame
     ignored: dict[str, int] = field(default_factory=dict)
+    plan: dict | None = None  # the grid's recorded plan (`load_plan`), None if none
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -212,6 +215,46 @@ def _with_missing(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([cells, pd.DataFrame(rows)], ignore_index=True)
 
 
+def load_plan(client: MlflowClient, experiment_id: str) -> dict | None:
+    """The plan recorded by `flexbench grid run` (benchmark.tracking.record_grid_plan): the
+    artifact `grid_plan.json` of the experiment's run tagged `flexbench.kind=grid`, with the
+    run's id added as `run_id`; None when the experiment has none (single cells, older grids)."""
+    import json
+    import tempfile
+
+    from benchmark.tracking import PLAN_ARTIFACT
+
+    found = client.search_runs(
+        [experiment_id], filter_string="tags.`flexbench.kind` = 'grid'", max_results=1
+    )
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, PLAN_ARTIFACT, tmp)
+        except Exception:  # noqa: BLE001  (an unreadable plan: fall back to no plan)
+            return None
+        with open(path) as fh:
+            plan = json.load(fh)
+    plan["run_id"] = run_id
+    return plan
+
+
+def _with_planned(cells: pd.DataFrame, plan: dict) -> pd.DataFrame:
+    """Add `missing` rows for the planned cells without a run; mark each cell `planned`
+    (a run of a cell the grid did not plan, e.g. a single `flexbench train`, is kept as is)."""
+    planned = {
+        (c["arch"], c["dataset"], c["profile"], c["method"], int(c["seed"])) for c in plan["cells"]
+    }
+    have = set(map(tuple, cells[CELL].itertuples(index=False))) if not cells.empty else set()
+    rows = [dict(zip(CELL, key), status="missing", superseded=0) for key in sorted(planned - have)]
+    if rows:
+        cells = pd.concat([cells, pd.DataFrame(rows)], ignore_index=True)
+    cells["planned"] = [tuple(k) in planned for k in cells[CELL].itertuples(index=False)]
+    return cells
+
+
 def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
     """Every cell of experiment `name` with its status, and the tidy table of finished ones."""
     uri = tracking_uri or mlflow.get_tracking_uri()
@@ -219,6 +262,7 @@ def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
     exp = resolve_experiment(client, name)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
+    plan = load_plan(client, exp.experiment_id) if not runs.empty else None
     if runs.empty:
         empty = _cell_frame(pd.DataFrame(columns=["run_id", "start_time"]))
         empty = _dedupe(empty)
@@ -228,9 +272,9 @@ def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
     cells = _dedupe(_cell_frame(parents))
     tidy, incomplete = _tidy_rows(parents, cells, _sub_order(runs))
     cells.loc[cells["run_id"].isin(incomplete), "status"] = "incomplete"
-    cells = _with_missing(cells)
+    cells = _with_missing(cells) if plan is None else _with_planned(cells, plan)
     cells = cells.sort_values(CELL).reset_index(drop=True)
-    return Experiment(name, exp.experiment_id, uri, cells, tidy, ignored)
+    return Experiment(name, exp.experiment_id, uri, cells, tidy, ignored, plan)
 
 
 def histories(

@@ -36,10 +36,72 @@ STATISTICS = [
     "MSDNet exits are cumulative (the cost of reaching that exit, earlier heads included).",
     "GBitOps: billions of bit-operations of one image's forward pass, multiply-adds × weight "
     "bits × activation bits (32 × 32 for full-precision layers).",
-    "Missing cells: an arch/dataset of the experiment × a method of the experiment × a seed of "
-    "the experiment without any run; failed, interrupted, pruned and running cells are listed "
-    "with their status and never averaged.",
+    "Missing cells: a cell of the grid's plan (recorded by `flexbench grid run`; pairs the grid "
+    "file excludes are not planned) without any run; for an experiment without a recorded plan, "
+    "an arch/dataset × method × seed of the experiment without any run. Failed, interrupted, "
+    "pruned and running cells are listed with their status and never averaged.",
+    "Rank statistics (Demšar 2006): in each case (arch, dataset, sub-model, seed) the methods "
+    "are ranked by test top-1 (1 = best, ties share the mean rank); over the cases where all "
+    "ranked methods have a number: average ranks, Friedman test (scipy.stats.friedmanchisquare, "
+    "tie-corrected) and Iman-Davenport F, Nemenyi critical difference CD = q_α √(k(k+1)/(6N)) "
+    "with q_α from the studentized range (scipy), pairwise Nemenyi p by scikit-posthocs. Cases "
+    "are not independent (sub-models of a cell share weights), so these p values are optimistic.",
+    "Win/tie/loss: per (arch, dataset, sub-model) a method wins (loses) against the baseline "
+    f"when the paired t-test gives p < {ALPHA} with n ≥ {MIN_N_SIGNIFICANCE} pairs and its mean "
+    "is higher (lower); anything else is a tie.",
+    "Seeds needed: a simple power estimate. For the two best methods of a cell, taking the "
+    "observed mean and std of their paired differences as the true ones, the smallest number of "
+    f"seeds at which a two-sided paired t-test at α = {ALPHA} detects the difference with 80% "
+    "power (noncentral t). Both numbers come from few seeds: read it as an order of magnitude.",
 ]
+
+
+def _rank_frame(r) -> pd.DataFrame:
+    t = r.ranks
+    if t is None:
+        return pd.DataFrame()
+    return pd.DataFrame(
+        {
+            "method": t.methods,
+            "average rank": [f"{v:.3f}" for v in t.avg_rank],
+            "cases": t.n_cases,
+            "differs (Nemenyi) from": [
+                ", ".join(o for o in t.methods if o != m and t.pvalues.loc[m, o] < t.alpha)
+                for m in t.methods
+            ],
+        }
+    )
+
+
+def _rank_text(r) -> str:
+    t = r.ranks
+    if t is None:
+        return (
+            "No rank statistics: they need at least 3 methods with finished cells on at least "
+            "2 shared cases."
+        )
+    return (
+        f"{len(t.methods)} methods over N = {t.n_cases} cases. Friedman χ² = {t.chi2:.2f} "
+        f"(p = {tb.fmt_p(t.p_chi2)}); Iman-Davenport F = {t.ff:.2f} (p = {tb.fmt_p(t.p_ff)}, "
+        f"df {len(t.methods) - 1}, {(len(t.methods) - 1) * (t.n_cases - 1)}). Nemenyi critical "
+        f"difference at α = {t.alpha:g}: CD = {t.cd:.3f} (q = {t.q_alpha:.3f})."
+    )
+
+
+def _separation_frame(r) -> pd.DataFrame:
+    d = r.separation
+    if d.empty:
+        return pd.DataFrame()
+    out = d.copy()
+    out["Δ mean"] = out["diff_mean"].map(tb.fmt_num)
+    out["std of Δ"] = out["diff_std"].map(tb.fmt_num)
+    out["seeds needed"] = [
+        "—"
+        if v is None or (isinstance(v, float) and math.isnan(v))
+        else (f"> {int(v) - 1}" if int(v) > 1000 else str(int(v)))
+        for v in out["seeds needed"]
+    ]
+    return out.drop(columns=["diff_mean", "diff_std"])
 
 
 def _pairs_frame(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -103,6 +165,9 @@ def write_tables(r, formats: set[str]) -> list[Path]:
         "summary": (r.methods, "One-number summaries per method (mean ± std over seeds)."),
         "paired_tests": (_pairs_frame(r.pairs), f"Paired tests against {r.baseline}."),
         "references": (_ref_frame(r.ref_table), "Published vs ours (top-1, %)."),
+        "ranks": (_rank_frame(r), f"Average ranks over cases. {_rank_text(r)}"),
+        "win_tie_loss": (r.win_tie_loss, f"Win/tie/loss against {r.baseline} (paired t-test)."),
+        "seeds_needed": (_separation_frame(r), "Seeds needed to separate the two best methods."),
     }
     for name, (df, caption) in small.items():
         if "md" in formats:
@@ -113,6 +178,10 @@ def write_tables(r, formats: set[str]) -> list[Path]:
         put("summary.csv", r.summary.to_csv(index=False))
         put("paired_tests.csv", r.pairs.to_csv(index=False))
         put("references.csv", r.ref_table.to_csv(index=False))
+        put("win_tie_loss.csv", r.win_tie_loss.to_csv(index=False))
+        put("seeds_needed.csv", r.separation.to_csv(index=False))
+        if r.ranks is not None:
+            put("ranks.csv", r.ranks.avg_rank.rename("average_rank").to_csv())
         put(
             "cells.csv",
             r.experiment.cells.drop(columns=["start_time"], errors="ignore").to_csv(index=False),
@@ -165,6 +234,64 @@ def _figure_html(f) -> str:
     )
 
 
+def _rankings_html(r) -> list[str]:
+    parts = ["<h2 id='ranks'>Rankings across cases</h2>", f"<p>{e(_rank_text(r))}</p>"]
+    if r.ranks is not None:
+        parts.append(tb.frame_html(_rank_frame(r), "Average rank of each method (1 = best)."))
+        parts.append("<div class='figs'>")
+        parts += [_figure_html(f) for f in r.rank_figures]
+        parts.append("</div>")
+    parts.append("<h3>Win / tie / loss against the baseline</h3>")
+    parts.append(
+        tb.frame_html(
+            r.win_tie_loss,
+            f"Per (arch, dataset, sub-model) cell shared with {r.baseline}: win or loss when the "
+            f"paired t-test gives p < {ALPHA} with n ≥ {MIN_N_SIGNIFICANCE} pairs, else tie.",
+        )
+        if not r.win_tie_loss.empty
+        else "<p>No baseline or no shared seeds: no win/tie/loss count.</p>"
+    )
+    parts.append("<h3>Seeds needed to separate the two best methods</h3>")
+    parts.append(
+        tb.frame_html(
+            _separation_frame(r),
+            "A simple power estimate: seeds at which a paired t-test (α = 0.05, two-sided) "
+            "would detect the observed mean difference of the two best methods with 80% power, "
+            "if the observed std of the differences were the true one (— : fewer than 2 "
+            "shared seeds, or no spread).",
+        )
+        if not r.separation.empty
+        else "<p>No cell has two methods with finished seeds.</p>"
+    )
+    return parts
+
+
+def _references_html(r) -> list[str]:
+    parts: list[str] = []
+    parts.append("<h2 id='references'>Published vs ours</h2>")
+    if r.ref_table.empty:
+        parts.append(
+            "<p>No published reference concerns an architecture and dataset of this experiment.</p>"
+        )
+    else:
+        parts.append(
+            tb.frame_html(
+                _ref_frame(r.ref_table),
+                "Published top-1 (errors converted to 100 − error) and ours (mean ± std over n "
+                "seeds, last epoch); cost in the unit the source used.",
+            )
+        )
+        parts.append(tb.frame_html(r.ref_sources, "Sources: what exactly was measured."))
+    if r.ref_unrelated:
+        names = ", ".join(x.id for x in r.ref_unrelated)
+        parts.append(
+            f"<p class='meta'>{len(r.ref_unrelated)} further reference(s) concern architectures "
+            f"or datasets not in this experiment (or have no flexbench counterpart): "
+            f"{e(names)}. They are kept in reports/references/.</p>"
+        )
+    return parts
+
+
 def render_html(r, table_files: list[Path]) -> str:
     exp = r.experiment
     parts = [
@@ -175,7 +302,8 @@ def render_html(r, table_files: list[Path]) -> str:
         f"<code>{e(r.uri_display)}</code>, experiment id {e(exp.experiment_id)}. Cells: "
         f"{e(_counts(r))}. Baseline: <b>{e(str(r.baseline))}</b>.</p>",
         "<nav><a href='#results'>Results</a><a href='#summary'>Summaries</a>"
-        "<a href='#tests'>Paired tests</a><a href='#references'>Published vs ours</a>"
+        "<a href='#tests'>Paired tests</a><a href='#ranks'>Rankings</a>"
+        "<a href='#references'>Published vs ours</a>"
         + ("<a href='#studies'>Studies</a>" if r.study_figures else "")
         + "<a href='#cells'>Cells</a><a href='#method'>Statistics</a></nav>",
     ]
@@ -211,27 +339,8 @@ def render_html(r, table_files: list[Path]) -> str:
         )
         + "</details>"
     )
-    parts.append("<h2 id='references'>Published vs ours</h2>")
-    if r.ref_table.empty:
-        parts.append(
-            "<p>No published reference concerns an architecture and dataset of this experiment.</p>"
-        )
-    else:
-        parts.append(
-            tb.frame_html(
-                _ref_frame(r.ref_table),
-                "Published top-1 (errors converted to 100 − error) and ours (mean ± std over n "
-                "seeds, last epoch); cost in the unit the source used.",
-            )
-        )
-        parts.append(tb.frame_html(r.ref_sources, "Sources: what exactly was measured."))
-    if r.ref_unrelated:
-        names = ", ".join(x.id for x in r.ref_unrelated)
-        parts.append(
-            f"<p class='meta'>{len(r.ref_unrelated)} further reference(s) concern architectures "
-            f"or datasets not in this experiment (or have no flexbench counterpart): "
-            f"{e(names)}. They are kept in reports/references/.</p>"
-        )
+    parts += _rankings_html(r)
+    parts += _references_html(r)
     if r.study_figures:
         parts.append("<h2 id='studies'>Optuna studies</h2><div class='figs'>")
         parts += [_figure_html(f) for f in r.study_figures]
@@ -276,6 +385,17 @@ def render_markdown(r) -> str:
             lines += [f"![{f.title}]({f.stem}.png)", "", f"*{f.title}.* {f.caption}", ""]
     lines += ["## One-number summaries per method", "", tb.frame_markdown(r.methods)]
     lines += ["## Paired tests against the baseline", "", tb.frame_markdown(_pairs_frame(r.pairs))]
+    lines += ["## Rankings across cases", "", _rank_text(r), ""]
+    if r.ranks is not None:
+        lines += [tb.frame_markdown(_rank_frame(r))]
+        for f in r.rank_figures:
+            lines += [f"![{f.title}]({f.stem}.png)", "", f"*{f.title}.* {f.caption}", ""]
+    lines += ["### Win / tie / loss against the baseline", "", tb.frame_markdown(r.win_tie_loss)]
+    lines += [
+        "### Seeds needed to separate the two best methods (a simple power estimate)",
+        "",
+        tb.frame_markdown(_separation_frame(r)),
+    ]
     lines += ["## Published vs ours", ""]
     if r.ref_table.empty:
         lines += ["No published reference concerns an architecture and dataset here.", ""]
@@ -304,5 +424,6 @@ def write(r, formats: set[str]) -> list[Path]:
         files.append(path)
     for figs in r.figures.values():
         files += [p for f in figs for p in f.files]
+    files += [p for f in r.rank_figures for p in f.files]
     files += [p for f in r.study_figures for p in f.files]
     return files

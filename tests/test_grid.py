@@ -314,6 +314,25 @@ def test_local_run_then_rerun_skips_everything(local_run):
     assert rc == 0 and out.count(" finished ") == 4 and "4 finished" in out
 
 
+def test_grid_run_records_its_plan_for_the_report(local_run):
+    """`grid run` writes the plan; the report expects exactly those cells (none missing)."""
+    from mlflow.tracking import MlflowClient
+
+    from reports.load import load_experiment, load_plan
+
+    db = local_run["db"]
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(tracking_uri=uri)
+    plan = load_plan(client, client.get_experiment_by_name("tiny").experiment_id)
+    assert plan["grid"] == "tiny" and plan["excluded"] == 0 and len(plan["cells"]) == 4
+    assert {c["key"] for c in plan["cells"]} == {r["key"] for r in parent_runs(db, "tiny")}
+    assert {(c["arch"], c["method"]) for c in plan["cells"]} == {
+        (a, m) for a in ("msdnet", "slimmable_mobilenet_v1") for m in ("joint", "ipkd")
+    }
+    cells = load_experiment("tiny", uri).cells
+    assert len(cells) == 4 and cells["planned"].all() and (cells["status"] == "finished").all()
+
+
 def _worker_logs(workdir: Path) -> dict[Path, str]:
     logs = workdir / "tiny" / "logs"
     return {p: p.read_text() for p in sorted(logs.glob("worker-*.log"))} if logs.exists() else {}

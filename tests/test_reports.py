@@ -64,7 +64,18 @@ def _finished_cell(
             Metric("train/loss", 3.0 - ep, ts, ep),
             Metric("val/top1_mean", 40.0 + 5 * ep + seed, ts, ep),
         ]
-        metrics += [Metric(f"val/top1/{s}", 40.0 + ep, ts, ep) for s in subs]
+        # per sub-model: 40 + epoch + 10 x sub-model index + 2 x seed
+        metrics += [
+            Metric(f"val/top1/{s}", 40.0 + ep + 10 * i + 2 * seed, ts, ep)
+            for i, s in enumerate(subs)
+        ]
+    if arch == ARCH:  # early exits: budgeted-batch points (step = exit distribution)
+        for q in range(4):
+            metrics += [
+                Metric("budgeted/top1", 50.0 + 5 * q + seed, ts, q),
+                Metric("budgeted/mflops", 1.0 + q + 0.1 * seed, ts, q),
+                Metric("budgeted/q", (q + 1) / 20, ts, q),
+            ]
     client.log_batch(rid, metrics=metrics, params=[Param("method.name", method)])
     final = []
     for i, (s, a, f) in enumerate(zip(subs, top1, mflops)):
@@ -341,8 +352,10 @@ def test_figures_written_and_not_blank(report):
         "acc_vs_mflops_msdnet_synthetic_smoke",
         "gain_msdnet_synthetic_smoke",
         "curves_msdnet_synthetic_smoke",
+        "val_curves_msdnet_synthetic_smoke",
+        "budgeted_msdnet_synthetic_smoke",
     }
-    assert len(files) == 6
+    assert len(files) == 10
     for path in files:
         assert path.exists() and path.stat().st_size > 8_000, path
         if path.suffix == ".png":
@@ -624,3 +637,136 @@ def test_tables_name_each_panels_cost(mixed):
     assert set(_panel(mixed.methods, BIT_ARCH)["AUC over"]) == {"GBitOps"}
     assert set(_panel(mixed.methods, ARCH)["AUC over"]) == {"MFLOPs"}
     assert "| AUC over |" in (folder / "summary.md").read_text()
+
+
+# --- seed spread, rankings, and the grid's plan ------------------------------------------------
+
+
+def test_learning_and_budgeted_curves_show_the_seed_band(report, monkeypatch, tmp_path):
+    """val/top1/<sub> = 40 + epoch + 10 x index + 2 x seed; budgeted/top1 = 50 + 5q + seed."""
+    from reports import spread_figures as sf
+    from reports.load import histories
+    from reports.style import method_styles
+
+    cells = report.experiment.finished
+    joint = cells[cells["method"] == "joint"]
+    keys = (*(sf.VAL_PREFIX + s for s in SUBS), *sf.BUDGETED)
+    hist = histories(report.experiment.uri, joint["run_id"].tolist(), keys)
+    g = sf.band(hist[hist["key"] == "val/top1/exit2"], "step")  # epoch 2: 51, 53, 55
+    assert g.loc[1, "mean"] == pytest.approx(53.0) and g.loc[1, "std"] == pytest.approx(2.0)
+    assert g.loc[1, "count"] == 3
+    g = sf.band(hist[hist["key"] == "budgeted/top1"], "step")  # q index 2: 60, 61, 62
+    assert g.loc[2, "mean"] == pytest.approx(61.0) and g.loc[2, "std"] == pytest.approx(1.0)
+    drawn = []  # the figures, taken where they would be saved
+    monkeypatch.setattr(sf, "save", lambda fig, out, stem: drawn.append(fig) or [])
+    styles, order = method_styles(report.order), report.order
+    panel = (ARCH, DATASET, PROFILE)
+    sf.submodel_curves(hist, joint, SUBS, panel, styles, order, tmp_path)
+    sf.budgeted_curves(hist, joint, panel, styles, order, tmp_path)
+    curves, budget = drawn
+    ax = next(a for a in curves.axes if a.get_title() == "exit2")
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == pytest.approx([52.0, 53.0, 54.0])  # mean per epoch
+    (poly,) = ax.collections  # the band: mean ± 1 std = 50..54 at epoch 1, 52..56 at epoch 3
+    ys = poly.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(50.0) and max(ys) == pytest.approx(56.0)
+    (line,) = budget.axes[0].get_lines()
+    assert list(line.get_xdata()) == pytest.approx([1.1, 2.1, 3.1, 4.1])  # mean MFLOPs
+    assert list(line.get_ydata()) == pytest.approx([51.0, 56.0, 61.0, 66.0])
+    assert budget.axes[0].collections  # band drawn
+
+
+def test_win_tie_loss_and_seeds_needed(report):
+    from reports.ranks import seeds_needed
+
+    wtl = report.win_tie_loss.set_index("method")
+    # ipkd vs joint (test_paired_tests_by_hand): exit1 p = 0.0099 and exit3 p = 0.0198 with
+    # higher means: wins; exit2 p = 0.074: tie. ipkd_ta: one pair per sub-model: ties.
+    assert wtl.loc["ipkd", ["cells", "wins", "ties", "losses"]].tolist() == [3, 2, 1, 0]
+    assert wtl.loc["ipkd_ta", ["cells", "wins", "ties", "losses"]].tolist() == [3, 0, 3, 0]
+    assert wtl.loc["ipkd_ta", "ties with < 3 pairs"] == 3
+    sep = report.separation.set_index("key")
+    r = sep.loc["exit3"]  # means: ipkd 73.33, joint 71, ipkd_ta 70; diffs 2, 2, 3
+    assert (r["best"], r["second"], r["n pairs"]) == ("ipkd", "joint", 3)
+    assert r["diff_mean"] == pytest.approx(7 / 3) and r["diff_std"] == pytest.approx(3**-0.5)
+    assert r["seeds needed"] == seeds_needed([2, 2, 3])
+    r = sep.loc["exit1"]  # ipkd_ta (54, one seed) before ipkd: one shared seed, no estimate
+    assert r["best"] == "ipkd_ta" and r["n pairs"] == 1 and pd.isna(r["seeds needed"])
+    assert report.ranks is None  # ipkd_ta has too few cases: two methods left, no Friedman
+    html = (report.out / "index.html").read_text()
+    md = (report.out / "report.md").read_text()
+    for text in ("Rankings across cases", "Win / tie / loss", "Seeds needed", "No rank statistics"):
+        assert text in html and text in md, text
+    assert (report.out / "tables" / "win_tie_loss.csv").exists()
+
+
+SLIM, SLIM_SUBS, SLIM_MFLOPS = "slimmable_mobilenet_v1", ["w0.5", "w1.0"], [1.0, 4.0]
+
+
+@pytest.fixture(scope="session")
+def planned(store, tmp_path_factory):
+    """Experiment "planned": a grid plan (msdnet x joint/ipkd/ipkd_ta + slimmable x joint/ipkd,
+    seeds 0, 1; ipkd_ta excluded on slimmable) recorded by the grid's own writer. msdnet ipkd_ta
+    seed 1 has no run, slimmable joint seed 1 failed, and a takd cell outside the plan ran."""
+    from reports.build import build_report
+
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("planned")
+    plan_cells = [
+        {"arch": a, "dataset": DATASET, "profile": PROFILE, "method": m, "seed": s, "key": "k"}
+        for a, methods in ((ARCH, ["joint", "ipkd", "ipkd_ta"]), (SLIM, ["joint", "ipkd"]))
+        for m in methods
+        for s in (0, 1)
+    ]
+    tracking.record_grid_plan(
+        store, "planned", {"grid": "planned", "path": "g.yaml", "excluded": 2, "cells": plan_cells}
+    )
+    for c in plan_cells:
+        if (c["arch"], c["method"], c["seed"]) in ((ARCH, "ipkd_ta", 1), (SLIM, "joint", 1)):
+            continue
+        top1 = TOP1.get((c["method"], c["seed"]), [51, 61, 71])
+        if c["arch"] == SLIM:
+            _finished_cell(
+                client, exp, c["method"], c["seed"], top1[:2], 1, SLIM, SLIM_SUBS, SLIM_MFLOPS
+            )
+        else:
+            _finished_cell(client, exp, c["method"], c["seed"], top1, 1)
+    bad = client.create_run(exp, tags=_tags("joint", 1, SLIM, **{"flexbench.status": "failed"}))
+    client.set_terminated(bad.info.run_id, "FAILED")
+    _finished_cell(client, exp, "takd", 0, [49, 58, 69], 1)  # not planned
+    out = tmp_path_factory.mktemp("planned") / "out"
+    return build_report("planned", tracking_uri=store, out=out, log_to_mlflow=False)
+
+
+def test_only_planned_cells_count_as_missing(planned):
+    cells = planned.experiment.cells
+    assert planned.experiment.plan["excluded"] == 2 and len(planned.experiment.plan["cells"]) == 10
+    assert cells["status"].value_counts().to_dict() == {"finished": 9, "failed": 1, "missing": 1}
+    (miss,) = cells[cells["status"] == "missing"].itertuples()
+    assert (miss.arch, miss.method, miss.seed) == (ARCH, "ipkd_ta", 1)
+    # excluded pairs and the cells of the unplanned takd run's other seeds are not expected
+    assert cells[(cells["arch"] == SLIM) & (cells["method"].isin(["ipkd_ta", "takd"]))].empty
+    assert len(cells[cells["method"] == "takd"]) == 1
+    assert cells.set_index(["arch", "method", "seed"]).loc[(ARCH, "takd", 0), "planned"] == False  # noqa: E712
+    assert cells["planned"].sum() == 10
+    note = next(n for n in planned.notes if n.startswith("Expected cells"))
+    assert "the 10 cells of the plan" in note and "the 2 cell(s) its grid file excludes" in note
+    assert "1 cell(s) with runs are not in that plan" in note
+    html = (planned.out / "index.html").read_text()
+    assert "Cells: 9 finished, 1 failed, 1 missing." in html
+
+
+def test_planned_report_ranks_methods_and_draws_the_cd_diagram(planned):
+    t = planned.ranks  # the cases where all four methods ran: msdnet seed 0, three exits
+    assert (
+        t is not None and t.n_cases == 3 and set(t.methods) == {"joint", "ipkd", "ipkd_ta", "takd"}
+    )
+    # exit1: ipkd_ta 54, ipkd 53, joint 50, takd 49; exit2: 63, 62, 60, 58; exit3: 70, 72, 70, 69
+    assert t.avg_rank.to_dict() == pytest.approx(
+        {"ipkd": 5 / 3, "ipkd_ta": 4.5 / 3, "joint": 8.5 / 3, "takd": 4.0}
+    )
+    assert t.cases_left_out == 7
+    (fig,) = planned.rank_figures
+    assert fig.files[0].exists() and "cd_diagram" in fig.stem
+    html = (planned.out / "index.html").read_text()
+    assert "figures/cd_diagram.png" in html and "Friedman χ²" in html

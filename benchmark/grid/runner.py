@@ -2,6 +2,7 @@
 
 Run order: validate the whole grid (every cell resolved, every dataset checked, every model
 built) -> create the MLflow schema and experiment from this one process -> take the grid lock
+-> record the grid's plan in MLflow (the cells `flexbench report` expects)
 -> mark runs left `running` by a dead grid process as interrupted -> plan (skip finished cells,
 resume cells with a checkpoint, rerun failed ones only with --rerun-failed) -> run the cells
 on an executor with a live progress view -> summary; exit code 1 unless every cell finished.
@@ -27,6 +28,7 @@ from benchmark.grid.state import (
     ensure_failed,
     grid_active,
     mark_stale,
+    plan_record,
 )
 
 RUN_ACTIONS = ("resume", "restart", "new")
@@ -212,6 +214,7 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
     _precheck(opts)
     tracking.prepare_store(uri, spec.name)
     with GridLock(spec):
+        tracking.record_grid_plan(uri, spec.name, plan_record(spec))  # what the report expects
         stale = mark_stale(spec, uri)
         plan = make_plan(spec, uri, opts.rerun_failed)
         todo = [p for p in plan if p.action in RUN_ACTIONS]

@@ -38,6 +38,29 @@ class CellState:
     run_ids: list[str] = field(default_factory=list)
 
 
+def plan_record(spec: GridSpec) -> dict[str, Any]:
+    """The grid's plan as `flexbench report` reads it (benchmark.tracking.record_grid_plan):
+    every cell the grid file asks for, excluded pairs left out, with the tags its run gets."""
+    cells = [
+        {
+            "key": c.key,
+            "arch": c.cfg["arch"]["name"],
+            "dataset": c.cfg["data"]["name"],
+            "method": c.cfg["method"]["name"],
+            "seed": int(c.cfg["seed"]),
+            "profile": c.cfg["profile"],
+        }
+        for c in spec.cells
+    ]
+    return {
+        "grid": spec.name,
+        "path": str(spec.path),
+        "profile": spec.profile,
+        "excluded": spec.excluded,
+        "cells": cells,
+    }
+
+
 def parent_runs(uri: str, experiment: str, key: str | None = None) -> dict[str, list[Any]]:
     """{cell key: [parent runs, oldest first]} of an experiment (child runs carry no status)."""
     db = tracking.sqlite_path(uri)
