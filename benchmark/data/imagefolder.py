@@ -113,6 +113,11 @@ def describe(arg: str | None, cfg: dict[str, Any]) -> tuple[int, int]:
     return len(index["train"]), _size(path, index, cfg)
 
 
+def train_size(arg: str | None, cfg: dict[str, Any]) -> int:
+    """Images under train/ (from the file index, nothing decoded)."""
+    return sum(len(v) for v in _index(Path(arg).expanduser())["train"].values())
+
+
 def load(arg: str | None, cfg: dict[str, Any]) -> ImageData:
     path = Path(arg).expanduser().resolve()
     index = _index(path)
@@ -135,5 +140,6 @@ register_dataset(
         load,
         "train/<class>/*, test/<class>/* in a dir or .zip",
         needs_arg=True,
+        train_size=train_size,
     )
 )
