@@ -17,7 +17,15 @@ def register_method(name: str):
     """Class decorator: register a Method subclass under `name` (also its `name`)."""
 
     def deco(cls: type[Method]) -> type[Method]:
+        slot = cls.__dict__.get("plot_slot")  # not inherited: a subclass needs its own
+        taken = {METHODS.get(n).plot_slot: n for n in METHODS.names()}
+        if slot is not None and slot in taken:
+            raise ValueError(
+                f"method {name}: plot_slot {slot} is taken by {taken[slot]}; free slots start at "
+                f"{max(s for s in taken if s is not None) + 1}"
+            )
         cls.name = name
+        cls.plot_slot = slot
         METHODS.register(name)(cls)
         return cls
 

@@ -110,6 +110,8 @@ class Method(nn.Module):
     `uses_features`: the trainer passes every sub-model's stage features to `loss` (`feats`).
     A method's own parameters (e.g. learned importance weights) are trained by the same
     optimizer, at `param_lr_scale` times the learning rate and without weight decay.
+    `plot_slot`: its colour, marker and place in report legends and tables (`reports.style`);
+    unique among registered methods, so that adding a method changes no other's colour.
     """
 
     PARAMS: ClassVar[dict[str, ParamSpec]] = {}
@@ -117,6 +119,7 @@ class Method(nn.Module):
     uses_features: ClassVar[bool] = False
     param_lr_scale: ClassVar[float] = 1.0
     description: ClassVar[str] = ""
+    plot_slot: ClassVar[int | None] = None
 
     def __init__(self, params: dict[str, Any] | None = None, label_smoothing: float = 0.0):
         super().__init__()

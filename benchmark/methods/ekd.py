@@ -38,6 +38,7 @@ def at_distance(student: Tensor, teacher: Tensor) -> Tensor:
 @register_method("ekd")
 class EKD(Method):
     description = "embedded KD: full net teaches every sub-net logits (KL) + stage attention"
+    plot_slot = 5
     # Search ranges from the research notes: the KL weight b around the neutral 1; the attention
     # weight g needs 10^2-10^3 to matter.
     PARAMS = {

@@ -77,6 +77,7 @@ def kd_saliency(
 @register_method("hsd")
 class HSD(IPKDTA):
     description = "ipkd_ta chain on channel sub-models re-chosen by KD-loss Taylor saliency"
+    plot_slot = 7
     PARAMS = {
         **IPKDTA.PARAMS,
         # The re-ranking schedule: kept at its value by studies (not a loss weight).

@@ -54,6 +54,7 @@ class MultiTeacher(Method):
     description = (
         "CMT-KD-inspired: each sub-model learns from all larger ones, mixed by learned importance"
     )
+    plot_slot = 6
     # b searched in [0, 2] around CMT-KD's 0.5 (research notes).
     PARAMS = {"T": temperature(1.0), "b": scale(0.5, "b", search=Dim(0.0, 2.0))}
     param_lr_scale = 0.1
