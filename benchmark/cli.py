@@ -17,7 +17,7 @@ def _add_cell_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
         default="cifar10",
-        help="cifar10 | cifar100 | synthetic | imagefolder:<dir or .zip>",
+        help="dataset (see `flexbench ls`), e.g. cifar10 or imagefolder:<dir or .zip>",
     )
     p.add_argument("--profile", default="smoke", help="smoke | mini | paper")
     add_override_args(p, "override a setting, e.g. --set method.T=4 --set train.epochs=10")

@@ -2,6 +2,9 @@
 
 A cell is (arch, dataset, method, seed, profile, overrides). Resolving it gives one nested dict
 (the "resolved config") that is logged to MLflow as flattened params and hashed into the cell key.
+A profile here sets the schedule, data and runtime; each architecture declares its own sizes and
+training settings per profile where it is registered (`register_arch(profiles=, train=)`).
+Precedence, lowest first: DEFAULTS < profile < the architecture's profile entry < `--set`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import yaml
 from benchmark import data as datasets
 from benchmark.errors import ConfigError
 from benchmark.methods import METHODS
-from benchmark.models import ARCHS
+from benchmark.models import ARCHS, ArchSpec
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     # MSDNet's CIFAR recipe (reference code): SGD 0.1, momentum 0.9, wd 1e-4, batch 64,
@@ -77,44 +80,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "data": {"val_size": 1000, "train_subset": 10000},
         "runtime": {"latency_warmup": 3, "latency_repeats": 10, "log_every": 20},
-        "arch": {
-            "msdnet": {
-                "n_blocks": 4,
-                "base": 2,
-                "step": 2,
-                "n_channels": 8,
-                "growth_rate": 4,
-                "head_channels": 32,
-            },
-            "slimmable_mobilenet_v1": {"width_mult": 0.5, "stage_blocks": [1, 1, 1, 2, 1]},
-            "ddnn_resnet": {"depths": [1, 2, 3], "width": 0.5},
-            "switchable_precision_resnet": {"depth": 8, "width": 0.5},
-            "saliency_vgg": {"depth": 11, "width_mult": 0.25},
-        },
-        # A plain VGG sums four sub-models' gradients on its shared weights: at lr 0.05 it
-        # learns slowly in 8 epochs (ipkd_ta 36-41% vs 39-49% at 0.02, real CIFAR-10 subset).
-        "train_by_arch": {"saliency_vgg": {"lr": 0.02}},
     },
     "smoke": {
         "description": "seconds per cell on CPU: tiny models and data, for tests and demos",
         "train": {"epochs": 3, "batch_size": 32, "lr": 0.1, "eval_batch_size": 256},
         "data": {"val_size": 100, "train_subset": 640, "test_subset": 200},
         "runtime": {"latency_warmup": 1, "latency_repeats": 3, "log_every": 5},
-        "arch": {
-            "msdnet": {
-                "n_blocks": 3,
-                "base": 2,
-                "step": 1,
-                "n_channels": 4,
-                "growth_rate": 2,
-                "head_channels": 8,
-            },
-            "slimmable_mobilenet_v1": {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1]},
-            "ddnn_resnet": {"depths": [1, 2], "width": 0.25},
-            "switchable_precision_resnet": {"depth": 8, "width": 0.25},
-            "saliency_vgg": {"depth": 11, "width_mult": 0.125},
-        },
-        "train_by_arch": {"saliency_vgg": {"lr": 0.02}},  # as in mini
     },
 }
 
@@ -246,15 +217,16 @@ def resolve(
     method_cls = METHODS.get(method)
     datasets.parse_name(dataset)
     _check(_is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    _check_arch_profiles(arch_spec)
     prof = PROFILES[profile]
     sets = _split_overrides(overrides or {})
     cfg: dict[str, Any] = {}
     for section in ("train", "data", "runtime"):
         base = _merge(DEFAULTS[section], prof.get(section, {}), section)
         if section == "train":  # an architecture's own schedule within the profile
-            base = _merge(base, prof.get("train_by_arch", {}).get(arch, {}), section)
+            base = _merge(base, arch_spec.train.get(profile, {}), section)
         cfg[section] = _merge(base, sets[section], section)
-    arch_over = {**prof.get("arch", {}).get(arch, {}), **sets["arch"]}
+    arch_over = {**arch_spec.profiles.get(profile, {}), **sets["arch"]}
     cfg["arch"] = {"name": arch, **arch_spec.resolve(arch_over)}
     cfg["method"] = {"name": method, **method_cls.resolve(sets["method"])}
     cfg["data"] = {"name": dataset, **cfg["data"]}
@@ -264,6 +236,17 @@ def resolve(
     validate_runtime(cfg["runtime"])
     _validate_arch(cfg)
     return cfg
+
+
+def _check_arch_profiles(spec: ArchSpec) -> None:
+    """An architecture's per-profile entries must name existing profiles (typos fail loudly)."""
+    for what, table in (("profiles", spec.profiles), ("train", spec.train)):
+        unknown = sorted(set(table) - set(PROFILES))
+        if unknown:
+            raise ConfigError(
+                f"architecture {spec.name} declares {what} for unknown profile(s) "
+                f"{', '.join(unknown)}; valid profiles: {', '.join(PROFILES)}"
+            )
 
 
 def _validate_arch(cfg: dict[str, Any]) -> None:

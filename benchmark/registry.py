@@ -1,7 +1,14 @@
-"""Name -> factory registries, so that adding an architecture/method/dataset is one file."""
+"""Name -> factory registries, and discovery of the modules that fill them.
+
+Adding an architecture, a method or a dataset kind is one file: `discover` imports every module
+of its package (sorted by name, so registration order is the same on every machine), and each
+module registers itself.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -26,6 +33,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove `name` (for tests that register a throw-away entry); KeyError if absent."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise ConfigError(
@@ -38,3 +49,12 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def discover(package: str, paths: list[str]) -> list[str]:
+    """Import every module of `package` (its `__path__` is `paths`) in sorted order, skipping
+    private `_name` modules; importing a module registers what it defines. Returns the names."""
+    names = sorted(m.name for m in pkgutil.iter_modules(paths) if not m.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

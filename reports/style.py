@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies and in greyscale
-# through the markers. Known methods get fixed entries so that a method looks the same in every
-# report; methods flexbench does not know get the remaining entries in sorted order.
+# through the markers. A registered method's `plot_slot` (declared in its file) picks its colour,
+# marker and place in legends, so a method looks the same in every report and adding a method
+# changes no other's style; names without a slot (methods not registered here, e.g. from older
+# runs) take the free slots in sorted order.
 _PALETTE = [
     "#000000",  # black
     "#E69F00",  # orange
@@ -17,16 +21,6 @@ _PALETTE = [
     "#F0E442",  # yellow (last: weak on white)
 ]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h"]
-KNOWN_METHODS = [
-    "joint",
-    "independent",
-    "ipkd",
-    "ipkd_ta",
-    "takd",
-    "ekd",
-    "multi_teacher",
-    "hsd",
-]
 
 # Widths in inches: one column / two columns of a typical two-column paper.
 COLUMN_WIDTH = 3.4
@@ -47,25 +41,37 @@ RC = {
 }
 
 
+def declared_slots() -> dict[str, int]:
+    """{method: plot_slot} of the registered methods that declare one."""
+    from benchmark.methods import METHODS  # here: importing the methods imports torch
+
+    slots = {name: METHODS.get(name).plot_slot for name in METHODS.names()}
+    return {name: slot for name, slot in slots.items() if slot is not None}
+
+
+def slot_style(slot: int) -> dict[str, str]:
+    """Colour and marker of a slot; past the palette the marker shifts, so slot 9 (black
+    squares) still differs from slot 0 (black circles)."""
+    n = len(_PALETTE)
+    return {"color": _PALETTE[slot % n], "marker": _MARKERS[(slot + slot // n) % len(_MARKERS)]}
+
+
+def _slots(methods: list[str]) -> dict[str, int]:
+    declared = declared_slots()
+    taken = set(declared.values())
+    free = (i for i in itertools.count() if i not in taken)
+    return {m: declared[m] if m in declared else next(free) for m in sorted(set(methods))}
+
+
 def method_styles(methods: list[str]) -> dict[str, dict[str, str]]:
-    """{method: {"color": ..., "marker": ...}} — deterministic for a given set of methods."""
-    styles: dict[str, dict[str, str]] = {}
-    free = list(range(len(KNOWN_METHODS), len(_PALETTE)))
-    for m in sorted(set(methods)):
-        if m in KNOWN_METHODS:
-            i = KNOWN_METHODS.index(m)
-        elif free:
-            i = free.pop(0)
-        else:  # more unknown methods than palette entries: cycle
-            i = len(styles) % len(_PALETTE)
-        styles[m] = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)]}
-    return styles
+    """{method: {"color": ..., "marker": ...}}: fixed per registered method (its `plot_slot`),
+    deterministic for a given set of other names."""
+    return {m: slot_style(slot) for m, slot in _slots(methods).items()}
 
 
 def method_order(methods: list[str], baseline: str | None) -> list[str]:
-    """Baseline first, then known methods in their canonical order, then the rest sorted."""
-    rest = sorted(
-        set(methods) - {baseline},
-        key=lambda m: (KNOWN_METHODS.index(m) if m in KNOWN_METHODS else len(KNOWN_METHODS), m),
-    )
+    """Baseline first, then the others by slot (registered methods in their declared order),
+    ties by name."""
+    slots = _slots(methods)
+    rest = sorted(set(methods) - {baseline}, key=lambda m: (slots[m], m))
     return ([baseline] if baseline in methods else []) + rest

@@ -1,6 +1,7 @@
-"""Search spaces: the one place that says which method parameters a study searches, and where.
+"""Search spaces: which method parameters a study searches, and where.
 
-`SPACES` maps a method to {parameter: Dim}. A study's space is that default, overridden by a
+A method declares each parameter's range where it declares the parameter (`ParamSpec.search` in
+its `PARAMS`; `declared_space` reads them). A study's space is that default, overridden by a
 YAML file (`--space-file`) and then by `--space NAME=LOW:HIGH[:log]`; a parameter fixed with
 `--set method.NAME=VALUE` leaves the space. Only a method's own parameters (its `PARAMS`) can be
 searched: the seed is never a search dimension (TAKD tuned the seed on test; we do not), and
@@ -9,47 +10,32 @@ neither are training settings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from benchmark.dim import Dim
 from benchmark.errors import ConfigError
 from benchmark.methods import METHODS
 
-
-@dataclass(frozen=True)
-class Dim:
-    """A float parameter searched uniformly (or log-uniformly) in [low, high]."""
-
-    low: float
-    high: float
-    log: bool = False
-
-    def describe(self) -> str:
-        return f"{'log-uniform' if self.log else 'uniform'}[{self.low:g}, {self.high:g}]"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"low": self.low, "high": self.high, "log": self.log}
+__all__ = [
+    "Dim",
+    "declared_space",
+    "parse_dim",
+    "resolve_space",
+    "space_from_dict",
+    "space_to_dict",
+    "suggest",
+]
 
 
-TEMPERATURE = Dim(1.0, 10.0, log=True)
-KD_WEIGHT = Dim(0.0, 1.0)
+def declared_space(method: str) -> dict[str, Dim]:
+    """The ranges `method` declares beside its parameters (`ParamSpec.search`), for the
+    parameters it searches; raises ConfigError for an unknown method."""
+    cls = METHODS.get(method)
+    return {name: spec.search for name, spec in cls.PARAMS.items() if spec.searched and spec.search}
 
-SPACES: dict[str, dict[str, Dim]] = {
-    "joint": {},
-    "independent": {},
-    "ipkd": {"T": TEMPERATURE, "a": KD_WEIGHT},
-    "ipkd_ta": {"T": TEMPERATURE, "a": KD_WEIGHT},
-    "takd": {"T": TEMPERATURE, "a": KD_WEIGHT},
-    # Ranges from the research notes: ekd's KL weight b around the neutral 1, its attention
-    # weight g needs 10^2-10^3 to matter; multi_teacher's KL weight b (CMT-KD used 0.5); hsd's
-    # distillation chain as ipkd_ta (its re-ranking schedule is not searched).
-    "ekd": {"T": TEMPERATURE, "b": Dim(0.0, 2.0), "g": Dim(1.0, 1000.0, log=True)},
-    "multi_teacher": {"T": TEMPERATURE, "b": Dim(0.0, 2.0)},
-    "hsd": {"T": TEMPERATURE, "a": KD_WEIGHT},
-}
 
 NOT_SEARCHABLE = {"seed": "the seed is a grid axis, never a search dimension"}
 
@@ -92,7 +78,7 @@ def _from_yaml(path: str, method: str) -> dict[str, Any]:
         raise ConfigError(f"--space-file {path}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):
         raise ConfigError(f"--space-file {path}: expected a mapping of parameter -> range")
-    if set(doc) & set(METHODS.names()) or set(doc) & set(SPACES):  # per-method form
+    if set(doc) & set(METHODS.names()):  # per-method form
         doc = doc.get(method) or {}
         if not isinstance(doc, dict):
             raise ConfigError(f"--space-file {path}: the entry of {method} must be a mapping")
@@ -107,13 +93,7 @@ def resolve_space(
 ) -> dict[str, Dim]:
     """The validated search space of `method` (see module doc); raises ConfigError."""
     cls = METHODS.get(method)
-    declared = dict(SPACES.get(method, {}))
-    stale = sorted(set(declared) - set(cls.PARAMS))
-    if stale:
-        raise ConfigError(
-            f"studies/space.py declares {', '.join(stale)} for method {method}, which has "
-            f"parameters {', '.join(cls.PARAMS) or '(none)'}; update SPACES"
-        )
+    declared = declared_space(method)
     given: dict[str, Any] = _from_yaml(space_file, method) if space_file else {}
     for item in items or []:
         name, sep, rng = item.partition("=")
@@ -153,14 +133,6 @@ def resolve_space(
                 f"choose one"
             )
         space.pop(key, None)  # fixed with --set method.KEY=VALUE
-    searched = {k for k, spec in cls.PARAMS.items() if spec.searched}
-    missing = sorted(searched - set(space) - set(fixed or {}))
-    if missing:
-        raise ConfigError(
-            f"method {method}: no search range for {', '.join(missing)}; pass --space "
-            f"NAME=LOW:HIGH[:log], fix it with --set method.NAME=VALUE, or declare it in "
-            f"studies/space.py"
-        )
     if not space:
         raise ConfigError(
             f"nothing to search for method {method}"

@@ -211,12 +211,97 @@ def test_overrides_apply_with_yaml_types():
 def test_profile_schedule_per_architecture_and_set_wins():
     """mini gives saliency_vgg its own lr; other archs keep the profile's; --set overrides."""
     mini_lr = PROFILES["mini"]["train"]["lr"]
-    vgg_lr = PROFILES["mini"]["train_by_arch"]["saliency_vgg"]["lr"]
+    vgg_lr = ARCHS.get("saliency_vgg").train["mini"]["lr"]
     assert vgg_lr != mini_lr
     assert resolve("saliency_vgg", "synthetic", "hsd", 0, "mini")["train"]["lr"] == vgg_lr
     assert resolve("msdnet", "synthetic", "joint", 0, "mini")["train"]["lr"] == mini_lr
     cfg = resolve("saliency_vgg", "synthetic", "joint", 0, "mini", {"train.lr": 0.3})
     assert cfg["train"]["lr"] == 0.3
+
+
+# Cell keys of (arch/profile/method) cells computed before the architectures' profile sizes and
+# schedules moved from config.PROFILES into the model files: a finished cell must keep its key.
+FROZEN_KEYS = {
+    "ddnn_resnet/mini/cifar100/takd/s1": "66c095c85f31",
+    "ddnn_resnet/mini/ipkd": "8afbf57a0630",
+    "ddnn_resnet/mini/joint": "904e41269547",
+    "ddnn_resnet/paper/cifar100/takd/s1": "9f2fb9837d9f",
+    "ddnn_resnet/paper/ipkd": "61d241c6663c",
+    "ddnn_resnet/paper/joint": "378f7888f0e9",
+    "ddnn_resnet/smoke/cifar100/takd/s1": "f90beb86ec64",
+    "ddnn_resnet/smoke/ipkd": "3040289a06b7",
+    "ddnn_resnet/smoke/joint": "7f06e639b488",
+    "msdnet/mini/cifar100/takd/s1": "3229e9ac9014",
+    "msdnet/mini/ipkd": "89664e816e6b",
+    "msdnet/mini/joint": "eb8a432180a1",
+    "msdnet/paper/cifar100/takd/s1": "27520c0d8693",
+    "msdnet/paper/ipkd": "bf43bb5e4a8d",
+    "msdnet/paper/joint": "e213ae94bb79",
+    "msdnet/smoke/cifar100/takd/s1": "6b2444428f0c",
+    "msdnet/smoke/ipkd": "ea5dc582deff",
+    "msdnet/smoke/joint": "b4b263b0e927",
+    "saliency_vgg/mini/cifar100/takd/s1": "befa83b24e77",
+    "saliency_vgg/mini/ipkd": "d30ba18564a9",
+    "saliency_vgg/mini/joint": "9509fa6a1469",
+    "saliency_vgg/paper/cifar100/takd/s1": "1cdece7412ac",
+    "saliency_vgg/paper/ipkd": "f2b7f1211853",
+    "saliency_vgg/paper/joint": "bbdbad139b70",
+    "saliency_vgg/smoke/cifar100/takd/s1": "d454de741de1",
+    "saliency_vgg/smoke/ipkd": "12a30ef09b8f",
+    "saliency_vgg/smoke/joint": "e8af62d67f6a",
+    "slimmable_mobilenet_v1/mini/cifar100/takd/s1": "36b7bf900abd",
+    "slimmable_mobilenet_v1/mini/ipkd": "fcd8b091758a",
+    "slimmable_mobilenet_v1/mini/joint": "854e16130ab3",
+    "slimmable_mobilenet_v1/paper/cifar100/takd/s1": "fb65431bea32",
+    "slimmable_mobilenet_v1/paper/ipkd": "a3e641e8abd4",
+    "slimmable_mobilenet_v1/paper/joint": "712a6f80d7b3",
+    "slimmable_mobilenet_v1/smoke/cifar100/takd/s1": "889e0de4c90e",
+    "slimmable_mobilenet_v1/smoke/ipkd": "1ace2d7161d3",
+    "slimmable_mobilenet_v1/smoke/joint": "aa2ce7a738ae",
+    "switchable_precision_resnet/mini/cifar100/takd/s1": "a565e77ec930",
+    "switchable_precision_resnet/mini/ipkd": "ef8bbb206a95",
+    "switchable_precision_resnet/mini/joint": "c2ab5127ef95",
+    "switchable_precision_resnet/paper/cifar100/takd/s1": "d622c68ab9bb",
+    "switchable_precision_resnet/paper/ipkd": "6633fa40e705",
+    "switchable_precision_resnet/paper/joint": "54c98ddb8ce5",
+    "switchable_precision_resnet/smoke/cifar100/takd/s1": "dd89ff5652b0",
+    "switchable_precision_resnet/smoke/ipkd": "2584b1e3d2e4",
+    "switchable_precision_resnet/smoke/joint": "b93d9a1c5daa",
+}
+
+
+@pytest.mark.parametrize("cell", sorted(FROZEN_KEYS))
+def test_cell_keys_of_existing_cells_do_not_change(cell):
+    arch, profile, *rest = cell.split("/")
+    dataset, method, seed = ("synthetic", rest[0], 0) if len(rest) == 1 else (*rest[:2], 1)
+    cfg = resolve(arch, dataset, method, int(seed), profile)
+    assert cell_key(cfg) == FROZEN_KEYS[cell]
+
+
+def test_every_architecture_declares_its_smoke_and_mini_sizes():
+    """An architecture without scaled-down sizes would run at paper size in tests and on CPU."""
+    for name in ARCHS.names():
+        spec = ARCHS.get(name)
+        assert {"smoke", "mini"} <= set(spec.profiles), name
+        assert set(spec.profiles) | set(spec.train) <= set(PROFILES), name
+
+
+def test_an_architecture_entry_for_an_unknown_profile_is_refused():
+    from benchmark.models import register_arch
+
+    @register_arch("tmp_typo_arch", defaults={}, profiles={"smoek": {}})
+    def build(num_classes, image_size):  # pragma: no cover - never built
+        raise AssertionError
+
+    try:
+        with pytest.raises(
+            ConfigError,
+            match="tmp_typo_arch declares profiles for unknown "
+            "profile.s. smoek; valid profiles: paper, mini, smoke",
+        ):
+            resolve("tmp_typo_arch", "synthetic", "joint", 0, "smoke")
+    finally:
+        ARCHS.unregister("tmp_typo_arch")
 
 
 def test_cell_key_depends_on_what_determines_the_result():

@@ -26,7 +26,8 @@ import pytest
 import yaml
 
 from benchmark.cli import main
-from benchmark.errors import ConfigError
+from benchmark.config import resolve
+from benchmark.errors import ConfigError, IncompatibleError
 from benchmark.grid.spec import load_grid
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS
@@ -251,16 +252,32 @@ def test_relative_dataset_path_resolves_against_grid_file(tmp_path, monkeypatch)
     assert rc == 0 and str(elsewhere / "runs") in out
 
 
+def incompatible_pairs() -> set[tuple[str, str]]:
+    """(arch, method) pairs whose method's check_model refuses the architecture."""
+    pairs = set()
+    for arch in ARCHS.names():
+        for method in METHODS.names():
+            try:
+                resolve(arch, "synthetic", method, 0, "smoke")
+            except IncompatibleError:
+                pairs.add((arch, method))
+    return pairs
+
+
 def test_shipped_configs_are_valid():
     from benchmark.grid.spec import estimate
 
     smoke = load_grid(REPO / "benchmark" / "configs" / "smoke.yaml")
-    # every arch x every method, minus hsd on the 4 archs without re-rankable channels
-    assert len(smoke.cells) == len(ARCHS.names()) * len(METHODS.names()) - 4
-    assert smoke.excluded == 4 and smoke.profile == "smoke"
-    assert {c.method for c in smoke.cells if c.arch != "saliency_vgg"} == set(METHODS.names()) - {
-        "hsd"
-    }
+    # every arch x every method, minus the pairs a method cannot train (hsd needs re-rankable
+    # channels), which are listed
+    bad = incompatible_pairs()
+    assert ("msdnet", "hsd") in bad and ("saliency_vgg", "hsd") not in bad
+    assert len(smoke.cells) == len(ARCHS.names()) * len(METHODS.names()) - len(bad)
+    assert smoke.excluded == len(bad) and smoke.profile == "smoke"
+    assert {(a, m) for a, m, _ in smoke.incompatible} == bad
+    assert {(c.arch, c.method) for c in smoke.cells} == {
+        (a, m) for a in ARCHS.names() for m in METHODS.names()
+    } - bad
     estimate(smoke)
     assert all(c.total_epochs >= 2 and c.gflops > 0 for c in smoke.cells)
     mini = REPO / "benchmark" / "configs" / "mini.yaml"
@@ -268,9 +285,61 @@ def test_shipped_configs_are_valid():
     if zip_path.exists():
         assert load_grid(mini).cells[0].cfg["data"]["name"] == f"imagefolder:{zip_path.resolve()}"
     paper = yaml.safe_load((REPO / "benchmark" / "configs" / "paper.yaml").read_text())
-    assert len(paper["archs"]) * len(paper["datasets"]) * len(paper["seeds"]) == 30
+    assert paper["archs"] == "all" and paper["methods"] == "all"
+    assert (len(paper["datasets"]), len(paper["seeds"])) == (2, 3)
     with pytest.raises(ConfigError, match="cifar10 not found"):  # no CIFAR files here
         load_grid(REPO / "benchmark" / "configs" / "paper.yaml", {"data.root": "/nonexistent"})
+
+
+# The axes the shipped grids listed by hand before `all`: the same cells must come out.
+EXPLICIT = {
+    "archs": ["msdnet", "slimmable_mobilenet_v1", "ddnn_resnet", "switchable_precision_resnet"]
+    + ["saliency_vgg"],
+    "methods": ["independent", "joint", "ipkd", "ipkd_ta", "takd", "ekd", "multi_teacher", "hsd"],
+    "exclude": [
+        {
+            "method": "hsd",
+            "arch": ["msdnet", "slimmable_mobilenet_v1", "ddnn_resnet"]
+            + ["switchable_precision_resnet"],
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize("name", ["smoke", "mini", "paper"])
+def test_shipped_all_grids_plan_the_cells_of_the_hand_written_lists(name, tmp_path):
+    """Same cells (keys and labels) from `all` as from the lists the grid files had before.
+    On synthetic data, so that mini and paper load without their data files; the keys still
+    cover each grid's profile, settings, seeds and arch x method pairs."""
+    raw = yaml.safe_load((REPO / "benchmark" / "configs" / f"{name}.yaml").read_text())
+    assert raw["archs"] == "all" and raw["methods"] == "all" and "exclude" not in raw
+    raw["datasets"], raw["seeds"] = ["synthetic"], raw["seeds"][:1]  # seeds only multiply
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "explicit.yaml").write_text(yaml.safe_dump({**raw, **EXPLICIT}))
+    spec = load_grid(tmp_path / "all.yaml")
+    want = {c.key: c.label for c in load_grid(tmp_path / "explicit.yaml").cells}
+    assert {c.key: c.label for c in spec.cells} == want
+    assert spec.excluded == 4
+
+
+def test_all_leaves_out_incompatible_pairs_and_plan_lists_them(tmp_path):
+    path = write_grid(tmp_path, archs=["msdnet", "saliency_vgg"], methods="all")
+    spec = load_grid(path)
+    assert {(c.arch, c.method) for c in spec.cells} == {
+        (a, m) for a in ("msdnet", "saliency_vgg") for m in METHODS.names()
+    } - {("msdnet", "hsd")}
+    assert [(a, m) for a, m, _ in spec.incompatible] == [("msdnet", "hsd")]
+    rc, out, err = run_cli(
+        "grid", "plan", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/x.db"
+    )
+    assert rc == 0, out + err
+    assert "left out (the method cannot train the architecture):" in out
+    assert "hsd x msdnet: method hsd needs saliency-ranked channels" in out
+    # explicit lists keep failing on the pair, naming the exclude entry that skips it
+    with pytest.raises(ConfigError, match=r"exclude: \[\{arch: msdnet, method: hsd\}\]"):
+        load_grid(write_grid(tmp_path, archs=["msdnet"], methods=["joint", "hsd"]))
+    with pytest.raises(ConfigError, match="methods must be a list or all"):
+        load_grid(write_grid(tmp_path, methods="every"))
 
 
 # --- real runs -----------------------------------------------------------------------------

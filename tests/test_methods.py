@@ -281,7 +281,8 @@ def test_loss_regression_fixture():
     missing = sorted(set(METHODS.names()) - set(stored["methods"]))
     assert not missing, (
         f"registered method(s) missing from {FIXTURE.name}: {', '.join(missing)}; regenerate "
-        f"it with FLEXBENCH_REGEN_FIXTURES=1"
+        f"it with FLEXBENCH_REGEN_FIXTURES=1 pytest tests/test_methods.py -k fixture (existing "
+        f"methods' numbers stay: the stored batch is reused)"
     )
     batch = stored["batch"]
     mismatches = []

@@ -770,3 +770,47 @@ def test_planned_report_ranks_methods_and_draws_the_cd_diagram(planned):
     assert fig.files[0].exists() and "cd_diagram" in fig.stem
     html = (planned.out / "index.html").read_text()
     assert "figures/cd_diagram.png" in html and "Friedman χ²" in html
+
+
+# --- method styles ---------------------------------------------------------------------------
+SHIPPED_STYLES = {  # colours and markers every report has drawn these methods with
+    "joint": ("#000000", "o"),
+    "independent": ("#E69F00", "s"),
+    "ipkd": ("#0072B2", "^"),
+    "ipkd_ta": ("#009E73", "D"),
+    "takd": ("#D55E00", "v"),
+    "ekd": ("#CC79A7", "P"),
+    "multi_teacher": ("#56B4E9", "X"),
+    "hsd": ("#999999", "*"),
+}
+
+
+def test_method_colours_stay_and_come_from_the_registry():
+    from benchmark.methods import METHODS
+    from reports.style import method_order, method_styles
+
+    styles = method_styles(METHODS.names())
+    assert {m: (s["color"], s["marker"]) for m, s in styles.items() if m in SHIPPED_STYLES} == (
+        SHIPPED_STYLES
+    )
+    # every registered method declares its own slot: adding one changes no other's colour
+    assert all(METHODS.get(m).plot_slot is not None for m in METHODS.names())
+    assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(styles)
+    # a subset, or names from older runs, do not move anyone
+    assert method_styles(["hsd", "old_method"])["hsd"] == styles["hsd"]
+    assert method_order(["hsd", "old_method", "ipkd", "joint"], "joint") == [
+        "joint",
+        "ipkd",
+        "hsd",
+        "old_method",
+    ]
+
+
+def test_a_taken_plot_slot_is_refused():
+    from benchmark.methods import Method, register_method
+
+    with pytest.raises(ValueError, match="plot_slot 2 is taken by ipkd"):
+
+        @register_method("tmp_same_colour_as_ipkd")
+        class SameColour(Method):
+            plot_slot = 2

@@ -27,7 +27,7 @@ from benchmark.errors import ConfigError
 from benchmark.methods import METHODS
 from studies import export
 from studies.run import RunOptions, run_study
-from studies.space import SPACES, Dim, resolve_space
+from studies.space import Dim, declared_space, resolve_space
 
 ARCH, DATASET = "slimmable_mobilenet_v1", "synthetic"
 SETS = [f"--set={k}={v}" for k, v in FAST.items()]
@@ -44,7 +44,36 @@ def test_every_method_with_parameters_has_a_search_space():
             continue
         space = resolve_space(name)
         assert set(space) == set(params), name
-        assert set(SPACES[name]) == set(params), f"declare {name}'s ranges in studies/space.py"
+        assert space == declared_space(name)
+
+
+T_RANGE, A_RANGE = Dim(1.0, 10.0, log=True), Dim(0.0, 1.0)
+SHIPPED_SPACES = {  # the ranges studies searched when they lived in studies/space.py
+    "joint": {},
+    "independent": {},
+    "ipkd": {"T": T_RANGE, "a": A_RANGE},
+    "ipkd_ta": {"T": T_RANGE, "a": A_RANGE},
+    "takd": {"T": T_RANGE, "a": A_RANGE},
+    "ekd": {"T": T_RANGE, "b": Dim(0.0, 2.0), "g": Dim(1.0, 1000.0, log=True)},
+    "multi_teacher": {"T": T_RANGE, "b": Dim(0.0, 2.0)},
+    "hsd": {"T": T_RANGE, "a": A_RANGE},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_SPACES))
+def test_methods_declare_the_same_ranges_as_before(name):
+    """Moving the ranges beside the parameters changed no study's space."""
+    assert declared_space(name) == SHIPPED_SPACES[name]
+
+
+def test_a_searched_parameter_must_declare_its_range():
+    from benchmark.methods.base import ParamSpec
+
+    with pytest.raises(ValueError, match="declare its search range"):
+        ParamSpec(1.0, lambda v: v > 0, "T must be > 0")
+    with pytest.raises(ValueError, match="leaves the valid values: a must be in"):
+        ParamSpec(0.5, lambda v: 0 <= v <= 1, "a must be in [0, 1]", Dim(0.0, 2.0))
+    assert not ParamSpec(8, lambda v: v >= 1, "n must be >= 1", searched=False).searched
 
 
 def test_schedule_settings_are_kept_not_searched():

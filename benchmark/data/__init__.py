@@ -1,4 +1,8 @@
-"""Dataset registry: `cifar10`, `cifar100`, `imagefolder:<dir or .zip>`, `synthetic`."""
+"""Dataset registry: `cifar10`, `cifar100`, `imagefolder:<dir or .zip>`, `synthetic`.
+
+Importing this package imports every module in it (`benchmark.registry.discover`): a new
+dataset kind is one file that calls `register_dataset(DatasetSpec(...))`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from typing import Any
 
 from benchmark.data.base import DatasetSpec, ImageData, Splits, TestSplitSealed, make_splits
 from benchmark.errors import ConfigError
-from benchmark.registry import Registry
+from benchmark.registry import Registry, discover
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
@@ -39,6 +43,18 @@ def check(name: str, cfg: dict[str, Any]) -> None:
         spec.check(arg, cfg)
 
 
+def train_size(name: str, cfg: dict[str, Any]) -> int | None:
+    """Images of the training split before the validation split and subsets (no decoding);
+    None where the dataset kind cannot tell cheaply or its source is unreadable."""
+    spec, arg = parse_name(name)
+    if spec.train_size is None:
+        return None
+    try:
+        return spec.train_size(arg, cfg)
+    except (ConfigError, OSError):
+        return None
+
+
 def load_splits(name: str, cfg: dict[str, Any]) -> Splits:
     spec, arg = parse_name(name)
     data = spec.load(arg, cfg)
@@ -51,7 +67,7 @@ def load_splits(name: str, cfg: dict[str, Any]) -> Splits:
     )
 
 
-from benchmark.data import cifar, imagefolder, synthetic  # noqa: E402,F401
+discover(__name__, __path__)  # importing each module registers its dataset kinds
 
 __all__ = [
     "DATASETS",
@@ -63,4 +79,5 @@ __all__ = [
     "describe",
     "load_splits",
     "parse_name",
+    "train_size",
 ]

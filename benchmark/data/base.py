@@ -145,7 +145,9 @@ class DatasetSpec:
 
     `describe` is cheap (no decoding) and needs no data files where the shape is fixed (so
     `flexbench info` works without them); `check` validates that the source can be loaded (files
-    present), and training runs it before any work, so bad paths fail early.
+    present), and training runs it before any work, so bad paths fail early. `train_size`: the
+    number of images of the training split (before the validation split and subsets), without
+    decoding, or None where unknown; the grid uses it to estimate a cell's compute.
     """
 
     name: str
@@ -154,6 +156,7 @@ class DatasetSpec:
     description: str = ""
     needs_arg: bool = False
     check: Callable[[str | None, dict[str, Any]], None] | None = None
+    train_size: Callable[[str | None, dict[str, Any]], int | None] | None = None
 
 
 def cache_dir() -> Path:

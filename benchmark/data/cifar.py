@@ -15,6 +15,7 @@ from benchmark.data import register_dataset
 from benchmark.data.base import DatasetSpec, ImageData
 from benchmark.errors import ConfigError
 
+N_TRAIN = 50000  # both CIFARs: 50,000 training and 10,000 test images
 _INFO = {
     "cifar10": (10, "cifar-10-batches-py", (0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
     "cifar100": (100, "cifar-100-python", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -56,7 +57,12 @@ def _spec(name: str) -> DatasetSpec:
         return ImageData(trx, try_, tex, tey, list(parts[0].classes), mean, std)
 
     return DatasetSpec(
-        name, describe, load, f"{name.upper()} (torchvision files in data.root)", check=check
+        name,
+        describe,
+        load,
+        f"{name.upper()} (torchvision files in data.root)",
+        check=check,
+        train_size=lambda arg, cfg: N_TRAIN,
     )
 
 

@@ -207,6 +207,11 @@ def cache_key(path: Path, index: Index, listing: dict[str, str], size: int) -> s
     return h.hexdigest()[:16]
 
 
+def train_size(arg: str | None, cfg: dict[str, Any]) -> int:
+    """Images under train/ (from the file index, nothing decoded)."""
+    return sum(len(v) for v in _index(Path(arg).expanduser())["train"].values())
+
+
 def load(arg: str | None, cfg: dict[str, Any]) -> ImageData:
     path = Path(arg).expanduser().resolve()
     listing = _listing(path)
@@ -230,5 +235,6 @@ register_dataset(
         load,
         "train/<class>/*, test/<class>/* in a dir or .zip",
         needs_arg=True,
+        train_size=train_size,
     )
 )

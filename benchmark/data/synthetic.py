@@ -41,5 +41,6 @@ register_dataset(
         lambda arg, cfg: (NUM_CLASSES, SIZE),
         load,
         f"generated {NUM_CLASSES}-class {SIZE}px images ({N_TRAIN} train / {N_TEST} test)",
+        train_size=lambda arg, cfg: N_TRAIN,
     )
 )

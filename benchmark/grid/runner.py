@@ -99,6 +99,10 @@ def _header(spec: GridSpec, uri: str, out: TextIO) -> None:
 
 def print_plan(spec: GridSpec, uri: str, plan: list[Planned], workers: int, out: TextIO) -> None:
     _header(spec, uri, out)
+    if spec.incompatible:
+        print("left out (the method cannot train the architecture):", file=out)
+        for arch, method, why in spec.incompatible:
+            print(f"  {method} x {arch}: {why}", file=out)
     rows = [("key", "cell", "state", "action", "epochs", "est. GFLOPs")]
     for p in plan:
         g = f"{p.cell.gflops:.1f}" if p.cell.gflops is not None else "?"

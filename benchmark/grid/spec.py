@@ -1,7 +1,13 @@
 """Grid files: YAML -> validated GridSpec -> cells (resolved configs with stable keys).
 
 A grid file names the axes (`archs`, `datasets`, `methods`, `seeds`), a profile, and settings
-at several scopes. Precedence, lowest first: profile < `set` < `per_dataset` < `per_arch` <
+at several scopes. `archs: all` / `methods: all` take every registered architecture / method
+(in name order), so a grid grows with the registries; with `all` on either axis, a
+(method, arch) pair the method cannot train (`Method.check_model` raises IncompatibleError) is
+left out automatically and listed by `flexbench grid plan`. With explicit lists such a pair is an
+error naming the `exclude` entry that skips it.
+
+Settings precedence, lowest first: profile < `set` < `per_dataset` < `per_arch` <
 `per_method` < `method_params.from_study` < `per_cell` < `--set` on the command line.
 
 A `method.X` / `arch.X` setting given at a scope that covers several methods / archs (e.g. the
@@ -19,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +41,9 @@ TOP_KEYS = {
     "name": "MLflow experiment of the grid (letters, digits, . _ -)",
     "description": "free text",
     "profile": ", ".join(PROFILES),
-    "archs": "list of architectures",
+    "archs": "list of architectures, or all",
     "datasets": "list of datasets",
-    "methods": "list of methods",
+    "methods": "list of methods, or all",
     "seeds": "list of integer seeds",
     "set": "settings for every cell",
     "per_dataset": "{dataset: settings}",
@@ -48,6 +54,7 @@ TOP_KEYS = {
     "method_params": "{from_study: best-params YAML}",
 }
 AXES = {"arch": "archs", "dataset": "datasets", "method": "methods", "seed": "seeds"}
+ALL = "all"  # `archs: all` / `methods: all`: every registered name
 PATH_SETTINGS = ("data.root", "runtime.workdir")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -85,8 +92,10 @@ class GridSpec:
     methods: list[str]
     seeds: list[int]
     cells: list[Cell]
-    excluded: int = 0
+    excluded: int = 0  # cells left out: by `exclude` rules and as incompatible pairs
     description: str = ""
+    # (arch, method, reason) of the pairs left out automatically (`all` axes), in grid order
+    incompatible: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def workdirs(self) -> list[Path]:
@@ -148,11 +157,17 @@ def settings(obj: Any, where: str, base: Path | None) -> dict[str, Any]:
     return out
 
 
+REGISTRIES = {"archs": ARCHS, "methods": METHODS}
+
+
 def _names(raw: Any, axis: str, where: str) -> list[Any]:
     if raw is None:
         raise _err(where, f"{axis} is missing; give a non-empty list")
+    if raw == ALL and axis in REGISTRIES:
+        return REGISTRIES[axis].names()
     if not isinstance(raw, list):
-        raise _err(where, f"{axis} must be a list, e.g. {axis}: [{raw!r}], got {raw!r}")
+        also = f" or {ALL}" if axis in REGISTRIES else ""
+        raise _err(where, f"{axis} must be a list{also}, e.g. {axis}: [{raw!r}], got {raw!r}")
     if not raw:
         raise _err(where, f"{axis} is empty; give at least one value")
     for i, v in enumerate(raw):
@@ -229,6 +244,30 @@ def _accepts(section: str, name: str) -> set[str] | None:
     return None
 
 
+Layer = tuple[str, dict[str, set] | None, dict[str, Any]]  # (scope, cell matcher, settings)
+
+
+def _overrides(
+    layers: list[Layer], combo: dict[str, Any], applied: dict[tuple[str, str], int]
+) -> dict[str, Any]:
+    """One cell's settings from the scopes that select it, lowest precedence first. A
+    `method.X` / `arch.X` setting is skipped where the cell's method / arch has no X; `applied`
+    counts, per (scope, setting), the cells it reached (0: it reached none)."""
+    overrides: dict[str, Any] = {}
+    for scope, match, sets in layers:
+        if match is not None and not _matches(match, combo):
+            continue
+        for key, value in sets.items():
+            section, _, param = key.partition(".")
+            accepted = _accepts(section, combo["arch"] if section == "arch" else combo["method"])
+            applied.setdefault((scope, key), 0)
+            if accepted is not None and param not in accepted:
+                continue
+            applied[(scope, key)] += 1
+            overrides[key] = value
+    return overrides
+
+
 def _load_from_study(raw: Any, where: str, base: Path) -> tuple[Path, dict[str, dict]]:
     hint = "method_params: {from_study: path/to/best_params.yaml}"
     if raw == "from_study" or (isinstance(raw, dict) and raw.get("from_study") in (None, "")):
@@ -283,6 +322,7 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
     archs = _names(raw.get("archs"), "archs", where)
     datasets_ = _names(raw.get("datasets"), "datasets", where)
     methods = _names(raw.get("methods"), "methods", where)
+    auto_exclude = ALL in (raw.get("archs"), raw.get("methods"))
     seeds = _names(raw.get("seeds"), "seeds", where)
     _check_names(where, archs, datasets_, methods)
     axes = {"archs": archs, "datasets": datasets_, "methods": methods, "seeds": seeds}
@@ -292,7 +332,7 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
         return f"{spec.name}:{_as_path(arg, base)}" if arg else name
 
     # --- settings at every scope -----------------------------------------------------------
-    layers: list[tuple[str, dict[str, set] | None, dict[str, Any]]] = []
+    layers: list[Layer] = []
     layers.append(("set", None, settings(raw.get("set"), f"{where}: set", base)))
     for scope, axis in (("per_dataset", "dataset"), ("per_arch", "arch"), ("per_method", "method")):
         table = raw.get(scope) or {}
@@ -330,43 +370,45 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
     cells: list[Cell] = []
     applied: dict[tuple[str, str], int] = {}
     missing_study: list[str] = []
+    incompatible: dict[tuple[str, str], str] = {}
     excluded = 0
     for arch, ds, method, seed in itertools.product(archs, datasets_, methods, seeds):
         combo = {"arch": arch, "dataset": ds, "method": method, "seed": seed}
         if any(_matches(m, combo) for m in ex_matchers):
             excluded += 1
             continue
-        study_layer = []
-        if study_path is not None and METHODS.get(method).PARAMS:
+        study_layer, entry = [], None
+        wants_study = study_path is not None and bool(METHODS.get(method).PARAMS)
+        if wants_study:
             entry = best.get(f"{arch}/{ds}/{method}")
-            if entry is None:
-                missing_study.append(f"{arch}/{ds}/{method}")
-            else:
+            if entry is not None:
                 sets = {f"method.{k}": v for k, v in entry.items()}
                 study_layer = [("method_params.from_study", None, sets)]
-        overrides: dict[str, Any] = {}
-        for scope, match, sets in layers + study_layer + cell_layers + [cli_layer]:
-            if match is not None and not _matches(match, combo):
-                continue
-            for key, value in sets.items():
-                section, _, param = key.partition(".")
-                accepted = _accepts(section, arch if section == "arch" else method)
-                applied.setdefault((scope, key), 0)
-                if accepted is not None and param not in accepted:
-                    continue
-                applied[(scope, key)] += 1
-                overrides[key] = value
+        counts: dict[tuple[str, str], int] = {}
+        scopes = layers + study_layer + cell_layers + [cli_layer]
+        overrides = _overrides(scopes, combo, counts)
         w = f"{where}: cell {arch}/{ds}/{method}/seed {seed}"
+        cfg = None
         try:
             cfg = resolve(arch, resolved_dataset(ds), method, seed, profile, overrides)
         except IncompatibleError as exc:
-            raise _err(
-                w,
-                f"{exc}; to skip this pair add to the grid: "
-                f"exclude: [{{arch: {arch}, method: {method}}}]",
-            ) from None
+            if not auto_exclude:
+                raise _err(
+                    w,
+                    f"{exc}; to skip this pair add to the grid: "
+                    f"exclude: [{{arch: {arch}, method: {method}}}]",
+                ) from None
+            incompatible.setdefault((arch, method), str(exc))
+            excluded += 1
+            counts = dict.fromkeys(counts, 0)  # settings of a left-out cell apply to nothing
         except ConfigError as exc:
             raise _err(w, str(exc)) from None
+        for k, n in counts.items():
+            applied[k] = applied.get(k, 0) + n
+        if cfg is None:  # left out as incompatible
+            continue
+        if wants_study and entry is None:
+            missing_study.append(f"{arch}/{ds}/{method}")
         # Paths not set in the grid file are relative to the current directory: make them
         # absolute so that workers elsewhere (Ray) see the same files. Not part of the key.
         cfg["runtime"]["workdir"] = str(Path(cfg["runtime"]["workdir"]).expanduser().resolve())
@@ -412,6 +454,7 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
         cells=cells,
         excluded=excluded,
         description=str(raw.get("description") or ""),
+        incompatible=[(a, m, why) for (a, m), why in incompatible.items()],
     )
 
 
@@ -432,22 +475,7 @@ def _check_data(where: str, cells: list[Cell]) -> None:
 
 def _n_train(cfg_data: dict[str, Any]) -> int | None:
     """Training images after the val split and subset, without decoding (None if unknown)."""
-    name = cfg_data["name"]
-    kind, _, arg = name.partition(":")
-    total: int | None = None
-    if kind == "synthetic":
-        from benchmark.data import synthetic
-
-        total = synthetic.N_TRAIN
-    elif kind in ("cifar10", "cifar100"):
-        total = 50000
-    elif kind == "imagefolder":
-        from benchmark.data import imagefolder
-
-        try:
-            total = sum(len(v) for v in imagefolder._index(Path(arg))["train"].values())
-        except (ConfigError, OSError):
-            return None
+    total = datasets.train_size(cfg_data["name"], cfg_data)
     sub = cfg_data.get("train_subset")
     if _is_int(sub):
         return sub

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from benchmark.dim import KD_WEIGHT, TEMPERATURE, Dim
 from benchmark.errors import ConfigError
 
 
@@ -38,37 +39,57 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float) -> Tensor:
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One method parameter: default and validity check (with its error text). `searched`:
-    studies search it; False for a method's schedule settings, which a study keeps at their
-    value (e.g. hsd's re-ranking period)."""
+    """One method parameter: default, validity check (with its error text) and the range a study
+    searches (`search`, see `studies/space.py`). `searched=False` for a method's schedule
+    settings, which a study keeps at their value (e.g. hsd's re-ranking period); every searched
+    parameter declares its range, inside the valid values (checked when the method is defined).
+    """
 
     default: float
     check: Any
     rule: str
+    search: Dim | None = None
     searched: bool = True
 
+    def __post_init__(self) -> None:
+        if self.searched and self.search is None:
+            raise ValueError(
+                f"parameter with rule {self.rule!r}: declare its search range "
+                f"(search=Dim(low, high[, log])) or mark it searched=False"
+            )
+        if self.search is not None and not (
+            self.check(self.search.low) and self.check(self.search.high)
+        ):
+            raise ValueError(
+                f"search range {self.search.describe()} leaves the valid values: {self.rule}"
+            )
 
-def temperature(default: float = 1.0) -> ParamSpec:
-    return ParamSpec(default, lambda v: v > 0, "T must be > 0")
+
+def temperature(default: float = 1.0, search: Dim = TEMPERATURE) -> ParamSpec:
+    """A distillation temperature T > 0 (searched log-uniformly in [1, 10] by default)."""
+    return ParamSpec(default, lambda v: v > 0, "T must be > 0", search)
 
 
-def weight(default: float = 1.0, name: str = "a") -> ParamSpec:
-    """A mixing weight in [0, 1] (e.g. a in (1-a) CE + a KD)."""
-    return ParamSpec(default, lambda v: 0 <= v <= 1, f"{name} must be in [0, 1]")
+def weight(default: float = 1.0, name: str = "a", search: Dim = KD_WEIGHT) -> ParamSpec:
+    """A mixing weight in [0, 1] (e.g. a in (1-a) CE + a KD), searched over all of [0, 1]."""
+    return ParamSpec(default, lambda v: 0 <= v <= 1, f"{name} must be in [0, 1]", search)
 
 
-def scale(default: float, name: str) -> ParamSpec:
-    """A non-negative loss coefficient without an upper bound (e.g. attention-transfer weight)."""
-    return ParamSpec(default, lambda v: v >= 0, f"{name} must be >= 0")
+def scale(default: float, name: str, search: Dim) -> ParamSpec:
+    """A non-negative loss coefficient without an upper bound (e.g. attention-transfer weight);
+    its search range depends on the loss it scales, so each method gives it."""
+    return ParamSpec(default, lambda v: v >= 0, f"{name} must be >= 0", search)
 
 
-def integer(default: int, name: str, low: int = 1, searched: bool = True) -> ParamSpec:
-    """A whole-number setting (e.g. a schedule period); stored as a float like every param."""
+def integer(default: int, name: str, low: int = 1, search: Dim | None = None) -> ParamSpec:
+    """A whole-number setting (e.g. a schedule period); stored as a float like every param.
+    Without `search` it is not searched (studies keep it at its value)."""
     return ParamSpec(
         default,
         lambda v: v >= low and float(v).is_integer(),
         f"{name} must be an integer >= {low}",
-        searched,
+        search,
+        searched=search is not None,
     )
 
 
@@ -89,6 +110,8 @@ class Method(nn.Module):
     `uses_features`: the trainer passes every sub-model's stage features to `loss` (`feats`).
     A method's own parameters (e.g. learned importance weights) are trained by the same
     optimizer, at `param_lr_scale` times the learning rate and without weight decay.
+    `plot_slot`: its colour, marker and place in report legends and tables (`reports.style`);
+    unique among registered methods, so that adding a method changes no other's colour.
     """
 
     PARAMS: ClassVar[dict[str, ParamSpec]] = {}
@@ -96,6 +119,7 @@ class Method(nn.Module):
     uses_features: ClassVar[bool] = False
     param_lr_scale: ClassVar[float] = 1.0
     description: ClassVar[str] = ""
+    plot_slot: ClassVar[int | None] = None
 
     def __init__(self, params: dict[str, Any] | None = None, label_smoothing: float = 0.0):
         super().__init__()

@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn import functional as F
 
+from benchmark.dim import Dim
 from benchmark.methods import register_method
 from benchmark.methods.base import Method, kd_loss, scale, temperature
 
@@ -37,7 +38,14 @@ def at_distance(student: Tensor, teacher: Tensor) -> Tensor:
 @register_method("ekd")
 class EKD(Method):
     description = "embedded KD: full net teaches every sub-net logits (KL) + stage attention"
-    PARAMS = {"T": temperature(1.0), "b": scale(1.0, "b"), "g": scale(500.0, "g")}
+    plot_slot = 5
+    # Search ranges from the research notes: the KL weight b around the neutral 1; the attention
+    # weight g needs 10^2-10^3 to matter.
+    PARAMS = {
+        "T": temperature(1.0),
+        "b": scale(1.0, "b", search=Dim(0.0, 2.0)),
+        "g": scale(500.0, "g", search=Dim(1.0, 1000.0, log=True)),
+    }
     uses_features = True
 
     def loss(self, k, logits, teachers, y, num_submodels, feats=None):

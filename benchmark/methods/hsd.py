@@ -77,14 +77,15 @@ def kd_saliency(
 @register_method("hsd")
 class HSD(IPKDTA):
     description = "ipkd_ta chain on channel sub-models re-chosen by KD-loss Taylor saliency"
+    plot_slot = 7
     PARAMS = {
         **IPKDTA.PARAMS,
         # The re-ranking schedule: kept at its value by studies (not a loss weight).
-        "rerank_every": integer(1, "rerank_every", searched=False),
+        "rerank_every": integer(1, "rerank_every"),
         "rerank_until": ParamSpec(
             0.5, lambda v: 0 < v <= 1, "rerank_until must be in (0, 1]", searched=False
         ),
-        "saliency_batches": integer(8, "saliency_batches", searched=False),
+        "saliency_batches": integer(8, "saliency_batches"),
     }
 
     @classmethod

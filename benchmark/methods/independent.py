@@ -7,6 +7,7 @@ from benchmark.methods.base import Method
 @register_method("independent")
 class Independent(Method):
     description = "K separate networks, each trained alone with CE (no sharing, no KD)"
+    plot_slot = 1
     separate_networks = True
 
     def loss(self, k, logits, teachers, y, num_submodels, feats=None):

@@ -11,6 +11,7 @@ from benchmark.methods.base import Method, kd_loss, temperature, weight
 @register_method("ipkd")
 class IPKD(Method):
     description = "inplace KD: the full model (same step, detached) teaches every sub-model"
+    plot_slot = 2
     PARAMS = {"T": temperature(), "a": weight()}
 
     def teacher_of(self, k: int, num_submodels: int) -> int:

@@ -11,6 +11,7 @@ from benchmark.methods.ipkd import IPKD
 @register_method("ipkd_ta")
 class IPKDTA(IPKD):
     description = "inplace KD with teacher assistants: each sub-model teaches the next smaller"
+    plot_slot = 3
 
     def teacher_of(self, k: int, num_submodels: int) -> int:
         return k + 1

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from benchmark.dim import Dim
 from benchmark.methods import register_method
 from benchmark.methods.base import EpochContext, Method, scale, temperature
 
@@ -53,7 +54,9 @@ class MultiTeacher(Method):
     description = (
         "CMT-KD-inspired: each sub-model learns from all larger ones, mixed by learned importance"
     )
-    PARAMS = {"T": temperature(1.0), "b": scale(0.5, "b")}
+    plot_slot = 6
+    # b searched in [0, 2] around CMT-KD's 0.5 (research notes).
+    PARAMS = {"T": temperature(1.0), "b": scale(0.5, "b", search=Dim(0.0, 2.0))}
     param_lr_scale = 0.1
 
     def bind(self, num_submodels: int) -> None:

@@ -13,6 +13,7 @@ from benchmark.methods.base import Method, Stage, kd_loss, temperature, weight
 @register_method("takd")
 class TAKD(Method):
     description = "offline TA chain on independent networks: largest first, each stage frozen"
+    plot_slot = 4
     # Defaults: the TAKD author's confirmed CIFAR-100 ResNet-110 -> ResNet-20 setting.
     PARAMS = {"T": temperature(5.0), "a": weight(0.5)}
     separate_networks = True

@@ -1,4 +1,9 @@
-"""Architecture registry: one file per flexible architecture, registered by name."""
+"""Architecture registry: one file per flexible architecture, registered by name.
+
+Importing this package imports every module in it (`benchmark.registry.discover`), so a new
+architecture is its file: `@register_arch(...)` declares its knobs, presets, its scaled-down
+sizes for the `smoke` / `mini` profiles and any per-profile training settings.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,26 @@ from typing import Any
 
 from benchmark.errors import ConfigError
 from benchmark.models.base import FlexibleModel, IndependentModel, SubModel
-from benchmark.registry import Registry
+from benchmark.registry import Registry, discover
 
 
 @dataclass
 class ArchSpec:
-    """How to build one architecture: its knobs (with defaults) and named presets."""
+    """How to build one architecture: its knobs (with defaults) and named presets.
+
+    `profiles`: {profile: knob values} applied in that profile (e.g. the tiny `smoke` sizes);
+    `train`: {profile: train settings} this architecture needs in that profile on top of the
+    profile's own (e.g. a lower lr), as timm keeps per-model default configs beside each model.
+    A `--set arch.X` / `--set train.X` still overrides both.
+    """
 
     name: str
     build: Callable[..., FlexibleModel]
     defaults: dict[str, Any]
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     description: str = ""
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def resolve(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Defaults <- preset <- overrides, with unknown keys rejected."""
@@ -52,9 +65,17 @@ def register_arch(
     defaults: dict[str, Any],
     presets: dict[str, dict[str, Any]] | None = None,
     description: str = "",
+    profiles: dict[str, dict[str, Any]] | None = None,
+    train: dict[str, dict[str, Any]] | None = None,
 ) -> Callable[[Callable[..., FlexibleModel]], Callable[..., FlexibleModel]]:
+    """Register a builder `build(num_classes, image_size, **knobs) -> FlexibleModel` (see
+    ArchSpec for `profiles` and `train`; profile names are checked by `config.resolve`)."""
+
     def deco(build: Callable[..., FlexibleModel]) -> Callable[..., FlexibleModel]:
-        ARCHS.register(name)(ArchSpec(name, build, defaults, presets or {}, description))
+        spec = ArchSpec(
+            name, build, defaults, presets or {}, description, profiles or {}, train or {}
+        )
+        ARCHS.register(name)(spec)
         return build
 
     return deco
@@ -69,13 +90,6 @@ def build_model(
     return spec.build(num_classes=num_classes, image_size=image_size, **kwargs)
 
 
-# Importing the modules registers them.
-from benchmark.models import (  # noqa: E402,F401
-    ddnn_resnet,
-    msdnet,
-    saliency_vgg,
-    slimmable_mobilenet_v1,
-    switchable_precision,
-)
+discover(__name__, __path__)  # importing each module registers its architecture
 
 __all__ = ["ARCHS", "ArchSpec", "FlexibleModel", "IndependentModel", "SubModel", "build_model"]

@@ -84,6 +84,10 @@ class DDNNResNet(FlexibleModel):
 @register_arch(
     "ddnn_resnet",
     defaults={"depths": [3, 5, 7, 9], "width": 1.0, "private_bn": True},
+    profiles={
+        "smoke": {"depths": [1, 2], "width": 0.25},
+        "mini": {"depths": [1, 2, 3], "width": 0.5},
+    },
     description="depth-dynamic CIFAR ResNet: sub-nets = first n blocks per stage, shared weights",
 )
 def build_ddnn_resnet(num_classes: int, image_size: int, **p) -> DDNNResNet:

@@ -253,6 +253,24 @@ BUDGETED = {"n_blocks": 5, "step_mode": "lin_grow", "step": 1, "base": 1}
         "bottleneck": True,
         "head_channels": 128,
     },
+    profiles={
+        "smoke": {
+            "n_blocks": 3,
+            "base": 2,
+            "step": 1,
+            "n_channels": 4,
+            "growth_rate": 2,
+            "head_channels": 8,
+        },
+        "mini": {
+            "n_blocks": 4,
+            "base": 2,
+            "step": 2,
+            "n_channels": 8,
+            "growth_rate": 4,
+            "head_channels": 32,
+        },
+    },
     presets={"anytime": ANYTIME, "budgeted": BUDGETED},
     description="MSDNet (CIFAR): one exit per block, all exits from one forward pass",
 )

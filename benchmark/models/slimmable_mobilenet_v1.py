@@ -160,6 +160,10 @@ def _validate_widths(widths) -> list[float]:
         "stage_blocks": [1, 2, 2, 6, 2],
         "stem_stride": 1,
     },
+    profiles={
+        "smoke": {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1]},
+        "mini": {"width_mult": 0.5, "stage_blocks": [1, 1, 1, 2, 1]},
+    },
     description="Slimmable MobileNet-V1 (CIFAR stem): one forward per width, switchable BN",
 )
 def build_slimmable_mobilenet_v1(num_classes: int, image_size: int, **p) -> SlimmableMobileNetV1:

@@ -173,6 +173,7 @@ def _validate_bits(bits) -> list[int]:
 @register_arch(
     "switchable_precision_resnet",
     defaults={"bits": [2, 4, 8, 32], "depth": 20, "width": 1.0},
+    profiles={"smoke": {"depth": 8, "width": 0.25}, "mini": {"depth": 8, "width": 0.5}},
     description="CIFAR ResNet (He et al.) at switchable bit-widths: shared weights, DoReFa "
     "quantizer, private BN per bit-width, first conv and classifier full precision",
 )

@@ -1,0 +1,137 @@
+"""Each extension point is one file: the worked example of docs/contributing.md, registered at
+runtime, shows up everywhere the registries are enumerated (`flexbench ls`, the study space,
+grid files' `all`, report colours), and so does an architecture registered with its own
+profile sizes; both are removed again afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmark.cli import main
+from benchmark.config import PROFILES, resolve
+from benchmark.grid.spec import load_grid
+from benchmark.methods import METHODS
+from benchmark.models import ARCHS, register_arch
+from benchmark.models.slimmable_mobilenet_v1 import build_slimmable_mobilenet_v1
+from benchmark.train import make_method, make_model
+from reports.style import method_order, method_styles, slot_style
+from studies.space import Dim, declared_space, resolve_space
+
+GUIDE = Path(__file__).parent.parent / "docs" / "contributing.md"
+MARK = "<!-- worked example: executed by tests/test_extension.py -->"
+
+
+def worked_example() -> str:
+    """The Python block that follows the marker in the contributing guide."""
+    text = GUIDE.read_text()
+    assert MARK in text, f"{GUIDE} lost its worked example"
+    block = re.search(r"```python\n(.*?)```", text[text.index(MARK) :], re.S)
+    assert block is not None
+    return block.group(1)
+
+
+@pytest.fixture
+def my_kd():
+    """Registers the guide's method as `benchmark.methods.my_kd` would when its file exists."""
+    before = method_styles(METHODS.names())
+    namespace = {"__name__": "benchmark.methods.my_kd"}
+    exec(compile(worked_example(), str(GUIDE), "exec"), namespace)
+    try:
+        yield METHODS.get("my_kd"), before
+    finally:
+        METHODS.unregister("my_kd")
+    assert "my_kd" not in METHODS
+
+
+@pytest.fixture
+def narrow_arch():
+    """A new architecture: a narrow slimmable MobileNet variant with its own smoke sizes."""
+    register_arch(
+        "tmp_narrow_mobilenet",
+        defaults={
+            "widths": [0.5, 1.0],
+            "width_mult": 0.5,
+            "stage_blocks": [1, 1, 1, 1, 1],
+            "stem_stride": 1,
+        },
+        profiles={"smoke": {"width_mult": 0.125}},
+        train={"smoke": {"lr": 0.05}},
+        description="throw-away test architecture",
+    )(build_slimmable_mobilenet_v1)
+    try:
+        yield ARCHS.get("tmp_narrow_mobilenet")
+    finally:
+        ARCHS.unregister("tmp_narrow_mobilenet")
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(list(args))
+    return rc, out.getvalue()
+
+
+def test_worked_example_method_is_everywhere_once_registered(my_kd, tmp_path):
+    cls, before = my_kd
+    rc, out = run_cli("ls")
+    assert rc == 0
+    assert re.search(r"^  my_kd +each sub-model distills .* \[T=4, a=0\.5\]$", out, re.M), out
+    # the study space comes from the parameters' declared ranges
+    assert declared_space("my_kd") == {"T": Dim(1.0, 10.0, log=True), "a": Dim(0.2, 0.8)}
+    assert resolve_space("my_kd", items=["a=0.3:0.6"])["a"] == Dim(0.3, 0.6)
+    # report colours: its own slot, and nobody else's colour moved
+    styles = method_styles(METHODS.names())
+    assert styles["my_kd"] == slot_style(cls.plot_slot)
+    assert {m: s for m, s in styles.items() if m != "my_kd"} == before
+    assert method_order(METHODS.names(), "joint")[-1] == "my_kd"
+    # grids with `methods: all` get it; the loss trains the model
+    grid = tmp_path / "g.yaml"
+    doc = {"name": "ext", "profile": "smoke", "archs": ["slimmable_mobilenet_v1"]}
+    doc.update(datasets=["synthetic"], methods="all", seeds=[0])
+    grid.write_text(yaml.safe_dump(doc))
+    spec = load_grid(grid)
+    assert [c.method for c in spec.cells] == [m for m in METHODS.names() if m != "hsd"]
+    cfg = next(c.cfg for c in spec.cells if c.method == "my_kd")
+    assert cfg["method"] == {"name": "my_kd", "T": 4.0, "a": 0.5}
+    model = make_model(cfg, 10, 32).train()
+    method = make_method(cfg, model.num_submodels)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    n = model.num_submodels
+    logits = {k: model.forward_sub(x, k) for k in range(n)}
+    teachers = {k: logits[k].detach() for k in range(1, n)}
+    loss, terms = method.loss(0, logits[0], teachers, y, n)
+    loss.backward()
+    assert torch.isfinite(loss) and set(terms) == {"ce", "kd"}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_new_architecture_brings_its_profile_sizes_and_joins_all_grids(narrow_arch, tmp_path):
+    cfg = resolve("tmp_narrow_mobilenet", "synthetic", "joint", 0, "smoke")
+    assert cfg["arch"]["width_mult"] == 0.125 and cfg["arch"]["widths"] == [0.5, 1.0]
+    assert cfg["train"]["lr"] == 0.05 != PROFILES["smoke"]["train"]["lr"]
+    assert (
+        resolve("tmp_narrow_mobilenet", "synthetic", "joint", 0, "paper")["arch"]["width_mult"]
+        == 0.5
+    )  # no entry for paper: its defaults
+    rc, out = run_cli("ls")
+    assert rc == 0 and "tmp_narrow_mobilenet" in out
+    grid = tmp_path / "g.yaml"
+    doc = {"name": "ext", "profile": "smoke", "archs": "all", "datasets": ["synthetic"]}
+    doc.update(methods=["joint", "hsd"], seeds=[0])
+    grid.write_text(yaml.safe_dump(doc))
+    spec = load_grid(grid)
+    assert ("tmp_narrow_mobilenet", "joint") in {(c.arch, c.method) for c in spec.cells}
+    # hsd needs re-rankable channels: the new architecture's pair is left out and listed
+    left_out = {(a, m) for a, m, _ in spec.incompatible}
+    assert ("tmp_narrow_mobilenet", "hsd") in left_out
+    assert ("saliency_vgg", "hsd") not in left_out
+    rc, out = run_cli("grid", "plan", str(grid), "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    assert rc == 0 and "hsd x tmp_narrow_mobilenet: method hsd needs saliency-ranked" in out
