@@ -102,6 +102,14 @@ SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
     SubmodelField("name", None, SUBMODEL, "name", "", "sub-model name, e.g. exit3 or w0.5"),
     SubmodelField("top1", "{split}/top1/{sub}", "top1", "top1", "%", "top-1 accuracy"),
     SubmodelField("top5", "{split}/top5/{sub}", "top5", "top5", "%", "top-5 accuracy"),
+    SubmodelField(
+        "top1_bestval",
+        "{split}/top1_bestval/{sub}",
+        "top1_bestval",
+        "top1_bestval",
+        "%",
+        "top-1 of the epoch with the best mean validation top-1 (selected on val)",
+    ),
     SubmodelField("mmacs", "mmacs/{sub}", "mmacs", "mmacs", "millions", "multiply-accumulates"),
     SubmodelField("mflops", "mflops/{sub}", "mflops", "mflops", "millions", "FLOPs, forward"),
     SubmodelField("params_m", "params_m/{sub}", "params_m", "params_m", "millions", "parameters"),
@@ -131,6 +139,8 @@ FIELDS = {f.name: f for f in SUBMODEL_FIELDS}
 # Per-cell summaries over the sub-models, final metrics of the parent run.
 TOP1_MEAN = "{split}/top1_mean"
 TOP1_AUC = "{split}/top1_auc"
+# The epoch (0-based, the step of the per-epoch metrics) whose weights give top1_bestval.
+BESTVAL_EPOCH = "bestval_epoch"
 
 
 def parent_metrics(rows: Iterable[Mapping[str, Any]], split: str) -> dict[str, float]:

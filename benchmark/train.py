@@ -77,6 +77,26 @@ class CellResult:
 
 
 @dataclass
+class BestVal:
+    """The weights of the epoch with the best mean validation top-1 over the sub-models (one
+    CPU copy of the network, also kept in the checkpoint). The mean, not one best epoch per
+    sub-model: the sub-models share their weights, so one selected network is deployed, and a
+    per-sub-model choice would need K copies. Ties keep the earlier epoch."""
+
+    epoch: int = -1
+    mean: float = float("-inf")
+    model: dict[str, Tensor] | None = None
+
+    def update(self, epoch: int, mean: float, model: FlexibleModel) -> None:
+        if mean > self.mean:
+            self.epoch, self.mean = epoch, mean
+            self.model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "mean": self.mean, "model": self.model}
+
+
+@dataclass
 class Cell:
     """Everything a cell's training loop touches, built once by `prepare`."""
 
@@ -95,6 +115,7 @@ class Cell:
     ckpt: Path
     start: int
     opts: CellOptions
+    best: BestVal = field(default_factory=BestVal)
 
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
@@ -116,6 +137,7 @@ def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResu
             metrics = train_epoch(cell, step, pos)
             metrics.update(cell.method.epoch_end(_epoch_context(cell, pos)))
             metrics.update(validate(cell))
+            cell.best.update(pos.index, metrics[schema.TOP1_MEAN.format(split="val")], cell.model)
             if pos.last_of_stage and not pos.last:  # each stage of a chain starts fresh
                 cell.optimizer = new_optimizer(cell.model, cell.method, cfg["train"])
             save_checkpoint(cell, pos, metrics)
@@ -171,6 +193,7 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
     if opts.restart:
         ckpt.unlink(missing_ok=True)
     if state is not None:
+        cell.best = BestVal(**state["best"])
         _log_pending_metrics(run, state)
         _progress_line(f"resuming cell {key} at stage {stage + 1}, epoch {epoch + 1}")
     return cell
@@ -291,6 +314,7 @@ def save_checkpoint(cell: Cell, pos: Position, metrics: dict[str, float]) -> Non
     nxt = pos.index + 1
     modules = {"model": cell.model, "method": cell.method, "optimizer": cell.optimizer}
     extra = {"run_id": cell.run.run_id, "key": cell.key, "metrics": metrics}
+    extra["best"] = cell.best.state()
     extra["metrics_step"] = pos.index
     next_pos = (nxt // cell.plan.epochs, nxt % cell.plan.epochs)
     checkpoint.save(cell.ckpt, checkpoint.build(modules, next_pos, cell.device, extra))
@@ -338,8 +362,15 @@ def finish(cell: Cell) -> CellResult:
         | lat_row
         for i, (c, a1, a5, lat_row) in enumerate(zip(plan.costs, acc.top1, acc.top5, lat.rows()))
     ]
+    if not sealed and cell.best.model is not None:  # selected on val, reported on test
+        cell.model.load_state_dict(cell.best.model)
+        best = evaluate(cell.model, data, t["eval_batch_size"], cell.norm, cell.amp)
+        for row, a1 in zip(rows, best.top1):
+            row["top1_bestval"] = a1
     axis = cost_axis([row["mflops"] for row in rows], [row["gbitops"] for row in rows])
     final = schema.parent_metrics(rows, split)
+    if not sealed:
+        final[schema.BESTVAL_EPOCH] = cell.best.epoch
     final[schema.TOP1_MEAN.format(split=split)] = sum(acc.top1) / len(acc.top1)
     final[schema.TOP1_AUC.format(split=split)] = auc_top1([row[axis] for row in rows], acc.top1)
     cell.run.set_tags({schema.COST_AXIS: axis, **lat.tags()})

@@ -51,6 +51,7 @@ def test_every_tag_and_summary_key_is_documented():
         assert re.search(rf"`{shown}[`=]", text), f"{tag} is not in docs/mlflow-schema.md"
     for key in (schema.TOP1_MEAN, schema.TOP1_AUC):
         assert f"`{key.format(split='test')}`" in text, key
+    assert f"`{schema.BESTVAL_EPOCH}`" in text
 
 
 def test_no_tag_name_is_spelled_outside_the_schema():
