@@ -44,6 +44,8 @@ class Report:
     tables: list[tb.ResultTable]
     figures: dict[tuple, list[figs.Figure]]
     methods: pd.DataFrame  # one-number summaries per panel x method, rendered strings
+    # the same from the weights of each cell's best-val epoch (selected on val, test numbers)
+    methods_bestval: pd.DataFrame
     coverage: pd.DataFrame  # finished seeds per panel x method
     problems: pd.DataFrame  # cells that are not finished
     ref_table: pd.DataFrame
@@ -123,6 +125,16 @@ def method_summaries(summary: pd.DataFrame, pairs: pd.DataFrame, order: list[str
             rows.append(row)
     cols = [*PANEL, "method", "n", "top-1 mean", "Δ top-1 mean", "AUC over", "AUC", "Δ AUC"]
     return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def bestval_summaries(tidy: pd.DataFrame, base: str | None, order: list[str]) -> pd.DataFrame:
+    """`method_summaries` of `test/top1_bestval` (the network of the epoch with the best mean
+    val top-1); empty when no cell logged it (runs before the selection existed, studies)."""
+    if tidy.empty or "top1_bestval" not in tidy or tidy["top1_bestval"].isna().all():
+        return pd.DataFrame()
+    bv = tidy.dropna(subset=["top1_bestval"])
+    sc = scores(bv.assign(top1=bv["top1_bestval"]))
+    return method_summaries(summarize(sc), paired(sc, base), order)
 
 
 def coverage(cells: pd.DataFrame, order: list[str]) -> pd.DataFrame:
@@ -255,6 +267,7 @@ def build_report(
         tables=tables,
         figures={},
         methods=method_summaries(summary, pairs, order),
+        methods_bestval=bestval_summaries(exp.tidy, base, order),
         coverage=coverage(exp.cells, order),
         problems=problems(exp.cells),
         ref_table=ref_table,

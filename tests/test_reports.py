@@ -104,6 +104,7 @@ def _finished_cell(
         client.set_terminated(child.info.run_id, "FINISHED")
         final += [
             Metric(f"test/top1/{s}", a, ts, epochs),
+            Metric(f"test/top1_bestval/{s}", a - 1, ts, epochs),  # the best-val epoch's
             Metric(f"test/top5/{s}", 99.0, ts, epochs),
             Metric(f"mmacs/{s}", f / 2, ts, epochs),
             Metric(f"mflops/{s}", f, ts, epochs),
@@ -814,3 +815,17 @@ def test_a_taken_plot_slot_is_refused():
         @register_method("tmp_same_colour_as_ipkd")
         class SameColour(Method):
             plot_slot = 2
+
+
+def test_selected_on_val_summaries_sit_beside_the_last_epoch(report):
+    """Cells log test/top1_bestval one point below test/top1: the selected-on-val summaries are
+    the last-epoch ones shifted by exactly that, and both appear on the page."""
+    bv = report.methods_bestval.set_index(["method"])
+    last = report.methods.set_index(["method"])
+    assert list(bv.index) == list(last.index)
+    joint_last = _row(report.summary, method="joint", key="top-1 mean")["mean"]
+    assert bv.loc["joint", "top-1 mean"].startswith(f"{joint_last - 1:.2f}")
+    for page in ("index.html", "report.md"):
+        text = (report.out / page).read_text()
+        assert "Selected on val" in text and "nothing is ever chosen on test" in text.lower()
+    assert (report.out / "tables" / "summary_bestval.csv").exists()
