@@ -64,7 +64,19 @@ NON_SEMANTIC = {("data", "root"), ("data", "download")}
 
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {
-        "description": "published schedules: MSDNet's CIFAR recipe for both families, full data",
+        "description": "published schedules (MSDNet's CIFAR recipe; BYOT's for byot_resnet), "
+        "full data",
+        # BYOT's CIFAR schedule as in the unofficial code whose ResNet-18 per-exit numbers match
+        # the paper (luanyunteng/pytorch-be-your-own-teacher, train.py): 200 epochs, batch 128,
+        # SGD 0.1, momentum 0.9, wd 5e-4, lr x0.1 at epochs 75, 130 and 180.
+        "train_by_arch": {
+            "byot_resnet": {
+                "epochs": 200,
+                "batch_size": 128,
+                "weight_decay": 5e-4,
+                "milestones": [0.375, 0.65, 0.9],
+            }
+        },
     },
     "mini": {
         "description": "real CIFAR-10 subset, scaled-down models, minutes per cell on 2 CPU cores",
@@ -90,6 +102,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "ddnn_resnet": {"depths": [1, 2, 3], "width": 0.5},
             "switchable_precision_resnet": {"depth": 8, "width": 0.5},
             "saliency_vgg": {"depth": 11, "width_mult": 0.25},
+            "byot_resnet": {"depth": 18, "width": 0.125},
         },
         # A plain VGG sums four sub-models' gradients on its shared weights: at lr 0.05 it
         # learns slowly in 8 epochs (ipkd_ta 36-41% vs 39-49% at 0.02, real CIFAR-10 subset).
@@ -113,6 +126,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "ddnn_resnet": {"depths": [1, 2], "width": 0.25},
             "switchable_precision_resnet": {"depth": 8, "width": 0.25},
             "saliency_vgg": {"depth": 11, "width_mult": 0.125},
+            "byot_resnet": {"depth": 18, "width": 0.0625},
         },
         "train_by_arch": {"saliency_vgg": {"lr": 0.02}},  # as in mini
     },

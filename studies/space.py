@@ -49,6 +49,10 @@ SPACES: dict[str, dict[str, Dim]] = {
     "ekd": {"T": TEMPERATURE, "b": Dim(0.0, 2.0), "g": Dim(1.0, 1000.0, log=True)},
     "multi_teacher": {"T": TEMPERATURE, "b": Dim(0.0, 2.0)},
     "hsd": {"T": TEMPERATURE, "a": KD_WEIGHT},
+    # imta's KD term is ipkd's (a = IMTA's gamma); byot's hint weight g spans two decades
+    # around mmrazor's 0.03.
+    "imta": {"T": TEMPERATURE, "a": KD_WEIGHT},
+    "byot": {"T": TEMPERATURE, "a": KD_WEIGHT, "g": Dim(0.003, 0.3, log=True)},
 }
 
 NOT_SEARCHABLE = {"seed": "the seed is a grid axis, never a search dimension"}

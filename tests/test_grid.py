@@ -255,9 +255,13 @@ def test_shipped_configs_are_valid():
     from benchmark.grid.spec import estimate
 
     smoke = load_grid(REPO / "benchmark" / "configs" / "smoke.yaml")
-    # every arch x every method, minus hsd on the 4 archs without re-rankable channels
-    assert len(smoke.cells) == len(ARCHS.names()) * len(METHODS.names()) - 4
-    assert smoke.excluded == 4 and smoke.profile == "smoke"
+    # every arch x every method, minus hsd on the 5 archs without re-rankable channels, imta
+    # on the 5 that are not msdnet, byot on the 4 without exit features
+    assert len(smoke.cells) == len(ARCHS.names()) * len(METHODS.names()) - 14
+    assert smoke.excluded == 14 and smoke.profile == "smoke"
+    (imta,) = [c for c in smoke.cells if c.method == "imta"]
+    assert imta.arch == "msdnet" and imta.cfg["arch"]["ge"] and imta.cfg["arch"]["isc"]
+    assert not any(c.cfg["arch"].get("ge") for c in smoke.cells if c.method != "imta")
     assert {c.method for c in smoke.cells if c.arch != "saliency_vgg"} == set(METHODS.names()) - {
         "hsd"
     }
@@ -268,7 +272,7 @@ def test_shipped_configs_are_valid():
     if zip_path.exists():
         assert load_grid(mini).cells[0].cfg["data"]["name"] == f"imagefolder:{zip_path.resolve()}"
     paper = yaml.safe_load((REPO / "benchmark" / "configs" / "paper.yaml").read_text())
-    assert len(paper["archs"]) * len(paper["datasets"]) * len(paper["seeds"]) == 30
+    assert len(paper["archs"]) * len(paper["datasets"]) * len(paper["seeds"]) == 36
     with pytest.raises(ConfigError, match="cifar10 not found"):  # no CIFAR files here
         load_grid(REPO / "benchmark" / "configs" / "paper.yaml", {"data.root": "/nonexistent"})
 

@@ -18,8 +18,10 @@ def register_method(name: str):
 
 
 from benchmark.methods import (  # noqa: E402,F401
+    byot,
     ekd,
     hsd,
+    imta,
     independent,
     ipkd,
     ipkd_ta,
