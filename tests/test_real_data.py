@@ -30,17 +30,19 @@ pytestmark = [
         ("ddnn_resnet", "ekd"),
         ("switchable_precision_resnet", "multi_teacher"),
         ("saliency_vgg", "hsd"),
+        ("msdnet", "imta"),
+        ("byot_resnet", "byot"),
     ],
 )
 def test_family_learns_on_real_cifar10(arch, method, tracking_uri, tmp_path):
-    cfg = resolve(
-        arch,
-        f"imagefolder:{ZIP}",
-        method,
-        0,
-        "mini",
-        {"runtime.device": "cpu", "runtime.threads": 2, "runtime.workdir": str(tmp_path / "runs")},
-    )
+    sets = {
+        "runtime.device": "cpu",
+        "runtime.threads": 2,
+        "runtime.workdir": str(tmp_path / "runs"),
+    }
+    if method == "imta":  # IMTA = its KD loss on an MSDNet with GE and ISC
+        sets.update({"arch.ge": True, "arch.isc": True})
+    cfg = resolve(arch, f"imagefolder:{ZIP}", method, 0, "mini", sets)
     result = train_cell(cfg, tracking_uri=tracking_uri, experiment="real", progress=False)
     print(arch, method, [(r["name"], round(r["top1"], 1)) for r in result.rows])
     for row in result.rows:
