@@ -226,7 +226,9 @@ def resolve(
         if section == "train":  # an architecture's own schedule within the profile
             base = _merge(base, arch_spec.train.get(profile, {}), section)
         cfg[section] = _merge(base, sets[section], section)
-    arch_over = {**arch_spec.profiles.get(profile, {}), **sets["arch"]}
+    # profile sizes <- settings the method needs on this architecture <- the user's
+    needs = method_cls.ARCH_SETTINGS.get(arch, {})
+    arch_over = {**arch_spec.profiles.get(profile, {}), **needs, **sets["arch"]}
     cfg["arch"] = {"name": arch, **arch_spec.resolve(arch_over)}
     cfg["method"] = {"name": method, **method_cls.resolve(sets["method"])}
     cfg["data"] = {"name": dataset, **cfg["data"]}

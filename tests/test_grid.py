@@ -278,6 +278,9 @@ def test_shipped_configs_are_valid():
     assert {(c.arch, c.method) for c in smoke.cells} == {
         (a, m) for a in ARCHS.names() for m in METHODS.names()
     } - bad
+    (imta,) = [c for c in smoke.cells if c.method == "imta"]  # GE + ISC turned on by imta
+    assert imta.arch == "msdnet" and imta.cfg["arch"]["ge"] and imta.cfg["arch"]["isc"]
+    assert not any(c.cfg["arch"].get("ge") for c in smoke.cells if c.method != "imta")
     estimate(smoke)
     assert all(c.total_epochs >= 2 and c.gflops > 0 for c in smoke.cells)
     mini = REPO / "benchmark" / "configs" / "mini.yaml"

@@ -66,6 +66,7 @@ def ref_losses(method: str, T: float, a: float) -> list[float]:
         "ipkd_ta": lambda k: k + 1,
         "takd": lambda k: k + 1,
         "hsd": lambda k: k + 1,
+        "imta": lambda k: last,
     }[method]
     return [
         ce[k] if k == last else (1 - a) * ce[k] + a * ref_kd(z[k], z[teacher(k)], T)
@@ -142,7 +143,7 @@ def _feats(seed: int, shapes: list[tuple[int, ...]]) -> list:
 FEATS = _feats(7, [(4, 2, 3, 2), (4, 3, 2, 2)])
 
 
-@pytest.mark.parametrize("name", ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd"])
+@pytest.mark.parametrize("name", ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd", "imta"])
 @pytest.mark.parametrize("T,a", CASES)
 def test_loss_matches_hand_computed(name, T, a):
     got = run_losses(name, method_params(name, {"T": T, "a": a}), LOGITS, LABELS)

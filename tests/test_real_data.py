@@ -30,6 +30,8 @@ pytestmark = [
         ("ddnn_resnet", "ekd"),
         ("switchable_precision_resnet", "multi_teacher"),
         ("saliency_vgg", "hsd"),
+        ("msdnet", "imta"),
+        ("byot_resnet", "byot"),
     ],
 )
 def test_family_learns_on_real_cifar10(arch, method, tracking_uri, tmp_path):

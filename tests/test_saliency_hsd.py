@@ -311,7 +311,8 @@ def test_hsd_needs_rerankable_channels_and_other_methods_run_on_saliency_vgg(tmp
     )
     assert msg in str(err.value)
     over = {f"arch.{k}": v for k, v in TINY.items()}
-    for name in METHODS.names():
+    early_exit_only = {"imta", "byot"}  # need an MSDNet / exit features (tests/test_exits.py)
+    for name in sorted(set(METHODS.names()) - early_exit_only):
         assert (
             resolve("saliency_vgg", "synthetic", name, 0, "smoke", over)["method"]["name"] == name
         )

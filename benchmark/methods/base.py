@@ -115,6 +115,9 @@ class Method(nn.Module):
     """
 
     PARAMS: ClassVar[dict[str, ParamSpec]] = {}
+    # Architecture settings this method turns on where it trains that architecture (user
+    # --set arch.* still wins), e.g. imta: {"msdnet": {"ge": True, "isc": True}}.
+    ARCH_SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {}
     separate_networks: ClassVar[bool] = False
     uses_features: ClassVar[bool] = False
     param_lr_scale: ClassVar[float] = 1.0

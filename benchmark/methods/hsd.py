@@ -28,25 +28,11 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
-from benchmark.errors import ConfigError, IncompatibleError
+from benchmark.errors import IncompatibleError
 from benchmark.methods import register_method
 from benchmark.methods.base import EpochContext, ParamSpec, integer, kd_loss
 from benchmark.methods.ipkd_ta import IPKDTA
-from benchmark.models import ARCHS, build_model
-
-
-def rerankable_archs() -> list[str]:
-    """Registered architectures whose (default) model has re-rankable channels."""
-    names = []
-    for name in ARCHS.names():
-        try:
-            with torch.device("meta"):
-                model = build_model(name, ARCHS.get(name).resolve({}), 10, 32)
-        except ConfigError:
-            continue
-        if hasattr(model, "rerank"):
-            names.append(name)
-    return names
+from benchmark.models import archs_having
 
 
 def kd_saliency(
@@ -93,7 +79,7 @@ class HSD(IPKDTA):
         if not hasattr(model, "rerank"):
             raise IncompatibleError(
                 f"method hsd needs saliency-ranked channels; architecture {arch} has none; "
-                f"use {' or '.join(rerankable_archs())}"
+                f"use {' or '.join(archs_having('rerank'))}"
             )
 
     def epoch_end(self, ctx: EpochContext) -> dict[str, float]:

@@ -49,9 +49,14 @@ class ArchSpec:
             params["preset"] = preset
         unknown = sorted(set(overrides) - set(params))
         if unknown:
+            owners = [
+                f"{key} is a parameter of {', '.join(names)}"
+                for key in unknown
+                if (names := [n for n in ARCHS.names() if key in ARCHS.get(n).defaults])
+            ]
             raise ConfigError(
                 f"unknown parameter(s) {', '.join(unknown)} for arch {self.name}; "
-                f"valid: {', '.join(sorted(params))}"
+                f"valid: {', '.join(sorted(params))}" + "".join(f"; {o}" for o in owners)
             )
         params.update(overrides)
         return params
@@ -90,6 +95,31 @@ def build_model(
     return spec.build(num_classes=num_classes, image_size=image_size, **kwargs)
 
 
+def archs_having(attribute: str) -> list[str]:
+    """Registered architectures whose default model (built on the meta device, no memory) has a
+    true `attribute`, e.g. `exit_features`: for errors that name the architectures that fit."""
+    import torch
+
+    names = []
+    for name in ARCHS.names():
+        try:
+            with torch.device("meta"):
+                model = build_model(name, ARCHS.get(name).resolve({}), 10, 32)
+        except ConfigError:
+            continue
+        if getattr(model, attribute, False):
+            names.append(name)
+    return names
+
+
 discover(__name__, __path__)  # importing each module registers its architecture
 
-__all__ = ["ARCHS", "ArchSpec", "FlexibleModel", "IndependentModel", "SubModel", "build_model"]
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "FlexibleModel",
+    "IndependentModel",
+    "SubModel",
+    "archs_having",
+    "build_model",
+]

@@ -34,6 +34,9 @@ class FlexibleModel(nn.Module):
     # Sub-models are exits of one trunk, so one input can stop at the first confident exit
     # (budgeted-batch evaluation applies).
     early_exit: bool = False
+    # Every exit's feature list starts with its pooled exit feature, (B, C, 1, 1) with the same
+    # C for all exits (what its classifier reads; feature hints such as byot's compare them).
+    exit_features: bool = False
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
         """Logits of sub-model k alone."""

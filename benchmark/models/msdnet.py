@@ -6,6 +6,12 @@ match its op counter. One deliberate note on initialisation: the reference defin
 initialiser but applies it only to the direct children of each block (never to a Conv2d,
 BatchNorm2d or Linear), so its networks train from PyTorch's default initialisation; we do the
 same instead of the initialiser it never ran.
+
+IMTA (Li et al., "Improved Techniques for Training Adaptive Deep Networks", ICCV 2019; code
+kalviny/IMTA) adds two switchable parts: `ge` (gradient equilibrium, see `MSDNet._run`) and `isc`
+(inline subnetwork collaboration: exit i's linear classifier also reads exit i-1's logits through
+Linear -> BatchNorm1d -> ReLU of width head_channels, 128 in the reference CIFAR setting; exit i
+then needs every earlier head, so its cost includes them and the ISC transforms).
 """
 
 from __future__ import annotations
@@ -135,19 +141,50 @@ class _Transition(nn.Module):
 
 
 class _Head(nn.Module):
-    """CIFAR exit: two stride-2 3x3 ConvBNReLU (head_channels), AvgPool(2), Linear."""
+    """CIFAR exit: two stride-2 3x3 ConvBNReLU (head_channels), AvgPool(2), Linear.
 
-    def __init__(self, n_in: int, head_channels: int, num_classes: int):
+    With ISC (`side_width` > 0) the linear layer also reads a side input of that width (the
+    projected prediction of the previous exit), concatenated after the pooled features."""
+
+    def __init__(self, n_in: int, head_channels: int, num_classes: int, side_width: int = 0):
         super().__init__()
         self.features = nn.Sequential(
             _conv_bn_relu(n_in, head_channels, 3, 2),
             _conv_bn_relu(head_channels, head_channels, 3, 2),
             nn.AvgPool2d(2),
         )
-        self.linear = nn.Linear(head_channels, num_classes)
+        self.linear = nn.Linear(head_channels + side_width, num_classes)
 
-    def forward(self, xs: list[Tensor]) -> Tensor:
-        return self.linear(self.features(xs[-1]).flatten(1))
+    def forward(self, coarse: Tensor, side: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) coarsest-scale map -> logits (B, classes) and the pooled exit feature
+        (B, head_channels, 1, 1) that the linear layer reads."""
+        feat = self.features(coarse)
+        flat = feat.flatten(1)
+        if side is not None:
+            flat = torch.cat([flat, side], dim=1)
+        return self.linear(flat), feat
+
+
+class _GradientRescale(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by `factor` (IMTA's gradient
+    equilibrium, kalviny/IMTA `models/msdnet_ge.py`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def _isc_projection(num_classes: int, width: int) -> nn.Sequential:
+    """ISC transform of the previous exit's logits: Linear -> BatchNorm1d -> ReLU (IMTA code,
+    `models/msdnet_imta.py`; width 128 = the CIFAR exit width there)."""
+    return nn.Sequential(
+        nn.Linear(num_classes, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)
+    )
 
 
 def block_steps(n_blocks: int, base: int, step: int, step_mode: str) -> list[int]:
@@ -156,8 +193,12 @@ def block_steps(n_blocks: int, base: int, step: int, step_mode: str) -> list[int
 
 
 class MSDNet(FlexibleModel):
+    """CIFAR MSDNet; `ge` and `isc` switch on IMTA's gradient equilibrium and inline subnetwork
+    collaboration (Li et al., ICCV 2019), each on its own (see `_run`)."""
+
     single_pass = True
     early_exit = True
+    exit_features = True
 
     def __init__(
         self,
@@ -174,8 +215,11 @@ class MSDNet(FlexibleModel):
         reduction: float,
         bottleneck: bool,
         head_channels: int,
+        ge: bool = False,
+        isc: bool = False,
     ):
         super().__init__()
+        self.ge, self.isc = ge, isc
         gr, bn = list(gr_factor), list(bn_factor)
         n_scales = len(gr)
         steps = block_steps(n_blocks, base, step, step_mode)
@@ -198,19 +242,43 @@ class MSDNet(FlexibleModel):
                     mods.append(_Transition(n_in, n_out, out_scales, n_scales - out_scales, gr))
                     n_in = n_out
             self.blocks.append(nn.Sequential(*mods))
-            self.heads.append(_Head(n_in * gr[-1], head_channels, num_classes))
+            side = head_channels if isc and b > 0 else 0
+            self.heads.append(_Head(n_in * gr[-1], head_channels, num_classes, side))
+        # ISC module i projects exit i's logits into exit i+1's classifier.
+        self.isc_modules = nn.ModuleList(
+            _isc_projection(num_classes, head_channels) for _ in range(n_blocks - 1) if isc
+        )
         self.submodels = [SubModel(i, f"exit{i + 1}") for i in range(n_blocks)]
 
     def _run(
         self, x: Tensor, upto: int, heads: set[int], features: bool = False
     ) -> dict[int, Tensor | tuple[Tensor, list[Tensor]]]:
+        """Trunk blocks 0..upto and the exit heads in `heads` (with ISC, every head up to the
+        deepest requested one: exit i reads exit i-1's prediction).
+
+        GE (kalviny/IMTA `msdnet_ge.py`): the coarsest-scale output of block i, the map exit i
+        reads and the only path from block i's coarsest scale to deeper blocks, gets two
+        identity rescales, 1/(K-i) before the exit and K-i-1 after it, so its gradient is
+        (g_exit_i + (K-i-1) g_deeper) / (K-i). Telescoped over the blocks, the gradient at that
+        map equals the plain gradient of the sum of the K-i losses that depend on it divided by
+        K-i: their average. Finer scales are not rescaled (as in the reference).
+
+        Features of exit i: [pooled exit feature (B, head_channels, 1, 1), coarsest map]."""
+        if self.isc:
+            heads = set(range(max(heads) + 1))
         out: dict[int, Tensor | tuple[Tensor, list[Tensor]]] = {}
-        h = x
+        h, prev, n = x, None, len(self.blocks)
         for i in range(upto + 1):
-            h = self.blocks[i](h)
+            h = list(self.blocks[i](h))
+            if self.ge:
+                h[-1] = _GradientRescale.apply(h[-1], 1.0 / (n - i))
             if i in heads:
-                # The feature of an exit is the coarsest-scale map its classifier reads.
-                out[i] = (self.heads[i](h), [h[-1]]) if features else self.heads[i](h)
+                side = self.isc_modules[i - 1](prev) if self.isc and i > 0 else None
+                z, feat = self.heads[i](h[-1], side)
+                prev = z
+                out[i] = (z, [feat, h[-1]]) if features else z
+            if self.ge and i < upto:
+                h[-1] = _GradientRescale.apply(h[-1], float(n - i - 1))
         return out
 
     def forward_all(self, x: Tensor, which: list[int] | None = None) -> list[Tensor]:
@@ -252,6 +320,8 @@ BUDGETED = {"n_blocks": 5, "step_mode": "lin_grow", "step": 1, "base": 1}
         "reduction": 0.5,
         "bottleneck": True,
         "head_channels": 128,
+        "ge": False,
+        "isc": False,
     },
     profiles={
         "smoke": {
@@ -282,6 +352,9 @@ def build_msdnet(num_classes: int, image_size: int, **p) -> MSDNet:
             raise ConfigError(f"msdnet {key} must be an integer >= 1, got {p[key]!r}")
     if len(p["gr_factor"]) != len(p["bn_factor"]) or not p["gr_factor"]:
         raise ConfigError("msdnet gr_factor and bn_factor must be non-empty and of equal length")
+    for key in ("ge", "isc"):
+        if not isinstance(p[key], bool):
+            raise ConfigError(f"msdnet {key} must be true or false, got {p[key]!r}")
     if not 0 <= p["reduction"] < 1:
         raise ConfigError(f"msdnet reduction must be in [0, 1), got {p['reduction']}")
     coarsest = image_size // 2 ** (len(p["gr_factor"]) - 1)
