@@ -209,7 +209,8 @@ def cache_key(path: Path, index: Index, listing: dict[str, str], size: int) -> s
 
 def train_size(arg: str | None, cfg: dict[str, Any]) -> int:
     """Images under train/ (from the file index, nothing decoded)."""
-    return sum(len(v) for v in _index(Path(arg).expanduser())["train"].values())
+    path = Path(arg).expanduser()
+    return sum(len(v) for v in _index(path, list(_listing(path)))["train"].values())
 
 
 def load(arg: str | None, cfg: dict[str, Any]) -> ImageData:
