@@ -17,6 +17,7 @@ then needs every earlier head, so its cost includes them and the ISC transforms)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -192,6 +193,27 @@ def block_steps(n_blocks: int, base: int, step: int, step_mode: str) -> list[int
     return [base] + [step if step_mode == "even" else step * i + 1 for i in range(1, n_blocks)]
 
 
+@dataclass(frozen=True)
+class MSDNetConfig:
+    """The knobs of a CIFAR MSDNet, named as in the reference code's arguments (kalviny/
+    MSDNet-PyTorch `args`: nBlocks, base, step, stepmode, nChannels, growthRate, grFactor,
+    bnFactor, reduction, bottleneck) plus the exit heads' width and IMTA's two options."""
+
+    n_blocks: int
+    base: int
+    step: int
+    step_mode: str
+    n_channels: int
+    growth_rate: int
+    gr_factor: list[int]
+    bn_factor: list[int]
+    reduction: float
+    bottleneck: bool
+    head_channels: int
+    ge: bool = False
+    isc: bool = False
+
+
 class MSDNet(FlexibleModel):
     """CIFAR MSDNet; `ge` and `isc` switch on IMTA's gradient equilibrium and inline subnetwork
     collaboration (Li et al., ICCV 2019), each on its own (see `_run`)."""
@@ -200,29 +222,15 @@ class MSDNet(FlexibleModel):
     early_exit = True
     exit_features = True
 
-    def __init__(
-        self,
-        num_classes: int,
-        image_size: int,
-        n_blocks: int,
-        base: int,
-        step: int,
-        step_mode: str,
-        n_channels: int,
-        growth_rate: int,
-        gr_factor: list[int],
-        bn_factor: list[int],
-        reduction: float,
-        bottleneck: bool,
-        head_channels: int,
-        ge: bool = False,
-        isc: bool = False,
-    ):
+    def __init__(self, num_classes: int, c: MSDNetConfig):
         super().__init__()
-        self.ge, self.isc = ge, isc
-        gr, bn = list(gr_factor), list(bn_factor)
+        n_blocks, growth_rate, reduction = c.n_blocks, c.growth_rate, c.reduction
+        bottleneck, head_channels, n_channels = c.bottleneck, c.head_channels, c.n_channels
+        isc = c.isc
+        self.ge, self.isc = c.ge, c.isc
+        gr, bn = list(c.gr_factor), list(c.bn_factor)
         n_scales = len(gr)
-        steps = block_steps(n_blocks, base, step, step_mode)
+        steps = block_steps(n_blocks, c.base, c.step, c.step_mode)
         n_layers_all = sum(steps)
         interval = math.ceil(n_layers_all / n_scales)
         self.steps = steps
@@ -363,4 +371,4 @@ def build_msdnet(num_classes: int, image_size: int, **p) -> MSDNet:
             f"msdnet with {len(p['gr_factor'])} scales needs images of at least "
             f"{8 * 2 ** (len(p['gr_factor']) - 1)} px for its CIFAR exit heads, got {image_size}"
         )
-    return MSDNet(num_classes=num_classes, image_size=image_size, **p)
+    return MSDNet(num_classes, MSDNetConfig(**p))
