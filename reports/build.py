@@ -192,12 +192,13 @@ def panel_figures(r: Report, styles: dict) -> dict[tuple, list[figs.Figure]]:
             c_panel["run_id"].tolist(),
             (*(sf.VAL_PREFIX + s for s in subs), *sf.BUDGETED),
         )
+        ctx = figs.PanelPlot(t.panel, order, styles, base, out)
         made = [
-            figs.acc_vs_cost(s_panel, t.panel, order, styles, base, out),
-            figs.gain(sel(pairs), s_panel, t.panel, order, styles, base, out),
-            figs.curves(h_panel, c_panel, t.panel, order, styles, base, out),
-            sf.submodel_curves(spread, c_panel, subs, t.panel, styles, order, out),
-            sf.budgeted_curves(spread, c_panel, t.panel, styles, order, out),
+            figs.acc_vs_cost(s_panel, ctx),
+            figs.gain(sel(pairs), s_panel, ctx),
+            figs.curves(h_panel, c_panel, ctx),
+            sf.submodel_curves(spread, c_panel, subs, ctx),
+            sf.budgeted_curves(spread, c_panel, ctx),
         ]
         figures[t.panel] = [f for f in made if f is not None]
     return figures

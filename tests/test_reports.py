@@ -604,11 +604,12 @@ def test_bitwidth_figures_draw_gbitops(mixed, monkeypatch, tmp_path):
     drawn = []  # the axes of each figure, taken where it would be saved
     monkeypatch.setattr(figures, "save", lambda fig, out, stem: drawn.append(fig.axes[0]) or [])
     args = (mixed.order, method_styles(mixed.order), "joint", tmp_path)
+    bit, msd = figures.PanelPlot(BIT_PANEL, *args), figures.PanelPlot(MSD_PANEL, *args)
     s, p = _panel(mixed.summary, BIT_ARCH), _panel(mixed.pairs, BIT_ARCH)
-    f = figures.acc_vs_cost(s, BIT_PANEL, *args)
+    f = figures.acc_vs_cost(s, bit)
     assert f.title.startswith("Accuracy vs GBitOps") and "GBitOps (billions" in f.caption
-    figures.gain(p, s, BIT_PANEL, *args)
-    figures.acc_vs_cost(_panel(mixed.summary, ARCH), MSD_PANEL, *args)
+    figures.gain(p, s, bit)
+    figures.acc_vs_cost(_panel(mixed.summary, ARCH), msd)
     acc, gain, msd = drawn
     assert acc.get_xlabel() == "GBitOps per image" and acc.get_xscale() == "log"
     for line in acc.get_lines()[:2]:  # one line per method, dodged sideways by < 2%
@@ -645,6 +646,7 @@ def test_tables_name_each_panels_cost(mixed):
 def test_learning_and_budgeted_curves_show_the_seed_band(report, monkeypatch, tmp_path):
     """val/top1/<sub> = 40 + epoch + 10 x index + 2 x seed; budgeted/top1 = 50 + 5q + seed."""
     from reports import spread_figures as sf
+    from reports.figures import PanelPlot
     from reports.load import histories
     from reports.style import method_styles
 
@@ -661,8 +663,9 @@ def test_learning_and_budgeted_curves_show_the_seed_band(report, monkeypatch, tm
     monkeypatch.setattr(sf, "save", lambda fig, out, stem: drawn.append(fig) or [])
     styles, order = method_styles(report.order), report.order
     panel = (ARCH, DATASET, PROFILE)
-    sf.submodel_curves(hist, joint, SUBS, panel, styles, order, tmp_path)
-    sf.budgeted_curves(hist, joint, panel, styles, order, tmp_path)
+    ctx = PanelPlot(panel, order, styles, None, tmp_path)
+    sf.submodel_curves(hist, joint, SUBS, ctx)
+    sf.budgeted_curves(hist, joint, ctx)
     curves, budget = drawn
     ax = next(a for a in curves.axes if a.get_title() == "exit2")
     (line,) = ax.get_lines()
