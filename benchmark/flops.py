@@ -203,16 +203,3 @@ def latency_profile(
         device=str(device),
         threads=used_threads,
     )
-
-
-def measure_latency(
-    model: FlexibleModel,
-    image_size: int,
-    device: torch.device,
-    batch: int = 1,
-    warmup: int = 10,
-    repeats: int = 50,
-) -> list[float]:
-    """Median latency (ms) of each sub-model: `latency_profile(...).median_ms` (on CPU with 1
-    thread)."""
-    return latency_profile(model, image_size, device, batch, warmup, repeats).median_ms

@@ -521,15 +521,7 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
     with _locked(sdir):
         running = _replace_broken(sdir, _running(sdir), echo)
         if running is not None:
-            running.already_running = True
-            asked = (host, int(opts.port), opts.auth)
-            if asked != (running.host, running.port, running.auth):
-                running.warnings.append(
-                    f"a server is already running for {data_dir} (host {running.host}, port "
-                    f"{running.port}, auth {'on' if running.auth else 'off'}); the new settings "
-                    f"were not applied: `flexbench server stop` first to change them"
-                )
-            return running
+            return _report_running(running, opts, host, data_dir)
 
         artifacts = (
             Path(opts.artifacts).expanduser().absolute()
@@ -544,31 +536,10 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
         if problem:
             raise ServerError(f"{problem}; choose another with --port")
 
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-        env["MLFLOW_BACKEND_STORE_URI"] = backend  # in the environment, not on the command line
-        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", host.strip("[]"),
-            "--port", str(int(opts.port)),
-            "--workers", str(int(opts.workers)),
-            "--serve-artifacts",
-            "--artifacts-destination", str(artifacts),
-        ]  # fmt: skip
-        if opts.allowed_hosts:
-            argv += ["--allowed-hosts", opts.allowed_hosts]
-        if opts.cors_allowed_origins:
-            argv += ["--cors-allowed-origins", opts.cors_allowed_origins]
+        argv, env = _server_command(opts, host, artifacts, backend)
         if opts.auth:
             argv += ["--app-name", "basic-auth"]
-            env["MLFLOW_AUTH_CONFIG_PATH"] = str(
-                _write_auth_config(sdir, data_dir, opts.admin_username, opts.auth_cache_seconds)
-            )
-            env["MLFLOW_AUTH_ADMIN_USERNAME"] = opts.admin_username
-            env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password  # only the server's environment
-            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret_key(sdir)
+            env.update(_auth_env(opts, sdir, data_dir, password))
         else:
             env.pop("MLFLOW_AUTH_ADMIN_PASSWORD", None)
 
@@ -576,25 +547,7 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
         url = f"http://{_url_host(host)}:{int(opts.port)}"
         echo(f"starting MLflow server on {host}:{opts.port} (log: {log})")
         t0 = time.monotonic()
-        with open(log, "ab") as logfh:
-            logfh.write(f"\n=== flexbench server start {time.ctime()} ===\n".encode())
-            logfh.flush()
-            proc = subprocess.Popen(
-                argv,
-                cwd=data_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=logfh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: stop kills the whole tree
-            )
-        try:
-            _wait_ready(proc, url, log, opts.timeout)
-        except BaseException:
-            _kill_group(proc.pid, proc.pid, grace=5)
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=1)
-            raise
+        proc = _spawn_ready(argv, env, data_dir, log, url, opts.timeout)
         info = ServerInfo(
             pid=proc.pid,
             create_time=_psutil().Process(proc.pid).create_time(),
@@ -611,12 +564,100 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
             start_seconds=round(time.monotonic() - t0, 2),
             warnings=warnings,
         )
-        record = asdict(info)
-        for transient in ("already_running", "warnings", "orphans"):
-            record.pop(transient)
-        (sdir / "state.json").write_text(json.dumps(record, indent=2) + "\n")
-        (sdir / "server.pid").write_text(f"{proc.pid}\n")
+        _write_state(sdir, info)
         return info
+
+
+def _report_running(
+    running: ServerInfo, opts: ServerOptions, host: str, data_dir: Path
+) -> ServerInfo:
+    """A server already runs for this data directory: report it, and warn when the flags
+    asked for different settings (they are not applied to a running server)."""
+    running.already_running = True
+    asked = (host, int(opts.port), opts.auth)
+    if asked != (running.host, running.port, running.auth):
+        running.warnings.append(
+            f"a server is already running for {data_dir} (host {running.host}, port "
+            f"{running.port}, auth {'on' if running.auth else 'off'}); the new settings "
+            f"were not applied: `flexbench server stop` first to change them"
+        )
+    return running
+
+
+def _server_command(
+    opts: ServerOptions, host: str, artifacts: Path, backend: str
+) -> tuple[list[str], dict[str, str]]:
+    """`mlflow server`'s command line and environment; the backend URI (which may hold a
+    password) goes in the environment, not on the command line where `ps` shows it."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env["MLFLOW_BACKEND_STORE_URI"] = backend  # in the environment, not on the command line
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env["PYTHONUNBUFFERED"] = "1"
+    argv = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", host.strip("[]"),
+        "--port", str(int(opts.port)),
+        "--workers", str(int(opts.workers)),
+        "--serve-artifacts",
+        "--artifacts-destination", str(artifacts),
+    ]  # fmt: skip
+    if opts.allowed_hosts:
+        argv += ["--allowed-hosts", opts.allowed_hosts]
+    if opts.cors_allowed_origins:
+        argv += ["--cors-allowed-origins", opts.cors_allowed_origins]
+    return argv, env
+
+
+def _auth_env(
+    opts: ServerOptions, sdir: Path, data_dir: Path, password: str | None
+) -> dict[str, str]:
+    """The basic-auth app's settings; the admin password only ever in the server's
+    environment."""
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(
+            _write_auth_config(sdir, data_dir, opts.admin_username, opts.auth_cache_seconds)
+        ),
+        "MLFLOW_AUTH_ADMIN_USERNAME": opts.admin_username,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,  # only the server's environment
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret_key(sdir),
+    }
+
+
+def _spawn_ready(
+    argv: list[str], env: dict[str, str], data_dir: Path, log: Path, url: str, timeout: float
+) -> subprocess.Popen:
+    """Start the server in its own process group (so stop ends the whole tree), output to
+    the log, and wait for /health; on any failure the group is killed before re-raising."""
+    with open(log, "ab") as logfh:
+        logfh.write(f"\n=== flexbench server start {time.ctime()} ===\n".encode())
+        logfh.flush()
+        proc = subprocess.Popen(
+            argv,
+            cwd=data_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=logfh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop kills the whole tree
+        )
+    try:
+        _wait_ready(proc, url, log, timeout)
+    except BaseException:
+        _kill_group(proc.pid, proc.pid, grace=5)
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=1)
+        raise
+    return proc
+
+
+def _write_state(sdir: Path, info: ServerInfo) -> None:
+    """state.json (without the per-call fields) and server.pid, which status/stop read."""
+    record = asdict(info)
+    for transient in ("already_running", "warnings", "orphans"):
+        record.pop(transient)
+    (sdir / "state.json").write_text(json.dumps(record, indent=2) + "\n")
+    (sdir / "server.pid").write_text(f"{info.pid}\n")
 
 
 def _replace_broken(sdir: Path, running: ServerInfo | None, echo) -> ServerInfo | None:

@@ -204,12 +204,13 @@ def panel_figures(r: Report, styles: dict) -> dict[tuple, list[figs.Figure]]:
             c_panel["run_id"].tolist(),
             (*(sf.VAL_PREFIX + s for s in subs), *sf.BUDGETED),
         )
+        ctx = figs.PanelPlot(t.panel, order, styles, base, out)
         made = [
-            figs.acc_vs_cost(s_panel, t.panel, order, styles, base, out),
-            figs.gain(sel(pairs), s_panel, t.panel, order, styles, base, out),
-            figs.curves(h_panel, c_panel, t.panel, order, styles, base, out),
-            sf.submodel_curves(spread, c_panel, subs, t.panel, styles, order, out),
-            sf.budgeted_curves(spread, c_panel, t.panel, styles, order, out),
+            figs.acc_vs_cost(s_panel, ctx),
+            figs.gain(sel(pairs), s_panel, ctx),
+            figs.curves(h_panel, c_panel, ctx),
+            sf.submodel_curves(spread, c_panel, subs, ctx),
+            sf.budgeted_curves(spread, c_panel, ctx),
         ]
         figures[t.panel] = [f for f in made if f is not None]
     return figures
@@ -225,23 +226,31 @@ def add_rankings(r: Report, styles: dict) -> None:
     r.separation = rk.separation(r.scores, r.summary)
 
 
+@dataclass
+class ReportOptions:
+    """`flexbench report`'s choices besides the experiment and the store; the defaults are
+    the CLI's."""
+
+    out: Path | str | None = None  # None: ./report-<experiment>
+    baseline: str | None = None  # None: joint when it has finished cells
+    formats: set[str] | str = "md,html,tex,csv"
+    references_dir: Path | None = None  # None: the reference files shipped with flexbench
+    studies: list | None = None  # Optuna studies whose figures the report adds
+    log_to_mlflow: bool = True
+
+
 def build_report(
-    experiment: str,
-    tracking_uri: str | None = None,
-    out: Path | str | None = None,
-    baseline: str | None = None,
-    formats: set[str] | str = "md,html,tex,csv",
-    references_dir: Path | None = None,
-    studies: list | None = None,
-    log_to_mlflow: bool = True,
+    experiment: str, tracking_uri: str | None = None, opts: ReportOptions | None = None
 ) -> Report:
     """Everything `flexbench report` writes; see the module docstring."""
     t0 = time.perf_counter()
+    opts = opts or ReportOptions()
+    formats, baseline = opts.formats, opts.baseline
     if isinstance(formats, str):
         formats = parse_formats(formats)
-    refs = load_references(references_dir)  # a broken reference file fails before any work
+    refs = load_references(opts.references_dir)  # a broken reference file fails before any work
     exp = load_experiment(experiment, tracking_uri)
-    out = Path(out) if out else Path(f"report-{tb.panel_slug((experiment,))}")
+    out = Path(opts.out) if opts.out else Path(f"report-{tb.panel_slug((experiment,))}")
     _prepare_out(out)
 
     finished_methods = sorted(exp.tidy["method"].unique()) if not exp.tidy.empty else []
@@ -277,21 +286,27 @@ def build_report(
     report.figures = panel_figures(report, styles)
     add_rankings(report, styles)
     report.notes += _notes(report, baseline)
-    if studies:
-        from reports.optuna_plots import study_figures
-
-        for study in studies:
-            made, skipped = study_figures(study, out)
-            report.study_figures += made
-            report.notes += skipped
+    if opts.studies:
+        _add_study_figures(report, opts.studies)
 
     from reports import page  # rendering last: it only reads the Report
 
     report.files = page.write(report, formats)
     report.seconds = time.perf_counter() - t0
-    if log_to_mlflow:
+    if opts.log_to_mlflow:
         report.run_id = log_report(report)
     return report
+
+
+def _add_study_figures(report: Report, studies: list) -> None:
+    """Optuna's history / importance / contour figures of each study; a figure Optuna cannot
+    draw (too few trials) becomes a note instead."""
+    from reports.optuna_plots import study_figures
+
+    for study in studies:
+        made, skipped = study_figures(study, report.out)
+        report.study_figures += made
+        report.notes += skipped
 
 
 def _notes(r: Report, requested: str | None) -> list[str]:

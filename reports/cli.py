@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reports.build import build_report, parse_formats
+    from reports.build import ReportOptions, build_report, parse_formats
 
     formats = parse_formats(args.formats)
     studies = None
@@ -20,9 +20,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from benchmark.errors import ConfigError
 
         raise ConfigError("--study needs --optuna-storage")
-    r = build_report(
-        args.experiment,
-        tracking_uri=args.tracking_uri,
+    opts = ReportOptions(
         out=Path(args.out) if args.out else None,
         baseline=args.baseline,
         formats=formats,
@@ -30,6 +28,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         studies=studies,
         log_to_mlflow=not args.no_log,
     )
+    r = build_report(args.experiment, tracking_uri=args.tracking_uri, opts=opts)
     n_fig = sum(len(f) for f in r.figures.values()) + len(r.study_figures)
     main = r.out / ("index.html" if "html" in formats else "report.md" if "md" in formats else "")
     print(

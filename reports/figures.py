@@ -37,6 +37,19 @@ class Figure:
     files: list[Path] = field(default_factory=list)
 
 
+@dataclass
+class PanelPlot:
+    """What every figure of one panel shares: the panel, the methods in legend order with
+    their colours and markers, the baseline (named in legends and gains) and the report
+    folder the files go to."""
+
+    panel: tuple[str, str, str]
+    order: list[str]
+    styles: dict
+    baseline: str | None
+    out: Path
+
+
 def save(fig, out: Path, stem: str) -> list[Path]:
     """Write `stem`.png and `stem`.pdf under `out`; close the figure."""
     files = []
@@ -54,16 +67,10 @@ def _legend_label(method: str, n: int, baseline: str | None) -> str:
     return f"{method}{base}, n={n}"
 
 
-def acc_vs_cost(
-    summary: pd.DataFrame,
-    panel: tuple[str, str, str],
-    order: list[str],
-    styles: dict,
-    baseline: str | None,
-    out: Path,
-) -> Figure | None:
+def acc_vs_cost(summary: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
     """Mean test top-1 vs the panel's cost per sub-model, one line per method, ±1 std bars.
     The file stem names the cost: `acc_vs_mflops_<panel>` or `acc_vs_gbitops_<panel>`."""
+    panel, order, styles, baseline, out = ctx.panel, ctx.order, ctx.styles, ctx.baseline, ctx.out
     g = summary[summary["cost"].notna()]
     if g.empty:
         return None
@@ -119,16 +126,9 @@ def acc_vs_cost(
     return Figure(stem, f"Accuracy vs {unit} — {panel_title(panel)}", cap, files)
 
 
-def gain(
-    pairs: pd.DataFrame,
-    summary: pd.DataFrame,
-    panel: tuple[str, str, str],
-    order: list[str],
-    styles: dict,
-    baseline: str | None,
-    out: Path,
-) -> Figure | None:
+def gain(pairs: pd.DataFrame, summary: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
     """Paired gain in top-1 over the baseline per sub-model (and the summaries), 95% CI bars."""
+    panel, order, styles, baseline, out = ctx.panel, ctx.order, ctx.styles, ctx.baseline, ctx.out
     if baseline is None or pairs.empty:
         return None
     methods = [m for m in order if m in set(pairs["method"]) and m != baseline]
@@ -193,16 +193,9 @@ def gain(
     return Figure(stem, f"Gain over {baseline} — {panel_title(panel)}", cap, files)
 
 
-def curves(
-    hist: pd.DataFrame,
-    cells: pd.DataFrame,
-    panel: tuple[str, str, str],
-    order: list[str],
-    styles: dict,
-    baseline: str | None,
-    out: Path,
-) -> Figure | None:
+def curves(hist: pd.DataFrame, cells: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
     """Validation top-1 (mean over sub-models) and training loss per epoch, mean ± std band."""
+    panel, order, styles, baseline, out = ctx.panel, ctx.order, ctx.styles, ctx.baseline, ctx.out
     if hist.empty:
         return None
     h = hist.merge(cells[["run_id", "method", "seed"]], on="run_id")

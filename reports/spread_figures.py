@@ -8,13 +8,12 @@ finished cells; the band is drawn wherever at least two seeds have a value.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from reports.figures import Figure, _every, _legend_label, plt, save
+from reports.figures import Figure, PanelPlot, _every, _legend_label, plt, save
 from reports.style import COLUMN_WIDTH, PAGE_WIDTH, RC
 from reports.tables import panel_slug, panel_title
 
@@ -38,16 +37,11 @@ def _draw(ax, x, g: pd.DataFrame, style: dict, label: str | None) -> None:
 
 
 def submodel_curves(
-    hist: pd.DataFrame,
-    cells: pd.DataFrame,
-    subs: list[str],
-    panel: tuple[str, str, str],
-    styles: dict,
-    order: list[str],
-    out: Path,
+    hist: pd.DataFrame, cells: pd.DataFrame, subs: list[str], ctx: PanelPlot
 ) -> Figure | None:
     """Validation top-1 per epoch, one small plot per sub-model (smallest first), one line per
     method: mean over seeds, band ±1 std. `hist` holds `val/top1/<sub>` histories."""
+    panel, order, styles, out = ctx.panel, ctx.order, ctx.styles, ctx.out
     h = hist[hist["key"].str.startswith(VAL_PREFIX)].merge(
         cells[["run_id", "method", "seed"]], on="run_id"
     )
@@ -95,16 +89,10 @@ def submodel_curves(
     return Figure(stem, f"Validation top-1 per sub-model — {panel_title(panel)}", cap, files)
 
 
-def budgeted_curves(
-    hist: pd.DataFrame,
-    cells: pd.DataFrame,
-    panel: tuple[str, str, str],
-    styles: dict,
-    order: list[str],
-    out: Path,
-) -> Figure | None:
+def budgeted_curves(hist: pd.DataFrame, cells: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
     """Budgeted-batch test top-1 vs expected MFLOPs per image, one line per method: per exit
     distribution (the history's step), mean over seeds of both, band ±1 std of top-1."""
+    panel, order, styles, out = ctx.panel, ctx.order, ctx.styles, ctx.out
     h = hist[hist["key"].isin(BUDGETED)].merge(cells[["run_id", "method", "seed"]], on="run_id")
     if h.empty:
         return None

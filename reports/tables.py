@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html as _html
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -175,13 +176,7 @@ def markdown(t: ResultTable) -> str:
     for m in t.methods:
         row = [m + (" (baseline)" if m == t.baseline else ""), str(t.n[m])]
         for k in t.keys:
-            c = t.cells.get((m, k))
-            v = _value(c)
-            if c is not None and c.bold:
-                v = f"**{v}**"
-            if c is not None and c.mark:
-                v += "\\*" * len(c.mark)
-            row.append(v)
+            row.append(_marked(t.cells.get((m, k)), "md"))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -234,18 +229,32 @@ def latex(t: ResultTable) -> str:
     for i, m in enumerate(t.methods):
         cells = []
         for k in t.keys:
-            c = t.cells.get((m, k))
-            v = tex_escape(_value(c))
-            if c is not None and c.bold:
-                v = f"\\textbf{{{v}}}"
-            if c is not None and c.mark:
-                v += f"$^{{{c.mark}}}$"
-            cells.append(v)
+            cells.append(_marked(t.cells.get((m, k)), "tex"))
         out.append(f"{tex_escape(m)} & {t.n[m]} & " + " & ".join(cells) + " \\\\")
         if i == 0 and m == t.baseline and len(t.methods) > 1:
             out.append("\\midrule")
     out += ["\\bottomrule", "\\end{tabular}", f"\\end{{{env}}}", ""]
     return "\n".join(out)
+
+
+# per format: escape, bold (the best mean of a column), significance mark (* / **)
+_MARKUP: dict[str, tuple[Callable[[str], str], str, str]] = {
+    "md": (lambda s: s.replace("*", "\\*"), "**{}**", "{}"),
+    "tex": (tex_escape, "\\textbf{{{}}}", "$^{{{}}}$"),
+    "html": (_html.escape, "<b>{}</b>", "<sup>{}</sup>"),
+}
+
+
+def _marked(c: Cell | None, fmt: str) -> str:
+    """A result cell's text in one markup, so that every format bolds and marks the same
+    cells the same way."""
+    esc, bold, sup = _MARKUP[fmt]
+    v = esc(_value(c))
+    if c is not None and c.bold:
+        v = bold.format(v)
+    if c is not None and c.mark:
+        v += sup.format(esc(c.mark))
+    return v
 
 
 def html(t: ResultTable) -> str:
@@ -259,11 +268,7 @@ def html(t: ResultTable) -> str:
         tds = []
         for k in t.keys:
             c = t.cells.get((m, k))
-            v = e(_value(c))
-            if c is not None and c.bold:
-                v = f"<b>{v}</b>"
-            if c is not None and c.mark:
-                v += f"<sup>{e(c.mark)}</sup>"
+            v = _marked(c, "html")
             title = ""
             if c is not None and not math.isnan(c.diff):
                 title = f" title='vs {e(str(t.baseline))}: {c.diff:+.2f}, p = {fmt_p(c.p)}'"

@@ -50,6 +50,23 @@ class PILDataset(Dataset):
         return self.tf(Image.fromarray(self.x[i])), self.y[i]
 
 
+def images_per_s(train_step, batches, device, steps: int, warmup: int, finish=None) -> float:
+    """Images/s of `train_step(i, xb, yb)` over `steps` batches after `warmup` untimed ones,
+    the same clock for both loops; `finish` waits for queued device work to count it."""
+    n = 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, n = time.perf_counter(), 0
+        xb, yb = next(batches)
+        train_step(i, xb, yb)
+        n += yb.shape[0]
+    if finish is not None:
+        finish()
+    return n / (time.perf_counter() - t0)
+
+
 def run_flexbench(cfg, splits, device, steps: int, warmup: int) -> float:
     model = make_model(cfg, splits.num_classes, splits.image_size).to(
         device, memory_format=torch.channels_last
@@ -65,23 +82,17 @@ def run_flexbench(cfg, splits, device, steps: int, warmup: int) -> float:
     )
     log_every = cfg["runtime"]["log_every"]
     loss_sum = torch.zeros((), device=device)
-    it = batches.epoch(0)
-    n = 0
-    for i in range(warmup + steps):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 0
-        xb, yb = next(it)
+
+    def train_step(i: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        nonlocal loss_sum
         loss = step(xb, yb).loss
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += loss
         if (i + 1) % log_every == 0:
             loss_sum.item()
-        n += yb.shape[0]
-    loss_sum.item()
-    return n / (time.perf_counter() - t0)
+
+    return images_per_s(train_step, batches.epoch(0), device, steps, warmup, loss_sum.item)
 
 
 def run_plain(cfg, splits, device, steps: int, warmup: int, workers: int) -> float:
@@ -97,14 +108,8 @@ def run_plain(cfg, splits, device, steps: int, warmup: int, workers: int) -> flo
         persistent_workers=workers > 0,
     )
     k_all = list(range(model.num_submodels))[::-1]
-    it = iter(loader)
-    n = 0
-    for i in range(warmup + steps):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 0
-        xb, yb = next(it)
+
+    def train_step(i: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
         xb, yb = xb.to(device), yb.to(device)
         teachers, feats, total = {}, {}, 0.0
         for k in k_all:
@@ -121,8 +126,8 @@ def run_plain(cfg, splits, device, steps: int, warmup: int, workers: int) -> flo
         total.backward()
         opt.step()
         total.item()
-        n += yb.shape[0]
-    return n / (time.perf_counter() - t0)
+
+    return images_per_s(train_step, iter(loader), device, steps, warmup)
 
 
 def main() -> None:

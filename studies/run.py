@@ -264,45 +264,20 @@ def _summarise(
 
 
 def run_study(opts: RunOptions) -> RunSummary:
+    """Create or continue the study, run its trials and record the summary in MLflow.
+    Everything that can be wrong with the options fails before the first trial."""
     from benchmark import tracking
-
-    if opts.trials < 1:
-        raise ConfigError(f"--trials must be >= 1, got {opts.trials}")
-    if opts.workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
-    if opts.heartbeat < 1:
-        raise ConfigError(f"--heartbeat must be >= 1 second, got {opts.heartbeat}")
-    for value, valid, what in (
-        (opts.sampler, SAMPLERS, "sampler"),
-        (opts.pruner, PRUNERS, "pruner"),
-        (opts.objective, tuple(OBJECTIVES), "objective"),
-    ):
-        if value is not None and value not in valid:
-            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-    url = st.resolve_url(opts.storage)
-    storage = st.open_storage(url, opts.heartbeat)  # creates the schema, once, here
-    if opts.study_name:
-        name = opts.study_name
-    elif opts.arch and opts.method:
-        name = default_study_name(
-            opts.arch, opts.dataset or CREATE_DEFAULTS["dataset"], opts.method,
-            opts.profile or CREATE_DEFAULTS["profile"],
-        )  # fmt: skip
-    else:
-        raise ConfigError("pass --arch and --method (new study) or --study-name (existing one)")
-    existing = None
-    if name in st.study_names(storage):
-        existing = optuna.load_study(study_name=name, storage=storage)
-        if "flexbench" not in existing.user_attrs:
-            raise ConfigError(f"study {name!r} in {redact_uri(url)} was not created by flexbench")
-    stored = StudySpec(**existing.user_attrs["flexbench"]) if existing else None
-    spec = _spec(opts, stored, name)
-    run_sets = {k: v for k, v in opts.sets.items() if is_per_run(k)}
-    if opts.workers > 1 and not run_sets.get("runtime.threads"):
-        run_sets["runtime.threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
-    cfg = _validate(spec, run_sets)
     from benchmark.cell import plan_cell
 
+    _check_options(opts)
+    url = st.resolve_url(opts.storage)
+    storage = st.open_storage(url, opts.heartbeat)  # creates the schema, once, here
+    name = _study_name(opts)
+    existing = _existing_study(storage, name, url)
+    stored = StudySpec(**existing.user_attrs["flexbench"]) if existing else None
+    spec = _spec(opts, stored, name)
+    run_sets = _run_sets(opts)
+    cfg = _validate(spec, run_sets)
     total_epochs = plan_cell(cfg).total_epochs
     prev = existing.user_attrs if existing else {}
     sampler = opts.sampler or prev.get("sampler", "tpe")
@@ -312,31 +287,10 @@ def run_study(opts: RunOptions) -> RunSummary:
     tracking.check_reachable(uri)
     experiment = opts.experiment or prev.get("mlflow_experiment") or DEFAULT_EXPERIMENT
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = optuna.create_study(
-            storage=storage, study_name=name, direction="maximize", load_if_exists=True
-        )
-    if existing is None:
-        study.set_user_attr("flexbench", spec.to_dict())
+    study = _create_study(storage, name, spec, existing)
     study_run = tracking.StudyRun(uri, experiment)
-    params = {
-        "study": name,
-        **{f: str(getattr(spec, f)) for f in SPEC_FIELDS},
-        **{f"space.{k}": space_from_dict(spec.space)[k].describe() for k in spec.space},
-        **{f"set.{k}": str(v) for k, v in sorted(spec.sets.items())},
-    }
-    tags = {
-        schema.ARCH: spec.arch,
-        schema.DATASET: spec.dataset,
-        schema.METHOD: spec.method,
-        schema.PROFILE: spec.profile,
-        schema.STORAGE: redact_uri(url),
-        schema.SAMPLER: sampler,
-        schema.PRUNER: pruner,
-        schema.OBJECTIVE: spec.objective,
-        schema.GIT_COMMIT: tracking.git_commit(),
-    }
+    params = _run_params(name, spec)
+    tags = _run_tags(spec, url, sampler, pruner, tracking.git_commit())
     run_id = study_run.open(name, tags, params, prev.get("mlflow_run_id"))
     study.set_user_attr("mlflow_run_id", run_id)
     study.set_user_attr("mlflow_experiment", experiment)
@@ -360,6 +314,108 @@ def run_study(opts: RunOptions) -> RunSummary:
         run_sets=run_sets,
         progress=opts.workers == 1,
     )
+    return _run_trials(ctx, opts, study, storage, study_run, started, total_epochs)
+
+
+def _check_options(opts: RunOptions) -> None:
+    """Counts and names given on the command line, checked before the storage is opened."""
+    if opts.trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {opts.trials}")
+    if opts.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.heartbeat < 1:
+        raise ConfigError(f"--heartbeat must be >= 1 second, got {opts.heartbeat}")
+    for value, valid, what in (
+        (opts.sampler, SAMPLERS, "sampler"),
+        (opts.pruner, PRUNERS, "pruner"),
+        (opts.objective, tuple(OBJECTIVES), "objective"),
+    ):
+        if value is not None and value not in valid:
+            raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def _study_name(opts: RunOptions) -> str:
+    """--study-name, or the default name of a new study from its arch/dataset/method/profile."""
+    if opts.study_name:
+        return opts.study_name
+    if opts.arch and opts.method:
+        return default_study_name(
+            opts.arch, opts.dataset or CREATE_DEFAULTS["dataset"], opts.method,
+            opts.profile or CREATE_DEFAULTS["profile"],
+        )  # fmt: skip
+    raise ConfigError("pass --arch and --method (new study) or --study-name (existing one)")
+
+
+def _existing_study(storage, name: str, url: str) -> optuna.Study | None:
+    """The stored study of that name (None if new); one not created by flexbench is refused,
+    since its spec (what a rerun must match) is unknown."""
+    if name not in st.study_names(storage):
+        return None
+    existing = optuna.load_study(study_name=name, storage=storage)
+    if "flexbench" not in existing.user_attrs:
+        raise ConfigError(f"study {name!r} in {redact_uri(url)} was not created by flexbench")
+    return existing
+
+
+def _run_sets(opts: RunOptions) -> dict[str, Any]:
+    """Per-run settings (not part of the study's identity); with several workers each gets
+    its share of the CPU threads unless runtime.threads is given."""
+    run_sets = {k: v for k, v in opts.sets.items() if is_per_run(k)}
+    if opts.workers > 1 and not run_sets.get("runtime.threads"):
+        run_sets["runtime.threads"] = max(1, (os.cpu_count() or 1) // opts.workers)
+    return run_sets
+
+
+def _create_study(
+    storage, name: str, spec: StudySpec, existing: optuna.Study | None
+) -> optuna.Study:
+    """The Optuna study; a new one stores its spec so that reruns can be checked against it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", load_if_exists=True
+        )
+    if existing is None:
+        study.set_user_attr("flexbench", spec.to_dict())
+    return study
+
+
+def _run_params(name: str, spec: StudySpec) -> dict[str, str]:
+    """The study's MLflow parent-run params: its spec, search space and fixed settings."""
+    return {
+        "study": name,
+        **{f: str(getattr(spec, f)) for f in SPEC_FIELDS},
+        **{f"space.{k}": space_from_dict(spec.space)[k].describe() for k in spec.space},
+        **{f"set.{k}": str(v) for k, v in sorted(spec.sets.items())},
+    }
+
+
+def _run_tags(spec: StudySpec, url: str, sampler: str, pruner: str, commit: str) -> dict:
+    """The study's MLflow parent-run tags (docs/mlflow-schema.md); the storage URI redacted."""
+    return {
+        schema.ARCH: spec.arch,
+        schema.DATASET: spec.dataset,
+        schema.METHOD: spec.method,
+        schema.PROFILE: spec.profile,
+        schema.STORAGE: redact_uri(url),
+        schema.SAMPLER: sampler,
+        schema.PRUNER: pruner,
+        schema.OBJECTIVE: spec.objective,
+        schema.GIT_COMMIT: commit,
+    }
+
+
+def _run_trials(
+    ctx: TrialContext,
+    opts: RunOptions,
+    study: optuna.Study,
+    storage,
+    study_run,
+    started: datetime.datetime,
+    total_epochs: int,
+) -> RunSummary:
+    """Run the trials in this process or in spawned workers; whatever happens, recover the
+    trials of dead workers, write the summary and end the parent run with its status."""
     shares = [
         opts.trials // opts.workers + (i < opts.trials % opts.workers) for i in range(opts.workers)
     ]
@@ -379,7 +435,7 @@ def run_study(opts: RunOptions) -> RunSummary:
     finally:
         lost = _recover(study, storage, set(dead)) if dead else []
         _reconcile(study, study_run)
-        summary = _summarise(study, study_run, url, started, dead)
+        summary = _summarise(study, study_run, ctx.storage_url, started, dead)
         if dead and status == "finished":
             status = "failed"
             study_run.set_tags(

@@ -203,7 +203,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def report(store, tmp_path_factory):
-    from reports.build import build_report
+    from reports.build import ReportOptions, build_report
 
     refs = tmp_path_factory.mktemp("refs")
     (refs / "fake.yaml").write_text(
@@ -227,7 +227,7 @@ def report(store, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("report") / "out"
     t0 = time.process_time()
-    r = build_report("known", tracking_uri=store, out=out, references_dir=refs)
+    r = build_report("known", store, ReportOptions(out=out, references_dir=refs))
     r.cpu_seconds = time.process_time() - t0  # CPU time: robust to other jobs on the machine
     return r
 
@@ -409,14 +409,14 @@ def test_shipped_references_have_sources(tmp_path):
 
 
 def test_report_logged_to_mlflow_and_ignored_next_time(store, report, tmp_path):
-    from reports.build import build_report
+    from reports.build import ReportOptions, build_report
 
     client = MlflowClient(tracking_uri=store)
     run = client.get_run(report.run_id)
     assert run.data.tags["flexbench.kind"] == "report"
     names = {a.path for a in client.list_artifacts(report.run_id)}
     assert {"index.html", "report.md", "figures", "tables"} <= names
-    again = build_report("known", tracking_uri=store, out=tmp_path / "again", log_to_mlflow=False)
+    again = build_report("known", store, ReportOptions(out=tmp_path / "again", log_to_mlflow=False))
     assert again.experiment.ignored["report and other non-cell flexbench runs"] == 2
     assert len(again.experiment.tidy) == 21
 
@@ -426,9 +426,9 @@ def test_report_is_fast(report):
 
 
 def test_single_seed_written_by_the_trainer(store, tmp_path):
-    from reports.build import build_report
+    from reports.build import ReportOptions, build_report
 
-    r = build_report("single", tracking_uri=store, out=tmp_path, log_to_mlflow=False)
+    r = build_report("single", store, ReportOptions(out=tmp_path, log_to_mlflow=False))
     assert list(r.experiment.tidy["top1"]) == [30.0, 40.0, 50.0]
     assert list(r.experiment.tidy["submodel_index"]) == [0, 1, 2]
     row = _row(r.summary, key="exit2")
@@ -440,9 +440,9 @@ def test_single_seed_written_by_the_trainer(store, tmp_path):
 
 @pytest.mark.parametrize("name", ["empty", "allfailed"])
 def test_nothing_finished_never_crashes(store, tmp_path, name):
-    from reports.build import build_report
+    from reports.build import ReportOptions, build_report
 
-    r = build_report(name, tracking_uri=store, out=tmp_path, log_to_mlflow=False)
+    r = build_report(name, store, ReportOptions(out=tmp_path, log_to_mlflow=False))
     assert r.tables == [] and r.figures == {}
     html = (tmp_path / "index.html").read_text()
     assert "No finished cell" in html
@@ -557,7 +557,7 @@ BIT_PANEL, MSD_PANEL = (BIT_ARCH, DATASET, PROFILE), (ARCH, DATASET, PROFILE)
 @pytest.fixture(scope="session")
 def mixed(store, tmp_path_factory):
     """Experiment "mixed": a bit-width panel and an MSDNet-like panel, both logging GBitOps."""
-    from reports.build import build_report
+    from reports.build import ReportOptions, build_report
 
     client = MlflowClient(tracking_uri=store)
     exp = client.create_experiment("mixed")
@@ -565,7 +565,7 @@ def mixed(store, tmp_path_factory):
         _finished_cell(client, exp, method, seed, top1, 1, BIT_ARCH, BITS, [20.0] * 4, BIT_GBITOPS)
         _finished_cell(client, exp, method, seed, TOP1[(method, seed)], 1, gbitops=MSD_GBITOPS)
     out = tmp_path_factory.mktemp("mixed") / "out"
-    return build_report("mixed", tracking_uri=store, out=out, log_to_mlflow=False)
+    return build_report("mixed", store, ReportOptions(out=out, log_to_mlflow=False))
 
 
 def _panel(df, arch):
@@ -605,11 +605,12 @@ def test_bitwidth_figures_draw_gbitops(mixed, monkeypatch, tmp_path):
     drawn = []  # the axes of each figure, taken where it would be saved
     monkeypatch.setattr(figures, "save", lambda fig, out, stem: drawn.append(fig.axes[0]) or [])
     args = (mixed.order, method_styles(mixed.order), "joint", tmp_path)
+    bit, msd = figures.PanelPlot(BIT_PANEL, *args), figures.PanelPlot(MSD_PANEL, *args)
     s, p = _panel(mixed.summary, BIT_ARCH), _panel(mixed.pairs, BIT_ARCH)
-    f = figures.acc_vs_cost(s, BIT_PANEL, *args)
+    f = figures.acc_vs_cost(s, bit)
     assert f.title.startswith("Accuracy vs GBitOps") and "GBitOps (billions" in f.caption
-    figures.gain(p, s, BIT_PANEL, *args)
-    figures.acc_vs_cost(_panel(mixed.summary, ARCH), MSD_PANEL, *args)
+    figures.gain(p, s, bit)
+    figures.acc_vs_cost(_panel(mixed.summary, ARCH), msd)
     acc, gain, msd = drawn
     assert acc.get_xlabel() == "GBitOps per image" and acc.get_xscale() == "log"
     for line in acc.get_lines()[:2]:  # one line per method, dodged sideways by < 2%
@@ -646,6 +647,7 @@ def test_tables_name_each_panels_cost(mixed):
 def test_learning_and_budgeted_curves_show_the_seed_band(report, monkeypatch, tmp_path):
     """val/top1/<sub> = 40 + epoch + 10 x index + 2 x seed; budgeted/top1 = 50 + 5q + seed."""
     from reports import spread_figures as sf
+    from reports.figures import PanelPlot
     from reports.load import histories
     from reports.style import method_styles
 
@@ -662,8 +664,9 @@ def test_learning_and_budgeted_curves_show_the_seed_band(report, monkeypatch, tm
     monkeypatch.setattr(sf, "save", lambda fig, out, stem: drawn.append(fig) or [])
     styles, order = method_styles(report.order), report.order
     panel = (ARCH, DATASET, PROFILE)
-    sf.submodel_curves(hist, joint, SUBS, panel, styles, order, tmp_path)
-    sf.budgeted_curves(hist, joint, panel, styles, order, tmp_path)
+    ctx = PanelPlot(panel, order, styles, None, tmp_path)
+    sf.submodel_curves(hist, joint, SUBS, ctx)
+    sf.budgeted_curves(hist, joint, ctx)
     curves, budget = drawn
     ax = next(a for a in curves.axes if a.get_title() == "exit2")
     (line,) = ax.get_lines()
@@ -709,7 +712,7 @@ def planned(store, tmp_path_factory):
     """Experiment "planned": a grid plan (msdnet x joint/ipkd/ipkd_ta + slimmable x joint/ipkd,
     seeds 0, 1; ipkd_ta excluded on slimmable) recorded by the grid's own writer. msdnet ipkd_ta
     seed 1 has no run, slimmable joint seed 1 failed, and a takd cell outside the plan ran."""
-    from reports.build import build_report
+    from reports.build import ReportOptions, build_report
 
     client = MlflowClient(tracking_uri=store)
     exp = client.create_experiment("planned")
@@ -736,7 +739,7 @@ def planned(store, tmp_path_factory):
     client.set_terminated(bad.info.run_id, "FAILED")
     _finished_cell(client, exp, "takd", 0, [49, 58, 69], 1)  # not planned
     out = tmp_path_factory.mktemp("planned") / "out"
-    return build_report("planned", tracking_uri=store, out=out, log_to_mlflow=False)
+    return build_report("planned", store, ReportOptions(out=out, log_to_mlflow=False))
 
 
 def test_only_planned_cells_count_as_missing(planned):

@@ -213,6 +213,8 @@ def _precheck(opts: RunOptions) -> None:
 
 
 def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = None) -> int:
+    """Run the cells of the grid that are not finished yet (see the module docstring for the
+    order); returns the exit code: 0 when every cell of the grid has finished."""
     out = out or sys.stdout
     t0 = time.monotonic()
     _precheck(opts)
@@ -225,86 +227,110 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
         _header(spec, uri, out)
         if stale:
             print(f"{stale} run(s) left running by a grid process that died: interrupted", file=out)
-        skipped = sum(p.action == "skip" for p in plan)
-        failed_before = sum(p.action == "skip-failed" for p in plan)
         if not todo:
-            if failed_before:
-                print(
-                    f"nothing to train: {skipped} cells finished, {failed_before} failed "
-                    f"(rerun them with --rerun-failed)",
-                    file=out,
-                )
-                return 1
-            print(
-                f"nothing to train: all {skipped} cells already finished in experiment "
-                f"{spec.name} (skipped)",
-                file=out,
-            )
-            return 0
+            return _nothing_to_train(spec, plan, out)
         # builds the model of every cell to train: arch settings fail here, before any work
         estimate(spec, [p.cell for p in todo])
-        resumed = sum(p.action == "resume" for p in todo)
-        stale_ckpt = sum(p.action == "restart" and p.state.state != "failed" for p in todo)
-        if stale_ckpt:
-            print(
-                f"{stale_ckpt} cell(s) have a checkpoint whose MLflow run is not in this store: "
-                f"they start from scratch",
-                file=out,
-            )
-        print(
-            f"training {len(todo)} cell(s) ({resumed} resumed from a checkpoint); skipping "
-            f"{skipped} finished"
-            + (
-                f" and {failed_before} failed (--rerun-failed reruns them)" if failed_before else ""
-            ),
-            file=out,
-        )
+        _announce(plan, todo, out)
         order = {"resume": 0, "restart": 1, "new": 1}
         todo.sort(key=lambda p: (order[p.action], -(p.cell.gflops or 0)))
-        tasks = [
-            {
-                "key": p.cell.key,
-                "label": p.cell.label,
-                "cfg": p.cell.cfg,
-                "uri": uri,
-                "experiment": spec.name,
-                "mode": p.action,
-                "executor": opts.executor,
-            }
-            for p in todo
-        ]
-        executor, slots = _executor(opts, spec, len(tasks))
-        print(executor.describe(), file=out)
-        out.flush()
-        cells = {c.key: c for c in spec.cells}
-        progress = Progress(cells, [t["key"] for t in tasks], slots, status_every=opts.status_every)
-        since: dict[str, float] = {}
-
-        def emit(ev: tuple) -> None:
-            if ev[0] == "start":
-                since[ev[2]] = time.time()
-            elif ev[0] == "failed":
-                try:
-                    ensure_failed(
-                        cells[ev[2]], uri, spec.name, ev[3], since.get(ev[2], time.time())
-                    )
-                except Exception as exc:  # noqa: BLE001  (report, keep the grid going)
-                    progress._line(f"warning: could not record the failure in MLflow: {exc}")
-            progress.handle(ev)
-
-        try:
-            executor.run(tasks, emit)
-        except KeyboardInterrupt as exc:
-            progress.close()
-            print(
-                "grid interrupted: running cells keep their checkpoints; rerun the same command "
-                "to resume them (finished cells are skipped)",
-                file=out,
-            )
-            return signals.exit_code(exc)
-        finally:
-            progress.close()
+        tasks = _tasks(spec, uri, opts, todo)
+        progress, code = _execute(spec, uri, opts, tasks, out)
+        if code is not None:
+            return code
     return _summary(spec, uri, plan, todo, progress, time.monotonic() - t0, out)
+
+
+def _nothing_to_train(spec: GridSpec, plan: list[Planned], out: TextIO) -> int:
+    """Every cell is finished or failed: say which, and fail while failed cells remain."""
+    skipped = sum(p.action == "skip" for p in plan)
+    failed_before = sum(p.action == "skip-failed" for p in plan)
+    if failed_before:
+        print(
+            f"nothing to train: {skipped} cells finished, {failed_before} failed "
+            f"(rerun them with --rerun-failed)",
+            file=out,
+        )
+        return 1
+    print(
+        f"nothing to train: all {skipped} cells already finished in experiment "
+        f"{spec.name} (skipped)",
+        file=out,
+    )
+    return 0
+
+
+def _announce(plan: list[Planned], todo: list[Planned], out: TextIO) -> None:
+    """What this run trains, resumes and skips, before the first cell starts."""
+    skipped = sum(p.action == "skip" for p in plan)
+    failed_before = sum(p.action == "skip-failed" for p in plan)
+    resumed = sum(p.action == "resume" for p in todo)
+    stale_ckpt = sum(p.action == "restart" and p.state.state != "failed" for p in todo)
+    if stale_ckpt:
+        print(
+            f"{stale_ckpt} cell(s) have a checkpoint whose MLflow run is not in this store: "
+            f"they start from scratch",
+            file=out,
+        )
+    print(
+        f"training {len(todo)} cell(s) ({resumed} resumed from a checkpoint); skipping "
+        f"{skipped} finished"
+        + (f" and {failed_before} failed (--rerun-failed reruns them)" if failed_before else ""),
+        file=out,
+    )
+
+
+def _tasks(spec: GridSpec, uri: str, opts: RunOptions, todo: list[Planned]) -> list[dict]:
+    """One plain-data task per cell: what a worker process (local or Ray) needs to train it."""
+    return [
+        {
+            "key": p.cell.key,
+            "label": p.cell.label,
+            "cfg": p.cell.cfg,
+            "uri": uri,
+            "experiment": spec.name,
+            "mode": p.action,
+            "executor": opts.executor,
+        }
+        for p in todo
+    ]
+
+
+def _execute(
+    spec: GridSpec, uri: str, opts: RunOptions, tasks: list[dict], out: TextIO
+) -> tuple[Progress, int | None]:
+    """Run the tasks on the executor with the live progress view; a failed cell's run is
+    marked failed in MLflow. Returns the progress and, after Ctrl-C, the exit code."""
+    executor, slots = _executor(opts, spec, len(tasks))
+    print(executor.describe(), file=out)
+    out.flush()
+    cells = {c.key: c for c in spec.cells}
+    progress = Progress(cells, [t["key"] for t in tasks], slots, status_every=opts.status_every)
+    since: dict[str, float] = {}
+
+    def emit(ev: tuple) -> None:
+        if ev[0] == "start":
+            since[ev[2]] = time.time()
+        elif ev[0] == "failed":
+            try:
+                ensure_failed(cells[ev[2]], uri, spec.name, ev[3], since.get(ev[2], time.time()))
+            except Exception as exc:  # noqa: BLE001  (report, keep the grid going)
+                progress._line(f"warning: could not record the failure in MLflow: {exc}")
+        progress.handle(ev)
+
+    try:
+        executor.run(tasks, emit)
+    except KeyboardInterrupt as exc:
+        progress.close()
+        print(
+            "grid interrupted: running cells keep their checkpoints; rerun the same command "
+            "to resume them (finished cells are skipped)",
+            file=out,
+        )
+        return progress, signals.exit_code(exc)
+    finally:
+        progress.close()
+    return progress, None
 
 
 def _summary(spec, uri, plan, todo, progress: Progress, wall: float, out: TextIO) -> int:

@@ -296,6 +296,37 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
     """Read, validate and expand a grid file. Raises ConfigError before any work."""
     path = Path(path)
     where = f"grid {path}"
+    raw = _read_grid_file(path, where)
+    base = path.resolve().parent
+    name = _grid_name(raw, where)
+    profile = raw.get("profile")
+    if profile not in PROFILES:
+        raise _err(where, f"profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    axes = _read_axes(raw, where)
+    scopes = _read_scopes(raw, where, axes, base, cli_sets)
+    auto_exclude = ALL in (raw.get("archs"), raw.get("methods"))
+    out = _Expansion(where, profile, base, auto_exclude, scopes)
+    out.run(axes)
+    _check_expansion(out, axes)
+    _check_data(where, out.cells)
+    return GridSpec(
+        path=path,
+        name=name,
+        profile=profile,
+        archs=axes["archs"],
+        datasets=axes["datasets"],
+        methods=axes["methods"],
+        seeds=axes["seeds"],
+        cells=out.cells,
+        excluded=out.excluded,
+        description=str(raw.get("description") or ""),
+        incompatible=[(a, m, why) for (a, m), why in out.incompatible.items()],
+    )
+
+
+def _read_grid_file(path: Path, where: str) -> dict[str, Any]:
+    """The grid file as a mapping with only known top-level keys, so that a typo in a key
+    stops the grid instead of being ignored."""
     if not path.is_file():
         raise ConfigError(f"grid file {path} not found")
     try:
@@ -307,8 +338,11 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
     unknown = sorted(set(map(str, raw)) - set(TOP_KEYS))
     if unknown:
         raise _err(where, f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(TOP_KEYS)}")
-    base = path.resolve().parent
+    return raw
 
+
+def _grid_name(raw: dict[str, Any], where: str) -> str:
+    """The grid's name, which is also its MLflow experiment name (hence the character set)."""
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise _err(
@@ -316,24 +350,57 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
             f"name must be the grid's MLflow experiment name (letters, digits, . _ -), "
             f"got {name!r}",
         )
-    profile = raw.get("profile")
-    if profile not in PROFILES:
-        raise _err(where, f"profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    return name
+
+
+def _read_axes(raw: dict[str, Any], where: str) -> dict[str, list]:
+    """The four axes (`all` expanded), checked against the registries before any scope
+    refers to them."""
     archs = _names(raw.get("archs"), "archs", where)
     datasets_ = _names(raw.get("datasets"), "datasets", where)
     methods = _names(raw.get("methods"), "methods", where)
-    auto_exclude = ALL in (raw.get("archs"), raw.get("methods"))
     seeds = _names(raw.get("seeds"), "seeds", where)
     _check_names(where, archs, datasets_, methods)
-    axes = {"archs": archs, "datasets": datasets_, "methods": methods, "seeds": seeds}
+    return {"archs": archs, "datasets": datasets_, "methods": methods, "seeds": seeds}
 
-    def resolved_dataset(name: str) -> str:
-        spec, arg = datasets.parse_name(name)
-        return f"{spec.name}:{_as_path(arg, base)}" if arg else name
 
-    # --- settings at every scope -----------------------------------------------------------
+@dataclass
+class _Scopes:
+    """Every settings scope and exclude rule of a grid file, parsed once before expansion."""
+
+    layers: list[Layer]  # set, per_dataset, per_arch, per_method (lowest precedence first)
+    cell_layers: list[Layer]  # per_cell (above method_params.from_study)
+    cli_layer: Layer  # --set (highest)
+    excludes: list[dict[str, set]]
+    study_path: Path | None  # method_params.from_study
+    best: dict[str, dict]  # its 'arch/dataset/method' -> {param: value}
+
+
+def _read_scopes(
+    raw: dict[str, Any],
+    where: str,
+    axes: dict[str, list],
+    base: Path,
+    cli_sets: dict[str, Any] | None,
+) -> _Scopes:
+    """All scopes in file order, so that the first bad one is the one reported."""
+    layers: list[Layer] = [("set", None, settings(raw.get("set"), f"{where}: set", base))]
+    layers += _axis_layers(raw, where, axes, base)
+    study_path, best = None, {}
+    if raw.get("method_params") is not None:
+        study_path, best = _load_from_study(raw["method_params"], f"{where}: method_params", base)
+    cell_layers = _per_cell_layers(raw, where, axes, base)
+    excludes = raw.get("exclude") or []
+    if not isinstance(excludes, list):
+        raise _err(where, "exclude must be a list of {arch/dataset/method/seed: value(s)}")
+    ex_matchers = [_matcher(r, f"{where}: exclude[{i}]", axes) for i, r in enumerate(excludes)]
+    cli_layer = ("--set", None, dict(cli_sets or {}))
+    return _Scopes(layers, cell_layers, cli_layer, ex_matchers, study_path, best)
+
+
+def _axis_layers(raw: dict[str, Any], where: str, axes: dict[str, list], base: Path) -> list[Layer]:
+    """per_dataset / per_arch / per_method: settings for every cell with that axis value."""
     layers: list[Layer] = []
-    layers.append(("set", None, settings(raw.get("set"), f"{where}: set", base)))
     for scope, axis in (("per_dataset", "dataset"), ("per_arch", "arch"), ("per_method", "method")):
         table = raw.get(scope) or {}
         if not isinstance(table, dict):
@@ -347,94 +414,144 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
                 )
             w = f"{where}: {scope}.{value}"
             layers.append((f"{scope}.{value}", {axis: {value}}, settings(sets, w, base)))
-    study_path, best = None, {}
-    if raw.get("method_params") is not None:
-        study_path, best = _load_from_study(raw["method_params"], f"{where}: method_params", base)
+    return layers
+
+
+def _per_cell_layers(
+    raw: dict[str, Any], where: str, axes: dict[str, list], base: Path
+) -> list[Layer]:
+    """per_cell rules: settings for the cells a rule selects on any mix of axes."""
     rules = raw.get("per_cell") or []
     if not isinstance(rules, list):
         raise _err(where, "per_cell must be a list of {arch/dataset/method/seed: ..., set: ...}")
-    cell_layers = []
+    cell_layers: list[Layer] = []
     for i, rule in enumerate(rules):
         w = f"{where}: per_cell[{i}]"
         match = _matcher(rule, w, axes, extra=("set",))
         if "set" not in rule:
             raise _err(w, "missing `set:` (the settings for the selected cells)")
         cell_layers.append((f"per_cell[{i}]", match, settings(rule["set"], w, base)))
-    excludes = raw.get("exclude") or []
-    if not isinstance(excludes, list):
-        raise _err(where, "exclude must be a list of {arch/dataset/method/seed: value(s)}")
-    ex_matchers = [_matcher(r, f"{where}: exclude[{i}]", axes) for i, r in enumerate(excludes)]
-    cli_layer = ("--set", None, dict(cli_sets or {}))
+    return cell_layers
 
-    # --- expand --------------------------------------------------------------------------
-    cells: list[Cell] = []
-    applied: dict[tuple[str, str], int] = {}
-    missing_study: list[str] = []
-    incompatible: dict[tuple[str, str], str] = {}
-    excluded = 0
-    for arch, ds, method, seed in itertools.product(archs, datasets_, methods, seeds):
-        combo = {"arch": arch, "dataset": ds, "method": method, "seed": seed}
-        if any(_matches(m, combo) for m in ex_matchers):
-            excluded += 1
-            continue
-        study_layer, entry = [], None
-        wants_study = study_path is not None and bool(METHODS.get(method).PARAMS)
-        if wants_study:
-            entry = best.get(f"{arch}/{ds}/{method}")
-            if entry is not None:
-                sets = {f"method.{k}": v for k, v in entry.items()}
-                study_layer = [("method_params.from_study", None, sets)]
-        counts: dict[tuple[str, str], int] = {}
-        scopes = layers + study_layer + cell_layers + [cli_layer]
-        overrides = _overrides(scopes, combo, counts)
-        w = f"{where}: cell {arch}/{ds}/{method}/seed {seed}"
-        cfg = None
+
+def _resolved_dataset(name: str, base: Path) -> str:
+    """A dataset name with its path argument made absolute against the grid file's folder."""
+    spec, arg = datasets.parse_name(name)
+    return f"{spec.name}:{_as_path(arg, base)}" if arg else name
+
+
+def _absolute_paths(cfg: dict[str, Any]) -> None:
+    """Paths not set in the grid file are relative to the current directory: make them
+    absolute so that workers elsewhere (Ray) see the same files. Not part of the key."""
+    cfg["runtime"]["workdir"] = str(Path(cfg["runtime"]["workdir"]).expanduser().resolve())
+    if isinstance(cfg["data"].get("root"), str):
+        cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser().resolve())
+
+
+@dataclass
+class _Expansion:
+    """Expands the axes into cells, collecting what the checks after expansion need: which
+    settings reached a cell, which cells lack study params, which pairs were left out."""
+
+    where: str
+    profile: str
+    base: Path
+    auto_exclude: bool  # `all` on an axis: incompatible pairs are left out, not an error
+    scopes: _Scopes
+    cells: list[Cell] = field(default_factory=list)
+    applied: dict[tuple[str, str], int] = field(default_factory=dict)
+    missing_study: list[str] = field(default_factory=list)
+    incompatible: dict[tuple[str, str], str] = field(default_factory=dict)
+    excluded: int = 0
+
+    def run(self, axes: dict[str, list]) -> None:
+        """Every combination of the axes in grid order, minus the excluded ones."""
+        product = itertools.product(axes["archs"], axes["datasets"], axes["methods"], axes["seeds"])
+        for arch, ds, method, seed in product:
+            combo = {"arch": arch, "dataset": ds, "method": method, "seed": seed}
+            if any(_matches(m, combo) for m in self.scopes.excludes):
+                self.excluded += 1
+                continue
+            self._add(combo)
+
+    def _study_layer(self, combo: dict[str, Any]) -> tuple[list[Layer], dict | None, bool]:
+        """The cell's from_study layer, its entry (None if the file lacks it) and whether
+        the cell wants one (methods without parameters need none)."""
+        scopes = self.scopes
+        wants_study = scopes.study_path is not None and bool(METHODS.get(combo["method"]).PARAMS)
+        if not wants_study:
+            return [], None, False
+        entry = scopes.best.get(f"{combo['arch']}/{combo['dataset']}/{combo['method']}")
+        if entry is None:
+            return [], None, True
+        sets = {f"method.{k}": v for k, v in entry.items()}
+        return [("method_params.from_study", None, sets)], entry, True
+
+    def _resolve(self, combo: dict[str, Any], overrides: dict[str, Any]) -> dict | None:
+        """The cell's config; None when the pair is left out as incompatible (`all` axes)."""
+        arch, ds, method, seed = combo["arch"], combo["dataset"], combo["method"], combo["seed"]
+        w = f"{self.where}: cell {arch}/{ds}/{method}/seed {seed}"
         try:
-            cfg = resolve(arch, resolved_dataset(ds), method, seed, profile, overrides)
+            dataset = _resolved_dataset(ds, self.base)
+            return resolve(arch, dataset, method, seed, self.profile, overrides)
         except IncompatibleError as exc:
-            if not auto_exclude:
+            if not self.auto_exclude:
                 raise _err(
                     w,
                     f"{exc}; to skip this pair add to the grid: "
                     f"exclude: [{{arch: {arch}, method: {method}}}]",
                 ) from None
-            incompatible.setdefault((arch, method), str(exc))
-            excluded += 1
-            counts = dict.fromkeys(counts, 0)  # settings of a left-out cell apply to nothing
+            self.incompatible.setdefault((arch, method), str(exc))
+            self.excluded += 1
+            return None
         except ConfigError as exc:
             raise _err(w, str(exc)) from None
+
+    def _add(self, combo: dict[str, Any]) -> None:
+        """One combination: its settings, its config and, unless left out, its cell."""
+        study_layer, entry, wants_study = self._study_layer(combo)
+        counts: dict[tuple[str, str], int] = {}
+        s = self.scopes
+        scopes = s.layers + study_layer + s.cell_layers + [s.cli_layer]
+        overrides = _overrides(scopes, combo, counts)
+        cfg = self._resolve(combo, overrides)
+        if cfg is None:
+            counts = dict.fromkeys(counts, 0)  # settings of a left-out cell apply to nothing
         for k, n in counts.items():
-            applied[k] = applied.get(k, 0) + n
-        if cfg is None:  # left out as incompatible
-            continue
+            self.applied[k] = self.applied.get(k, 0) + n
+        if cfg is None:
+            return
+        arch, ds, method, seed = combo["arch"], combo["dataset"], combo["method"], combo["seed"]
         if wants_study and entry is None:
-            missing_study.append(f"{arch}/{ds}/{method}")
-        # Paths not set in the grid file are relative to the current directory: make them
-        # absolute so that workers elsewhere (Ray) see the same files. Not part of the key.
-        cfg["runtime"]["workdir"] = str(Path(cfg["runtime"]["workdir"]).expanduser().resolve())
-        if isinstance(cfg["data"].get("root"), str):
-            cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser().resolve())
-        cells.append(Cell(arch, ds, method, seed, cfg, cell_key(cfg)))
-    if missing_study:
+            self.missing_study.append(f"{arch}/{ds}/{method}")
+        _absolute_paths(cfg)
+        self.cells.append(Cell(arch, ds, method, seed, cfg, cell_key(cfg)))
+
+
+def _check_expansion(out: _Expansion, axes: dict[str, list]) -> None:
+    """Errors only visible once every cell is resolved: study params missing for some cell,
+    a setting that reached no cell, no cell at all, two cells with one config."""
+    where = out.where
+    if out.missing_study:
         raise _err(
             f"{where}: method_params",
-            f"{study_path} has no best params for {', '.join(missing_study)}; "
-            f"it has: {', '.join(best) or 'nothing'}",
+            f"{out.scopes.study_path} has no best params for {', '.join(out.missing_study)}; "
+            f"it has: {', '.join(out.scopes.best) or 'nothing'}",
         )
-    for (scope, key), count in applied.items():
+    for (scope, key), count in out.applied.items():
         if count == 0:
             section, _, param = key.partition(".")
-            names = archs if section == "arch" else methods
+            names = axes["archs"] if section == "arch" else axes["methods"]
             having = [n for n in names if param in (_accepts(section, n) or ())]
             raise _err(
                 where,
                 f"{scope}: {key} applies to none of its cells; "
                 f"{section}s of this grid with {param!r}: {', '.join(having) or 'none'}",
             )
-    if not cells:
+    if not out.cells:
         raise _err(where, "exclude removes every cell; nothing to run")
     seen: dict[str, Cell] = {}
-    for c in cells:
+    for c in out.cells:
         if c.key in seen:
             raise _err(
                 where,
@@ -442,20 +559,6 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
                 f"(key {c.key}); remove the duplicate",
             )
         seen[c.key] = c
-    _check_data(where, cells)
-    return GridSpec(
-        path=path,
-        name=name,
-        profile=profile,
-        archs=archs,
-        datasets=datasets_,
-        methods=methods,
-        seeds=seeds,
-        cells=cells,
-        excluded=excluded,
-        description=str(raw.get("description") or ""),
-        incompatible=[(a, m, why) for (a, m), why in incompatible.items()],
-    )
 
 
 def _check_data(where: str, cells: list[Cell]) -> None:
