@@ -75,6 +75,46 @@ class FlexibleModel(nn.Module):
         return len(self.submodels)
 
 
+class EarlyExitModel(FlexibleModel):
+    """A trunk with exits: one forward yields every requested exit (MSDNet, BYOT's ResNet).
+
+    Subclasses implement `_run(x, upto, heads, features)`: the trunk up to exit `upto` and the
+    heads in `heads`, returning {exit: logits} (or {exit: (logits, features)}). The reported
+    cost of exit k is the anytime cost: the trunk up to k plus every head up to k, as the
+    MSDNet reference op counter counts it.
+    """
+
+    single_pass = True
+    early_exit = True
+    exit_features = True
+
+    def _run(
+        self, x: Tensor, upto: int, heads: set[int], features: bool = False
+    ) -> dict[int, Tensor | tuple[Tensor, list[Tensor]]]:
+        raise NotImplementedError
+
+    def forward_all(self, x: Tensor, which: list[int] | None = None) -> list[Tensor]:
+        which = list(range(len(self.submodels))) if which is None else which
+        out = self._run(x, max(which), set(which))
+        return [out[k] for k in which]
+
+    def forward_all_features(
+        self, x: Tensor, which: list[int] | None = None
+    ) -> list[tuple[Tensor, list[Tensor]]]:
+        which = list(range(len(self.submodels))) if which is None else which
+        out = self._run(x, max(which), set(which), features=True)
+        return [out[k] for k in which]
+
+    def forward_sub(self, x: Tensor, k: int) -> Tensor:
+        return self._run(x, k, {k})[k]
+
+    def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
+        return self._run(x, k, {k}, features=True)[k]
+
+    def cost_forward(self, x: Tensor, k: int) -> Tensor:
+        return self._run(x, k, set(range(k + 1)))[k]
+
+
 class IndependentModel(FlexibleModel):
     """K separate copies of a flexible model; copy k only ever runs sub-model k.
 

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
-from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.base import EarlyExitModel, SubModel
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
@@ -105,10 +105,9 @@ class _FinalHead(nn.Module):
         return self.linear(feat.flatten(1)), feat
 
 
-class ByotResNet(FlexibleModel):
-    single_pass = True
-    early_exit = True
-    exit_features = True
+class ByotResNet(EarlyExitModel):
+    """BYOT (Zhang et al., ICCV 2019) CIFAR ResNet-18/50 with an exit after each of the four
+    stages; see `_run` for what each exit reads."""
 
     def __init__(self, num_classes: int, depth: int, width: float) -> None:
         super().__init__()
@@ -149,28 +148,6 @@ class ByotResNet(FlexibleModel):
                 z, feat = self.heads[i](h)
                 out[i] = (z, [feat, *stages]) if features else z
         return out
-
-    def forward_all(self, x: Tensor, which: list[int] | None = None) -> list[Tensor]:
-        which = list(range(len(self.submodels))) if which is None else which
-        out = self._run(x, max(which), set(which))
-        return [out[k] for k in which]
-
-    def forward_all_features(
-        self, x: Tensor, which: list[int] | None = None
-    ) -> list[tuple[Tensor, list[Tensor]]]:
-        which = list(range(len(self.submodels))) if which is None else which
-        out = self._run(x, max(which), set(which), features=True)
-        return [out[k] for k in which]
-
-    def forward_sub(self, x: Tensor, k: int) -> Tensor:
-        return self._run(x, k, {k})[k]
-
-    def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
-        return self._run(x, k, {k}, features=True)[k]
-
-    def cost_forward(self, x: Tensor, k: int) -> Tensor:
-        """Anytime cost: the trunk up to exit k plus every exit head up to and including k."""
-        return self._run(x, k, set(range(k + 1)))[k]
 
 
 @register_arch(

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
-from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.base import EarlyExitModel, SubModel
 
 
 def _conv_bn_relu(n_in: int, n_out: int, kernel: int, stride: int) -> nn.Sequential:
@@ -214,13 +214,9 @@ class MSDNetConfig:
     isc: bool = False
 
 
-class MSDNet(FlexibleModel):
+class MSDNet(EarlyExitModel):
     """CIFAR MSDNet; `ge` and `isc` switch on IMTA's gradient equilibrium and inline subnetwork
     collaboration (Li et al., ICCV 2019), each on its own (see `_run`)."""
-
-    single_pass = True
-    early_exit = True
-    exit_features = True
 
     def __init__(self, num_classes: int, c: MSDNetConfig):
         super().__init__()
@@ -288,28 +284,6 @@ class MSDNet(FlexibleModel):
             if self.ge and i < upto:
                 h[-1] = _GradientRescale.apply(h[-1], float(n - i - 1))
         return out
-
-    def forward_all(self, x: Tensor, which: list[int] | None = None) -> list[Tensor]:
-        which = list(range(len(self.submodels))) if which is None else which
-        out = self._run(x, max(which), set(which))
-        return [out[k] for k in which]
-
-    def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
-        return self._run(x, k, {k}, features=True)[k]
-
-    def forward_all_features(
-        self, x: Tensor, which: list[int] | None = None
-    ) -> list[tuple[Tensor, list[Tensor]]]:
-        which = list(range(len(self.submodels))) if which is None else which
-        out = self._run(x, max(which), set(which), features=True)
-        return [out[k] for k in which]
-
-    def forward_sub(self, x: Tensor, k: int) -> Tensor:
-        return self._run(x, k, {k})[k]
-
-    def cost_forward(self, x: Tensor, k: int) -> Tensor:
-        """Anytime cost: the trunk up to exit k plus every exit head up to and including k."""
-        return self._run(x, k, set(range(k + 1)))[k]
 
 
 ANYTIME = {"n_blocks": 7, "step_mode": "even", "step": 2, "base": 4}
