@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from benchmark.config import parse_value
 from benchmark.dim import Dim
 from benchmark.errors import ConfigError
 from benchmark.methods import METHODS
@@ -59,7 +60,7 @@ def parse_dim(name: str, text: Any) -> Dim:
             f"search range of {name}: expected LOW:HIGH or LOW:HIGH:log, got {text!r}"
         )
     try:
-        low, high = (float(p) for p in parts)
+        low, high = (float(parse_value(p)) for p in parts)  # `1e-3` as in --set and grid files
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"search range of {name}: bounds must be numbers, got {text!r}") from exc
     if not low < high:
