@@ -124,7 +124,14 @@ def _pg_advisory_lock(uri: str) -> Iterator[None]:
             f"psycopg[binary] and write postgresql+psycopg://"
         ) from exc
     try:
-        with engine.connect() as conn:
+        try:
+            conn = engine.connect()
+        except sqlalchemy.exc.OperationalError as exc:
+            raise ConfigError(
+                f"cannot connect to {redact_uri(uri)} ({str(exc.orig).strip()}); check the "
+                f"host, port and credentials"
+            ) from None
+        with conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
             try:
                 yield

@@ -17,7 +17,7 @@ import yaml
 
 from benchmark.config import parse_value
 from benchmark.dim import Dim
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 from benchmark.methods import METHODS
 
 __all__ = [
@@ -82,7 +82,9 @@ def _from_yaml(path: str, method: str) -> dict[str, Any]:
     if set(doc) & set(METHODS.names()):  # per-method form
         doc = doc.get(method) or {}
         if not isinstance(doc, dict):
-            raise ConfigError(f"--space-file {path}: the entry of {method} must be a mapping")
+            raise ConfigError(
+                f"--space-file {path}: the entry of {method} must be a mapping, {got(doc)}"
+            )
     return doc
 
 

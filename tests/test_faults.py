@@ -315,3 +315,30 @@ def test_restart_on_a_broken_store_fails_and_keeps_the_checkpoint(
     assert cli.main([*_train_argv(uri, tmp_path / "runs", epochs=2), "--restart"]) == 2
     _one_error_line(capsys)
     assert ckpt.read_bytes() == before
+
+
+def _pg_bindir():
+    from mlflow_server.postgres import find_bindir
+
+    return find_bindir()
+
+
+@pytest.mark.skipif(
+    _pg_bindir() is None,
+    reason="PostgreSQL binaries (initdb) not found; scripts/install_system_deps.sh installs them",
+)
+def test_processes_opening_one_new_postgresql_store_together_all_succeed():
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg[binary] is missing")
+    from mlflow_server.postgres import LocalPostgres
+
+    code = "import sys; from benchmark.tracking import open_store; open_store(sys.argv[1])"
+    with LocalPostgres() as pg:
+        url = pg.create_database("mlflow", user="bench", password="bench-pw-123")
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE)
+            for _ in range(3)
+        ]
+        errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0] * 3, "\n".join(e[-1500:] for e in errors)
+        tables = pg.psql("SELECT count(*) FROM alembic_version", database="mlflow")
+        assert tables.split()[2] == "1"  # one schema version row: migrated once
