@@ -281,10 +281,7 @@ def build_msdnet(num_classes: int, image_size: int, **p) -> MSDNet:
         if not isinstance(p[key], int) or p[key] < 1:
             raise ConfigError(f"msdnet {key} must be an integer >= 1, {got(p[key])}")
     if len(p["gr_factor"]) != len(p["bn_factor"]) or not p["gr_factor"]:
-        raise ConfigError(
-            "msdnet gr_factor and bn_factor must be non-empty and of equal length, "
-            f"got {p['gr_factor']!r} and {p['bn_factor']!r}"
-        )
+        raise ConfigError("msdnet gr_factor and bn_factor must be non-empty and of equal length")
     if not 0 <= p["reduction"] < 1:
         raise ConfigError(f"msdnet reduction must be in [0, 1), {got(p['reduction'])}")
     coarsest = image_size // 2 ** (len(p["gr_factor"]) - 1)
