@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from benchmark import data as datasets
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS, ArchSpec
 
@@ -95,6 +95,29 @@ SECTIONS = ("arch", "method", "train", "data", "runtime")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def parse_value(value: Any) -> Any:
+    """The one reading of a value a user wrote (`--set`, grid files, study space files, exported
+    best params), applied after YAML: PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as
+    the string '1e-3' while `--set` users and YAML 1.2 mean the number 0.001. Such strings
+    become floats, inside lists and mappings too; every other value is returned unchanged."""
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [parse_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: parse_value(v) for k, v in value.items()}
+    return value
+
+
+def parse_text(raw: str, where: str) -> Any:
+    """A value typed on the command line, read as YAML then `parse_value`; `where` names it in
+    the ConfigError raised for text that is not YAML."""
+    try:
+        return parse_value(yaml.safe_load(raw))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: cannot parse value: {exc}") from exc
+
+
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """`["train.epochs=3", "method.T=4"]` -> {"train.epochs": 3, "method.T": 4.0} (YAML values)."""
     out: dict[str, Any] = {}
@@ -105,13 +128,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
                 f"--set expects section.key=value with section in {', '.join(SECTIONS)}, "
                 f"got {item!r}"
             )
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: cannot parse value: {exc}") from exc
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        out[key.strip()] = value
+        out[key.strip()] = parse_text(raw, f"--set {item!r}")
     return out
 
 
@@ -121,7 +138,7 @@ def _split_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
         section, _, sub = key.partition(".")
         if section not in by_section or not sub:
             raise ConfigError(f"unknown setting {key!r}; sections: {', '.join(SECTIONS)}")
-        by_section[section][sub] = value
+        by_section[section][sub] = parse_value(value)  # grid/study files: like --set
     return by_section
 
 
@@ -136,9 +153,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], section: str) -> dict[st
     return merged
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, name: str, rule: str, value: Any) -> None:
+    """ConfigError `<name> must be <rule>, got <value> (<type>)` unless `cond`."""
     if not cond:
-        raise ConfigError(msg)
+        raise ConfigError(f"{name} must be {rule}, {got(value)}")
 
 
 def _is_int(v: Any) -> bool:
@@ -150,56 +168,45 @@ def _is_num(v: Any) -> bool:
 
 
 def validate_train(t: dict[str, Any]) -> None:
-    _check(
-        _is_int(t["epochs"]) and t["epochs"] >= 1, f"train.epochs must be >= 1, got {t['epochs']!r}"
-    )
-    _check(
-        _is_int(t["batch_size"]) and t["batch_size"] >= 2,
-        f"train.batch_size must be an integer >= 2, got {t['batch_size']!r}",
-    )
-    _check(_is_num(t["lr"]) and t["lr"] > 0, f"train.lr must be > 0, got {t['lr']!r}")
-    _check(
-        _is_num(t["momentum"]) and 0 <= t["momentum"] < 1,
-        f"train.momentum must be in [0, 1), got {t['momentum']!r}",
-    )
-    _check(isinstance(t["nesterov"], bool), "train.nesterov must be true or false")
-    _check(_is_num(t["weight_decay"]) and t["weight_decay"] >= 0, "train.weight_decay must be >= 0")
-    _check(
-        t["schedule"] in ("multistep", "cosine"),
-        f"train.schedule {t['schedule']!r}; valid: multistep, cosine",
-    )
+    def check(key: str, cond: Any, rule: str) -> None:
+        _check(bool(cond), f"train.{key}", rule, t[key])
+
+    check("epochs", _is_int(t["epochs"]) and t["epochs"] >= 1, "an integer >= 1")
+    check("batch_size", _is_int(t["batch_size"]) and t["batch_size"] >= 2, "an integer >= 2")
+    check("lr", _is_num(t["lr"]) and t["lr"] > 0, "> 0")
+    check("momentum", _is_num(t["momentum"]) and 0 <= t["momentum"] < 1, "in [0, 1)")
+    check("nesterov", isinstance(t["nesterov"], bool), "true or false")
+    check("weight_decay", _is_num(t["weight_decay"]) and t["weight_decay"] >= 0, ">= 0")
+    if t["schedule"] not in ("multistep", "cosine"):
+        raise ConfigError(f"train.schedule {t['schedule']!r}; valid: multistep, cosine")
     ms = t["milestones"]
-    _check(
+    check(
+        "milestones",
         isinstance(ms, list) and all(_is_num(m) and 0 < m <= 1 for m in ms) and ms == sorted(ms),
-        f"train.milestones must be increasing fractions in (0, 1], got {ms!r}",
+        "increasing fractions in (0, 1]",
     )
-    _check(_is_num(t["gamma"]) and 0 < t["gamma"] <= 1, "train.gamma must be in (0, 1]")
-    _check(
+    check("gamma", _is_num(t["gamma"]) and 0 < t["gamma"] <= 1, "in (0, 1]")
+    check(
+        "warmup_epochs",
         _is_int(t["warmup_epochs"]) and 0 <= t["warmup_epochs"] < t["epochs"],
-        "train.warmup_epochs must be an integer in [0, epochs)",
+        f"an integer in [0, epochs={t['epochs']})",
     )
-    _check(
-        _is_num(t["label_smoothing"]) and 0 <= t["label_smoothing"] < 1,
-        "train.label_smoothing must be in [0, 1)",
-    )
-    _check(
-        _is_int(t["eval_batch_size"]) and t["eval_batch_size"] >= 1,
-        "train.eval_batch_size must be an integer >= 1",
-    )
+    ls = t["label_smoothing"]
+    check("label_smoothing", _is_num(ls) and 0 <= ls < 1, "in [0, 1)")
+    ebs = t["eval_batch_size"]
+    check("eval_batch_size", _is_int(ebs) and ebs >= 1, "an integer >= 1")
 
 
 def validate_runtime(r: dict[str, Any]) -> None:
     dev = str(r["device"])
-    _check(
-        dev in ("auto", "cpu") or dev.startswith("cuda"),
-        f"runtime.device {dev!r}; valid: auto, cpu, cuda, cuda:N",
-    )
+    if not (dev in ("auto", "cpu") or dev.startswith("cuda")):
+        raise ConfigError(f"runtime.device {dev!r}; valid: auto, cpu, cuda, cuda:N")
     for key in ("amp", "compile", "log_checkpoint"):
-        _check(isinstance(r[key], bool), f"runtime.{key} must be true or false")
+        _check(isinstance(r[key], bool), f"runtime.{key}", "true or false", r[key])
     for key in ("threads", "latency_warmup"):
-        _check(_is_int(r[key]) and r[key] >= 0, f"runtime.{key} must be an integer >= 0")
+        _check(_is_int(r[key]) and r[key] >= 0, f"runtime.{key}", "an integer >= 0", r[key])
     for key in ("latency_batch", "latency_repeats", "log_every"):
-        _check(_is_int(r[key]) and r[key] >= 1, f"runtime.{key} must be an integer >= 1")
+        _check(_is_int(r[key]) and r[key] >= 1, f"runtime.{key}", "an integer >= 1", r[key])
 
 
 def resolve(
@@ -216,7 +223,7 @@ def resolve(
     arch_spec = ARCHS.get(arch)
     method_cls = METHODS.get(method)
     datasets.parse_name(dataset)
-    _check(_is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    _check(_is_int(seed) and seed >= 0, "seed", "an integer >= 0", seed)
     _check_arch_profiles(arch_spec)
     prof = PROFILES[profile]
     sets = _split_overrides(overrides or {})

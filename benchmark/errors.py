@@ -17,3 +17,9 @@ class IncompatibleError(ConfigError):
 class CellPruned(Exception):
     """Raised by an epoch callback to stop a cell early on purpose (a study's pruner); the run
     is then marked `pruned`, not failed."""
+
+
+def got(value: object) -> str:
+    """`got '5e-4' (str)`: the value a check received and its type, for every range error (a
+    number that arrived as a string reads differently from the number itself)."""
+    return f"got {value!r} ({type(value).__name__})"

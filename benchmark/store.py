@@ -4,11 +4,16 @@ Credentials are masked before a URI is printed, tagged or exported; relative SQL
 made absolute before another process (a grid worker, the MLflow server) sees them; and the
 `./mlruns` file store, which MLflow 3 refuses, is rejected with a message saying what to use.
 Imports neither mlflow nor SQLAlchemy: the `flexbench` CLI and `mlflow_server` import it on
-every invocation. `benchmark.tracking` re-exports these functions.
+every invocation. `schema_lock` serializes schema creation across processes (MLflow and Optuna
+databases). `benchmark.tracking` re-exports these functions.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -70,3 +75,67 @@ def refuse_file_store(
     use instead (e.g. "sqlite:///path/mlflow.db or an http(s):// server")."""
     if is_file_store(uri):
         raise error(f"{what} {uri!r} is a file store, which MLflow 3 refuses; use {alternatives}")
+
+
+def lock_path(uri: str) -> Path | None:
+    """`<database>.lock` beside a SQLite database (the file `schema_lock` holds); None for other
+    URIs."""
+    path = sqlite_path(uri)
+    return None if path is None else path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def schema_lock(uri: str) -> Iterator[None]:
+    """Hold an inter-process lock on the database of `uri` while a schema is created or checked.
+
+    Two processes that open one new database at once both see no tables and both create them:
+    one dies with `table ... already exists`. SQLite: `fcntl.flock` on `<database>.lock` beside
+    the file (released by the kernel when the holder dies); PostgreSQL: a session advisory lock
+    (`pg_advisory_lock`) on the server. http(s):// servers own their schema and other databases
+    (MySQL, MSSQL) are not locked: create their schema once, e.g. with `mlflow db upgrade`."""
+    lock = lock_path(uri)
+    if lock is not None:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+    elif uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
+        with _pg_advisory_lock(uri):
+            yield
+    else:
+        yield
+
+
+# Any fixed 64-bit key: the advisory lock of flexbench's schema creation on a PostgreSQL server.
+_PG_LOCK_KEY = 0x666C657862656E63  # "flexbenc"
+
+
+@contextmanager
+def _pg_advisory_lock(uri: str) -> Iterator[None]:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{redact_uri(uri)}: the database driver is missing ({exc}); install "
+            f"psycopg[binary] and write postgresql+psycopg://"
+        ) from exc
+    try:
+        try:
+            conn = engine.connect()
+        except sqlalchemy.exc.OperationalError as exc:
+            raise ConfigError(
+                f"cannot connect to {redact_uri(uri)} ({str(exc.orig).strip()}); check the "
+                f"host, port and credentials"
+            ) from None
+        with conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+    finally:
+        engine.dispose()

@@ -26,6 +26,7 @@ from benchmark.store import (  # noqa: F401 - re-exported: the one home of URI p
     absolute_sqlite,
     redact_uri,
     refuse_file_store,
+    schema_lock,
     sqlite_path,
 )
 
@@ -104,12 +105,72 @@ def _check_login(uri: str, timeout: float) -> None:
         pass
 
 
-def prepare_store(uri: str, experiment: str) -> None:
-    """Create the tracking schema and the experiment from ONE process, before any worker:
-    processes racing to create a fresh MLflow database crash on the schema."""
+def open_store(uri: str) -> MlflowClient:
+    """Check that `uri` can be written, then create (or check) MLflow's schema while holding
+    the database's inter-process lock (`store.schema_lock`), so that any number of flexbench
+    processes can start together on a new or existing store. Every command calls this before
+    its first read or write. Raises ConfigError."""
     check_reachable(uri)
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    if uri.startswith(("http://", "https://")):  # a server owns its schema
+        return MlflowClient(tracking_uri=uri)
+    with schema_lock(uri):  # constructing the client builds the store, which creates the schema
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
+def prepare_store(uri: str, experiment: str) -> None:
+    """Open the store (`open_store`) and create the experiment, or stop when it was deleted."""
+    open_store(uri)
     CellRun(uri, experiment)
+
+
+def experiment_id(client: MlflowClient, name: str, create: bool = True) -> str | None:
+    """The id of the active experiment `name`; created when missing (None with create=False).
+    A deleted experiment (e.g. in the MLflow UI) still holds its name: ConfigError saying how to
+    restore it, since MLflow cannot create another experiment with that name."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage != "active":
+        shown = redact_uri(client.tracking_uri)
+        raise ConfigError(
+            f"MLflow experiment {name!r} (id {exp.experiment_id}) at {shown} is deleted; "
+            f"restore it with `MLFLOW_TRACKING_URI={shown} mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}`, or use another experiment name"
+        )
+    if exp is not None or not create:
+        return exp.experiment_id if exp is not None else None
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def missing_run(uri: str, experiment: str, run_id: str | None) -> str | None:
+    """Why the run `run_id` of a checkpoint cannot be continued in `experiment` at `uri` (its
+    database file is gone, the run was deleted or is not in this store), or None when it can.
+    Reads only: a removed SQLite database is not created again here."""
+    shown = redact_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return f"the database {db} does not exist (removed or moved)"
+    if not run_id:
+        return "the checkpoint names no MLflow run"
+    client = open_store(uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return f"run {run_id} is not in {shown} (another database, or the run was purged)"
+    if run.info.lifecycle_stage != "active":
+        return (
+            f"run {run_id} is deleted (to continue it, restore it first: "
+            f"`MLFLOW_TRACKING_URI={shown} mlflow runs restore --run-id {run_id}`)"
+        )
+    if run.info.experiment_id != experiment_id(client, experiment, create=False):
+        return f"run {run_id} belongs to another experiment than {experiment!r}"
+    return None
 
 
 def cell_tags(cfg: dict[str, Any], key: str) -> dict[str, str]:
@@ -144,15 +205,8 @@ class CellRun:
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self._create_experiment(experiment)
+        self.experiment_id: str = experiment_id(self.client, experiment)
         self.run_id: str | None = None
-
-    def _create_experiment(self, name: str) -> str:
-        try:
-            return self.client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:  # created concurrently by another worker
-            return self.client.get_experiment_by_name(name).experiment_id
 
     def start(
         self,

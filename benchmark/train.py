@@ -161,9 +161,9 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
     plan = plan_cell(cfg, model)
     method = make_method(cfg, plan.num_submodels)
     uri = tracking.resolve_uri(opts.tracking_uri)
-    tracking.check_reachable(uri)
     ckpt = checkpoint.cell_dir(cfg, experiment, key) / "checkpoint.pt"
     state = _existing_checkpoint(ckpt, opts)
+    run = _open_run(uri, experiment, ckpt, state)
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(cfg["runtime"]["threads"])
     splits, batches, norm = _load_data(cfg, device, sealed=not opts.evaluate_test)
@@ -175,7 +175,6 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
         modules = {"model": model, "method": method, "optimizer": optimizer}
         stage, epoch = checkpoint.restore(state, modules, device)
         start = stage * plan.epochs + epoch
-    run = tracking.CellRun(uri, experiment)
     tags = {
         **tracking.environment_tags(device, torch.get_num_threads()),
         schema.SPLIT_SEED: str(cfg["data"]["split_seed"]),
@@ -210,6 +209,21 @@ def _existing_checkpoint(ckpt: Path, opts: CellOptions) -> dict[str, Any] | None
         f"a checkpoint of this cell exists ({ckpt}); pass --resume to continue it "
         f"or --restart to discard it"
     )
+
+
+def _open_run(
+    uri: str, experiment: str, ckpt: Path, state: dict[str, Any] | None
+) -> tracking.CellRun:
+    """The cell's MLflow record, checked before any work: the store is reachable and has its
+    schema, the experiment is not deleted, and a resumed checkpoint's run can still be
+    continued (else ConfigError naming the fix; the checkpoint is left as it is)."""
+    if state is not None and (why := tracking.missing_run(uri, experiment, state.get("run_id"))):
+        raise ConfigError(
+            f"cannot resume {ckpt}: {why}; pass --restart to train the cell from scratch "
+            f"(the checkpoint is kept until then)"
+        )
+    tracking.open_store(uri)
+    return tracking.CellRun(uri, experiment)
 
 
 def _load_data(

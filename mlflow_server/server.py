@@ -477,9 +477,11 @@ def check_options(opts: ServerOptions) -> list[str]:
     if not 1 <= int(opts.port) <= 65535:
         raise ServerError(f"--port {opts.port}: not a TCP port number")
     if opts.workers < 1:
-        raise ServerError("--workers must be at least 1")
+        raise ServerError(f"--workers must be at least 1, got {opts.workers!r}")
     if not 0 <= opts.auth_cache_seconds <= 3600:
-        raise ServerError("--auth-cache-seconds must be between 0 and 3600")
+        raise ServerError(
+            f"--auth-cache-seconds must be between 0 and 3600, got {opts.auth_cache_seconds!r}"
+        )
     if not is_loopback(host):
         if not opts.expose:
             raise ServerError(

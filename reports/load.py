@@ -59,8 +59,11 @@ class Experiment:
 
 
 def resolve_experiment(client: MlflowClient, name: str):
+    from benchmark.tracking import experiment_id
+
+    experiment_id(client, name, create=False)  # a deleted experiment: how to restore it
     exp = client.get_experiment_by_name(name)
-    if exp is None or exp.lifecycle_stage != "active":
+    if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         listing = ", ".join(names) if names else "(none)"
         raise ConfigError(
@@ -257,8 +260,10 @@ def _with_planned(cells: pd.DataFrame, plan: dict) -> pd.DataFrame:
 
 def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
     """Every cell of experiment `name` with its status, and the tidy table of finished ones."""
+    from benchmark.tracking import open_store
+
     uri = tracking_uri or mlflow.get_tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
+    client = open_store(uri)
     exp = resolve_experiment(client, name)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")

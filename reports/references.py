@@ -68,7 +68,9 @@ def _validate(doc, path: Path) -> Reference:
         raise ConfigError(f"{path}: cost must be one of {COST_KINDS}, got {doc.get('cost')!r}")
     fb = doc.get("flexbench")
     if fb is not None and not (isinstance(fb, dict) and {"arch", "dataset", "method"} <= set(fb)):
-        raise ConfigError(f"{path}: flexbench must be null or have arch, dataset and method")
+        raise ConfigError(
+            f"{path}: flexbench must be null or have arch, dataset and method, got {fb!r}"
+        )
     for i, e in enumerate(doc["entries"]):
         if not isinstance(e, dict) or not isinstance(e.get("value"), (int, float)):
             raise ConfigError(f"{path}: entry {i + 1} needs a numeric value")

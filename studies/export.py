@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 import yaml
 
+from benchmark.config import parse_value
 from benchmark.errors import ConfigError
 
 META = "study"
@@ -107,4 +108,4 @@ def load_best(path: str | Path, arch: str, dataset: str, method: str) -> dict[st
         raise ConfigError(
             f"{path} has no tuned parameters for {k}; it holds: {', '.join(held) or '(nothing)'}"
         )
-    return {n: float(v) for n, v in doc[k].items()}
+    return {n: float(parse_value(v)) for n, v in doc[k].items()}  # a hand-edited `1e-3` too

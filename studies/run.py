@@ -284,8 +284,8 @@ def run_study(opts: RunOptions) -> RunSummary:
     pruner = opts.pruner or prev.get("pruner", "median")
     make_sampler(sampler, None), make_pruner(pruner, total_epochs)  # validate now
     uri = tracking.resolve_uri(opts.tracking_uri)
-    tracking.check_reachable(uri)
     experiment = opts.experiment or prev.get("mlflow_experiment") or DEFAULT_EXPERIMENT
+    tracking.prepare_store(uri, experiment)  # schema under a lock; a deleted experiment stops
 
     study = _create_study(storage, name, spec, existing)
     study_run = tracking.StudyRun(uri, experiment)

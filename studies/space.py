@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
+from benchmark.config import parse_value
 from benchmark.dim import Dim
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 from benchmark.methods import METHODS
 
 __all__ = [
@@ -59,7 +60,7 @@ def parse_dim(name: str, text: Any) -> Dim:
             f"search range of {name}: expected LOW:HIGH or LOW:HIGH:log, got {text!r}"
         )
     try:
-        low, high = (float(p) for p in parts)
+        low, high = (float(parse_value(p)) for p in parts)  # `1e-3` as in --set and grid files
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"search range of {name}: bounds must be numbers, got {text!r}") from exc
     if not low < high:
@@ -81,7 +82,9 @@ def _from_yaml(path: str, method: str) -> dict[str, Any]:
     if set(doc) & set(METHODS.names()):  # per-method form
         doc = doc.get(method) or {}
         if not isinstance(doc, dict):
-            raise ConfigError(f"--space-file {path}: the entry of {method} must be a mapping")
+            raise ConfigError(
+                f"--space-file {path}: the entry of {method} must be a mapping, {got(doc)}"
+            )
     return doc
 
 

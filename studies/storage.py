@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 
 from benchmark.errors import ConfigError
-from benchmark.store import redact_uri
+from benchmark.store import redact_uri, schema_lock
 from studies.choices import HEARTBEAT_S
 
 DEFAULT_FILE = "flexbench_studies.db"
@@ -64,7 +64,8 @@ def _retry_callback():
 
 def open_storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBStorage:
     """An RDBStorage with heartbeat (grace = 2 heartbeats) and retry of stale trials; creates
-    the schema if needed, so call it once in the parent before starting workers."""
+    the schema if needed under the database's inter-process lock (`store.schema_lock`), so any
+    number of processes may open one new storage at once."""
     check_url(url)
     kwargs: dict = {"heartbeat_interval": int(heartbeat), "grace_period": 2 * int(heartbeat)}
     params = inspect.signature(optuna.storages.RDBStorage).parameters
@@ -80,7 +81,8 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_S) -> optuna.storages.RDBS
     else:
         engine = {"pool_pre_ping": True}
     try:
-        with warnings.catch_warnings():
+        # processes opening one new database at once race to create its tables: one at a time
+        with schema_lock(url), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
     except ImportError as exc:

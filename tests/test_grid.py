@@ -133,7 +133,7 @@ BAD = [
     ({"per_method": {"joint": {"method.T": 2}}}, ["per_method.joint: method.T applies to none"]),
     ({"set": {"method.T": 2}, "methods": ["joint"]}, ["set: method.T applies to none"]),
     ({"set": {"trian.epochs": 2}}, ["unknown settings section 'trian'", "arch, method, train"]),
-    ({"set": {"train.epochs": 0}}, ["train.epochs must be >= 1"]),
+    ({"set": {"train.epochs": 0}}, ["train.epochs must be an integer >= 1"]),
     ({"set": {"train.epocs": 2}}, ["unknown train setting(s) epocs", "batch_size"]),
     ({"set": {"train": 3}}, ["train must be a mapping"]),
     ({"per_method": {"ipkd": {"method.a": 2}}}, ["a must be in [0, 1], got 2"]),

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _subset(n: int, size: int | float | None, what: str) -> int:
         if size > n:
             raise ConfigError(f"{what} {size} exceeds the {n} images available")
         return size
-    raise ConfigError(f"{what} must be a positive integer or a fraction in (0, 1], got {size!r}")
+    raise ConfigError(f"{what} must be a positive integer or a fraction in (0, 1], {got(size)}")
 
 
 def make_splits(

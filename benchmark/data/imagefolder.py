@@ -23,7 +23,7 @@ import torch
 
 from benchmark.data import register_dataset
 from benchmark.data.base import DatasetSpec, ImageData, cached
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # Folders and files that operating systems and archivers leave behind; never data.
@@ -187,7 +187,7 @@ def _size(path: Path, index: Index, cfg: dict[str, Any]) -> int:
     if size is None:
         return _first_size(path, [n for names in index["train"].values() for n in names])
     if not isinstance(size, int) or size < 8:
-        raise ConfigError(f"data.image_size must be an integer >= 8, got {size!r}")
+        raise ConfigError(f"data.image_size must be an integer >= 8, {got(size)}")
     return size
 
 

@@ -33,7 +33,7 @@ import yaml
 
 from benchmark import data as datasets
 from benchmark.config import PROFILES, SECTIONS, cell_key, resolve
-from benchmark.errors import ConfigError, IncompatibleError
+from benchmark.errors import ConfigError, IncompatibleError, got
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS
 
@@ -144,7 +144,9 @@ def settings(obj: Any, where: str, base: Path | None) -> dict[str, Any]:
         else:
             section = key
             if section in SECTIONS and not isinstance(value, dict):
-                raise _err(where, f"{key} must be a mapping of settings, e.g. {key}: {{...}}")
+                raise _err(
+                    where, f"{key} must be a mapping of settings, e.g. {key}: {{...}}, {got(value)}"
+                )
             items = [(f"{key}.{k}", v) for k, v in (value or {}).items()]
         if section not in SECTIONS:
             raise _err(
@@ -392,7 +394,10 @@ def _read_scopes(
     cell_layers = _per_cell_layers(raw, where, axes, base)
     excludes = raw.get("exclude") or []
     if not isinstance(excludes, list):
-        raise _err(where, "exclude must be a list of {arch/dataset/method/seed: value(s)}")
+        raise _err(
+            where,
+            f"exclude must be a list of {{arch/dataset/method/seed: value(s)}}, {got(excludes)}",
+        )
     ex_matchers = [_matcher(r, f"{where}: exclude[{i}]", axes) for i, r in enumerate(excludes)]
     cli_layer = ("--set", None, dict(cli_sets or {}))
     return _Scopes(layers, cell_layers, cli_layer, ex_matchers, study_path, best)
@@ -423,7 +428,10 @@ def _per_cell_layers(
     """per_cell rules: settings for the cells a rule selects on any mix of axes."""
     rules = raw.get("per_cell") or []
     if not isinstance(rules, list):
-        raise _err(where, "per_cell must be a list of {arch/dataset/method/seed: ..., set: ...}")
+        raise _err(
+            where,
+            f"per_cell must be a list of {{arch/dataset/method/seed: ..., set: ...}}, {got(rules)}",
+        )
     cell_layers: list[Layer] = []
     for i, rule in enumerate(rules):
         w = f"{where}: per_cell[{i}]"

@@ -66,9 +66,9 @@ def parent_runs(uri: str, experiment: str, key: str | None = None) -> dict[str, 
     db = tracking.sqlite_path(uri)
     if db is not None and not db.exists():
         return {}  # no database yet (and reading must not create one)
-    client = tracking.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    client = tracking.open_store(uri)
+    exp_id = tracking.experiment_id(client, experiment, create=False)  # deleted: ConfigError
+    if exp_id is None:
         return {}
     filt = f"tags.`{STATUS}` LIKE '%'"
     if key is not None:
@@ -76,9 +76,7 @@ def parent_runs(uri: str, experiment: str, key: str | None = None) -> dict[str, 
     out: dict[str, list[Any]] = {}
     token = None
     while True:
-        page = client.search_runs(
-            [exp.experiment_id], filter_string=filt, max_results=1000, page_token=token
-        )
+        page = client.search_runs([exp_id], filter_string=filt, max_results=1000, page_token=token)
         for run in page:
             out.setdefault(run.data.tags.get(CELL, ""), []).append(run)
         token = page.token

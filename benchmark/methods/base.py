@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from benchmark.dim import KD_WEIGHT, TEMPERATURE, Dim
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 
 
 def kd_loss(student: Tensor, teacher: Tensor, T: float) -> Tensor:
@@ -141,9 +141,9 @@ class Method(nn.Module):
         for key, spec in cls.PARAMS.items():
             value = params.get(key, spec.default)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"method {cls.name}: {key} must be a number, got {value!r}")
+                raise ConfigError(f"method {cls.name}: {key} must be a number, {got(value)}")
             if not spec.check(value):
-                raise ConfigError(f"method {cls.name}: {spec.rule}, got {value}")
+                raise ConfigError(f"method {cls.name}: {spec.rule}, {got(value)}")
             out[key] = float(value)
         return out
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
 from benchmark.models.base import FlexibleModel, SubModel
 from benchmark.models.cifar_resnet import STAGE_CHANNELS, option_a_shortcut
@@ -100,10 +100,10 @@ def build_ddnn_resnet(num_classes: int, image_size: int, **p) -> DDNNResNet:
     ):
         raise ConfigError(
             f"ddnn_resnet depths must be strictly increasing integers >= 1 (blocks per stage of "
-            f"each sub-net, smallest first), got {depths!r}"
+            f"each sub-net, smallest first), {got(depths)}"
         )
     if isinstance(p["width"], bool) or not isinstance(p["width"], (int, float)) or p["width"] <= 0:
-        raise ConfigError(f"ddnn_resnet width must be a positive number, got {p['width']!r}")
+        raise ConfigError(f"ddnn_resnet width must be a positive number, {got(p['width'])}")
     if not isinstance(p["private_bn"], bool):
-        raise ConfigError(f"ddnn_resnet private_bn must be true or false, got {p['private_bn']!r}")
+        raise ConfigError(f"ddnn_resnet private_bn must be true or false, {got(p['private_bn'])}")
     return DDNNResNet(num_classes, list(depths), float(p["width"]), p["private_bn"])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
 from benchmark.models.base import EarlyExitModel, SubModel
 
@@ -331,14 +331,14 @@ def build_msdnet(num_classes: int, image_size: int, **p) -> MSDNet:
         raise ConfigError(f"msdnet step_mode {p['step_mode']!r}; valid: even, lin_grow")
     for key in ("n_blocks", "base", "step", "n_channels", "growth_rate", "head_channels"):
         if not isinstance(p[key], int) or p[key] < 1:
-            raise ConfigError(f"msdnet {key} must be an integer >= 1, got {p[key]!r}")
+            raise ConfigError(f"msdnet {key} must be an integer >= 1, {got(p[key])}")
     if len(p["gr_factor"]) != len(p["bn_factor"]) or not p["gr_factor"]:
         raise ConfigError("msdnet gr_factor and bn_factor must be non-empty and of equal length")
     for key in ("ge", "isc"):
         if not isinstance(p[key], bool):
             raise ConfigError(f"msdnet {key} must be true or false, got {p[key]!r}")
     if not 0 <= p["reduction"] < 1:
-        raise ConfigError(f"msdnet reduction must be in [0, 1), got {p['reduction']}")
+        raise ConfigError(f"msdnet reduction must be in [0, 1), {got(p['reduction'])}")
     coarsest = image_size // 2 ** (len(p["gr_factor"]) - 1)
     if coarsest < 8:
         raise ConfigError(

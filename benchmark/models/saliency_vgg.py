@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
 from benchmark.models.base import FlexibleModel, SubModel
 from benchmark.models.switchable import Switch
@@ -274,15 +274,15 @@ class SaliencyVGG(FlexibleModel):
 
 def _validate_keeps(keeps) -> list[float]:
     if not isinstance(keeps, (list, tuple)) or not keeps:
-        raise ConfigError(f"keeps must be a non-empty list of numbers, got {keeps!r}")
+        raise ConfigError(f"keeps must be a non-empty list of numbers, {got(keeps)}")
     if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1 for p in keeps):
-        raise ConfigError(f"keeps must be channel ratios in (0, 1], got {keeps!r}")
+        raise ConfigError(f"keeps must be channel ratios in (0, 1], {got(keeps)}")
     if any(b <= a for a, b in zip(keeps, keeps[1:])):
         raise ConfigError(
-            f"keeps must be strictly increasing (smallest sub-model first), got {keeps!r}"
+            f"keeps must be strictly increasing (smallest sub-model first), {got(keeps)}"
         )
     if keeps[-1] != 1:
-        raise ConfigError(f"keeps must end with 1.0 (the full model), got {keeps!r}")
+        raise ConfigError(f"keeps must end with 1.0 (the full model), {got(keeps)}")
     return [float(p) for p in keeps]
 
 
@@ -302,10 +302,10 @@ def _validate_keeps(keeps) -> list[float]:
 )
 def build_saliency_vgg(num_classes: int, image_size: int, **p) -> SaliencyVGG:
     if p["depth"] not in CFGS:
-        raise ConfigError(f"depth must be one of {', '.join(map(str, CFGS))}, got {p['depth']!r}")
+        raise ConfigError(f"depth must be one of {', '.join(map(str, CFGS))}, {got(p['depth'])}")
     w = p["width_mult"]
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
-        raise ConfigError(f"width_mult must be a positive number, got {w!r}")
+        raise ConfigError(f"width_mult must be a positive number, {got(w)}")
     if image_size < 32:
         raise ConfigError(
             f"saliency_vgg pools five times and needs images >= 32px, got {image_size}"

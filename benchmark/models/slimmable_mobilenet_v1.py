@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
 from benchmark.models.base import FlexibleModel, SubModel
 from benchmark.models.switchable import Switch, SwitchableBatchNorm2d, set_active
@@ -142,12 +142,12 @@ class SlimmableMobileNetV1(FlexibleModel):
 
 def _validate_widths(widths) -> list[float]:
     if not isinstance(widths, (list, tuple)) or not widths:
-        raise ConfigError(f"widths must be a non-empty list of numbers, got {widths!r}")
+        raise ConfigError(f"widths must be a non-empty list of numbers, {got(widths)}")
     if any(not isinstance(w, (int, float)) or w <= 0 for w in widths):
-        raise ConfigError(f"widths must be positive numbers, got {widths!r}")
+        raise ConfigError(f"widths must be positive numbers, {got(widths)}")
     if any(b <= a for a, b in zip(widths, widths[1:])):
         raise ConfigError(
-            f"widths must be strictly increasing (smallest sub-model first), got {widths!r}"
+            f"widths must be strictly increasing (smallest sub-model first), {got(widths)}"
         )
     return [float(w) for w in widths]
 
@@ -169,16 +169,16 @@ def _validate_widths(widths) -> list[float]:
 def build_slimmable_mobilenet_v1(num_classes: int, image_size: int, **p) -> SlimmableMobileNetV1:
     widths = _validate_widths(p["widths"])
     if not isinstance(p["width_mult"], (int, float)) or p["width_mult"] <= 0:
-        raise ConfigError(f"width_mult must be a positive number, got {p['width_mult']!r}")
+        raise ConfigError(f"width_mult must be a positive number, {got(p['width_mult'])}")
     blocks = p["stage_blocks"]
     if (
         not isinstance(blocks, (list, tuple))
         or len(blocks) != len(STAGES)
         or any(not isinstance(b, int) or b < 1 for b in blocks)
     ):
-        raise ConfigError(f"stage_blocks must be {len(STAGES)} integers >= 1, got {blocks!r}")
+        raise ConfigError(f"stage_blocks must be {len(STAGES)} integers >= 1, {got(blocks)}")
     if p["stem_stride"] not in (1, 2):
-        raise ConfigError(f"stem_stride must be 1 or 2, got {p['stem_stride']!r}")
+        raise ConfigError(f"stem_stride must be 1 or 2, {got(p['stem_stride'])}")
     return SlimmableMobileNetV1(
         num_classes, widths, float(p["width_mult"]), list(blocks), p["stem_stride"]
     )

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
 from benchmark.models.base import FlexibleModel, SubModel
 from benchmark.models.cifar_resnet import STAGE_CHANNELS, option_a_shortcut
@@ -161,11 +161,11 @@ def _validate_bits(bits) -> list[int]:
     if not ok or any(not 1 <= b <= FULL_PRECISION for b in bits):
         raise ConfigError(
             f"bits must be a non-empty list of integers in 1..{FULL_PRECISION} "
-            f"({FULL_PRECISION} = full precision), got {bits!r}"
+            f"({FULL_PRECISION} = full precision), {got(bits)}"
         )
     if any(b <= a for a, b in zip(bits, bits[1:])):
         raise ConfigError(
-            f"bits must be strictly increasing (smallest sub-model first), got {bits!r}"
+            f"bits must be strictly increasing (smallest sub-model first), {got(bits)}"
         )
     return list(bits)
 
@@ -184,8 +184,8 @@ def build_switchable_precision_resnet(
     depth, width = p["depth"], p["width"]
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ConfigError(
-            f"depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}"
+            f"depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), {got(depth)}"
         )
     if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
-        raise ConfigError(f"width must be a positive number (channel multiplier), got {width!r}")
+        raise ConfigError(f"width must be a positive number (channel multiplier), {got(width)}")
     return SwitchablePrecisionResNet(num_classes, bits, depth, float(width))
