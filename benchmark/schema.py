@@ -65,8 +65,13 @@ REPORT_OF = PREFIX + "report_of"
 # The tags that say which cell a run belongs to: on the parent run and on every child run.
 CELL_TAGS = (CELL, ARCH, DATASET, METHOD, SEED, PROFILE)
 
+# Name prefix of a width-spectrum point (`spectrum/w0.30`), a sub-model row beside the fixed ones.
+SPECTRUM_NAME_PREFIX = "spectrum/"
+
 TAGS: tuple[str, ...] = tuple(
-    v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and k != "PREFIX"
+    v
+    for k, v in dict(globals()).items()
+    if k.isupper() and isinstance(v, str) and k not in ("PREFIX", "SPECTRUM_NAME_PREFIX")
 )
 """Every tag name above (patterns keep their `{placeholder}`), for the documentation test."""
 

@@ -17,8 +17,7 @@ from torch import Tensor
 from benchmark.evaluate import EvalHow, run_eval
 from benchmark.flops import width_costs
 from benchmark.models import FlexibleModel
-
-PREFIX = "spectrum/"
+from benchmark.schema import SPECTRUM_NAME_PREFIX
 
 
 def spectrum_widths(model: FlexibleModel) -> list[float]:
@@ -38,7 +37,7 @@ def spectrum_rows(
     widths = spectrum_widths(model)
     if not widths:
         return []
-    names = [f"{PREFIX}w{w:.2f}" for w in widths]
+    names = [f"{SPECTRUM_NAME_PREFIX}w{w:.2f}" for w in widths]
     forwards = [lambda x, w=w: [model.forward_width(x, w)] for w in widths]
     acc = run_eval(model, forwards, [1] * len(widths), data, how)
     costs = width_costs(model, widths, names, image_size)

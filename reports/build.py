@@ -185,6 +185,7 @@ def panel_figures(r: Report, styles: dict) -> dict[tuple, list[figs.Figure]]:
             return df[(df[PANEL] == pd.Series(panel, index=PANEL)).all(axis=1)]
 
         s_panel, c_panel = sel(summary), sel(finished)
+        spectrum = sel(exp.spectrum) if not exp.spectrum.empty else None
         h_panel = hist[hist["run_id"].isin(c_panel["run_id"])]
         subs = sel(exp.tidy).sort_values("submodel_index")["submodel"].unique().tolist()
         spread = histories(
@@ -193,7 +194,7 @@ def panel_figures(r: Report, styles: dict) -> dict[tuple, list[figs.Figure]]:
             (*(sf.VAL_PREFIX + s for s in subs), *sf.BUDGETED),
         )
         made = [
-            figs.acc_vs_cost(s_panel, t.panel, order, styles, base, out),
+            figs.acc_vs_cost(s_panel, t.panel, order, styles, base, out, spectrum),
             figs.gain(sel(pairs), s_panel, t.panel, order, styles, base, out),
             figs.curves(h_panel, c_panel, t.panel, order, styles, base, out),
             sf.submodel_curves(spread, c_panel, subs, t.panel, styles, order, out),

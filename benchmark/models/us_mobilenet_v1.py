@@ -177,6 +177,9 @@ class USMobileNetV1(FlexibleModel):
 
     def forward_width(self, x: Tensor, w: float) -> Tensor:
         """Logits (N, num_classes) of width w (any value in `width_range`)."""
+        return self._run(x, w)
+
+    def _run(self, x: Tensor, w: float) -> Tensor:
         self.set_width(w)
         return self.classifier(self.features(x).mean((2, 3)))
 
@@ -192,7 +195,7 @@ class USMobileNetV1(FlexibleModel):
         return self.classifier(x.mean((2, 3))), feats
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
-        return self.forward_width(x, self.widths[k])
+        return self._run(x, self.widths[k])
 
     def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
         return self.forward_width_features(x, self.widths[k])
