@@ -62,7 +62,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("methods:")
     for name in METHODS.names():
         cls = METHODS.get(name)
-        params = ", ".join(f"{k}={v.default:g}" for k, v in cls.PARAMS.items())
+        params = ", ".join(
+            f"{k}={v.default:g}" if not v.choices else f"{k}={v.default} ({'|'.join(v.choices)})"
+            for k, v in cls.PARAMS.items()
+        )
         print(f"  {name:26s} {cls.description}" + (f" [{params}]" if params else ""))
     print("datasets:")
     for name in DATASETS.names():

@@ -232,26 +232,32 @@ class Method(nn.Module):
             if not spec.check(value):
                 raise ConfigError(f"method {cls.name}: {spec.rule}, got {value}")
             out[key] = float(value)
-        cls._check_combination(params, out)
-        return out
+        return cls._check_combination(params, out)
 
     @classmethod
-    def _check_combination(cls, given: dict[str, Any], out: dict[str, float | str]) -> None:
-        """A parameter set away from its default where it has no effect (`active_if`), and
-        alpha- < alpha+."""
+    def _check_combination(
+        cls, given: dict[str, Any], out: dict[str, float | str]
+    ) -> dict[str, float | str]:
+        """Refuses a parameter set away from its default where it has no effect (`active_if`)
+        and alpha- >= alpha+; returns `out` without the inactive parameters (a config holds
+        only what has an effect)."""
+        inactive = set()
         for key, spec in cls.PARAMS.items():
-            inactive = spec.active_if and out[spec.active_if[0]] != spec.active_if[1]
-            if inactive and key in given and given[key] != spec.default:
-                on, value = spec.active_if
-                raise ConfigError(
-                    f"method {cls.name}: {key} has an effect only with {on}={value}, "
-                    f"got {on}={out[on]!r}; add --set method.{on}={value} or drop {key}"
-                )
+            if spec.active_if and out[spec.active_if[0]] != spec.active_if[1]:
+                inactive.add(key)
+                if key in given and given[key] != spec.default:
+                    on, value = spec.active_if
+                    raise ConfigError(
+                        f"method {cls.name}: {key} has an effect only with {on}={value}, "
+                        f"got {on}={out[on]!r}; add --set method.{on}={value} or drop {key}"
+                    )
+        out = {k: v for k, v in out.items() if k not in inactive}
         if "alpha_minus" in out and not out["alpha_minus"] < out["alpha_plus"]:
             raise ConfigError(
                 f"method {cls.name}: alpha_minus must be < alpha_plus, got alpha_minus="
                 f"{out['alpha_minus']:g}, alpha_plus={out['alpha_plus']:g}"
             )
+        return out
 
     def distill(self, student: Tensor, teacher: Tensor, T: float) -> Tensor:
         """The distillation term of this method's `divergence` (kl: `kd_loss`; alpha:
