@@ -62,9 +62,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("methods:")
     for name in METHODS.names():
         cls = METHODS.get(name)
-        params = ", ".join(
+        params = ", ".join(  # parameters with an effect at the defaults (not alpha_minus)
             f"{k}={v.default:g}" if not v.choices else f"{k}={v.default} ({'|'.join(v.choices)})"
             for k, v in cls.PARAMS.items()
+            if v.active_if is None or cls.PARAMS[v.active_if[0]].default == v.active_if[1]
         )
         print(f"  {name:26s} {cls.description}" + (f" [{params}]" if params else ""))
     print("datasets:")
