@@ -62,7 +62,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("methods:")
     for name in METHODS.names():
         cls = METHODS.get(name)
-        params = ", ".join(f"{k}={v.default:g}" for k, v in cls.PARAMS.items())
+        params = ", ".join(  # parameters with an effect at the defaults (not alpha_minus)
+            f"{k}={v.default:g}" if not v.choices else f"{k}={v.default} ({'|'.join(v.choices)})"
+            for k, v in cls.PARAMS.items()
+            if v.active_if is None or cls.PARAMS[v.active_if[0]].default == v.active_if[1]
+        )
         print(f"  {name:26s} {cls.description}" + (f" [{params}]" if params else ""))
     print("datasets:")
     for name in DATASETS.names():
@@ -131,11 +135,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = CellOptions(args.tracking_uri, args.experiment, args.resume, args.restart)
     result = train_cell(cfg, opts)
     print(f"cell {result.key}: MLflow run {result.run_id}")
-    for row in result.rows:
+    for row in result.rows:  # width-spectrum points have no latency
+        latency = "" if row.get("latency_ms") is None else f"  {row['latency_ms']:.2f} ms"
         print(
             f"  {row['name']:10s} top1 {row['top1']:6.2f}%  top5 {row['top5']:6.2f}%  "
-            f"{row['mflops']:9.3f} MFLOPs  {row['params_m']:.4f} M params  "
-            f"{row['latency_ms']:.2f} ms"
+            f"{row['mflops']:9.3f} MFLOPs  {row['params_m']:.4f} M params{latency}"
         )
     return 0
 

@@ -20,6 +20,7 @@ import yaml
 from benchmark import data as datasets
 from benchmark.errors import ConfigError, got
 from benchmark.methods import METHODS
+from benchmark.methods.base import DIVERGENCE
 from benchmark.models import ARCHS, ArchSpec
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -38,6 +39,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 0,
         "label_smoothing": 0.0,
         "eval_batch_size": 500,
+        # BN recalibration before each sub-model's evaluation (`benchmark.bn_calib`): that many
+        # training batches; 0 = none. Width networks with shared BN set their own (us_mobilenet_v1).
+        "bn_calib_batches": 0,
     },
     "data": {
         "root": "./data",
@@ -64,6 +68,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Where a cell's result does not depend on a key, it stays out of the cell key.
 NON_SEMANTIC = {("data", "root"), ("data", "download")}
+
+# Keys added after cells were recorded, at the value that reproduces the earlier behaviour:
+# left out of the cell key at that value, so a finished cell keeps its key (and resumes).
+KEY_NEUTRAL: dict[tuple[str, str], Any] = {
+    ("train", "bn_calib_batches"): 0,
+    **{("method", name): spec.default for name, spec in DIVERGENCE.items()},
+}
 
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {
@@ -195,6 +206,8 @@ def validate_train(t: dict[str, Any]) -> None:
     check("label_smoothing", _is_num(ls) and 0 <= ls < 1, "in [0, 1)")
     ebs = t["eval_batch_size"]
     check("eval_batch_size", _is_int(ebs) and ebs >= 1, "an integer >= 1")
+    bcb = t["bn_calib_batches"]
+    check("bn_calib_batches", _is_int(bcb) and bcb >= 0, "an integer >= 0 (0: no BN recalibration)")
 
 
 def validate_runtime(r: dict[str, Any]) -> None:
@@ -271,6 +284,12 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
     with torch.device("meta"):
         model = build_model(cfg["arch"]["name"], params, num_classes, image_size)
     METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
+    _check(
+        not getattr(model, "needs_bn_calibration", False) or cfg["train"]["bn_calib_batches"] >= 1,
+        f"architecture {cfg['arch']['name']} shares BatchNorm statistics across widths and is "
+        f"evaluated after BN recalibration: train.bn_calib_batches must be >= 1, "
+        f"got {cfg['train']['bn_calib_batches']!r}",
+    )
 
 
 def cell_key(cfg: dict[str, Any]) -> str:
@@ -278,6 +297,9 @@ def cell_key(cfg: dict[str, Any]) -> str:
     semantic = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "runtime"}
     for section, key in NON_SEMANTIC:
         semantic[section].pop(key, None)
+    for (section, key), neutral in KEY_NEUTRAL.items():
+        if key in semantic.get(section, {}) and semantic[section][key] == neutral:
+            del semantic[section][key]
     blob = json.dumps(semantic, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

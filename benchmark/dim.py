@@ -12,17 +12,21 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Dim:
-    """A float parameter searched uniformly (or log-uniformly) in [low, high]."""
+    """A parameter searched uniformly (or log-uniformly) in [low, high]; `integer`: whole
+    numbers only (e.g. the sandwich rule's number of widths)."""
 
     low: float
     high: float
     log: bool = False
+    integer: bool = False
 
     def describe(self) -> str:
-        return f"{'log-uniform' if self.log else 'uniform'}[{self.low:g}, {self.high:g}]"
+        kind = ("log-" if self.log else "") + ("uniform integer" if self.integer else "uniform")
+        return f"{kind}[{self.low:g}, {self.high:g}]"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"low": self.low, "high": self.high, "log": self.log}
+        out = {"low": self.low, "high": self.high, "log": self.log}
+        return {**out, "integer": True} if self.integer else out
 
 
 # Ranges shared by several methods (from the research notes): a distillation temperature, and a

@@ -1,7 +1,12 @@
-"""Accuracy of every sub-model in one pass over a split (one host sync at the end)."""
+"""Accuracy of every sub-model in one pass over a split (one host sync at the end).
+
+Networks whose BN statistics must be re-estimated per sub-model (`benchmark.bn_calib`) are
+evaluated one sub-model (or width) at a time, each right after its recalibration.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +14,24 @@ from torch import Tensor
 
 from benchmark.data.pipeline import Normalizer, eval_batches
 from benchmark.models import FlexibleModel
+
+# forward(x) -> logits of the evaluated sub-models [(N, C), ...]
+Forward = Callable[[Tensor], list[Tensor]]
+
+
+Calibrate = Callable[[Callable[[Tensor], object]], None]
+
+
+@dataclass(frozen=True)
+class EvalHow:
+    """How to evaluate: batch size, normaliser (its device is the evaluation device), bf16
+    autocast, per-sample confidences, and an optional BN recalibration `calibrate(run)`."""
+
+    batch: int
+    norm: Normalizer
+    amp: bool
+    confidences: bool = False
+    calibrate: Calibrate | None = None
 
 
 @dataclass
@@ -24,27 +47,16 @@ class Accuracy:
 
 
 @torch.no_grad()
-def evaluate(
-    model: FlexibleModel,
-    data: tuple[Tensor, Tensor],
-    batch: int,
-    norm: Normalizer,
-    amp: bool,
-    confidences: bool = False,
-) -> Accuracy:
-    """Evaluate every sub-model on `data` = (uint8 images (N,3,H,W), labels (N,)) in eval mode,
-    on the normaliser's device; the model's train/eval mode is restored afterwards."""
+def _accuracy(forward: Forward, k: int, data: tuple[Tensor, Tensor], how: EvalHow) -> Accuracy:
+    """Accuracy of the `k` outputs of `forward` over `data` (the model already in eval mode)."""
     x, y = data
-    device = norm.scale.device
-    was_training = model.training
-    model.eval()
-    k = model.num_submodels
+    device, confidences = how.norm.scale.device, how.confidences
     c1 = torch.zeros(k, device=device)
     c5 = torch.zeros(k, device=device)
     conf, hit1 = [], []
-    for xb, yb in eval_batches(x, y, batch, norm, device):
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            outs = model.forward_all(xb)
+    for xb, yb in eval_batches(x, y, how.batch, how.norm, device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=how.amp):
+            outs = forward(xb)
         for i, z in enumerate(outs):
             top = z.topk(min(5, z.shape[1]), dim=1).indices
             hit = top == yb[:, None]
@@ -53,9 +65,61 @@ def evaluate(
         if confidences:
             conf.append(torch.stack([z.float().softmax(1).amax(1) for z in outs]))
             hit1.append(torch.stack([z.argmax(1) == yb for z in outs]))
-    model.train(was_training)
     n = max(1, x.shape[0])
     acc = Accuracy((c1 * 100 / n).tolist(), (c5 * 100 / n).tolist())
     if confidences:
         acc.confidence, acc.correct = torch.cat(conf, 1).cpu(), torch.cat(hit1, 1).cpu()
     return acc
+
+
+def _concat(parts: list[Accuracy]) -> Accuracy:
+    acc = Accuracy([a for p in parts for a in p.top1], [a for p in parts for a in p.top5])
+    if parts and parts[0].confidence is not None:
+        acc.confidence = torch.cat([p.confidence for p in parts], 0)
+        acc.correct = torch.cat([p.correct for p in parts], 0)
+    return acc
+
+
+def evaluate(
+    model: FlexibleModel,
+    data: tuple[Tensor, Tensor],
+    batch: int,
+    norm: Normalizer,
+    amp: bool,
+    confidences: bool = False,
+    calibrate: Calibrate | None = None,
+) -> Accuracy:
+    """Evaluate every sub-model on `data` = (uint8 images (N,3,H,W), labels (N,)) in eval mode,
+    on the normaliser's device; the model's train/eval mode is restored afterwards.
+
+    `calibrate(run)`: BN recalibration of the layers `run(x)` uses (see `benchmark.bn_calib`);
+    given, sub-models are evaluated one at a time, each right after its recalibration.
+    """
+    k = model.num_submodels
+    how = EvalHow(batch, norm, amp, confidences, calibrate)
+    if calibrate is None:
+        return run_eval(model, [lambda x: model.forward_all(x)], [k], data, how)
+    forwards = [lambda x, j=j: [model.forward_sub(x, j)] for j in range(k)]
+    return run_eval(model, forwards, [1] * k, data, how)
+
+
+def run_eval(
+    model: FlexibleModel,
+    forwards: list[Forward],
+    outputs: list[int],
+    data: tuple[Tensor, Tensor],
+    how: EvalHow,
+) -> Accuracy:
+    """Accuracy of each forward's outputs (`outputs[i]` logits from `forwards[i]`), in order;
+    with `calibrate`, forward i's BN statistics are recalibrated right before its pass."""
+    was_training = model.training
+    parts = []
+    try:
+        for fwd, n in zip(forwards, outputs):
+            if how.calibrate is not None:
+                how.calibrate(fwd)
+            model.eval()
+            parts.append(_accuracy(fwd, n, data, how))
+    finally:
+        model.train(was_training)
+    return _concat(parts)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -59,20 +60,33 @@ def count_costs(
         return copy.deepcopy(_CACHE[cache_key])
     m = copy.deepcopy(model).cpu().float().eval()
     x = torch.zeros(1, 3, image_size, image_size)
-    costs = []
-    for sub in m.submodels:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            m.cost_forward(x, sub.index)
-        flops = counter.get_total_flops()
-        params = count_active_params(m, lambda k=sub.index: m.cost_forward(x, k))
-        bitops = _bitops(m, x, sub.index, flops)
-        costs.append(SubCost(sub.name, flops / 2e6, flops / 1e6, params / 1e6, bitops / 1e9))
+    costs = [_cost(m, lambda k=sub.index: m.cost_forward(x, k), sub.name) for sub in m.submodels]
     if cache_key is not None:
         _CACHE[cache_key] = copy.deepcopy(costs)
     return costs
 
 
-def _bitops(model: FlexibleModel, x: torch.Tensor, k: int, flops: int) -> float:
+def width_costs(
+    model: FlexibleModel, widths: list[float], names: list[str], image_size: int
+) -> list[SubCost]:
+    """Costs of arbitrary widths of a universally slimmable model (`forward_width`), counted
+    like `count_costs` (the width spectrum's points)."""
+    m = copy.deepcopy(model).cpu().float().eval()
+    x = torch.zeros(1, 3, image_size, image_size)
+    return [_cost(m, lambda w=w: m.forward_width(x, w), n) for w, n in zip(widths, names)]
+
+
+def _cost(m: FlexibleModel, run: Callable[[], object], name: str) -> SubCost:
+    """MACs, FLOPs, active parameters and bit-ops of the forward `run()` (batch 1, CPU)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run()
+    flops = counter.get_total_flops()
+    params = count_active_params(m, run)
+    bitops = _bitops(m, run, flops)
+    return SubCost(name, flops / 2e6, flops / 1e6, params / 1e6, bitops / 1e9)
+
+
+def _bitops(model: FlexibleModel, run: Callable[[], object], flops: int) -> float:
     """MACs x bits of sub-model k: modules with `active_bits()` (quantized layers) have their
     MACs counted apart at their active bit-widths; all other MACs count 32 x 32. Quantized
     modules are found by identity (a forward hook), not by FlopCounterMode's module names, which
@@ -87,14 +101,14 @@ def _bitops(model: FlexibleModel, x: torch.Tensor, k: int, flops: int) -> float:
     ]
     try:
         with torch.no_grad():
-            model.cost_forward(x, k)
+            run()
     finally:
         for h in handles:
             h.remove()
     quant_macs, bitops = 0.0, 0.0
     for mod, inp, (w_bits, a_bits) in calls:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            mod(*inp)  # still set to sub-model k
+            mod(*inp)  # still set to the sub-model `run` ran
         macs = counter.get_total_flops() / 2
         quant_macs += macs
         bitops += macs * w_bits * a_bits

@@ -45,6 +45,7 @@ COST_AXIS = PREFIX + "cost_axis"
 # --- tags of a sub-model's child run ----------------------------------------------------------
 SUBMODEL = PREFIX + "submodel"
 SUBMODEL_INDEX = PREFIX + "submodel_index"
+SPECTRUM = PREFIX + "spectrum"  # "true" on a width-spectrum point, "false" on a fixed sub-model
 # --- study and report runs ---------------------------------------------------------------------
 KIND = PREFIX + "kind"  # study | report: not a cell
 STUDY = PREFIX + "study"
@@ -64,8 +65,13 @@ REPORT_OF = PREFIX + "report_of"
 # The tags that say which cell a run belongs to: on the parent run and on every child run.
 CELL_TAGS = (CELL, ARCH, DATASET, METHOD, SEED, PROFILE)
 
+# Name prefix of a width-spectrum point (`spectrum/w0.30`), a sub-model row beside the fixed ones.
+SPECTRUM_NAME_PREFIX = "spectrum/"
+
 TAGS: tuple[str, ...] = tuple(
-    v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and k != "PREFIX"
+    v
+    for k, v in dict(globals()).items()
+    if k.isupper() and isinstance(v, str) and k not in ("PREFIX", "SPECTRUM_NAME_PREFIX")
 )
 """Every tag name above (patterns keep their `{placeholder}`), for the documentation test."""
 
@@ -100,6 +106,14 @@ class SubmodelField:
 SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
     SubmodelField("index", None, SUBMODEL_INDEX, "index", "", "position, smallest sub-model 0"),
     SubmodelField("name", None, SUBMODEL, "name", "", "sub-model name, e.g. exit3 or w0.5"),
+    SubmodelField(
+        "spectrum",
+        None,
+        SPECTRUM,
+        "spectrum",
+        "",
+        "true for a width-spectrum point (spectrum/w0.30) of a universally slimmable network",
+    ),
     SubmodelField("top1", "{split}/top1/{sub}", "top1", "top1", "%", "top-1 accuracy"),
     SubmodelField("top5", "{split}/top5/{sub}", "top5", "top5", "%", "top-5 accuracy"),
     SubmodelField(
@@ -161,7 +175,9 @@ def child_metrics(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def child_tags(row: Mapping[str, Any]) -> dict[str, str]:
-    """The tags that identify one sub-model's child run: its name and index."""
+    """The tags that identify one sub-model's child run: its name, index and spectrum flag
+    (rows without a flag are fixed sub-models: "false")."""
+    row = {"spectrum": "false", **row}
     return {f.child: str(row[f.name]) for f in SUBMODEL_FIELDS if not f.is_metric}
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from benchmark import checkpoint, schema, tracking
 from benchmark import data as datasets
+from benchmark.bn_calib import calibrator
 from benchmark.budgeted import budgeted_curve
 from benchmark.cell import (
     CellPlan,
@@ -43,11 +44,12 @@ from benchmark.cost_axis import auc_top1, cost_axis
 from benchmark.data.base import Splits
 from benchmark.data.pipeline import Normalizer, TrainBatches
 from benchmark.errors import ConfigError, TrainingError
-from benchmark.evaluate import evaluate
+from benchmark.evaluate import EvalHow, evaluate
 from benchmark.flops import latency_profile
 from benchmark.methods import EpochContext, Method
 from benchmark.models import FlexibleModel, IndependentModel
-from benchmark.step import StepResult, make_step
+from benchmark.spectrum import spectrum_rows
+from benchmark.step import StepResult, make_step, step_generator
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -119,6 +121,11 @@ class Cell:
 
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
+
+    def calibrate(self):
+        """BN recalibration before each sub-model's evaluation (`train.bn_calib_batches` > 0,
+        training batches only; see `benchmark.bn_calib`), else None."""
+        return calibrator(self.model, self.batches.epoch, self.cfg["train"]["bn_calib_batches"])
 
 
 def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResult:
@@ -241,6 +248,11 @@ def _load_data(
             f"train.batch_size {t['batch_size']} exceeds the {splits.train_x.shape[0]} "
             f"training images"
         )
+    if t["bn_calib_batches"] > len(batches):
+        raise ConfigError(
+            f"train.bn_calib_batches {t['bn_calib_batches']} exceeds the {len(batches)} training "
+            f"batches of {t['batch_size']} images; valid: 0..{len(batches)}"
+        )
     return splits, batches, norm
 
 
@@ -273,10 +285,12 @@ def train_epoch(
         leave=False,
     )
     lr = cell.cfg["train"]["lr"]
+    trained: set[int] = set()  # sub-models this epoch's steps trained (drawn widths: a subset)
     for i, (xb, yb) in enumerate(cell.batches.epoch(pos.epoch)):
         lr = lr_at(cell.cfg["train"], pos.epoch, i, steps)
         set_lr(cell.optimizer, lr)
-        out = step(xb, yb)
+        out = step(xb, yb, step_generator(cell.cfg["seed"], pos.index, i))
+        trained.update(out.logits)
         cell.optimizer.step()
         cell.optimizer.zero_grad(set_to_none=True)
         loss_sum += out.loss
@@ -293,7 +307,7 @@ def train_epoch(
     _check_finite(metrics["train/loss"], pos, "")
     metrics.update({f"train/loss_terms/{n}": float(v) / steps for n, v in term_sums.items()})
     seen = steps * cell.batches.batch_size
-    for k in cell.plan.stages[pos.stage].train:
+    for k in sorted(trained):
         metrics[f"train/top1/{cell.plan.names[k]}"] = float(correct[k]) * 100 / seen
     metrics["time/epoch_s"] = time.perf_counter() - t0
     return metrics
@@ -316,7 +330,10 @@ def _epoch_context(cell: Cell, pos: Position) -> EpochContext:
 def validate(cell: Cell) -> dict[str, float]:
     """`val/top1/<sub>` of every sub-model and their mean, on the validation split."""
     val = (cell.splits.val_x, cell.splits.val_y)
-    acc = evaluate(cell.model, val, cell.cfg["train"]["eval_batch_size"], cell.norm, cell.amp)
+    t = cell.cfg["train"]
+    acc = evaluate(
+        cell.model, val, t["eval_batch_size"], cell.norm, cell.amp, False, cell.calibrate()
+    )
     top1 = schema.FIELDS["top1"]
     metrics = {top1.parent_key(n, "val"): v for n, v in zip(cell.plan.names, acc.top1)}
     metrics[schema.TOP1_MEAN.format(split="val")] = sum(acc.top1) / len(acc.top1)
@@ -354,11 +371,14 @@ def finish(cell: Cell) -> CellResult:
     sealed = not cell.opts.evaluate_test
     split = "val" if sealed else "test"
     data = (cell.splits.val_x, cell.splits.val_y) if sealed else cell.splits.test()
-    acc = evaluate(cell.model, data, t["eval_batch_size"], cell.norm, cell.amp, confidences=True)
+    calibrate = cell.calibrate()
+    acc = evaluate(cell.model, data, t["eval_batch_size"], cell.norm, cell.amp, True, calibrate)
     budgeted = []
     if cell.model.early_exit and not sealed:  # thresholds are fitted on val, applied to test
         val = (cell.splits.val_x, cell.splits.val_y)
-        val_acc = evaluate(cell.model, val, t["eval_batch_size"], cell.norm, cell.amp, True)
+        val_acc = evaluate(
+            cell.model, val, t["eval_batch_size"], cell.norm, cell.amp, True, calibrate
+        )
         costs = [c.mflops for c in plan.costs]
         budgeted = budgeted_curve(val_acc.confidence, acc.confidence, acc.correct, costs)
     r = cfg["runtime"]
@@ -371,32 +391,36 @@ def finish(cell: Cell) -> CellResult:
         r["latency_repeats"],
     )
     rows = [
-        {"index": i, "name": c.name, "top1": a1, "top5": a5}
+        {"index": i, "name": c.name, "spectrum": "false", "top1": a1, "top5": a5}
         | {"mmacs": c.mmacs, "mflops": c.mflops, "params_m": c.params_m, "gbitops": c.gbitops}
         | lat_row
         for i, (c, a1, a5, lat_row) in enumerate(zip(plan.costs, acc.top1, acc.top5, lat.rows()))
     ]
+    axis = cost_axis([row["mflops"] for row in rows], [row["gbitops"] for row in rows])
+    how = EvalHow(t["eval_batch_size"], cell.norm, cell.amp, calibrate=calibrate)
+    spectrum = spectrum_rows(cell.model, data, how, plan.image_size, len(rows))
     if not sealed and cell.best.model is not None:  # selected on val, reported on test
-        cell.model.load_state_dict(cell.best.model)
-        best = evaluate(cell.model, data, t["eval_batch_size"], cell.norm, cell.amp)
+        cell.model.load_state_dict(cell.best.model)  # last: the last weights are done
+        best = evaluate(
+            cell.model, data, t["eval_batch_size"], cell.norm, cell.amp, False, calibrate
+        )
         for row, a1 in zip(rows, best.top1):
             row["top1_bestval"] = a1
-    axis = cost_axis([row["mflops"] for row in rows], [row["gbitops"] for row in rows])
-    final = schema.parent_metrics(rows, split)
+    final = schema.parent_metrics(rows + spectrum, split)
     if not sealed:
         final[schema.BESTVAL_EPOCH] = cell.best.epoch
     final[schema.TOP1_MEAN.format(split=split)] = sum(acc.top1) / len(acc.top1)
     final[schema.TOP1_AUC.format(split=split)] = auc_top1([row[axis] for row in rows], acc.top1)
     cell.run.set_tags({schema.COST_AXIS: axis, **lat.tags()})
     with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
-        art = _artifacts(Path(tmp), cell, rows, split, budgeted, axis)
-        cell.run.finish(final, rows, art, cfg, cell.key, plan.total_epochs, budgeted)
+        art = _artifacts(Path(tmp), cell, rows + spectrum, split, budgeted, axis)
+        cell.run.finish(final, rows + spectrum, art, cfg, cell.key, plan.total_epochs, budgeted)
     _progress_line(
         f"[{cell.key}] finished: "
         + ", ".join(f"{r['name']} {r['top1']:.1f}% @ {r['mflops']:.2f} MFLOPs" for r in rows)
         + f" ({split})"
     )
-    return CellResult(cell.key, cell.run.run_id, rows, final)
+    return CellResult(cell.key, cell.run.run_id, rows + spectrum, final)
 
 
 def _artifacts(

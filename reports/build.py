@@ -197,6 +197,7 @@ def panel_figures(r: Report, styles: dict) -> dict[tuple, list[figs.Figure]]:
             return df[(df[PANEL] == pd.Series(panel, index=PANEL)).all(axis=1)]
 
         s_panel, c_panel = sel(summary), sel(finished)
+        spectrum = sel(exp.spectrum) if not exp.spectrum.empty else None
         h_panel = hist[hist["run_id"].isin(c_panel["run_id"])]
         subs = sel(exp.tidy).sort_values("submodel_index")["submodel"].unique().tolist()
         spread = histories(
@@ -206,7 +207,7 @@ def panel_figures(r: Report, styles: dict) -> dict[tuple, list[figs.Figure]]:
         )
         ctx = figs.PanelPlot(t.panel, order, styles, base, out)
         made = [
-            figs.acc_vs_cost(s_panel, ctx),
+            figs.acc_vs_cost(s_panel, ctx, spectrum),
             figs.gain(sel(pairs), s_panel, ctx),
             figs.curves(h_panel, c_panel, ctx),
             sf.submodel_curves(spread, c_panel, subs, ctx),

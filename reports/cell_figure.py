@@ -1,7 +1,8 @@
 """The per-cell accuracy-vs-cost figure the trainer attaches to a cell's MLflow run.
 
 One cell, one seed: each sub-model is a marker on its cost (MFLOPs, or GBitOps for bit-width
-networks, see `benchmark.cost_axis`); early-exit cells add the budgeted-batch curve.
+networks, see `benchmark.cost_axis`); early-exit cells add the budgeted-batch curve, universally
+slimmable cells their width spectrum (rows with `spectrum` = "true") as a line.
 """
 
 from __future__ import annotations
@@ -31,8 +32,20 @@ def draw_cell_figure(
     """Write the PNG of `rows` (one dict per sub-model with `name`, `top1` and `axis`) to
     `path`; `budgeted`: points with `mflops` and `top1` (thresholds fitted on val)."""
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
+    spectrum = [r for r in rows if r.get("spectrum") == "true"]
+    rows = [r for r in rows if r.get("spectrum") != "true"]
     xs, ys = [r[axis] for r in rows], [r["top1"] for r in rows]
-    ax.plot(xs, ys, marker="o", label="anytime (each exit)" if budgeted else None)
+    if spectrum:
+        ax.plot(
+            [r[axis] for r in spectrum],
+            [r["top1"] for r in spectrum],
+            lw=1,
+            label="width spectrum (BN recalibrated)",
+        )
+        ax.plot(xs, ys, ls="", marker="o", label="evaluation widths")
+        ax.legend(fontsize=7)
+    else:
+        ax.plot(xs, ys, marker="o", label="anytime (each exit)" if budgeted else None)
     if budgeted:
         ax.plot(
             [p["mflops"] for p in budgeted],

@@ -67,8 +67,33 @@ def _legend_label(method: str, n: int, baseline: str | None) -> str:
     return f"{method}{base}, n={n}"
 
 
-def acc_vs_cost(summary: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
+def _spectrum_lines(ax, spectrum: pd.DataFrame, methods: list[str], styles: dict) -> set[str]:
+    """Each method's width spectrum (mean top-1 over seeds per width vs mean cost) as a line,
+    with a ±1 std band over seeds; returns the methods drawn."""
+    drawn = set()
+    for m in methods:
+        h = spectrum[spectrum["method"] == m]
+        if h.empty:
+            continue
+        g = h.groupby("width").agg(
+            cost=("cost", "mean"), mean=("top1", "mean"), std=("top1", "std")
+        )
+        g = g.sort_values("cost")
+        color = styles[m]["color"]
+        ax.plot(g["cost"], g["mean"], color=color, lw=1.2, zorder=1)
+        if h["seed"].nunique() > 1:
+            ax.fill_between(g["cost"], g["mean"] - g["std"], g["mean"] + g["std"], color=color,
+                            alpha=0.15, lw=0, zorder=0)  # fmt: skip
+        drawn.add(m)
+    return drawn
+
+
+def acc_vs_cost(
+    summary: pd.DataFrame, ctx: PanelPlot, spectrum: pd.DataFrame | None = None
+) -> Figure | None:
     """Mean test top-1 vs the panel's cost per sub-model, one line per method, ±1 std bars.
+    With `spectrum` (width-spectrum points of the panel, `reports.load`), a method's spectrum
+    is its line and its fixed sub-models are markers on it.
     The file stem names the cost: `acc_vs_mflops_<panel>` or `acc_vs_gbitops_<panel>`."""
     panel, order, styles, baseline, out = ctx.panel, ctx.order, ctx.styles, ctx.baseline, ctx.out
     g = summary[summary["cost"].notna()]
@@ -84,6 +109,9 @@ def acc_vs_cost(summary: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
     span = (xs_all.max() - xs_all.min()) or max(xs_all.max(), 1e-9)
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+        lines = set()
+        if spectrum is not None and not spectrum.empty:
+            lines = _spectrum_lines(ax, spectrum, methods, styles)
         for i, m in enumerate(methods):
             h = g[g["method"] == m].sort_values("key_index")
             dodge = (i - (len(methods) - 1) / 2) * 0.008
@@ -99,6 +127,7 @@ def acc_vs_cost(summary: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
                 marker=st["marker"],
                 capsize=2,
                 elinewidth=0.8,
+                ls="none" if m in lines else "-",
                 label=_legend_label(m, int(h["n"].max()), baseline),
             )
         if log:
@@ -123,6 +152,12 @@ def acc_vs_cost(summary: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
         f"(none with n = 1); sub-model names on the top axis. Points are dodged sideways "
         f"slightly so that error bars do not hide each other."
     )
+    if spectrum is not None and not spectrum.empty:
+        cap += (
+            " Lines without markers: width spectra of universally slimmable networks (mean "
+            "over seeds per width, each width after BN recalibration, band ±1 std); markers "
+            "on them: the fixed evaluation widths."
+        )
     return Figure(stem, f"Accuracy vs {unit} — {panel_title(panel)}", cap, files)
 
 

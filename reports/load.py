@@ -14,6 +14,9 @@
   cost: `cost_axis` ("mflops" or "gbitops", `benchmark.cost_axis` on the panel's sub-model
   costs, the trainer's rule) and `cost` (that metric's value). Every figure, table and AUC of a
   panel uses this one column, so bit-width sub-models, which share their MFLOPs, stay apart.
+- `spectrum`: the width-spectrum points of universally slimmable cells (sub-models named
+  `spectrum/w<width>`, `benchmark.spectrum`), in the columns of `tidy` plus `width`; they are
+  not in `tidy`, so tables, ranks and means cover the fixed sub-models only.
 
 Runs tagged `flexbench.kind` (e.g. `report`), runs without `flexbench.cell`, child runs and cells
 whose final metrics are on the validation split (study trials, `flexbench.test_evaluated=false`)
@@ -52,6 +55,7 @@ class Experiment:
     tidy: pd.DataFrame
     ignored: dict[str, int] = field(default_factory=dict)
     plan: dict | None = None  # the grid's recorded plan (`load_plan`), None if none
+    spectrum: pd.DataFrame = field(default_factory=pd.DataFrame)  # width-spectrum points
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -276,10 +280,20 @@ def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
     parents, ignored = _parents(runs)
     cells = _dedupe(_cell_frame(parents))
     tidy, incomplete = _tidy_rows(parents, cells, _sub_order(runs))
+    tidy, spectrum = _split_spectrum(tidy)
     cells.loc[cells["run_id"].isin(incomplete), "status"] = "incomplete"
     cells = _with_missing(cells) if plan is None else _with_planned(cells, plan)
     cells = cells.sort_values(CELL).reset_index(drop=True)
-    return Experiment(name, exp.experiment_id, uri, cells, tidy, ignored, plan)
+    return Experiment(name, exp.experiment_id, uri, cells, tidy, ignored, plan, spectrum)
+
+
+def _split_spectrum(tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(fixed sub-models, width-spectrum points with their `width`)."""
+    is_spec = tidy["submodel"].astype(str).str.startswith(schema.SPECTRUM_NAME_PREFIX)
+    spectrum = tidy[is_spec].copy()
+    prefix = len(schema.SPECTRUM_NAME_PREFIX) + 1  # "spectrum/w"
+    spectrum["width"] = [float(s[prefix:]) for s in spectrum["submodel"]]
+    return tidy[~is_spec].reset_index(drop=True), spectrum.reset_index(drop=True)
 
 
 def histories(

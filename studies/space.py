@@ -31,11 +31,25 @@ __all__ = [
 ]
 
 
-def declared_space(method: str) -> dict[str, Dim]:
+def declared_space(method: str, fixed: dict[str, Any] | None = None) -> dict[str, Dim]:
     """The ranges `method` declares beside its parameters (`ParamSpec.search`), for the
-    parameters it searches; raises ConfigError for an unknown method."""
+    parameters it searches that are active given the `fixed` values (e.g. alpha_minus only with
+    divergence=alpha); raises ConfigError for an unknown method."""
     cls = METHODS.get(method)
-    return {name: spec.search for name, spec in cls.PARAMS.items() if spec.searched and spec.search}
+    return {
+        name: spec.search
+        for name, spec in cls.PARAMS.items()
+        if spec.searched and spec.search and _active(cls, name, fixed or {})
+    }
+
+
+def _active(cls: Any, name: str, fixed: dict[str, Any]) -> bool:
+    """Whether parameter `name` has an effect given the fixed values (`ParamSpec.active_if`)."""
+    cond = cls.PARAMS[name].active_if
+    if cond is None:
+        return True
+    on, value = cond
+    return fixed.get(on, cls.PARAMS[on].default) == value
 
 
 NOT_SEARCHABLE = {"seed": "the seed is a grid axis, never a search dimension"}
@@ -96,7 +110,7 @@ def resolve_space(
 ) -> dict[str, Dim]:
     """The validated search space of `method` (see module doc); raises ConfigError."""
     cls = METHODS.get(method)
-    declared = declared_space(method)
+    declared = declared_space(method, fixed)
     given: dict[str, Any] = _from_yaml(space_file, method) if space_file else {}
     for item in items or []:
         name, sep, rng = item.partition("=")
@@ -121,7 +135,16 @@ def resolve_space(
                 f"{key} is a schedule setting of method {method}, not searched; set it with "
                 f"--set method.{key}=VALUE"
             )
-        space[key] = parse_dim(key, rng)
+        if not _active(cls, key, fixed or {}):
+            on, value = cls.PARAMS[key].active_if
+            raise ConfigError(
+                f"{key} has an effect only with {on}={value}; add --set method.{on}={value} "
+                f"to search it"
+            )
+        dim = parse_dim(key, rng)
+        if cls.PARAMS[key].search is not None and cls.PARAMS[key].search.integer:
+            dim = Dim(dim.low, dim.high, dim.log, integer=True)
+        space[key] = dim
     for key, dim in space.items():
         check = cls.PARAMS[key].check
         if not (check(dim.low) and check(dim.high)):
@@ -153,7 +176,9 @@ def resolve_space(
 def suggest(trial: Any, space: dict[str, Dim]) -> dict[str, float]:
     """One value per searched parameter from an Optuna trial (names as in the method)."""
     return {
-        name: trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+        name: float(trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log))
+        if dim.integer
+        else trial.suggest_float(name, dim.low, dim.high, log=dim.log)
         for name, dim in sorted(space.items())
     }
 
@@ -163,4 +188,7 @@ def space_to_dict(space: dict[str, Dim]) -> dict[str, dict[str, Any]]:
 
 
 def space_from_dict(doc: dict[str, Any]) -> dict[str, Dim]:
-    return {name: Dim(float(d["low"]), float(d["high"]), bool(d["log"])) for name, d in doc.items()}
+    return {
+        name: Dim(float(d["low"]), float(d["high"]), bool(d["log"]), bool(d.get("integer")))
+        for name, d in doc.items()
+    }

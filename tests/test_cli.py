@@ -35,7 +35,7 @@ def test_ls_lists_archs_methods_datasets_profiles(capsys):
         ],
         "profiles": list(PROFILES),
     }
-    assert "[T=5, a=0.5]" in out  # method parameters with their defaults
+    assert "[T=5, a=0.5, divergence=kl (kl|alpha)]" in out  # parameters with their defaults
 
 
 def test_console_script_runs():

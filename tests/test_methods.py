@@ -63,6 +63,7 @@ def ref_losses(method: str, T: float, a: float) -> list[float]:
         return ce
     teacher = {
         "ipkd": lambda k: last,
+        "sandwich": lambda k: last,  # over the step's drawn widths (test_uslim: the draws)
         "ipkd_ta": lambda k: k + 1,
         "takd": lambda k: k + 1,
         "hsd": lambda k: k + 1,
@@ -143,7 +144,9 @@ def _feats(seed: int, shapes: list[tuple[int, ...]]) -> list:
 FEATS = _feats(7, [(4, 2, 3, 2), (4, 3, 2, 2)])
 
 
-@pytest.mark.parametrize("name", ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd", "imta"])
+@pytest.mark.parametrize(
+    "name", ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd", "imta", "sandwich"]
+)
 @pytest.mark.parametrize("T,a", CASES)
 def test_loss_matches_hand_computed(name, T, a):
     got = run_losses(name, method_params(name, {"T": T, "a": a}), LOGITS, LABELS)
@@ -225,6 +228,8 @@ FIXTURE_CASES = [
     {"T": 1.0, "a": 1.0, "b": 1.0, "g": 500.0},
     {"T": 4.0, "a": 0.5, "b": 0.5, "g": 10.0},
     {"T": 2.0, "a": 0.9, "b": 2.0, "g": 0.0},
+    # the alpha-divergence option of the shared distillation term (methods that declare it)
+    {"T": 1.0, "a": 1.0, "b": 1.0, "g": 500.0, "divergence": "alpha", "alpha_plus": 0.5},
 ]
 
 
@@ -247,9 +252,9 @@ def _fixture_batch() -> dict:
 FEAT_SHAPES = [(8, 3, 4, 4), (8, 4, 2, 2)]
 
 
-def _case_key(name: str, case: dict[str, float]) -> str:
+def _case_key(name: str, case: dict[str, float | str]) -> str:
     keys = [k for k in case if k in ("T", "a") or k in METHODS.get(name).PARAMS]
-    return ",".join(f"{k}={case[k]:g}" for k in keys)
+    return ",".join(f"{k}={case[k]:g}" if k != "divergence" else f"{k}={case[k]}" for k in keys)
 
 
 def _compute_fixture(batch: dict) -> dict:
@@ -299,7 +304,7 @@ def test_loss_regression_fixture():
 
 
 # --- teachers get no gradient from students' KD terms ----------------------------------------
-@pytest.mark.parametrize("name", ["ipkd", "ipkd_ta", "takd", "hsd"])
+@pytest.mark.parametrize("name", ["ipkd", "ipkd_ta", "takd", "hsd", "sandwich"])
 @pytest.mark.parametrize("student", range(K - 1))
 def test_kd_term_gives_no_gradient_to_teacher_logits(name, student):
     method = METHODS.get(name)({"T": 2.0, "a": 1.0})
@@ -308,7 +313,7 @@ def test_kd_term_gives_no_gradient_to_teacher_logits(name, student):
     loss, terms = method.loss(student, z[student], teachers, torch.tensor(LABELS), K)
     assert set(terms) == {"ce", "kd"}
     loss.backward()
-    teacher = K - 1 if name == "ipkd" else student + 1
+    teacher = K - 1 if name in ("ipkd", "sandwich") else student + 1
     assert z[teacher].grad is None
     assert z[student].grad is not None and z[student].grad.abs().sum() > 0
 

@@ -56,6 +56,27 @@ def test_slimmable_mobilenet_v1_imagenet_costs_match_published():
     assert costs[-1].params_m == pytest.approx(4.23, rel=0.01)
 
 
+def test_us_mobilenet_v1_imagenet_costs_match_published_spectrum():
+    """US-Nets README spectrum (MobileNet-V1, 224x224): 1.0 -> 568 MFLOPs (they are MACs),
+    0.5 -> 149, 0.25 -> 41; any width between runs, costing in between; no per-width BN."""
+    from benchmark.flops import width_costs
+
+    spec = ARCHS.get("us_mobilenet_v1")
+    model = build_model("us_mobilenet_v1", spec.resolve({"stem_stride": 2}), 1000, 224)
+    costs = count_costs(model, 224)
+    assert [c.name for c in costs] == ["w0.25", "w0.5", "w0.75", "w1.0"]
+    for c, published in zip([costs[0], costs[1], costs[3]], [41, 149, 568]):
+        assert c.mmacs == pytest.approx(published, rel=0.015), c.name
+    assert costs[-1].params_m == pytest.approx(4.23, rel=0.01)
+    (mid,) = width_costs(model, [0.6], ["w0.6"], 224)
+    assert costs[1].mmacs < mid.mmacs < costs[2].mmacs
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 1 + 2 * 13  # one per conv position, shared by every width
+    assert sum(p.numel() for m in bns for p in m.parameters()) == 2 * sum(
+        m.num_features for m in bns
+    )
+
+
 TINY_MSD = {"n_blocks": 3, "base": 1, "step": 1, "n_channels": 4, "growth_rate": 2}
 
 

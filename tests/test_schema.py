@@ -87,7 +87,13 @@ def test_parent_and_child_metrics_follow_the_table():
     rows[0]["gbitops"] = None  # a value the trainer could not measure is left out, not 0
     assert "gbitops/exit1" not in schema.parent_metrics(rows, "test")
     assert "gbitops" not in schema.child_metrics(rows[0])
-    assert schema.child_tags(rows[2]) == {schema.SUBMODEL: "exit3", schema.SUBMODEL_INDEX: "2"}
+    assert schema.child_tags(rows[2]) == {
+        schema.SUBMODEL: "exit3",
+        schema.SUBMODEL_INDEX: "2",
+        schema.SPECTRUM: "false",  # a row without the flag is a fixed sub-model
+    }
+    spectrum_row = {**rows[2], "name": "spectrum/w0.30", "spectrum": "true"}
+    assert schema.child_tags(spectrum_row)[schema.SPECTRUM] == "true"
 
 
 def test_submodels_csv_has_the_table_columns(tmp_path):

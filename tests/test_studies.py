@@ -37,7 +37,13 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 # --- search spaces --------------------------------------------------------------------------
 def test_every_method_with_parameters_has_a_search_space():
     for name in METHODS.names():
-        params = {k for k, spec in METHODS.get(name).PARAMS.items() if spec.searched}
+        specs = METHODS.get(name).PARAMS
+        params = {  # searched, and active at the defaults (alpha_minus only with alpha)
+            k
+            for k, spec in specs.items()
+            if spec.searched
+            and (spec.active_if is None or specs[spec.active_if[0]].default == spec.active_if[1])
+        }
         if not params:
             with pytest.raises(ConfigError, match="nothing to search"):
                 resolve_space(name)
@@ -84,6 +90,26 @@ def test_schedule_settings_are_kept_not_searched():
         ConfigError, match="schedule setting of method hsd.*--set method.rerank_every"
     ):
         resolve_space("hsd", items=["rerank_every=1:3"])
+
+
+def test_divergence_parameters_are_searched_only_with_the_alpha_divergence():
+    """alpha- and alpha+ have an effect only with divergence=alpha: a study of ipkd searches
+    them only when it fixes that divergence; sandwich's n is searched as a whole number."""
+    import optuna
+
+    from studies.space import suggest
+
+    assert set(resolve_space("ipkd")) == {"T", "a"}
+    space = resolve_space("ipkd", fixed={"divergence": "alpha"})
+    assert space["alpha_minus"] == Dim(-2.0, 0.0) and space["alpha_plus"] == Dim(0.25, 2.0)
+    assert "alpha_clip" not in space
+    with pytest.raises(ConfigError, match="alpha_minus has an effect only with divergence=alpha"):
+        resolve_space("ipkd", items=["alpha_minus=-1:0"])
+    sandwich = resolve_space("sandwich")
+    assert sandwich["n"] == Dim(2.0, 6.0, integer=True)
+    assert resolve_space("sandwich", items=["n=2:8"])["n"] == Dim(2.0, 8.0, integer=True)
+    trial = optuna.trial.FixedTrial({"n": 3, "T": 2.0, "a": 0.5})
+    assert suggest(trial, sandwich) == {"n": 3.0, "T": 2.0, "a": 0.5}
 
 
 def test_space_defaults_and_overrides(tmp_path):

@@ -23,7 +23,7 @@ from benchmark.config import cell_key, resolve
 from benchmark.errors import IncompatibleError
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS, IndependentModel
-from benchmark.step import make_step
+from benchmark.step import make_step, step_generator
 from benchmark.train import CellOptions, train_cell
 
 ALL_ARCHS = ARCHS.names()
@@ -54,8 +54,16 @@ class ForwardLog:
     def __init__(self, model) -> None:
         self.calls: list[tuple[str, object, bool]] = []
         self.parts: dict[str, int] = {}
-        for fn in ("forward_sub", "forward_all", "forward_sub_features", "forward_all_features"):
-            real = getattr(model, fn)
+        for fn in (
+            "forward_sub",
+            "forward_all",
+            "forward_sub_features",
+            "forward_all_features",
+            "forward_width",
+        ):
+            real = getattr(model, fn, None)
+            if real is None:  # forward_width: only universally slimmable networks
+                continue
 
             def wrapped(x, arg=None, _real=real, _fn=fn):
                 self.calls.append((_fn.replace("_features", ""), arg, torch.is_grad_enabled()))
@@ -91,12 +99,18 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
         log = ForwardLog(model)
         step = make_step(model, method, stage, torch.device("cpu"), False)
         before = [p.detach().clone() for p in model.parameters()]
-        out = step(x, y)
+        out = step(x, y, step_generator(0, 0, 0))
         loss, outs = out.loss, out.logits
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         model.zero_grad(set_to_none=True)
         assert torch.isfinite(loss)
         assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        widths = method.draw_submodels(step_generator(0, 0, 0), model)
+        if widths is not None:  # the sandwich rule: drawn widths, largest first
+            assert log.calls == [("forward_width", w, True) for w in widths[::-1]]
+            assert log.parts == {"features": len(widths)}
+            assert sorted(outs) == [0, k_all - 1]  # w_min and w_max are evaluation widths
+            continue
         assert sorted(outs) == sorted(stage.train)
         trained = sorted(stage.train, reverse=True)
         teachers = [("forward_sub", t, False) for t in stage.frozen_teachers]
@@ -113,7 +127,7 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
             assert log.parts == {f"{p}.{i}": 1 for p in ("blocks", "heads") for i in range(k_all)}
         else:  # one forward per sub-model (its own width, depth or bit-width), largest first
             assert log.calls == [("forward_sub", k, True) for k in range(k_all)[::-1]]
-            if arch == "slimmable_mobilenet_v1" and not method.uses_features:
+            if arch.endswith("mobilenet_v1") and not method.uses_features:
                 assert log.parts == {"features": k_all}
     if name == "takd":  # largest first; each next stage: next larger one as frozen teacher
         assert [(s.train, s.frozen_teachers) for s in stages] == [((k_all - 1,), ())] + [

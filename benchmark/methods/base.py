@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -37,19 +38,68 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float) -> Tensor:
     )
 
 
+def _log_ratio_terms(
+    log_q: Tensor, log_p: Tensor, alpha: float, clip: float
+) -> tuple[Tensor, Tensor]:
+    """Per sample: the alpha-divergence D_alpha(p || q) (value, (N,)) and the surrogate whose
+    gradient w.r.t. the student's logits is the clipped gradient of AlphaNet (Wang et al., ICML
+    2021, Eq. 6 and its released `f_divergence`). With t = p / q (importance ratio):
+    D_alpha = 1/(alpha (alpha-1)) sum_c q_c (t_c^alpha - 1); alpha -> 0 gives KL(q || p),
+    alpha -> 1 gives KL(p || q). Its gradient is -sum_c q_c rho_c d(log q_c) with
+    rho = t^alpha / alpha + 1/(alpha (alpha-1)) (rho = log t - 1 at 0, rho = t at 1), and
+    t^alpha (t at alpha = 0) clipped to at most `clip` in value and gradient alike."""
+    q = log_q.detach().exp()
+    log_t = log_p - log_q.detach()
+    if abs(alpha) < 1e-3:
+        t = log_t.exp().clamp(max=clip)
+        f, rho = -t.log(), t.log() - 1.0
+    elif abs(alpha - 1.0) < 1e-3:
+        t = log_t.exp()
+        f, rho = t * log_t, t
+    else:
+        base = 1.0 / (alpha * (alpha - 1.0))
+        t_a = (alpha * log_t).exp().clamp(max=clip)
+        f, rho = (t_a - 1.0) * base, t_a / alpha + base
+    value = (q * f).sum(1)
+    surrogate = -(q * rho * log_q).sum(1)
+    return value, surrogate
+
+
+def alpha_kd_loss(
+    student: Tensor, teacher: Tensor, T: float, alpha_minus: float, alpha_plus: float, clip: float
+) -> Tensor:
+    """AlphaNet's adaptive alpha-divergence distillation (Wang et al., ICML 2021, §3), scalar:
+    T^2 x mean over the batch of max(D_{alpha-}(p || q), D_{alpha+}(p || q)) per sample, with
+    p = softmax(teacher / T) (detached) and q = softmax(student (N, C) / T). The value is the
+    divergence; its gradient is the clipped one of `_log_ratio_terms` (the paper's code returns
+    only the surrogate, whose value is not the divergence). The paper uses T = 1."""
+    log_q = F.log_softmax(student / T, dim=1)
+    log_p = F.log_softmax(teacher.detach() / T, dim=1)
+    v_lo, g_lo = _log_ratio_terms(log_q, log_p, alpha_minus, clip)
+    v_hi, g_hi = _log_ratio_terms(log_q, log_p, alpha_plus, clip)
+    left = v_lo > v_hi
+    value, grad = torch.where(left, v_lo, v_hi), torch.where(left, g_lo, g_hi)
+    return (value + grad - grad.detach()).mean() * T * T
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One method parameter: default, validity check (with its error text) and the range a study
     searches (`search`, see `studies/space.py`). `searched=False` for a method's schedule
     settings, which a study keeps at their value (e.g. hsd's re-ranking period); every searched
     parameter declares its range, inside the valid values (checked when the method is defined).
+    `choices`: a named option (a string among these) instead of a number; never searched.
+    `active_if=(param, value)`: the parameter only matters when `param` has that value; setting
+    it otherwise is an error, and studies do not search it.
     """
 
-    default: float
+    default: float | str
     check: Any
     rule: str
     search: Dim | None = None
     searched: bool = True
+    choices: tuple[str, ...] = ()
+    active_if: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.searched and self.search is None:
@@ -81,9 +131,20 @@ def scale(default: float, name: str, search: Dim) -> ParamSpec:
     return ParamSpec(default, lambda v: v >= 0, f"{name} must be >= 0", search)
 
 
+def choice(default: str, name: str, choices: tuple[str, ...]) -> ParamSpec:
+    """A named option (e.g. the divergence of the distillation term); not searched."""
+    return ParamSpec(
+        default, lambda v: v in choices, f"{name} must be one of {', '.join(choices)}",
+        searched=False, choices=choices,
+    )  # fmt: skip
+
+
 def integer(default: int, name: str, low: int = 1, search: Dim | None = None) -> ParamSpec:
     """A whole-number setting (e.g. a schedule period); stored as a float like every param.
-    Without `search` it is not searched (studies keep it at its value)."""
+    Without `search` it is not searched (studies keep it at its value); with it, studies draw
+    whole numbers."""
+    if search is not None:
+        search = Dim(search.low, search.high, search.log, integer=True)
     return ParamSpec(
         default,
         lambda v: v >= low and float(v).is_integer(),
@@ -91,6 +152,27 @@ def integer(default: int, name: str, low: int = 1, search: Dim | None = None) ->
         search,
         searched=search is not None,
     )
+
+
+_ALPHA = ("divergence", "alpha")
+
+# The distillation term's divergence, shared by the KD methods that declare these parameters
+# (`**DIVERGENCE` in their PARAMS; `Method.distill` uses them). kl: `kd_loss`; alpha: AlphaNet's
+# `alpha_kd_loss` with the defaults of the paper's code (alpha- = -1, alpha+ = 1, clip 5).
+DIVERGENCE: dict[str, ParamSpec] = {
+    "divergence": choice("kl", "divergence", ("kl", "alpha")),
+    "alpha_minus": ParamSpec(
+        -1.0, lambda v: True, "alpha_minus must be a number < alpha_plus", Dim(-2.0, 0.0),
+        active_if=_ALPHA,
+    ),
+    "alpha_plus": ParamSpec(
+        1.0, lambda v: True, "alpha_plus must be a number > alpha_minus", Dim(0.25, 2.0),
+        active_if=_ALPHA,
+    ),
+    "alpha_clip": ParamSpec(
+        5.0, lambda v: v > 0, "alpha_clip must be > 0", searched=False, active_if=_ALPHA
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -130,22 +212,69 @@ class Method(nn.Module):
         self.label_smoothing = label_smoothing
 
     @classmethod
-    def resolve(cls, params: dict[str, Any]) -> dict[str, float]:
+    def resolve(cls, params: dict[str, Any]) -> dict[str, float | str]:
         unknown = sorted(set(params) - set(cls.PARAMS))
         if unknown:
             valid = ", ".join(cls.PARAMS) or "none"
             raise ConfigError(
                 f"unknown parameter(s) {', '.join(unknown)} for method {cls.name}; valid: {valid}"
             )
-        out: dict[str, float] = {}
+        out: dict[str, float | str] = {}
         for key, spec in cls.PARAMS.items():
             value = params.get(key, spec.default)
+            if spec.choices:
+                if not isinstance(value, str) or not spec.check(value):
+                    raise ConfigError(f"method {cls.name}: {spec.rule}, got {value!r}")
+                out[key] = value
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"method {cls.name}: {key} must be a number, {got(value)}")
             if not spec.check(value):
                 raise ConfigError(f"method {cls.name}: {spec.rule}, {got(value)}")
             out[key] = float(value)
+        return cls._check_combination(params, out)
+
+    @classmethod
+    def _check_combination(
+        cls, given: dict[str, Any], out: dict[str, float | str]
+    ) -> dict[str, float | str]:
+        """Refuses a parameter set away from its default where it has no effect (`active_if`)
+        and alpha- >= alpha+; returns `out` without the inactive parameters (a config holds
+        only what has an effect)."""
+        inactive = set()
+        for key, spec in cls.PARAMS.items():
+            if spec.active_if and out[spec.active_if[0]] != spec.active_if[1]:
+                inactive.add(key)
+                if key in given and given[key] != spec.default:
+                    on, value = spec.active_if
+                    raise ConfigError(
+                        f"method {cls.name}: {key} has an effect only with {on}={value}, "
+                        f"got {on}={out[on]!r}; add --set method.{on}={value} or drop {key}"
+                    )
+        out = {k: v for k, v in out.items() if k not in inactive}
+        if "alpha_minus" in out and not out["alpha_minus"] < out["alpha_plus"]:
+            raise ConfigError(
+                f"method {cls.name}: alpha_minus must be < alpha_plus, got alpha_minus="
+                f"{out['alpha_minus']:g}, alpha_plus={out['alpha_plus']:g}"
+            )
         return out
+
+    def distill(self, student: Tensor, teacher: Tensor, T: float) -> Tensor:
+        """The distillation term of this method's `divergence` (kl: `kd_loss`; alpha:
+        `alpha_kd_loss`); methods without DIVERGENCE parameters always use kl."""
+        p = self.params
+        if p.get("divergence", "kl") == "kl":
+            return kd_loss(student, teacher, T)
+        return alpha_kd_loss(
+            student, teacher, T, p["alpha_minus"], p["alpha_plus"], p["alpha_clip"]
+        )
+
+    def draw_submodels(self, g: torch.Generator, model: nn.Module) -> list[float] | None:
+        """Widths to train this step, smallest first (the largest last, the teacher), drawn
+        from `g` (seeded by seed, epoch and step: `benchmark.step.step_generator`); None (the
+        default) trains the stage's fixed sub-models. Methods returning widths train them with
+        `model.forward_width` and their `loss` sees the drawn widths as sub-models 0..n-1."""
+        return None
 
     name: ClassVar[str] = ""
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from benchmark.dim import Dim
 from benchmark.methods import register_method
-from benchmark.methods.base import Method, kd_loss, scale, temperature
+from benchmark.methods.base import DIVERGENCE, Method, scale, temperature
 
 
 def attention_map(f: Tensor) -> Tensor:
@@ -45,6 +45,7 @@ class EKD(Method):
         "T": temperature(1.0),
         "b": scale(1.0, "b", search=Dim(0.0, 2.0)),
         "g": scale(500.0, "g", search=Dim(1.0, 1000.0, log=True)),
+        **DIVERGENCE,
     }
     uses_features = True
 
@@ -53,7 +54,7 @@ class EKD(Method):
         last = num_submodels - 1
         if k == last:
             return ce, {"ce": ce}
-        kd = kd_loss(logits, teachers[last], self.params["T"])
+        kd = self.distill(logits, teachers[last], self.params["T"])
         pairs = [(s, t) for s, t in zip(feats[k], feats[last]) if s.shape[-2:] == t.shape[-2:]]
         at = sum((at_distance(s, t) for s, t in pairs), logits.new_zeros(()))
         loss = ce + self.params["b"] * kd + self.params["g"] * at

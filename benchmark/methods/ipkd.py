@@ -5,14 +5,14 @@ published US-Nets setting (soft targets only); both are parameters that studies 
 """
 
 from benchmark.methods import register_method
-from benchmark.methods.base import Method, kd_loss, temperature, weight
+from benchmark.methods.base import DIVERGENCE, Method, temperature, weight
 
 
 @register_method("ipkd")
 class IPKD(Method):
     description = "inplace KD: the full model (same step, detached) teaches every sub-model"
     plot_slot = 2
-    PARAMS = {"T": temperature(), "a": weight()}
+    PARAMS = {"T": temperature(), "a": weight(), **DIVERGENCE}
 
     def teacher_of(self, k: int, num_submodels: int) -> int:
         return num_submodels - 1
@@ -22,5 +22,5 @@ class IPKD(Method):
         if k == num_submodels - 1:
             return ce, {"ce": ce}
         a, T = self.params["a"], self.params["T"]
-        kd = kd_loss(logits, teachers[self.teacher_of(k, num_submodels)], T)
+        kd = self.distill(logits, teachers[self.teacher_of(k, num_submodels)], T)
         return (1 - a) * ce + a * kd, {"ce": ce, "kd": kd}

@@ -7,7 +7,7 @@ shared weights, so TAKD is defined on independent networks only, as in the paper
 """
 
 from benchmark.methods import register_method
-from benchmark.methods.base import Method, Stage, kd_loss, temperature, weight
+from benchmark.methods.base import DIVERGENCE, Method, Stage, temperature, weight
 
 
 @register_method("takd")
@@ -15,7 +15,7 @@ class TAKD(Method):
     description = "offline TA chain on independent networks: largest first, each stage frozen"
     plot_slot = 4
     # Defaults: the TAKD author's confirmed CIFAR-100 ResNet-110 -> ResNet-20 setting.
-    PARAMS = {"T": temperature(5.0), "a": weight(0.5)}
+    PARAMS = {"T": temperature(5.0), "a": weight(0.5), **DIVERGENCE}
     separate_networks = True
 
     def stages(self, num_submodels: int) -> list[Stage]:
@@ -27,5 +27,5 @@ class TAKD(Method):
         if k == num_submodels - 1:
             return ce, {"ce": ce}
         a, T = self.params["a"], self.params["T"]
-        kd = kd_loss(logits, teachers[k + 1], T)
+        kd = self.distill(logits, teachers[k + 1], T)
         return (1 - a) * ce + a * kd, {"ce": ce, "kd": kd}
