@@ -50,8 +50,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "runtime": {
         "device": "auto",
-        "amp": True,
+        "amp": "auto",
         "compile": False,
+        "memory_format": "auto",
         "threads": 0,
         "latency_batch": 1,
         "latency_warmup": 10,
@@ -194,8 +195,17 @@ def validate_runtime(r: dict[str, Any]) -> None:
         dev in ("auto", "cpu") or dev.startswith("cuda"),
         f"runtime.device {dev!r}; valid: auto, cpu, cuda, cuda:N",
     )
-    for key in ("amp", "compile", "log_checkpoint"):
+    for key in ("compile", "log_checkpoint"):
         _check(isinstance(r[key], bool), f"runtime.{key} must be true or false")
+    _check(
+        isinstance(r["amp"], bool) or r["amp"] == "auto",
+        f"runtime.amp must be auto, true or false, got {r['amp']!r}",
+    )
+    _check(
+        r["memory_format"] in ("auto", "channels_last", "contiguous"),
+        f"runtime.memory_format must be auto, channels_last or contiguous, "
+        f"got {r['memory_format']!r}",
+    )
     for key in ("threads", "latency_warmup"):
         _check(_is_int(r[key]) and r[key] >= 0, f"runtime.{key} must be an integer >= 0")
     for key in ("latency_batch", "latency_repeats", "log_every"):

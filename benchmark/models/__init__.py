@@ -24,6 +24,8 @@ class ArchSpec:
     `train`: {profile: train settings} this architecture needs in that profile on top of the
     profile's own (e.g. a lower lr), as timm keeps per-model default configs beside each model.
     A `--set arch.X` / `--set train.X` still overrides both.
+    `memory_format`: `channels_last` or `contiguous`, the layout its step is fastest in
+    (benchmark.speed; `runtime.memory_format` overrides it).
     """
 
     name: str
@@ -33,6 +35,7 @@ class ArchSpec:
     description: str = ""
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    memory_format: str = "channels_last"
 
     def resolve(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Defaults <- preset <- overrides, with unknown keys rejected."""
@@ -67,14 +70,21 @@ def register_arch(
     description: str = "",
     profiles: dict[str, dict[str, Any]] | None = None,
     train: dict[str, dict[str, Any]] | None = None,
+    memory_format: str = "channels_last",
 ) -> Callable[[Callable[..., FlexibleModel]], Callable[..., FlexibleModel]]:
     """Register a builder `build(num_classes, image_size, **knobs) -> FlexibleModel` (see
-    ArchSpec for `profiles` and `train`; profile names are checked by `config.resolve`)."""
+    ArchSpec for `profiles`, `train` and `memory_format`; profile names are checked by
+    `config.resolve`)."""
+    if memory_format not in ("channels_last", "contiguous"):
+        raise ValueError(
+            f"memory_format of {name}: channels_last or contiguous, got {memory_format!r}"
+        )
 
     def deco(build: Callable[..., FlexibleModel]) -> Callable[..., FlexibleModel]:
         spec = ArchSpec(
-            name, build, defaults, presets or {}, description, profiles or {}, train or {}
-        )
+            name, build, defaults, presets or {}, description, profiles or {}, train or {},
+            memory_format,
+        )  # fmt: skip
         ARCHS.register(name)(spec)
         return build
 
