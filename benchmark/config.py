@@ -268,10 +268,18 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
     from benchmark.models import build_model
 
     num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
-    params = {k: v for k, v in cfg["arch"].items() if k != "name"}
-    with torch.device("meta"):
-        model = build_model(cfg["arch"]["name"], params, num_classes, image_size)
+    key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
+    model = _META_MODELS.get(key)
+    if model is None:  # a grid resolves many cells of one architecture config: build it once
+        params = {k: v for k, v in cfg["arch"].items() if k != "name"}
+        with torch.device("meta"):
+            model = build_model(cfg["arch"]["name"], params, num_classes, image_size)
+        _META_MODELS[key] = model
     METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
+
+
+# arch config -> its model on the meta device (no memory): `check_model` only reads structure
+_META_MODELS: dict[str, Any] = {}
 
 
 def cell_key(cfg: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ schedule and loss weights are not published in anything we could read; the rest 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from itertools import islice
@@ -35,8 +36,10 @@ from benchmark.methods.ipkd_ta import IPKDTA
 from benchmark.models import ARCHS, build_model
 
 
-def rerankable_archs() -> list[str]:
-    """Registered architectures whose (default) model has re-rankable channels."""
+@functools.cache
+def rerankable_archs() -> tuple[str, ...]:
+    """Registered architectures whose (default) model has re-rankable channels (built once per
+    process: a grid asks for every cell)."""
     names = []
     for name in ARCHS.names():
         try:
@@ -46,7 +49,7 @@ def rerankable_archs() -> list[str]:
             continue
         if hasattr(model, "rerank"):
             names.append(name)
-    return names
+    return tuple(names)
 
 
 def kd_saliency(
