@@ -4,8 +4,7 @@ Three settings change how fast a step runs but not what it computes (up to round
 
 - memory format: `channels_last` (NHWC) or `contiguous` (NCHW). Each architecture declares the
   one that is fastest for it (`register_arch(memory_format=...)`); `runtime.memory_format`
-  overrides it. Measured in docs/performance.md: NHWC doubles MobileNet's depthwise convs on
-  CPU, while MSDNet's concatenation-heavy dense blocks are faster in NCHW.
+  overrides it (docs/performance.md has the side-by-side measurements behind each default).
 - bf16 autocast (`runtime.amp`): `auto` uses it where the device computes bf16 natively (CUDA
   with bf16 support; a CPU with AVX-512 BF16 or AMX), `true` forces it (emulated, slower, on
   other CPUs: for tests), `false` keeps fp32.

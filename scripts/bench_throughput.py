@@ -315,7 +315,8 @@ def report(rec: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None, quiet: bool = False) -> dict:
+    """Parse `argv`, measure, print the report (unless quiet) and return the result record."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default="msdnet")
     ap.add_argument("--method", default="joint")
@@ -335,11 +336,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cfg["runtime"]["threads"])
     splits = datasets.load_splits(args.dataset, cfg["data"])
     rec = measure(args, cfg, splits, device, speed.choose(cfg, device))
-    report(rec)
+    if not quiet:
+        report(rec)
     if args.json:
         with open(args.json, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+    return rec
 
 
 if __name__ == "__main__":
-    main()
+    run()
