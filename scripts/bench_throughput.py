@@ -330,7 +330,8 @@ def run(argv: list[str] | None = None, quiet: bool = False) -> dict:
     ap.add_argument("--profile-ops", type=int, default=0, metavar="N")
     ap.add_argument("--json", type=Path, help="append the result record to this file")
     args = ap.parse_args(argv)
-    cfg = resolve(args.arch, args.dataset, args.method, 0, args.profile, parse_sets(args.sets))
+    sets = {"data.val_size": 200} | parse_sets(args.sets)  # validation is not timed: keep it small
+    cfg = resolve(args.arch, args.dataset, args.method, 0, args.profile, sets)
     device = pick_device(cfg["runtime"]["device"])
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(cfg["runtime"]["threads"])

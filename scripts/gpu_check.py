@@ -95,7 +95,8 @@ def _worker(argv: list[str]) -> None:
     from benchmark.config import parse_sets, resolve
 
     profile, steps = argv[0], int(argv[1])
-    cfg = resolve("msdnet", "synthetic", "joint", 0, profile, parse_sets(argv[2:]))
+    sets = {"data.val_size": 200} | parse_sets(argv[2:])
+    cfg = resolve("msdnet", "synthetic", "joint", 0, profile, sets)
     device = pick_device(cfg["runtime"]["device"])
     torch.set_num_threads(1)
     splits = datasets.load_splits("synthetic", cfg["data"])
@@ -186,10 +187,17 @@ def main() -> int:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no CUDA)"
     rec = {"dry_run": args.dry_run, "device": dev, "torch": torch.__version__}
     rec["date"] = time.strftime("%Y-%m-%d %H:%M")
-    rec["cuda_tests"] = cuda_tests()
-    rec["throughput"] = throughput(args.dry_run)
-    rec["concurrency"] = concurrency(args.dry_run)
-    rec["real_data"] = real_data(args.data, args.dry_run)
+    stages = [
+        ("cuda_tests", cuda_tests),
+        ("throughput", lambda: throughput(args.dry_run)),
+        ("concurrency", lambda: concurrency(args.dry_run)),
+        ("real_data", lambda: real_data(args.data, args.dry_run)),
+    ]
+    for name, stage in stages:
+        t = time.perf_counter()
+        print(f"gpu_check: {name} ...", file=sys.stderr, flush=True)
+        rec[name] = stage()
+        print(f"gpu_check: {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     rec["seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(rec, indent=1))
