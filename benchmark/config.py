@@ -263,17 +263,14 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
     """Build the model on the meta device (no memory, no init) so that bad architecture values,
     and methods that cannot train this architecture, fail at resolve time, i.e. before the first
     cell of a grid starts."""
-    import torch
-
-    from benchmark.models import build_model
+    from benchmark.models import build_on_meta
 
     num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
     key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
     model = _META_MODELS.get(key)
     if model is None:  # a grid resolves many cells of one architecture config: build it once
         params = {k: v for k, v in cfg["arch"].items() if k != "name"}
-        with torch.device("meta"):
-            model = build_model(cfg["arch"]["name"], params, num_classes, image_size)
+        model = build_on_meta(cfg["arch"]["name"], params, num_classes, image_size)
         _META_MODELS[key] = model
     METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
 

@@ -33,7 +33,7 @@ from benchmark.errors import ConfigError, IncompatibleError
 from benchmark.methods import register_method
 from benchmark.methods.base import EpochContext, ParamSpec, integer, kd_loss
 from benchmark.methods.ipkd_ta import IPKDTA
-from benchmark.models import ARCHS, build_model
+from benchmark.models import ARCHS, build_on_meta
 
 
 @functools.cache
@@ -43,8 +43,7 @@ def rerankable_archs() -> tuple[str, ...]:
     names = []
     for name in ARCHS.names():
         try:
-            with torch.device("meta"):
-                model = build_model(name, ARCHS.get(name).resolve({}), 10, 32)
+            model = build_on_meta(name, ARCHS.get(name).resolve({}), 10, 32)
         except ConfigError:
             continue
         if hasattr(model, "rerank"):

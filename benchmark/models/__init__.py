@@ -100,6 +100,46 @@ def build_model(
     return spec.build(num_classes=num_classes, image_size=image_size, **kwargs)
 
 
+# Initialisers skipped on the meta device (see build_on_meta).
+_INITS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+    "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_",
+)  # fmt: skip
+
+
+def build_on_meta(
+    arch: str, params: dict[str, Any], num_classes: int, image_size: int
+) -> FlexibleModel:
+    """The model on the meta device, for its structure only (no memory, no values): config
+    validation and method compatibility checks. `torch.nn.init` initialisers are skipped while
+    it is built: on `meta` they fill nothing, yet `normal_` runs through `torch._refs` and
+    imports `torch._dynamo`, seconds of CPU on every `flexbench grid run` of a finished grid."""
+    import torch
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(init, name, _keep)
+        with torch.device("meta"):
+            return build_model(arch, params, num_classes, image_size)
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
+
+
 discover(__name__, __path__)  # importing each module registers its architecture
 
-__all__ = ["ARCHS", "ArchSpec", "FlexibleModel", "IndependentModel", "SubModel", "build_model"]
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "FlexibleModel",
+    "IndependentModel",
+    "SubModel",
+    "build_model",
+    "build_on_meta",
+]
