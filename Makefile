@@ -34,8 +34,11 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Paper-size MSDNet `joint` (flexbench vs plain loop vs the MSDNet reference loop) and slimmable
+# MobileNet-V1 `ipkd_ta` (vs plain loop), alternating rounds in one process; see docs/performance.md.
 bench: venv
-	$(PY) scripts/bench_throughput.py
+	$(PY) scripts/bench_throughput.py --arch msdnet --method joint --profile paper
+	$(PY) scripts/bench_throughput.py --arch slimmable_mobilenet_v1 --method ipkd_ta --profile paper
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts flexbench_runs

@@ -54,8 +54,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "runtime": {
         "device": "auto",
-        "amp": True,
+        "amp": "auto",
         "compile": False,
+        "memory_format": "auto",
         "threads": 0,
         "latency_batch": 1,
         "latency_warmup": 10,
@@ -214,8 +215,12 @@ def validate_runtime(r: dict[str, Any]) -> None:
     dev = str(r["device"])
     if not (dev in ("auto", "cpu") or dev.startswith("cuda")):
         raise ConfigError(f"runtime.device {dev!r}; valid: auto, cpu, cuda, cuda:N")
-    for key in ("amp", "compile", "log_checkpoint"):
+    for key in ("compile", "log_checkpoint"):
         _check(isinstance(r[key], bool), f"runtime.{key}", "true or false", r[key])
+    amp, fmt = r["amp"], r["memory_format"]
+    _check(isinstance(amp, bool) or amp == "auto", "runtime.amp", "auto, true or false", amp)
+    formats = ("auto", "channels_last", "contiguous")
+    _check(fmt in formats, "runtime.memory_format", "auto, channels_last or contiguous", fmt)
     for key in ("threads", "latency_warmup"):
         _check(_is_int(r[key]) and r[key] >= 0, f"runtime.{key}", "an integer >= 0", r[key])
     for key in ("latency_batch", "latency_repeats", "log_every"):
@@ -275,14 +280,15 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
     """Build the model on the meta device (no memory, no init) so that bad architecture values,
     and methods that cannot train this architecture, fail at resolve time, i.e. before the first
     cell of a grid starts."""
-    import torch
-
-    from benchmark.models import build_model
+    from benchmark.models import build_on_meta
 
     num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
-    params = {k: v for k, v in cfg["arch"].items() if k != "name"}
-    with torch.device("meta"):
-        model = build_model(cfg["arch"]["name"], params, num_classes, image_size)
+    key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
+    model = _META_MODELS.get(key)
+    if model is None:  # a grid resolves many cells of one architecture config: build it once
+        params = {k: v for k, v in cfg["arch"].items() if k != "name"}
+        model = build_on_meta(cfg["arch"]["name"], params, num_classes, image_size)
+        _META_MODELS[key] = model
     METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
     _check(
         not getattr(model, "needs_bn_calibration", False) or cfg["train"]["bn_calib_batches"] >= 1,
@@ -290,6 +296,10 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
         f"evaluated after BN recalibration: train.bn_calib_batches must be >= 1, "
         f"got {cfg['train']['bn_calib_batches']!r}",
     )
+
+
+# arch config -> its model on the meta device (no memory): `check_model` only reads structure
+_META_MODELS: dict[str, Any] = {}
 
 
 def cell_key(cfg: dict[str, Any]) -> str:

@@ -186,9 +186,11 @@ def latency_profile(
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     model.eval()
+    conv_w = next((p for p in model.parameters() if p.dim() == 4), None)
+    nhwc = conv_w is not None and conv_w.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
-        memory_format=torch.channels_last
-    )
+        memory_format=torch.channels_last if nhwc else torch.contiguous_format
+    )  # the layout the model's weights are in, as in training
     subs = [s.index for s in model.submodels]
     samples: dict[int, list[float]] = {k: [] for k in subs}
     try:

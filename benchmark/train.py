@@ -24,7 +24,7 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from benchmark import checkpoint, schema, tracking
+from benchmark import checkpoint, schema, speed, tracking
 from benchmark import data as datasets
 from benchmark.bn_calib import calibrator
 from benchmark.budgeted import budgeted_curve
@@ -173,8 +173,9 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
     run = _open_run(uri, experiment, ckpt, state)
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(cfg["runtime"]["threads"])
-    splits, batches, norm = _load_data(cfg, device, sealed=not opts.evaluate_test)
-    model = model.to(device, memory_format=torch.channels_last)
+    fast = speed.choose(cfg, device)
+    splits, batches, norm = _load_data(cfg, device, fast, sealed=not opts.evaluate_test)
+    model = model.to(device, memory_format=fast.torch_format)
     method = method.to(device)
     optimizer = new_optimizer(model, method, cfg["train"])
     start = 0
@@ -188,13 +189,13 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
         schema.VAL_HASH: splits.val_hash,
         schema.DATA_HASH: splits.data_hash,
         schema.TEST_EVALUATED: str(opts.evaluate_test).lower(),
+        **fast.tags(),
         **opts.extra_tags,
     }
     run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
-    amp = bool(cfg["runtime"]["amp"]) and device.type == "cuda"
     cell = Cell(
-        cfg, key, plan, model, method, optimizer, splits, batches, norm, device, amp, run, ckpt,
-        start, opts,
+        cfg, key, plan, model, method, optimizer, splits, batches, norm, device, fast.amp, run,
+        ckpt, start, opts,
     )  # fmt: skip
     if opts.restart:
         ckpt.unlink(missing_ok=True)
@@ -234,11 +235,11 @@ def _open_run(
 
 
 def _load_data(
-    cfg: dict[str, Any], device: torch.device, sealed: bool
+    cfg: dict[str, Any], device: torch.device, fast: speed.Speed, sealed: bool
 ) -> tuple[Splits, TrainBatches, Normalizer]:
     splits = datasets.load_splits(cfg["data"]["name"], cfg["data"])
     splits.sealed = sealed
-    norm = Normalizer(splits.mean, splits.std, device)
+    norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
     t = cfg["train"]
     batches = TrainBatches(
         splits.train_x, splits.train_y, t["batch_size"], norm, cfg["seed"], device

@@ -1,28 +1,48 @@
-"""Training throughput: flexbench's step vs a plain PyTorch loop on the same model and method.
+"""Training throughput: flexbench's step vs a plain PyTorch loop (and, for early-exit models, the
+reference MSDNet loop) on the same model and method, side by side in one process.
 
-flexbench: uint8 data resident on the device, batched crop+flip, channels_last, device-side
-metrics (one host sync per `log_every` steps). Plain loop (how the anchor repositories train):
-DataLoader + torchvision PIL transforms, contiguous NCHW, `.item()` on the loss every step.
-Both run the same sub-models with the same method loss, one optimizer step per batch, side by
-side in one process. Prints images/s through all sub-models and the ratio.
+- flexbench: uint8 data resident on the device, batched crop+flip, the cell's settings from
+  `benchmark.speed` (memory format per architecture, bf16 where native, compile if asked),
+  device-side metrics (one host sync per `log_every` steps).
+- plain: how a plain PyTorch loop trains the same method: DataLoader + torchvision PIL
+  transforms, contiguous NCHW fp32, `.item()` on the loss every step; exactly one forward per
+  step for a single-pass model (MSDNet: all exits at once), one per sub-model otherwise.
+- reference (single-pass early-exit models only): the loop of the MSDNet reference code
+  (kalviny/MSDNet-PyTorch, main.py `train`): PIL DataLoader, one forward returning every exit,
+  the sum of cross-entropies, `loss.item()` and per-exit top-1/top-5 errors read with `.item()`
+  every step, zero_grad -> backward -> SGD step. Written here from its description, run on
+  flexbench's MSDNet module (not a copy of the reference model).
 
-    python scripts/bench_throughput.py --arch slimmable_mobilenet_v1 --profile mini \
-        --dataset imagefolder:../shared/data/cifar10-jpeg.zip --steps 30
+Runners alternate in rounds (`--rounds` x `--steps` timed steps each) so machine load hits them
+alike; the median images/s per runner and the ratios are printed, plus the step's arithmetic
+rate (3 x forward FLOPs per image, forward + backward) against this process's measured fp32
+matmul peak. `--profile-ops N` prints a torch.profiler table of N flexbench steps.
+
+    python scripts/bench_throughput.py --arch msdnet --method joint --profile paper
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from benchmark import data as datasets
-from benchmark.cell import make_method, make_model, pick_device
-from benchmark.config import parse_sets, resolve
-from benchmark.data.pipeline import Normalizer, TrainBatches
-from benchmark.step import make_step
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark import data as datasets  # noqa: E402
+from benchmark import speed  # noqa: E402
+from benchmark.cell import make_method, make_model, pick_device  # noqa: E402
+from benchmark.config import parse_sets, resolve  # noqa: E402
+from benchmark.data.pipeline import Normalizer, TrainBatches  # noqa: E402
+from benchmark.flops import count_costs  # noqa: E402
+from benchmark.step import make_step  # noqa: E402
 
 
 class PILDataset(Dataset):
@@ -50,114 +70,280 @@ class PILDataset(Dataset):
         return self.tf(Image.fromarray(self.x[i])), self.y[i]
 
 
-def images_per_s(train_step, batches, device, steps: int, warmup: int, finish=None) -> float:
-    """Images/s of `train_step(i, xb, yb)` over `steps` batches after `warmup` untimed ones,
-    the same clock for both loops; `finish` waits for queued device work to count it."""
-    n = 0
-    for i in range(warmup + steps):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 0
-        xb, yb = next(batches)
-        train_step(i, xb, yb)
-        n += yb.shape[0]
-    if finish is not None:
-        finish()
-    return n / (time.perf_counter() - t0)
+def _batches(loader: DataLoader):
+    while True:  # endless: a round may cross an epoch boundary
+        yield from loader
 
 
-def run_flexbench(cfg, splits, device, steps: int, warmup: int) -> float:
-    model = make_model(cfg, splits.num_classes, splits.image_size).to(
-        device, memory_format=torch.channels_last
-    )
-    method = make_method(cfg, model.num_submodels)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step = make_step(
-        model, method, method.stages(model.num_submodels)[0], device, amp=device.type == "cuda"
-    )
-    norm = Normalizer(splits.mean, splits.std, device)
-    batches = TrainBatches(
-        splits.train_x, splits.train_y, cfg["train"]["batch_size"], norm, 0, device
-    )
-    log_every = cfg["runtime"]["log_every"]
-    loss_sum = torch.zeros((), device=device)
+class Runner:
+    """One training loop, built once; `run(steps)` times `steps` steps and returns images/s."""
 
-    def train_step(i: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        nonlocal loss_sum
-        loss = step(xb, yb).loss
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss
-        if (i + 1) % log_every == 0:
-            loss_sum.item()
+    name = ""
 
-    return images_per_s(train_step, batches.epoch(0), device, steps, warmup, loss_sum.item)
+    def step(self) -> int:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, steps: int) -> float:
+        self.sync()
+        t0, n = time.perf_counter(), 0
+        for _ in range(steps):
+            n += self.step()
+        self.finish()
+        self.sync()
+        return n / (time.perf_counter() - t0)
+
+    def finish(self) -> None:
+        pass
 
 
-def run_plain(cfg, splits, device, steps: int, warmup: int, workers: int) -> float:
-    model = make_model(cfg, splits.num_classes, splits.image_size).to(device)
-    method = make_method(cfg, model.num_submodels)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loader = DataLoader(
-        PILDataset(splits.train_x, splits.train_y, splits.mean, splits.std),
-        batch_size=cfg["train"]["batch_size"],
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-    )
-    k_all = list(range(model.num_submodels))[::-1]
+class FlexbenchRunner(Runner):
+    name = "flexbench"
 
-    def train_step(i: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        xb, yb = xb.to(device), yb.to(device)
+    def __init__(self, cfg, splits, device, fast: speed.Speed) -> None:
+        self.device, self.fast = device, fast
+        self.model = make_model(cfg, splits.num_classes, splits.image_size)
+        self.model = self.model.to(device, memory_format=fast.torch_format)
+        method = make_method(cfg, self.model.num_submodels).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        stage = method.stages(self.model.num_submodels)[0]
+        self._step = make_step(self.model, method, stage, device, fast.amp, fast.compile)
+        norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
+        bs = cfg["train"]["batch_size"]
+        batches = TrainBatches(splits.train_x, splits.train_y, bs, norm, 0, device)
+        self.it = (b for e in range(10**9) for b in batches.epoch(e))
+        self.log_every, self.i = cfg["runtime"]["log_every"], 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.model.train()
+
+    def step(self) -> int:
+        xb, yb = next(self.it)
+        self.loss_sum += self._step(xb, yb).loss
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.i += 1
+        if self.i % self.log_every == 0:
+            self.loss_sum.item()
+        return yb.shape[0]
+
+    def finish(self) -> None:
+        self.loss_sum.item()
+
+
+class _LoaderRunner(Runner):
+    def __init__(self, cfg, splits, device, workers: int) -> None:
+        self.device = device
+        self.model = make_model(cfg, splits.num_classes, splits.image_size).to(device)
+        self.method = make_method(cfg, self.model.num_submodels).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        loader = DataLoader(
+            PILDataset(splits.train_x, splits.train_y, splits.mean, splits.std),
+            batch_size=cfg["train"]["batch_size"],
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+        self.it = _batches(loader)
+        self.model.train()
+
+
+class PlainRunner(_LoaderRunner):
+    """One forward for a single-pass model, one per sub-model otherwise; one backward."""
+
+    name = "plain"
+
+    def step(self) -> int:
+        xb, yb = next(self.it)
+        xb, yb = xb.to(self.device), yb.to(self.device)
+        m, method = self.model, self.method
+        order = list(range(m.num_submodels))[::-1]  # largest first: teachers before students
+        feats_on = method.uses_features
+        if m.single_pass:
+            outs = m.forward_all_features(xb, order) if feats_on else m.forward_all(xb, order)
         teachers, feats, total = {}, {}, 0.0
-        for k in k_all:
-            if method.uses_features:
-                z, feats[k] = model.forward_sub_features(xb, k)
-                fk = {j: [f.detach() for f in v] for j, v in feats.items() if j != k}
-                fk[k] = feats[k]
+        for i, k in enumerate(order):
+            if m.single_pass:
+                z, fk = outs[i] if feats_on else (outs[i], None)
+            elif feats_on:
+                z, fk = m.forward_sub_features(xb, k)
             else:
-                z, fk = model.forward_sub(xb, k), None
-            loss, _ = method.loss(k, z, teachers, yb, model.num_submodels, fk)
+                z, fk = m.forward_sub(xb, k), None
+            if feats_on:
+                feats[k] = fk
+                fk = {j: [f.detach() for f in v] for j, v in feats.items() if j != k} | {k: fk}
+            loss, _ = method.loss(k, z, teachers, yb, m.num_submodels, fk)
             teachers[k] = z.detach()
             total = total + loss
-        opt.zero_grad()
+        self.opt.zero_grad()
         total.backward()
-        opt.step()
+        self.opt.step()
         total.item()
+        return yb.shape[0]
 
-    return images_per_s(train_step, iter(loader), device, steps, warmup)
+
+class ReferenceRunner(_LoaderRunner):
+    """The MSDNet reference training loop's per-step work (see the module docstring)."""
+
+    name = "reference"
+    criterion = nn.CrossEntropyLoss()
+
+    def step(self) -> int:
+        xb, yb = next(self.it)
+        xb, yb = xb.to(self.device), yb.to(self.device)
+        output = self.model.forward_all(xb)
+        loss = 0.0
+        for z in output:
+            loss = loss + self.criterion(z, yb)
+        loss.item()
+        for z in output:  # per-exit top-1 / top-5 error, read every step
+            _, pred = z.detach().topk(5, 1, True, True)
+            correct = pred.t().eq(yb.view(1, -1).expand_as(pred.t()))
+            for k in (1, 5):
+                (correct[:k].reshape(-1).float().sum(0) * (100.0 / yb.shape[0])).item()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return yb.shape[0]
 
 
-def main() -> None:
+def matmul_peak_gflops(device: torch.device, n: int = 1024, reps: int = 10) -> float:
+    """Best-of-3 fp32 matmul rate (GFLOP/s) in this process: the step's arithmetic ceiling."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = 0.0
+    for _ in range(3):
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def train_gflop_per_image(model, image_size: int) -> float:
+    """Forward + backward GFLOP per image through every sub-model a step trains (3 x forward
+    FLOPs, the usual estimate): the full model for a single-pass model, else the sum."""
+    costs = count_costs(model, image_size)
+    fwd = costs[-1].mflops if model.single_pass else sum(c.mflops for c in costs)
+    return 3 * fwd / 1e3
+
+
+def profile_ops(runner: FlexbenchRunner, steps: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if runner.device.type == "cuda" else []
+    )
+    with profile(activities=acts) as prof:
+        runner.run(steps)
+    key = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15)
+
+
+def build_runners(args, cfg, splits, device, fast) -> list[Runner]:
+    runners: list[Runner] = [FlexbenchRunner(cfg, splits, device, fast)]
+    runners.append(PlainRunner(cfg, splits, device, args.loader_workers))
+    model = runners[0].model
+    if model.single_pass and model.early_exit:
+        runners.append(ReferenceRunner(cfg, splits, device, args.loader_workers))
+    return runners
+
+
+def measure(args, cfg, splits, device, fast) -> dict:
+    """Alternating rounds of every runner; returns the result record (also printed)."""
+    runners = build_runners(args, cfg, splits, device, fast)
+    t0 = time.perf_counter()
+    for r in runners:  # warm-up (and, with compile, the compilation)
+        r.run(args.warmup)
+    warm_s = time.perf_counter() - t0
+    rates: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(args.rounds):
+        for r in runners:
+            rates[r.name].append(r.run(args.steps))
+    peak = matmul_peak_gflops(device)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    gflop_img = train_gflop_per_image(runners[0].model, splits.image_size)
+    rec = {
+        "arch": args.arch,
+        "method": args.method,
+        "profile": args.profile,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch": cfg["train"]["batch_size"],
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "settings": fast.tags(),
+        "images_per_s": med,
+        "rounds_images_per_s": rates,
+        "ratio_vs_plain": med["flexbench"] / med["plain"],
+        "train_gflop_per_image": gflop_img,
+        "step_gflops": med["flexbench"] * gflop_img,
+        "matmul_peak_gflops": peak,
+        "warmup_s": warm_s,
+    }
+    if "reference" in med:
+        rec["ratio_vs_reference"] = med["flexbench"] / med["reference"]
+    rec["fraction_of_peak"] = rec["step_gflops"] / peak
+    if args.profile_ops:
+        print(profile_ops(runners[0], args.profile_ops))
+    return rec
+
+
+def report(rec: dict) -> None:
+    print(
+        f"{rec['arch']} / {rec['method']} / {rec['profile']} on {rec['device']} "
+        f"({rec['threads']} threads), batch {rec['batch']}, {rec['rounds']} rounds x "
+        f"{rec['steps']} steps, settings {rec['settings']}"
+    )
+    for name, v in rec["images_per_s"].items():
+        rounds = ", ".join(f"{x:.0f}" for x in rec["rounds_images_per_s"][name])
+        print(f"  {name:<10}: {v:9.1f} images/s (rounds: {rounds})")
+    print(f"  ratio vs plain loop     : {rec['ratio_vs_plain']:.2f}x")
+    if "ratio_vs_reference" in rec:
+        print(f"  ratio vs reference loop : {rec['ratio_vs_reference']:.2f}x")
+    print(
+        f"  step arithmetic: {rec['step_gflops']:.1f} GFLOP/s = "
+        f"{100 * rec['fraction_of_peak']:.0f}% of the measured fp32 matmul peak "
+        f"({rec['matmul_peak_gflops']:.1f} GFLOP/s)"
+    )
+
+
+def run(argv: list[str] | None = None, quiet: bool = False) -> dict:
+    """Parse `argv`, measure, print the report (unless quiet) and return the result record."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="slimmable_mobilenet_v1")
-    ap.add_argument("--method", default="ipkd_ta")
+    ap.add_argument("--arch", default="msdnet")
+    ap.add_argument("--method", default="joint")
     ap.add_argument("--dataset", default="synthetic")
-    ap.add_argument("--profile", default="mini")
+    ap.add_argument("--profile", default="paper")
     ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per runner and round")
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--loader-workers", type=int, default=2)
-    args = ap.parse_args()
-    cfg = resolve(args.arch, args.dataset, args.method, 0, args.profile, parse_sets(args.sets))
+    ap.add_argument("--profile-ops", type=int, default=0, metavar="N")
+    ap.add_argument("--json", type=Path, help="append the result record to this file")
+    args = ap.parse_args(argv)
+    sets = {"data.val_size": 200} | parse_sets(args.sets)  # validation is not timed: keep it small
+    cfg = resolve(args.arch, args.dataset, args.method, 0, args.profile, sets)
     device = pick_device(cfg["runtime"]["device"])
+    if cfg["runtime"]["threads"]:
+        torch.set_num_threads(cfg["runtime"]["threads"])
     splits = datasets.load_splits(args.dataset, cfg["data"])
-    print(
-        f"{args.arch} / {args.method} / {args.profile} on {device} "
-        f"({torch.get_num_threads()} threads), batch {cfg['train']['batch_size']}, "
-        f"{args.steps} timed steps"
-    )
-    fb = run_flexbench(cfg, splits, device, args.steps, args.warmup)
-    plain = run_plain(cfg, splits, device, args.steps, args.warmup, args.loader_workers)
-    print(f"flexbench step : {fb:9.1f} images/s")
-    print(
-        f"plain loop     : {plain:9.1f} images/s "
-        f"(DataLoader x{args.loader_workers} workers, PIL transforms, NCHW, .item() per step)"
-    )
-    print(f"ratio          : {fb / plain:9.2f}x")
+    rec = measure(args, cfg, splits, device, speed.choose(cfg, device))
+    if not quiet:
+        report(rec)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+    return rec
 
 
 if __name__ == "__main__":
-    main()
+    run()

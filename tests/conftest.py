@@ -23,6 +23,17 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `cuda` need a GPU: skipped (with the reason) where torch sees none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check.sh on a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 # Settings that make a smoke cell take seconds on one CPU thread.
 FAST = {
     "runtime.device": "cpu",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import smoke_cfg
 
-from benchmark import checkpoint
+from benchmark import checkpoint, speed
 from benchmark.cell import make_model
 from benchmark.config import cell_key
 from benchmark.data import load_splits
@@ -46,12 +46,13 @@ def test_best_val_epoch_is_chosen_on_val_and_evaluated_on_test(
     model = make_model(cfg, splits.num_classes, splits.image_size)
     model.load_state_dict(snapshots[best])
     norm = Normalizer(splits.mean, splits.std, torch.device("cpu"))
-    acc = evaluate(model, splits.test(), 128, norm, amp=False)
+    amp = speed.choose(cfg, torch.device("cpu")).amp  # as the trainer evaluates
+    acc = evaluate(model, splits.test(), 128, norm, amp=amp)
     for name, a1 in zip(("exit1", "exit2", "exit3"), acc.top1):
         assert run.data.metrics[f"test/top1_bestval/{name}"] == a1
     # the last epoch's numbers stay under test/top1/<sub>
     model.load_state_dict(snapshots[-1])
-    last = evaluate(model, splits.test(), 128, norm, amp=False)
+    last = evaluate(model, splits.test(), 128, norm, amp=amp)
     assert [run.data.metrics[f"test/top1/exit{k}"] for k in (1, 2, 3)] == last.top1
     child = {r.data.tags["flexbench.submodel"]: r for r in client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")}  # fmt: skip

@@ -28,6 +28,7 @@ from benchmark.grid.state import (
     ensure_failed,
     grid_active,
     mark_stale,
+    parent_runs,
     plan_record,
 )
 
@@ -57,8 +58,11 @@ def tracking_uri(uri: str | None) -> str:
     return tracking.absolute_sqlite(tracking.resolve_uri(uri))
 
 
-def make_plan(spec: GridSpec, uri: str, rerun_failed: bool, active: bool = False) -> list[Planned]:
-    states = cell_states(spec, uri, grid_active=active)
+def make_plan(
+    spec: GridSpec, uri: str, rerun_failed: bool, active: bool = False, runs=None
+) -> list[Planned]:
+    """What to do with each cell; `runs`: the experiment's parent runs if already searched."""
+    states = cell_states(spec, uri, grid_active=active, runs=runs)
     plan = []
     for cell in spec.cells:
         st = states[cell.key]
@@ -221,8 +225,10 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
     tracking.prepare_store(uri, spec.name)
     with GridLock(spec):
         tracking.record_grid_plan(uri, spec.name, plan_record(spec))  # what the report expects
-        stale = mark_stale(spec, uri)
-        plan = make_plan(spec, uri, opts.rerun_failed)
+        runs = parent_runs(uri, spec.name)  # one search of the store for the whole plan
+        stale = mark_stale(spec, uri, runs)
+        # a run marked stale just now reads `interrupted`, as `running` does with no grid active
+        plan = make_plan(spec, uri, opts.rerun_failed, runs=runs)
         todo = [p for p in plan if p.action in RUN_ACTIONS]
         _header(spec, uri, out)
         if stale:

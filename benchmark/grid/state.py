@@ -91,8 +91,12 @@ def checkpoint_path(cell: Cell, experiment: str) -> Path:
     return checkpoint.cell_dir(cell.cfg, experiment, cell.key) / "checkpoint.pt"
 
 
-def cell_states(spec: GridSpec, uri: str, grid_active: bool = False) -> dict[str, CellState]:
-    by_key = parent_runs(uri, spec.name)
+def cell_states(
+    spec: GridSpec, uri: str, grid_active: bool = False, runs: dict[str, list[Any]] | None = None
+) -> dict[str, CellState]:
+    """Every cell's state; `runs`: the experiment's `parent_runs` when the caller already has
+    them (one search of the store serves the whole plan)."""
+    by_key = parent_runs(uri, spec.name) if runs is None else runs
     out: dict[str, CellState] = {}
     for cell in spec.cells:
         runs = by_key.get(cell.key, [])
@@ -131,11 +135,11 @@ def checkpoint_run_id(cell: Cell, experiment: str) -> str | None:
         return None
 
 
-def mark_stale(spec: GridSpec, uri: str) -> int:
+def mark_stale(spec: GridSpec, uri: str, by_key: dict[str, list[Any]] | None = None) -> int:
     """Runs left `running` by a grid process that died: mark them interrupted (KILLED).
     Called with the grid lock held, so no live process owns them; a resumed cell sets its
-    run back to running."""
-    by_key = parent_runs(uri, spec.name)
+    run back to running. `by_key`: the experiment's `parent_runs`, when already searched."""
+    by_key = parent_runs(uri, spec.name) if by_key is None else by_key
     keys = {c.key for c in spec.cells}
     n = 0
     for key, runs in by_key.items():

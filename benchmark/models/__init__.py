@@ -7,6 +7,7 @@ sizes for the `smoke` / `mini` profiles and any per-profile training settings.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ class ArchSpec:
     `train`: {profile: train settings} this architecture needs in that profile on top of the
     profile's own (e.g. a lower lr), as timm keeps per-model default configs beside each model.
     A `--set arch.X` / `--set train.X` still overrides both.
+    `memory_format`: `channels_last` or `contiguous`, the layout its step is fastest in
+    (benchmark.speed; `runtime.memory_format` overrides it).
     """
 
     name: str
@@ -33,6 +36,7 @@ class ArchSpec:
     description: str = ""
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    memory_format: str = "channels_last"
 
     def resolve(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Defaults <- preset <- overrides, with unknown keys rejected."""
@@ -72,14 +76,21 @@ def register_arch(
     description: str = "",
     profiles: dict[str, dict[str, Any]] | None = None,
     train: dict[str, dict[str, Any]] | None = None,
+    memory_format: str = "channels_last",
 ) -> Callable[[Callable[..., FlexibleModel]], Callable[..., FlexibleModel]]:
     """Register a builder `build(num_classes, image_size, **knobs) -> FlexibleModel` (see
-    ArchSpec for `profiles` and `train`; profile names are checked by `config.resolve`)."""
+    ArchSpec for `profiles`, `train` and `memory_format`; profile names are checked by
+    `config.resolve`)."""
+    if memory_format not in ("channels_last", "contiguous"):
+        raise ValueError(
+            f"memory_format of {name}: channels_last or contiguous, got {memory_format!r}"
+        )
 
     def deco(build: Callable[..., FlexibleModel]) -> Callable[..., FlexibleModel]:
         spec = ArchSpec(
-            name, build, defaults, presets or {}, description, profiles or {}, train or {}
-        )
+            name, build, defaults, presets or {}, description, profiles or {}, train or {},
+            memory_format,
+        )  # fmt: skip
         ARCHS.register(name)(spec)
         return build
 
@@ -95,21 +106,55 @@ def build_model(
     return spec.build(num_classes=num_classes, image_size=image_size, **kwargs)
 
 
-def archs_having(attribute: str) -> list[str]:
+# Initialisers skipped on the meta device (see build_on_meta).
+_INITS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+    "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_",
+)  # fmt: skip
+
+
+def build_on_meta(
+    arch: str, params: dict[str, Any], num_classes: int, image_size: int
+) -> FlexibleModel:
+    """The model on the meta device, for its structure only (no memory, no values): config
+    validation and method compatibility checks. `torch.nn.init` initialisers are skipped while
+    it is built: on `meta` they fill nothing, yet `normal_` runs through `torch._refs` and
+    imports `torch._dynamo`, seconds of CPU on every `flexbench grid run` of a finished grid."""
+    import torch
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(init, name, _keep)
+        with torch.device("meta"):
+            return build_model(arch, params, num_classes, image_size)
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
+
+
+def archs_having(attribute: str) -> tuple[str, ...]:
     """Registered architectures whose default model (built on the meta device, no memory) has a
     true `attribute`, e.g. `exit_features`: for errors that name the architectures that fit."""
-    import torch
+    return _archs_having(attribute, tuple(ARCHS.names()))
 
-    names = []
-    for name in ARCHS.names():
+
+@functools.cache  # a grid asks once per cell; keyed on the registry so a new arch is seen
+def _archs_having(attribute: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    found = []
+    for name in names:
         try:
-            with torch.device("meta"):
-                model = build_model(name, ARCHS.get(name).resolve({}), 10, 32)
+            model = build_on_meta(name, ARCHS.get(name).resolve({}), 10, 32)
         except ConfigError:
             continue
         if getattr(model, attribute, False):
-            names.append(name)
-    return names
+            found.append(name)
+    return tuple(found)
 
 
 discover(__name__, __path__)  # importing each module registers its architecture
@@ -122,4 +167,5 @@ __all__ = [
     "SubModel",
     "archs_having",
     "build_model",
+    "build_on_meta",
 ]
