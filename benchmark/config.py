@@ -290,12 +290,12 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
         model = build_on_meta(cfg["arch"]["name"], params, num_classes, image_size)
         _META_MODELS[key] = model
     METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
-    _check(
-        not getattr(model, "needs_bn_calibration", False) or cfg["train"]["bn_calib_batches"] >= 1,
-        f"architecture {cfg['arch']['name']} shares BatchNorm statistics across widths and is "
-        f"evaluated after BN recalibration: train.bn_calib_batches must be >= 1, "
-        f"got {cfg['train']['bn_calib_batches']!r}",
-    )
+    bcb = cfg["train"]["bn_calib_batches"]
+    if getattr(model, "needs_bn_calibration", False) and bcb < 1:
+        raise ConfigError(
+            f"architecture {cfg['arch']['name']} shares BatchNorm statistics across widths and "
+            f"is evaluated after BN recalibration: train.bn_calib_batches must be >= 1, {got(bcb)}"
+        )
 
 
 # arch config -> its model on the meta device (no memory): `check_model` only reads structure
