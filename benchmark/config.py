@@ -74,6 +74,8 @@ NON_SEMANTIC = {("data", "root"), ("data", "download")}
 # left out of the cell key at that value, so a finished cell keeps its key (and resumes).
 KEY_NEUTRAL: dict[tuple[str, str], Any] = {
     ("train", "bn_calib_batches"): 0,
+    ("arch", "ge"): False,  # msdnet's IMTA options, off: the MSDNet cells had before them
+    ("arch", "isc"): False,
     **{("method", name): spec.default for name, spec in DIVERGENCE.items()},
 }
 
