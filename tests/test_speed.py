@@ -248,7 +248,7 @@ def test_gpu_check_dry_run_writes_its_json_and_summary(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
         env={**__import__("os").environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
