@@ -177,7 +177,7 @@ def test_yaml_numbers_in_grid_and_params_files_mean_what_set_means(tracking_uri,
     assert cli.main(["grid", "plan", str(grid), "--tracking-uri", tracking_uri]) == 0
     (cell,) = load_grid(grid).cells
     assert cell.cfg["train"]["weight_decay"] == 5e-4 and cell.cfg["train"]["lr"] == 1e-2
-    assert cell.cfg["method"] == {"name": "ipkd", "T": 4.0, "a": 0.5}
+    assert cell.cfg["method"] == {"name": "ipkd", "T": 4.0, "a": 0.5, "divergence": "kl"}
     sets = ["train.weight_decay=5e-4", "train.lr=1e-2", "train.milestones=[5e-1, 7.5e-1]",
             "method.T=4e0", "method.a=5e-1"]  # fmt: skip
     assert cell.key == cell_key(
@@ -198,7 +198,7 @@ def test_yaml_numbers_in_grid_and_params_files_mean_what_set_means(tracking_uri,
         ({"train.gamma": "2"}, "train.gamma must be in (0, 1], got '2' (str)"),
         ({"train.label_smoothing": True}, "train.label_smoothing must be in [0, 1), got True"),
         ({"runtime.threads": 1.5}, "runtime.threads must be an integer >= 0, got 1.5 (float)"),
-        ({"runtime.amp": "yes"}, "runtime.amp must be true or false, got 'yes' (str)"),
+        ({"runtime.amp": "yes"}, "runtime.amp must be auto, true or false, got 'yes' (str)"),
         ({"method.T": "-1e0"}, "method ipkd: T must be > 0, got -1.0 (float)"),
         ({"arch.reduction": 1.5}, "msdnet reduction must be in [0, 1), got 1.5 (float)"),
     ],

@@ -203,7 +203,12 @@ def test_scopes_precedence_and_from_study(tmp_path):
     }
     assert spec.excluded == 1
     assert cells[("msdnet", "joint")].cfg["method"] == {"name": "joint"}  # T/a skipped: no params
-    assert cells[("msdnet", "ipkd")].cfg["method"] == {"name": "ipkd", "T": 5.0, "a": 0.25}
+    assert cells[("msdnet", "ipkd")].cfg["method"] == {
+        "name": "ipkd",
+        "T": 5.0,
+        "a": 0.25,
+        "divergence": "kl",
+    }
     assert cells[("slimmable_mobilenet_v1", "ipkd")].cfg["method"]["T"] == 2.0
     assert cells[("msdnet", "joint")].cfg["arch"]["n_blocks"] == 2
     assert cells[("slimmable_mobilenet_v1", "ipkd")].cfg["train"]["epochs"] == 2
