@@ -311,8 +311,9 @@ def test_hsd_needs_rerankable_channels_and_other_methods_run_on_saliency_vgg(tmp
     )
     assert msg in str(err.value)
     over = {f"arch.{k}": v for k, v in TINY.items()}
-    early_exit_only = {"imta", "byot"}  # need an MSDNet / exit features (tests/test_exits.py)
-    for name in sorted(set(METHODS.names()) - early_exit_only):
+    # imta needs an MSDNet, byot exit features (tests/test_exits.py), sandwich a width range
+    other_families = {"imta", "byot", "sandwich"}
+    for name in sorted(set(METHODS.names()) - other_families):
         assert (
             resolve("saliency_vgg", "synthetic", name, 0, "smoke", over)["method"]["name"] == name
         )
