@@ -155,6 +155,9 @@ class ByotResNet(EarlyExitModel):
     defaults={"depth": 18, "width": 1.0},
     description="BYOT multi-exit CIFAR ResNet-18/50: an exit after each of the 4 stages",
     profiles={"smoke": {"width": 0.0625}, "mini": {"width": 0.125}},
+    # channels_last crashed natively (segfault / double free in backward) on torch 2.14.1's CPU
+    # kernels at the smoke width (4..32 channels); NCHW trains it.
+    memory_format="contiguous",
     # BYOT's CIFAR schedule as in the unofficial code whose ResNet-18 per-exit numbers match the
     # paper (luanyunteng/pytorch-be-your-own-teacher, train.py): 200 epochs, batch 128, SGD 0.1,
     # momentum 0.9, wd 5e-4, lr x0.1 at epochs 75, 130 and 180.
