@@ -154,7 +154,8 @@ def cmd_best(args: argparse.Namespace) -> int:
         f"study {study.study_name}: best trial {meta['best_trial']} of {n}, "
         f"objective ({meta['objective']}, validation) {meta['best_value']:.4f}"
     )
-    print(f"{k}: " + ", ".join(f"{n}={v:.6g}" for n, v in params.items()))
+    shown = (f"{n}={v:.6g}" if isinstance(v, float) else f"{n}={v}" for n, v in params.items())
+    print(f"{k}: " + ", ".join(shown))
     if args.export:
         ex.export(study, args.export, redact_uri(url))
         print(f"wrote {args.export} (key {k}); use it in a grid with `method_params: from_study`")
