@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 HANDLED = (signal.SIGTERM, signal.SIGHUP)
@@ -24,14 +26,39 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_held = {"depth": 0, "pending": None}  # signals arriving inside `deferred()` blocks
+
+
 def _raise_once(signum: int, frame: FrameType | None) -> None:
     """The first signal interrupts; later ones are ignored so that the cleanup it started
-    (closing MLflow runs, stopping workers) is not itself interrupted."""
+    (closing MLflow runs, stopping workers) is not itself interrupted. Inside a `deferred()`
+    block the interruption waits for the block's end."""
     for sig in (*HANDLED, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    if _held["depth"]:
+        _held["pending"] = signum
+        return
+    _interrupt(signum)
+
+
+def _interrupt(signum: int) -> None:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Terminated(signum)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold a handled signal until the block is done: a database write interrupted half-way
+    leaves SQLite locked, so the run could not then be marked `interrupted`."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if not _held["depth"] and _held["pending"] is not None:
+            signum, _held["pending"] = _held["pending"], None
+            _interrupt(signum)
 
 
 def install(include_sigint: bool = False) -> None:

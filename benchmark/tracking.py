@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmark import schema
+from benchmark import schema, signals
 from benchmark.errors import CellPruned, ConfigError
 from benchmark.store import (  # noqa: F401 - re-exported: the one home of URI plumbing
     absolute_sqlite,
@@ -239,12 +239,14 @@ class CellRun:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        )
+        with signals.deferred():  # a signal mid-write would leave SQLite locked
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
+            )
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        with signals.deferred():
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def finish(
         self,

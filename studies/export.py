@@ -108,4 +108,6 @@ def load_best(path: str | Path, arch: str, dataset: str, method: str) -> dict[st
         raise ConfigError(
             f"{path} has no tuned parameters for {k}; it holds: {', '.join(held) or '(nothing)'}"
         )
-    return {n: float(parse_value(v)) for n, v in doc[k].items()}  # a hand-edited `1e-3` too
+    # numbers as numbers (a hand-edited `1e-3` too), named options (divergence) as they are
+    values = {n: parse_value(v) for n, v in doc[k].items()}
+    return {n: v if isinstance(v, str) else float(v) for n, v in values.items()}

@@ -330,7 +330,8 @@ def test_export_best_params_and_a_grid_trains_with_them(env, smoke_study):
     doc = yaml.safe_load(out.read_text())
     key = f"{ARCH}/{DATASET}/ipkd"
     best = _load(env, "smoke").best_trial
-    assert doc[key] == pytest.approx(best.params)
+    assert {k: doc[key][k] for k in best.params} == pytest.approx(best.params)
+    assert set(doc[key]) - set(best.params) == {"divergence"}  # the study's fixed option
     assert doc["other/x/ipkd"] == {"T": 2.0, "a": 0.1}  # merged, not overwritten
     meta = doc["study"][key]
     assert meta["name"] == "smoke" and meta["best_trial"] == best.number
@@ -338,7 +339,7 @@ def test_export_best_params_and_a_grid_trains_with_them(env, smoke_study):
     assert "password" not in out.read_text()
 
     params = export.load_best(out, ARCH, DATASET, "ipkd")
-    assert params == pytest.approx(best.params)
+    assert params == pytest.approx({**best.params, "divergence": "kl"})
     with pytest.raises(ConfigError, match="holds: other/x/ipkd"):
         export.load_best(out, ARCH, DATASET, "takd")
 

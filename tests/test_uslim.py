@@ -396,7 +396,7 @@ def test_reports_draw_the_spectrum_as_a_line_and_fixed_widths_as_markers(
     tracking_uri, tmp_path, monkeypatch
 ):
     from reports import figures
-    from reports.build import build_report
+    from reports.build import ReportOptions, build_report
 
     for seed in (0, 1):
         cfg = smoke_cfg("us_mobilenet_v1", "sandwich", tmp_path, seed, arch__spectrum_step=0.25)
@@ -410,7 +410,8 @@ def test_reports_draw_the_spectrum_as_a_line_and_fixed_widths_as_markers(
             (drawn.append(fig.axes[0]) or []) if "acc_vs" in stem else real_save(fig, out, stem)
         ),
     )
-    r = build_report("us", tracking_uri=tracking_uri, out=tmp_path / "rep", log_to_mlflow=False)
+    opts = ReportOptions(out=tmp_path / "rep", log_to_mlflow=False)
+    r = build_report("us", tracking_uri, opts)
     assert set(r.experiment.tidy["submodel"]) == {"w0.25", "w0.5", "w0.75", "w1.0"}
     spec = r.experiment.spectrum
     assert sorted(spec["width"].unique()) == [0.25, 0.5, 0.75, 1.0] and len(spec) == 8
