@@ -512,16 +512,20 @@ PLAN_ARTIFACT = "grid_plan.json"
 
 
 def record_grid_plan(uri: str, experiment: str, plan: dict[str, Any]) -> str:
-    """Write the grid's plan as the artifact `grid_plan.json` of the experiment's one run tagged
-    `flexbench.kind=grid` (created on the first `grid run`, overwritten by later ones, so it is
-    always the latest grid file's plan). `plan`: {"grid", "path", "profile", "excluded",
-    "cells": [{"key", "arch", "dataset", "method", "seed", "profile"}, ...]}, with `dataset`
-    as the cells' `flexbench.dataset` tag. Returns the run id."""
+    """Write the grid's plan as the artifact `grid_plan.json` of the experiment's run tagged
+    `flexbench.kind=grid` for this grid file (by file name: created on the file's first `grid
+    run`, overwritten by later ones, so it is always the file's latest plan; several grid files
+    may share one experiment, e.g. a tuned grid beside the defaults). `plan`: {"grid", "path",
+    "profile", "excluded", "cells": [{"key", "arch", "dataset", "method", "label", "seed",
+    "profile"}, ...]}, with `dataset` as the cells' `flexbench.dataset` tag and `label` the
+    method's name in reports (`benchmark.methods.method_label`). Returns the run id."""
     exp_id = CellRun(uri, experiment).experiment_id
     client = MlflowClient(tracking_uri=uri)
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{schema.KIND}` = 'grid'", max_results=1
-    )
+    found = [
+        r
+        for r in client.search_runs([exp_id], filter_string=f"tags.`{schema.KIND}` = 'grid'")
+        if Path(r.data.tags.get(schema.GRID_FILE, "")).name == Path(plan.get("path", "")).name
+    ]
     if found:
         run_id = found[0].info.run_id
     else:

@@ -114,6 +114,21 @@ def _sub_order(runs: pd.DataFrame) -> dict[tuple[str, str], int]:
     return out
 
 
+def _method_labels(parents: pd.DataFrame) -> pd.Series:
+    """Each cell's method as `benchmark.methods.method_label` names it, from the logged
+    `method.<param>` params: cells of one method with other parameters stay apart."""
+    from benchmark.methods import method_label  # here: importing the methods imports torch
+
+    method = _tag(parents, schema.METHOD).fillna("?")
+    cols = [c for c in parents.columns if c.startswith("params.method.")]
+    labels = []
+    for i, name in zip(parents.index, method):
+        params = {c[len("params.method.") :]: parents.at[i, c] for c in cols}
+        params = {k: v for k, v in params.items() if isinstance(v, str) and k != "name"}
+        labels.append(method_label(name, params))
+    return pd.Series(labels, index=parents.index)
+
+
 def _cell_frame(parents: pd.DataFrame) -> pd.DataFrame:
     seed = pd.to_numeric(_tag(parents, schema.SEED), errors="coerce")
     cells = pd.DataFrame(
@@ -121,7 +136,7 @@ def _cell_frame(parents: pd.DataFrame) -> pd.DataFrame:
             "arch": _tag(parents, schema.ARCH).fillna("?"),
             "dataset": _tag(parents, schema.DATASET).fillna("?"),
             "profile": _tag(parents, schema.PROFILE).fillna("?"),
-            "method": _tag(parents, schema.METHOD).fillna("?"),
+            "method": _method_labels(parents),
             "seed": seed,
             "status": _tag(parents, schema.STATUS).fillna("unknown"),
             "error": _tag(parents, schema.ERROR),
@@ -224,35 +239,40 @@ def _with_missing(cells: pd.DataFrame) -> pd.DataFrame:
 
 def load_plan(client: MlflowClient, experiment_id: str) -> dict | None:
     """The plan recorded by `flexbench grid run` (benchmark.tracking.record_grid_plan): the
-    artifact `grid_plan.json` of the experiment's run tagged `flexbench.kind=grid`, with the
-    run's id added as `run_id`; None when the experiment has none (single cells, older grids)."""
+    artifact `grid_plan.json` of the experiment's runs tagged `flexbench.kind=grid`, one per
+    grid file run into the experiment, merged (cells of all, `path` naming every file,
+    `excluded` summed, `run_id` the latest's); None when the experiment has none (single cells,
+    older grids)."""
     import json
     import tempfile
 
     from benchmark.tracking import PLAN_ARTIFACT
 
-    found = client.search_runs(
-        [experiment_id], filter_string="tags.`flexbench.kind` = 'grid'", max_results=1
-    )
-    if not found:
+    found = client.search_runs([experiment_id], filter_string="tags.`flexbench.kind` = 'grid'")
+    plans = []
+    for run in found:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run.info.run_id, PLAN_ARTIFACT, tmp)
+            except Exception:  # noqa: BLE001  (an unreadable plan: leave it out)
+                continue
+            with open(path) as fh:
+                plans.append({**json.load(fh), "run_id": run.info.run_id})
+    if not plans:
         return None
-    run_id = found[0].info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, PLAN_ARTIFACT, tmp)
-        except Exception:  # noqa: BLE001  (an unreadable plan: fall back to no plan)
-            return None
-        with open(path) as fh:
-            plan = json.load(fh)
-    plan["run_id"] = run_id
-    return plan
+    merged = dict(plans[0])
+    merged["cells"] = [c for p in plans for c in p["cells"]]
+    merged["excluded"] = sum(int(p.get("excluded", 0)) for p in plans)
+    merged["path"] = ", ".join(str(p.get("path", "?")) for p in plans)
+    return merged
 
 
 def _with_planned(cells: pd.DataFrame, plan: dict) -> pd.DataFrame:
     """Add `missing` rows for the planned cells without a run; mark each cell `planned`
     (a run of a cell the grid did not plan, e.g. a single `flexbench train`, is kept as is)."""
     planned = {
-        (c["arch"], c["dataset"], c["profile"], c["method"], int(c["seed"])) for c in plan["cells"]
+        (c["arch"], c["dataset"], c["profile"], c.get("label", c["method"]), int(c["seed"]))
+        for c in plan["cells"]
     }
     have = set(map(tuple, cells[CELL].itertuples(index=False))) if not cells.empty else set()
     rows = [dict(zip(CELL, key), status="missing", superseded=0) for key in sorted(planned - have)]

@@ -425,6 +425,40 @@ def test_grid_run_records_its_plan_for_the_report(local_run):
     assert len(cells) == 4 and cells["planned"].all() and (cells["status"] == "finished").all()
 
 
+def test_only_runs_a_slice_and_the_plan_stays_whole(schema_db, tmp_path, monkeypatch):
+    """`--only` trains the matching cells alone; the recorded plan keeps every cell, so the
+    report counts the others as missing; a bad `--only` fails before the store is touched."""
+    from reports.load import load_experiment
+
+    db, uri = fresh_db(schema_db, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["--tracking-uri", uri, "--set", f"runtime.workdir={tmp_path / 'runs'}"]
+    bad_uri = f"sqlite:///{tmp_path / 'untouched.db'}"
+    for only, needle in [
+        ("arch=resnet", "its arch values: msdnet, slimmable_mobilenet_v1"),
+        ("width=1", "AXIS one of arch, dataset, method, seed; got 'width=1'"),
+        ("seed=3", "no cell of grid tiny has seed '3'"),
+    ]:
+        rc, out, err = run_cli("grid", "run", str(TINY), "--only", only, "--tracking-uri", bad_uri)
+        assert rc == 2 and needle in err, out + err
+    assert not (tmp_path / "untouched.db").exists()
+
+    rc, out, err = run_cli(
+        "grid", "run", str(TINY), "--only", "arch=msdnet", "--only", "method=ipkd,joint", *args
+    )
+    assert rc == 0, out + err
+    assert "--only arch=msdnet method=ipkd,joint: 2 of the cells" in out
+    assert "2/2 cells finished" in out
+    runs = parent_runs(db, "tiny")
+    assert len(runs) == 2 and all(r["status"] == "finished" for r in runs)
+    cells = load_experiment("tiny", uri).cells
+    assert len(cells) == 4 and cells["planned"].all()
+    by_arch = cells.groupby("arch")["status"].agg(set).to_dict()
+    assert by_arch == {"msdnet": {"finished"}, "slimmable_mobilenet_v1": {"missing"}}
+    rc, out, _ = run_cli("grid", "plan", str(TINY), "--only", "arch=slimmable_mobilenet_v1", *args)
+    assert rc == 0 and out.count(" new ") == 2 and "msdnet/" not in out
+
+
 def _worker_logs(workdir: Path) -> dict[Path, str]:
     logs = workdir / "tiny" / "logs"
     return {p: p.read_text() for p in sorted(logs.glob("worker-*.log"))} if logs.exists() else {}

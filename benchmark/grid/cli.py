@@ -20,6 +20,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         download=False,
     )
     p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="AXIS=V[,V...]",
+        help="only the cells with these values (arch, dataset, method, seed; repeatable, all "
+        "must match), e.g. --only arch=msdnet --only seed=0,1; the grid's plan stays whole",
+    )
+    p.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
         "current directory)",
@@ -41,10 +49,11 @@ def _load(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.grid.runner import RunOptions, run_grid
+    from benchmark.grid.spec import select_cells
 
     spec, uri = _load(args)
     if args.dry_run:
-        return _plan(spec, uri, args.rerun_failed, args.workers)
+        return _plan(select_cells(spec, args.only), uri, args.rerun_failed, args.workers)
     opts = RunOptions(
         executor=args.executor,
         workers=args.workers,
@@ -54,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         gpus_per_cell=args.gpus_per_cell,
         rerun_failed=args.rerun_failed,
         status_every=args.status_every,
+        only=args.only,
     )
     return run_grid(spec, uri, opts)
 
@@ -70,15 +80,18 @@ def _plan(spec, uri: str, rerun_failed: bool, workers: int | None) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from benchmark.grid.spec import select_cells
+
     spec, uri = _load(args)
-    return _plan(spec, uri, args.rerun_failed, args.workers)
+    return _plan(select_cells(spec, args.only), uri, args.rerun_failed, args.workers)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from benchmark.grid.runner import print_status
+    from benchmark.grid.spec import select_cells
 
     spec, uri = _load(args)
-    return print_status(spec, uri)
+    return print_status(select_cells(spec, args.only), uri)
 
 
 def add_parser(subparsers) -> None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from benchmark import signals, tracking
 from benchmark.errors import ConfigError
 from benchmark.grid.progress import Progress, fmt_s
-from benchmark.grid.spec import Cell, GridSpec, estimate
+from benchmark.grid.spec import Cell, GridSpec, estimate, select_cells
 from benchmark.grid.state import (
     CellState,
     GridLock,
@@ -45,6 +45,7 @@ class RunOptions:
     gpus_per_cell: float | None = None
     rerun_failed: bool = False
     status_every: float = 60.0
+    only: list[str] = field(default_factory=list)  # `--only AXIS=V,...`: the cells to run
 
 
 @dataclass
@@ -222,15 +223,19 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
     out = out or sys.stdout
     t0 = time.monotonic()
     _precheck(opts)
+    chosen = select_cells(spec, opts.only)
     tracking.prepare_store(uri, spec.name)
     with GridLock(spec):
         tracking.record_grid_plan(uri, spec.name, plan_record(spec))  # what the report expects
         runs = parent_runs(uri, spec.name)  # one search of the store for the whole plan
         stale = mark_stale(spec, uri, runs)
         # a run marked stale just now reads `interrupted`, as `running` does with no grid active
+        _header(spec, uri, out)
+        if opts.only:
+            print(f"--only {' '.join(opts.only)}: {len(chosen.cells)} of the cells", file=out)
+        spec = chosen
         plan = make_plan(spec, uri, opts.rerun_failed, runs=runs)
         todo = [p for p in plan if p.action in RUN_ACTIONS]
-        _header(spec, uri, out)
         if stale:
             print(f"{stale} run(s) left running by a grid process that died: interrupted", file=out)
         if not todo:

@@ -22,6 +22,7 @@ the first cell starts; errors are ConfigError naming the problem and the valid v
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -324,6 +325,34 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
         description=str(raw.get("description") or ""),
         incompatible=[(a, m, why) for (a, m), why in out.incompatible.items()],
     )
+
+
+def select_cells(spec: GridSpec, only: list[str]) -> GridSpec:
+    """The grid restricted to the cells matching every `AXIS=V[,V...]` of `only` (`--only`),
+    e.g. ["arch=msdnet", "seed=0,1"]; the other cells are neither trained nor shown, and stay
+    in the grid's recorded plan. Raises ConfigError naming the valid axes and values."""
+    if not only:
+        return spec
+    keep = spec.cells
+    for item in only:
+        axis, sep, raw = item.partition("=")
+        axis = axis.strip()
+        if not sep or axis not in AXES:
+            raise ConfigError(
+                f"--only takes AXIS=VALUE[,VALUE...] with AXIS one of {', '.join(AXES)}; "
+                f"got {item!r}"
+            )
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        present = sorted({str(c.axis(axis)) for c in spec.cells})
+        unknown = [v for v in values if v not in present]
+        if unknown or not values:
+            raise ConfigError(
+                f"--only {item!r}: no cell of grid {spec.name} has {axis} "
+                f"{', '.join(map(repr, unknown)) or '(empty)'}; its {axis} values: "
+                f"{', '.join(present)}"
+            )
+        keep = [c for c in keep if str(c.axis(axis)) in values]
+    return dataclasses.replace(spec, cells=keep)
 
 
 def _read_grid_file(path: Path, where: str) -> dict[str, Any]:

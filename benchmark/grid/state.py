@@ -19,6 +19,7 @@ from benchmark import checkpoint, schema, tracking
 from benchmark.config import flatten
 from benchmark.errors import ConfigError
 from benchmark.grid.spec import Cell, GridSpec
+from benchmark.methods import method_label
 
 STATUS = schema.STATUS
 CELL = schema.CELL
@@ -47,6 +48,7 @@ def plan_record(spec: GridSpec) -> dict[str, Any]:
             "arch": c.cfg["arch"]["name"],
             "dataset": c.cfg["data"]["name"],
             "method": c.cfg["method"]["name"],
+            "label": method_label(c.cfg["method"]["name"], c.cfg["method"]),
             "seed": int(c.cfg["seed"]),
             "profile": c.cfg["profile"],
         }

@@ -32,6 +32,44 @@ def register_method(name: str):
     return deco
 
 
+def _differs(value: object, default: float | str) -> bool:
+    try:
+        return abs(float(value) - float(default)) > 1e-12
+    except (TypeError, ValueError):
+        return str(value) != str(default)
+
+
+def _shown(value: object) -> str:
+    try:
+        return f"{float(value):.3g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def method_label(method: str, params: dict[str, object]) -> str:
+    """The name reports give a cell's method: `method` when its parameters (`cfg["method"]`,
+    or the logged `method.<param>` params as strings) are the method's defaults, else the name
+    with those that differ, e.g. `ipkd (T=3.21, a=0.43)` for parameters a study tuned. Cells of
+    one method with other parameters are another treatment: a report never pools them."""
+    if method not in METHODS.names():
+        return method
+    specs = METHODS.get(method).PARAMS
+    changed = [
+        f"{k}={_shown(v)}"
+        for k, v in params.items()
+        if k in specs and v not in (None, "") and _differs(v, specs[k].default)
+    ]
+    return f"{method} ({', '.join(changed)})" if changed else method
+
+
 discover(__name__, __path__)  # importing each module registers its method
 
-__all__ = ["METHODS", "EpochContext", "Method", "Stage", "kd_loss", "register_method"]
+__all__ = [
+    "METHODS",
+    "EpochContext",
+    "Method",
+    "Stage",
+    "kd_loss",
+    "method_label",
+    "register_method",
+]
