@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flexbench-installed
 
-.PHONY: venv sysdeps demo test test-all lint bench clean
+.PHONY: venv sysdeps demo test test-all lint bench results clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ lint: venv
 bench: venv
 	$(PY) scripts/bench_throughput.py --arch msdnet --method joint --profile paper
 	$(PY) scripts/bench_throughput.py --arch slimmable_mobilenet_v1 --method ipkd_ta --profile paper
+
+# docs/results/: the real-data grid (mini profile, real CIFAR-10, 3 seeds), the ipkd/ipkd_ta
+# studies and the tuned grid, then the report; resumes after any stop (hours on 2 CPU cores).
+results: venv
+	bash scripts/results.sh
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts flexbench_runs

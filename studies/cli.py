@@ -94,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sets = overrides_from_args(args)
     opts = RunOptions(
         trials=args.trials,
+        until=args.until,
         study_name=args.study_name,
         storage=args.storage,
         arch=args.arch,
@@ -197,7 +198,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _cell_args(p, create=True)
     _storage_args(p)
     _tracking_args(p)
-    p.add_argument("--trials", type=int, required=True, help="trials to add in this run")
+    n = p.add_mutually_exclusive_group(required=True)
+    n.add_argument("--trials", type=int, help="trials to add in this run")
+    n.add_argument(
+        "--until",
+        type=int,
+        metavar="N",
+        help="run trials until the study holds N complete or pruned ones (a rerun of the same "
+        "command adds none once it does)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--sampler", choices=SAMPLERS, help="default tpe (stored with the study)")
     p.add_argument("--pruner", choices=PRUNERS, help="default median (stored with the study)")

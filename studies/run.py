@@ -9,6 +9,7 @@ running its share of `--trials` with its own sampler, and finally writes the sum
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import multiprocessing
@@ -40,7 +41,7 @@ SPEC_FIELDS = ("arch", "dataset", "method", "profile", "seed", "objective")
 class RunOptions:
     """`flexbench study run` arguments; None = take it from the stored study (or a default)."""
 
-    trials: int
+    trials: int | None  # trials to add; with `until`, computed from the study (`trials_to_run`)
     study_name: str | None = None
     storage: str | None = None
     arch: str | None = None
@@ -59,6 +60,7 @@ class RunOptions:
     heartbeat: int = HEARTBEAT_S
     tracking_uri: str | None = None
     experiment: str | None = None
+    until: int | None = None  # run trials until the study holds this many complete + pruned
 
 
 @dataclass
@@ -314,13 +316,28 @@ def run_study(opts: RunOptions) -> RunSummary:
         run_sets=run_sets,
         progress=opts.workers == 1,
     )
+    opts = dataclasses.replace(opts, trials=trials_to_run(study, opts))
     return _run_trials(ctx, opts, study, storage, study_run, started, total_epochs)
+
+
+def trials_to_run(study: optuna.Study, opts: RunOptions) -> int:
+    """`--trials N`: N. `--until N`: the trials still missing for the study to hold N complete
+    or pruned trials (0 once it does), so rerunning the same command finishes a study and then
+    adds nothing."""
+    if opts.until is None:
+        return opts.trials
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return max(0, opts.until - len(done))
 
 
 def _check_options(opts: RunOptions) -> None:
     """Counts and names given on the command line, checked before the storage is opened."""
-    if opts.trials < 1:
+    if (opts.until is None) == (opts.trials is None):
+        raise ConfigError("give one of --trials N (trials to add) or --until N (trials in all)")
+    if opts.until is None and opts.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {opts.trials}")
+    if opts.until is not None and opts.until < 1:
+        raise ConfigError(f"--until must be >= 1, got {opts.until}")
     if opts.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
     if opts.heartbeat < 1:
@@ -422,10 +439,12 @@ def _run_trials(
     dead: list[str] = []
     status = "finished"
     try:
-        if opts.workers == 1:
+        if opts.trials == 0:
+            pass  # --until: the study already holds its trials
+        elif opts.workers == 1:
             run_worker(ctx, opts.trials, 0, total_epochs)
         else:
-            dead = _run_spawned(ctx, shares, total_epochs)
+            dead = _run_spawned(ctx, [n for n in shares if n], total_epochs)
     except KeyboardInterrupt:
         status = "interrupted"
         raise

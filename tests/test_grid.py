@@ -255,6 +255,21 @@ def test_relative_dataset_path_resolves_against_grid_file(tmp_path, monkeypatch)
         "sqlite:///x.db",
     )
     assert rc == 0 and str(elsewhere / "runs") in out
+    # a study run from another folder wrote another relative path to the same data file: its
+    # entry still applies (matched by file name when the grid's own spelling is absent)
+    best = grids / "best.yaml"
+    best.write_text(yaml.safe_dump({"msdnet/imagefolder:data/tiny/ipkd": {"T": 7.0, "a": 0.1}}))
+    tuned = write_grid(
+        grids,
+        "tuned.yaml",
+        archs=["msdnet"],
+        methods=["ipkd"],
+        datasets=["imagefolder:../data/tiny"],
+        set={"data.val_size": 2},
+        method_params={"from_study": "best.yaml"},
+    )
+    (cell,) = load_grid(tuned).cells
+    assert (cell.cfg["method"]["T"], cell.cfg["method"]["a"]) == (7.0, 0.1)
 
 
 def incompatible_pairs() -> set[tuple[str, str]]:
@@ -297,6 +312,42 @@ def test_shipped_configs_are_valid():
     assert (len(paper["datasets"]), len(paper["seeds"])) == (2, 3)
     with pytest.raises(ConfigError, match="cifar10 not found"):  # no CIFAR files here
         load_grid(REPO / "benchmark" / "configs" / "paper.yaml", {"data.root": "/nonexistent"})
+
+
+def test_results_grids_default_and_tuned(tmp_path):
+    """docs/results' two grids: one experiment; the default one holds the paper's methods and
+    the standard ones where they apply (36 cells), the tuned one takes ipkd/ipkd_ta's study
+    parameters, and reports name those cells apart from the defaults."""
+    from benchmark.methods import method_label
+
+    configs = REPO / "benchmark" / "configs"
+    raw = yaml.safe_load((configs / "results.yaml").read_text())
+    tuned = yaml.safe_load((configs / "results_tuned.yaml").read_text())
+    assert raw["name"] == tuned["name"] == "results" and raw["datasets"] == tuned["datasets"]
+    assert raw["profile"] == tuned["profile"] == "mini" and raw["seeds"] == [0, 1, 2]
+    raw["datasets"] = tuned["datasets"] = ["synthetic"]  # no data file needed to plan
+    (tmp_path / "results.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_grid(tmp_path / "results.yaml")
+    pairs = {(c.arch, c.method) for c in spec.cells}
+    assert len(spec.cells) == 36 and len(pairs) == 12
+    assert {m for a, m in pairs if a == "msdnet"} == {"joint", "ipkd", "ipkd_ta", "imta", "byot"}
+    assert {m for a, m in pairs if a == "us_mobilenet_v1"} == {
+        "joint",
+        "ipkd",
+        "ipkd_ta",
+        "sandwich",
+    }
+    assert {m for a, m in pairs if a == "slimmable_mobilenet_v1"} == {"joint", "ipkd", "ipkd_ta"}
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"msdnet/synthetic/ipkd": {"T": 2.5, "a": 0.3},
+                                    "msdnet/synthetic/ipkd_ta": {"T": 6.0, "a": 0.5}}))  # fmt: skip
+    tuned["method_params"] = {"from_study": str(best)}
+    (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(tuned))
+    cells = load_grid(tmp_path / "tuned.yaml").cells
+    assert len(cells) == 6
+    labels = {method_label(c.method, c.cfg["method"]) for c in cells}
+    assert labels == {"ipkd (T=2.5, a=0.3)", "ipkd_ta (T=6, a=0.5)"}
+    assert not {c.key for c in cells} & {c.key for c in spec.cells}
 
 
 # The axes the shipped grids listed by hand before `all` (plus us_mobilenet_v1 and sandwich,

@@ -240,12 +240,18 @@ def test_rerun_continues_the_study(env, smoke_study, capsys):
     studies = [r for r in all_runs(client) if r.data.tags.get("flexbench.kind") == "study"]
     assert len([r for r in studies if r.data.tags["flexbench.study"] == "smoke"]) == 1
     assert len(_trial_runs(client, study.user_attrs["mlflow_run_id"])) == before + 1
+    # --until N: trials up to N in all, so the same command rerun adds nothing
+    for until, total in ((before + 1, before + 1), (before + 2, before + 2), (3, before + 2)):
+        assert _cli(env, "run", "--study-name", "smoke", "--until", str(until)) == 0
+        assert len(_load(env, "smoke").trials) == total, until
     # the same name with different settings is refused, naming the conflict
     capsys.readouterr()
     rc = _cli(env, "run", "--study-name", "smoke", "--method", "ipkd_ta", "--trials", "1")
     assert rc == 2
     assert "method='ipkd'" in capsys.readouterr().err
-    assert len(_load(env, "smoke").trials) == before + 1
+    assert len(_load(env, "smoke").trials) == before + 2
+    with pytest.raises(SystemExit):  # one of --trials / --until, not both
+        _cli(env, "run", "--study-name", "smoke", "--trials", "1", "--until", "9")
 
 
 def test_bad_input_fails_before_any_trial(env, capsys):

@@ -485,6 +485,32 @@ def _absolute_paths(cfg: dict[str, Any]) -> None:
         cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser().resolve())
 
 
+def _data_file(dataset: str) -> str:
+    """`kind:<file name>` of a file-backed dataset (`imagefolder:../data/x.zip` ->
+    `imagefolder:x.zip`), else the name as written."""
+    kind, _, arg = dataset.partition(":")
+    return f"{kind}:{Path(arg).name}" if arg else dataset
+
+
+def _study_entry(best: dict[str, dict], combo: dict[str, Any]) -> dict | None:
+    """The from_study entry of a cell: `arch/dataset/method` with the dataset as the grid file
+    writes it; else, for a file-backed dataset, the one entry whose dataset names the same file
+    (a study run from another folder writes another relative path to the same data)."""
+    arch, ds, method = combo["arch"], combo["dataset"], combo["method"]
+    if f"{arch}/{ds}/{method}" in best:
+        return best[f"{arch}/{ds}/{method}"]
+    same = [
+        v
+        for k, v in best.items()
+        if k.count("/") >= 2
+        and k.split("/", 1)[0] == arch
+        and k.rsplit("/", 1)[1] == method
+        and _data_file(k.split("/", 1)[1].rsplit("/", 1)[0]) == _data_file(ds)
+        and ":" in ds
+    ]
+    return same[0] if len(same) == 1 else None
+
+
 @dataclass
 class _Expansion:
     """Expands the axes into cells, collecting what the checks after expansion need: which
@@ -518,7 +544,7 @@ class _Expansion:
         wants_study = scopes.study_path is not None and bool(METHODS.get(combo["method"]).PARAMS)
         if not wants_study:
             return [], None, False
-        entry = scopes.best.get(f"{combo['arch']}/{combo['dataset']}/{combo['method']}")
+        entry = _study_entry(scopes.best, combo)
         if entry is None:
             return [], None, True
         sets = {f"method.{k}": v for k, v in entry.items()}

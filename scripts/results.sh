@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Reproduce docs/results/ (`make results`): the default grid (benchmark/configs/results.yaml),
+# Optuna studies of ipkd and ipkd_ta on msdnet (validation split), the tuned grid
+# (results_tuned.yaml) and the report. Every step resumes: rerun the same command after any
+# stop; finished cells are skipped, a study stops at its trial count (--until).
+# Environment: CIFAR10_JPEG (the data file, default ../shared/data/cifar10-jpeg.zip; the grid
+# files point at that place too), WORKERS (default 2), TRIALS (per study, default 12),
+# MLFLOW_TRACKING_URI (default sqlite:///<repo>/results.db), FLEXBENCH_STUDY_STORAGE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FB=.venv/bin/flexbench
+URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/results.db}
+STORAGE=${FLEXBENCH_STUDY_STORAGE:-sqlite:///$PWD/results-studies.db}
+DATA=${CIFAR10_JPEG:-../shared/data/cifar10-jpeg.zip}
+WORKERS=${WORKERS:-2}
+TRIALS=${TRIALS:-12}
+BEST=docs/results/best_params.yaml
+
+$FB grid run benchmark/configs/results.yaml --workers "$WORKERS" --tracking-uri "$URI"
+for method in ipkd ipkd_ta; do
+  $FB study run --arch msdnet --dataset "imagefolder:$DATA" --method "$method" --profile mini \
+    --study-name "results-msdnet-$method" --until "$TRIALS" --workers "$WORKERS" \
+    --sampler-seed 0 --storage "$STORAGE" --tracking-uri "$URI" --experiment results-studies
+  $FB study best --study-name "results-msdnet-$method" --storage "$STORAGE" --export "$BEST"
+done
+$FB grid run benchmark/configs/results_tuned.yaml --workers "$WORKERS" --tracking-uri "$URI"
+$FB report --experiment results --tracking-uri "$URI" --out docs/results/report \
+  --formats md,csv --baseline joint --no-log
