@@ -510,6 +510,40 @@ def test_only_runs_a_slice_and_the_plan_stays_whole(schema_db, tmp_path, monkeyp
     assert rc == 0 and out.count(" new ") == 2 and "msdnet/" not in out
 
 
+def test_finished_grid_is_skipped_without_torch_and_the_store_decides(
+    schema_db, tmp_path, monkeypatch
+):
+    """A second `grid run` of a finished grid reads the cell keys from the cache and their
+    status from the SQLite store: it imports neither torch nor MLflow. A cell whose run was
+    deleted in the store is not taken as finished: the full path runs and retrains it."""
+    from mlflow.tracking import MlflowClient
+
+    db, uri = fresh_db(schema_db, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["grid", "run", str(TINY), "--only", "method=joint", "--tracking-uri", uri]
+    args += ["--set", f"runtime.workdir={tmp_path / 'runs'}"]
+    rc, out, err = run_cli(*args)
+    assert rc == 0 and "2/2 cells finished" in out, out + err
+    probe = (
+        "import sys\nfrom benchmark.cli import main\n"
+        f"rc = main({args!r})\n"
+        "assert rc == 0, rc\n"
+        "print('heavy:', sorted(m for m in ('torch', 'mlflow') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "nothing to train: all 2 cells already finished in experiment tiny" in done.stdout
+    assert "heavy: []" in done.stdout
+    (gone, kept) = parent_runs(db, "tiny")
+    MlflowClient(uri).delete_run(gone["run_id"])
+    rc, out, err = run_cli(*args)
+    assert rc == 0 and "this run trained 1" in out, out + err
+    assert {r["key"] for r in parent_runs(db, "tiny")} == {gone["key"], kept["key"]}
+
+
 def _worker_logs(workdir: Path) -> dict[Path, str]:
     logs = workdir / "tiny" / "logs"
     return {p: p.read_text() for p in sorted(logs.glob("worker-*.log"))} if logs.exists() else {}

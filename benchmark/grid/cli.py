@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,21 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.grid import fastskip  # imports neither torch nor MLflow
+
+    skip_cache = None
+    if not (args.dry_run or args.rerun_failed):
+        given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        inputs = {"sets": args.sets, "data_root": getattr(args, "data_root", None)}
+        skip_cache = fastskip.fingerprint(args.config, inputs, args.only, given)
+        done = fastskip.all_finished(skip_cache, given)
+        if done:
+            print(
+                f"grid {args.config}: nothing to train: all {done[1]} cells already finished in "
+                f"experiment {done[0]} (skipped; states read from the store, the grid unchanged "
+                f"since its last full run)"
+            )
+            return 0
     from benchmark.grid.runner import RunOptions, run_grid
     from benchmark.grid.spec import select_cells
 
@@ -64,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         rerun_failed=args.rerun_failed,
         status_every=args.status_every,
         only=args.only,
+        skip_cache=skip_cache,
     )
     return run_grid(spec, uri, opts)
 

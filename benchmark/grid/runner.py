@@ -18,6 +18,7 @@ from typing import TextIO
 
 from benchmark import signals, tracking
 from benchmark.errors import ConfigError
+from benchmark.grid import fastskip
 from benchmark.grid.progress import Progress, fmt_s
 from benchmark.grid.spec import Cell, GridSpec, estimate, select_cells
 from benchmark.grid.state import (
@@ -46,6 +47,7 @@ class RunOptions:
     rerun_failed: bool = False
     status_every: float = 60.0
     only: list[str] = field(default_factory=list)  # `--only AXIS=V,...`: the cells to run
+    skip_cache: str | None = None  # `fastskip.fingerprint` of this command, None: no fast path
 
 
 @dataclass
@@ -239,7 +241,10 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
         if stale:
             print(f"{stale} run(s) left running by a grid process that died: interrupted", file=out)
         if not todo:
-            return _nothing_to_train(spec, plan, out)
+            code = _nothing_to_train(spec, plan, out)
+            if code == 0:
+                fastskip.remember(opts.skip_cache, spec.name, [c.key for c in spec.cells])
+            return code
         # builds the model of every cell to train: arch settings fail here, before any work
         estimate(spec, [p.cell for p in todo])
         _announce(plan, todo, out)
@@ -249,7 +254,10 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
         progress, code = _execute(spec, uri, opts, tasks, out)
         if code is not None:
             return code
-    return _summary(spec, uri, plan, todo, progress, time.monotonic() - t0, out)
+    code = _summary(spec, uri, plan, todo, progress, time.monotonic() - t0, out)
+    if code == 0:
+        fastskip.remember(opts.skip_cache, spec.name, [c.key for c in spec.cells])
+    return code
 
 
 def _nothing_to_train(spec: GridSpec, plan: list[Planned], out: TextIO) -> int:

@@ -17,6 +17,8 @@ cross-entropy (same gradient; the logged value differs by the teacher's entropy)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -25,21 +27,22 @@ from benchmark.errors import ConfigError, IncompatibleError
 from benchmark.methods import register_method
 from benchmark.methods.base import integer
 from benchmark.methods.ipkd import IPKD
-from benchmark.models import ARCHS, build_model
+from benchmark.models import ARCHS, build_on_meta
 
 
-def width_range_archs() -> list[str]:
-    """Registered architectures whose (default) model runs any width of a range."""
+@functools.cache
+def width_range_archs() -> tuple[str, ...]:
+    """Registered architectures whose (default) model runs any width of a range; built once
+    per process on the meta device (a grid asks once per incompatible pair)."""
     names = []
     for name in ARCHS.names():
         try:
-            with torch.device("meta"):
-                model = build_model(name, ARCHS.get(name).resolve({}), 10, 32)
+            model = build_on_meta(name, ARCHS.get(name).resolve({}), 10, 32)
         except ConfigError:
             continue
         if getattr(model, "width_range", None) is not None:
             names.append(name)
-    return names
+    return tuple(names)
 
 
 @register_method("sandwich")
