@@ -17,32 +17,15 @@ cross-entropy (same gradient; the logged value differs by the teacher's entropy)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from benchmark.dim import Dim
-from benchmark.errors import ConfigError, IncompatibleError
+from benchmark.errors import IncompatibleError
 from benchmark.methods import register_method
 from benchmark.methods.base import integer
 from benchmark.methods.ipkd import IPKD
-from benchmark.models import ARCHS, build_on_meta
-
-
-@functools.cache
-def width_range_archs() -> tuple[str, ...]:
-    """Registered architectures whose (default) model runs any width of a range; built once
-    per process on the meta device (a grid asks once per incompatible pair)."""
-    names = []
-    for name in ARCHS.names():
-        try:
-            model = build_on_meta(name, ARCHS.get(name).resolve({}), 10, 32)
-        except ConfigError:
-            continue
-        if getattr(model, "width_range", None) is not None:
-            names.append(name)
-    return tuple(names)
+from benchmark.models import archs_having
 
 
 @register_method("sandwich")
@@ -57,7 +40,7 @@ class Sandwich(IPKD):
             raise IncompatibleError(
                 f"method sandwich needs a network that runs any width of a range "
                 f"(forward_width); architecture {arch} has none; use "
-                f"{' or '.join(width_range_archs())}"
+                f"{' or '.join(archs_having('width_range'))}"
             )
 
     def draw_submodels(self, g: torch.Generator, model: nn.Module) -> list[float]:
