@@ -110,17 +110,7 @@ class SlimmableMobileNetV1(FlexibleModel):
         self.channels = c_in
         self.switches = [m for m in self.modules() if isinstance(m, Switch)]
         self.submodels = [SubModel(i, f"w{w}") for i, w in enumerate(self.widths)]
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:
-        """The reference initialisation: He-normal convs, N(0, 0.01) classifier, BN (1, 0)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, (2.0 / n) ** 0.5)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        reset_parameters(self)
 
     def set_width(self, k: int) -> None:
         set_active(self.switches, k)
@@ -131,13 +121,34 @@ class SlimmableMobileNetV1(FlexibleModel):
 
     def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
         self.set_width(k)
-        feats = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in self.stage_ends:
-                feats.append(x)
-        feats.append(x)
+        x, feats = stage_features(self.features, self.stage_ends, x)
         return self.classifier(x.mean((2, 3))), feats
+
+
+def reset_parameters(model: nn.Module) -> None:
+    """The reference initialisation of MobileNet-V1 (slimmable_networks' `models/
+    s_mobilenet_v1.py`): He-normal convs (fan-out), N(0, 0.01) classifier, zero bias, BN (1, 0)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0, (2.0 / n) ** 0.5)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def stage_features(
+    features: nn.Sequential, stage_ends: list[int], x: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """Run the body on x (N, 3, H, W); return its output (N, C, h, w) and the feature maps at
+    the end of each stride stage (before each downsampling) plus the output."""
+    feats = []
+    for i, layer in enumerate(features):
+        x = layer(x)
+        if i in stage_ends:
+            feats.append(x)
+    feats.append(x)
+    return x, feats
 
 
 def _validate_widths(widths) -> list[float]:

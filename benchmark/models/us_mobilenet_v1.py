@@ -22,7 +22,12 @@ from torch.nn import functional as F
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
 from benchmark.models.base import FlexibleModel, SubModel
-from benchmark.models.slimmable_mobilenet_v1 import STAGES, make_divisible
+from benchmark.models.slimmable_mobilenet_v1 import (
+    STAGES,
+    make_divisible,
+    reset_parameters,
+    stage_features,
+)
 
 
 class _USLayer:
@@ -155,17 +160,7 @@ class USMobileNetV1(FlexibleModel):
         for m in self.us_layers:
             m.divisor = divisor
         self.submodels = [SubModel(i, f"w{w}") for i, w in enumerate(self.widths)]
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:
-        """The reference initialisation: He-normal convs, N(0, 0.01) classifier, BN (1, 0)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, (2.0 / n) ** 0.5)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        reset_parameters(self)
 
     def set_width(self, w: float) -> None:
         """Make every layer run width w; raises ValueError outside `width_range`."""
@@ -186,12 +181,7 @@ class USMobileNetV1(FlexibleModel):
     def forward_width_features(self, x: Tensor, w: float) -> tuple[Tensor, list[Tensor]]:
         """Logits of width w and its stage features (see FlexibleModel.forward_sub_features)."""
         self.set_width(w)
-        feats = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in self.stage_ends:
-                feats.append(x)
-        feats.append(x)
+        x, feats = stage_features(self.features, self.stage_ends, x)
         return self.classifier(x.mean((2, 3))), feats
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
