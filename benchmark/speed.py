@@ -25,6 +25,19 @@ from benchmark import schema
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
+# One (architecture, method) per family of flexible network, each exercising its family's step
+# shape and loss terms: what the speed checks (tests/test_speed.py, scripts/gpu_check.py) and
+# the per-family table of docs/performance.md run.
+FAMILIES: tuple[tuple[str, str], ...] = (
+    ("msdnet", "joint"),
+    ("slimmable_mobilenet_v1", "ipkd_ta"),
+    ("us_mobilenet_v1", "ipkd_ta"),  # fixed widths: the plain loop trains the same ones
+    ("ddnn_resnet", "ekd"),
+    ("switchable_precision_resnet", "multi_teacher"),
+    ("saliency_vgg", "hsd"),
+    ("byot_resnet", "byot"),
+)
+
 
 @dataclass(frozen=True)
 class Speed:

@@ -42,7 +42,7 @@ from benchmark.cell import make_method, make_model, pick_device  # noqa: E402
 from benchmark.config import parse_sets, resolve  # noqa: E402
 from benchmark.data.pipeline import Normalizer, TrainBatches  # noqa: E402
 from benchmark.flops import count_costs  # noqa: E402
-from benchmark.step import make_step  # noqa: E402
+from benchmark.step import make_step, step_generator  # noqa: E402
 
 
 class PILDataset(Dataset):
@@ -121,7 +121,7 @@ class FlexbenchRunner(Runner):
 
     def step(self) -> int:
         xb, yb = next(self.it)
-        self.loss_sum += self._step(xb, yb).loss
+        self.loss_sum += self._step(xb, yb, step_generator(0, 0, self.i)).loss
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.i += 1

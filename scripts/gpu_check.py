@@ -28,13 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-FAMILIES = [
-    ("msdnet", "joint"),
-    ("slimmable_mobilenet_v1", "ipkd_ta"),
-    ("ddnn_resnet", "ekd"),
-    ("switchable_precision_resnet", "multi_teacher"),
-    ("saliency_vgg", "hsd"),
-]
+from benchmark.speed import FAMILIES  # noqa: E402
 
 
 def cuda_tests() -> dict:

@@ -18,18 +18,10 @@ from benchmark.data.pipeline import Normalizer
 from benchmark.errors import ConfigError
 from benchmark.grid import local
 from benchmark.models import ARCHS
+from benchmark.speed import FAMILIES
 from benchmark.step import make_step
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# One method per family, each exercising its family's step shape and loss terms.
-FAMILIES = [
-    ("msdnet", "joint"),
-    ("slimmable_mobilenet_v1", "ipkd_ta"),
-    ("ddnn_resnet", "ekd"),
-    ("switchable_precision_resnet", "multi_teacher"),
-    ("saliency_vgg", "hsd"),
-]
 
 
 def _setup(arch: str, method: str, **sets):
