@@ -48,7 +48,10 @@ def best_params(study: optuna.Study) -> tuple[str, dict[str, float], dict[str, A
 
     spec = StudySpec(**study.user_attrs["flexbench"])
     best = best_trial(study)
-    params = METHODS.get(spec.method).resolve({**spec.fixed_params(), **best.params})
+    found = {**spec.fixed_params(), **best.params}
+    settings = {k: int(v) for k, v in found.items() if "." in k}  # e.g. train.bn_calib_batches
+    method_params = {k: v for k, v in found.items() if "." not in k}
+    params = {**METHODS.get(spec.method).resolve(method_params), **settings}
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
     meta = {
         "name": study.study_name,

@@ -71,6 +71,15 @@ class TrialContext:
     progress: bool = True
 
 
+def as_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's (or exported) values as `--set` settings: method parameters by name become
+    `method.<name>`; searchable training settings keep their full name (`train.bn_calib_batches`,
+    `studies.space.SEARCHABLE_SETTINGS`, whole numbers)."""
+    return {
+        (k if "." in k else f"method.{k}"): (int(v) if "." in k else v) for k, v in params.items()
+    }
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -91,7 +100,7 @@ class Objective:
         from benchmark.config import resolve
 
         spec = self.ctx.spec
-        sets = {**spec.sets, **self.ctx.run_sets, **{f"method.{k}": v for k, v in params.items()}}
+        sets = {**spec.sets, **self.ctx.run_sets, **as_settings(params)}
         if workdir is not None:
             sets["runtime.workdir"] = workdir
         return resolve(spec.arch, spec.dataset, spec.method, spec.seed, spec.profile, sets)

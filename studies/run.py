@@ -29,7 +29,7 @@ from benchmark.errors import ConfigError, TrainingError
 from benchmark.store import redact_uri
 from studies import storage as st
 from studies.choices import HEARTBEAT_S, OBJECTIVES, PRUNERS, SAMPLERS
-from studies.objective import Objective, StudySpec, TrialContext, is_per_run
+from studies.objective import Objective, StudySpec, TrialContext, as_settings, is_per_run
 from studies.space import resolve_space, space_from_dict, space_to_dict
 
 DEFAULT_EXPERIMENT = "flexbench-studies"
@@ -125,7 +125,7 @@ def _spec(opts: RunOptions, stored: StudySpec | None, name: str) -> StudySpec:
                 f"unknown objective {values['objective']!r}; valid: {', '.join(OBJECTIVES)}"
             )
         fixed = {k[len("method.") :]: v for k, v in semantic.items() if k.startswith("method.")}
-        space = resolve_space(values["method"], opts.space_file, opts.space_items, fixed)
+        space = resolve_space(values["method"], opts.space_file, opts.space_items, fixed, semantic)
         return StudySpec(**values, sets=semantic, space=space_to_dict(space))
     conflicts = [
         f"{f}={getattr(stored, f)!r} (given {v!r})"
@@ -139,7 +139,13 @@ def _spec(opts: RunOptions, stored: StudySpec | None, name: str) -> StudySpec:
     ]
     if opts.space_file or opts.space_items:
         space = space_to_dict(
-            resolve_space(stored.method, opts.space_file, opts.space_items, stored.fixed_params())
+            resolve_space(
+                stored.method,
+                opts.space_file,
+                opts.space_items,
+                stored.fixed_params(),
+                stored.sets,
+            )  # fmt: skip
         )
         if space != stored.space:
             conflicts.append(f"search space {stored.space} (given {space})")
@@ -152,15 +158,18 @@ def _spec(opts: RunOptions, stored: StudySpec | None, name: str) -> StudySpec:
 
 
 def _validate(spec: StudySpec, run_sets: dict[str, Any]) -> dict[str, Any]:
-    """Resolve one trial's config now, so bad input fails before any worker starts."""
+    """Resolve a trial's config at both ends of the space now, so bad input (e.g. more BN
+    recalibration batches than the training set holds) fails before any worker starts."""
     from benchmark import data as datasets
     from benchmark.config import resolve
 
-    probe = {f"method.{k}": d.low for k, d in space_from_dict(spec.space).items()}
-    cfg = resolve(
-        spec.arch, spec.dataset, spec.method, spec.seed, spec.profile,
-        {**spec.sets, **run_sets, **probe},
-    )  # fmt: skip
+    space = space_from_dict(spec.space)
+    for end in ("high", "low"):
+        probe = as_settings({k: getattr(d, end) for k, d in space.items()})
+        cfg = resolve(
+            spec.arch, spec.dataset, spec.method, spec.seed, spec.profile,
+            {**spec.sets, **run_sets, **probe},
+        )  # fmt: skip
     datasets.check(cfg["data"]["name"], cfg["data"])
     return cfg
 

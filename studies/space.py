@@ -4,8 +4,9 @@ A method declares each parameter's range where it declares the parameter (`Param
 its `PARAMS`; `declared_space` reads them). A study's space is that default, overridden by a
 YAML file (`--space-file`) and then by `--space NAME=LOW:HIGH[:log]`; a parameter fixed with
 `--set method.NAME=VALUE` leaves the space. Only a method's own parameters (its `PARAMS`) can be
-searched: the seed is never a search dimension (TAKD tuned the seed on test; we do not), and
-neither are training settings.
+searched, plus the training settings of `SEARCHABLE_SETTINGS` on request (BN recalibration
+batches): the seed is never a search dimension (TAKD tuned the seed on test; we do not), nor is
+any other training setting.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def _active(cls: Any, name: str, fixed: dict[str, Any]) -> bool:
 
 
 NOT_SEARCHABLE = {"seed": "the seed is a grid axis, never a search dimension"}
+
+# Training settings a study may search beside the method's parameters (opt-in, by their full
+# name: `--space train.bn_calib_batches=5:50:log`); every other train./data./runtime. setting
+# is refused. BN recalibration batches (US-Nets) are tuned on the validation split like a
+# loss weight: calibration itself reads training batches only.
+SEARCHABLE_SETTINGS = {"train.bn_calib_batches": "an integer >= 1"}
 
 
 def parse_dim(name: str, text: Any) -> Dim:
@@ -102,13 +109,30 @@ def _from_yaml(path: str, method: str) -> dict[str, Any]:
     return doc
 
 
+def _setting_dim(name: str, rng: Any, fixed_sets: dict[str, Any]) -> Dim:
+    """The range of a searchable training setting: whole numbers >= 1, not also fixed."""
+    if name in fixed_sets:
+        raise ConfigError(
+            f"{name} is both fixed (--set {name}=...) and searched (--space {name}=...); choose one"
+        )
+    dim = parse_dim(name, rng)
+    if dim.low < 1 or dim.low != int(dim.low) or dim.high != int(dim.high):
+        raise ConfigError(
+            f"search range of {name} {dim.describe()}: {name} must be {SEARCHABLE_SETTINGS[name]}"
+        )
+    return Dim(dim.low, dim.high, dim.log, integer=True)
+
+
 def resolve_space(
     method: str,
     space_file: str | None = None,
     items: list[str] | None = None,
     fixed: dict[str, Any] | None = None,
+    fixed_sets: dict[str, Any] | None = None,
 ) -> dict[str, Dim]:
-    """The validated search space of `method` (see module doc); raises ConfigError."""
+    """The validated search space of `method` (see module doc): method parameters by name,
+    searchable training settings (`SEARCHABLE_SETTINGS`) by their full name; `fixed`: method
+    parameters fixed with --set, `fixed_sets`: every --set. Raises ConfigError."""
     cls = METHODS.get(method)
     declared = declared_space(method, fixed)
     given: dict[str, Any] = _from_yaml(space_file, method) if space_file else {}
@@ -119,10 +143,14 @@ def resolve_space(
         given[name.strip()] = rng
     space = dict(declared)
     for name, rng in given.items():
+        if name in SEARCHABLE_SETTINGS:
+            space[name] = _setting_dim(name, rng, fixed_sets or {})
+            continue
         if name in NOT_SEARCHABLE or name.startswith(("seed", "train.", "data.", "runtime.")):
             raise ConfigError(
                 f"{name} cannot be searched: {NOT_SEARCHABLE.get(name, 'only method parameters')}"
-                f"; searchable parameters of {method}: {', '.join(cls.PARAMS) or '(none)'}"
+                f"; searchable parameters of {method}: {', '.join(cls.PARAMS) or '(none)'}; "
+                f"training settings: {', '.join(SEARCHABLE_SETTINGS)}"
             )
         key = name.removeprefix("method.")
         if key not in cls.PARAMS:
@@ -146,6 +174,8 @@ def resolve_space(
             dim = Dim(dim.low, dim.high, dim.log, integer=True)
         space[key] = dim
     for key, dim in space.items():
+        if key in SEARCHABLE_SETTINGS:
+            continue
         check = cls.PARAMS[key].check
         if not (check(dim.low) and check(dim.high)):
             raise ConfigError(

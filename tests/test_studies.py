@@ -378,6 +378,57 @@ def test_export_best_params_and_a_grid_trains_with_them(env, smoke_study):
     assert float(run.data.params["method.a"]) == pytest.approx(params["a"])
 
 
+def test_bn_recalibration_batches_are_tuned_beside_the_method_and_reach_the_grid(env, capsys):
+    """`--space train.bn_calib_batches=...` searches the universally slimmable network's BN
+    recalibration batches (whole numbers) beside sandwich's parameters; the export keeps the
+    setting's full name and a grid's from_study applies it as a training setting. Other
+    training settings stay refused, naming the searchable ones."""
+    base = ["run", "--arch", "us_mobilenet_v1", "--dataset", DATASET, "--method", "sandwich"]
+    base += ["--profile", "smoke", *SETS]
+    for space, needle in [
+        ("train.lr=0.01:0.1", "training settings: train.bn_calib_batches"),
+        ("train.bn_calib_batches=0:3", "train.bn_calib_batches must be an integer >= 1"),
+    ]:
+        capsys.readouterr()
+        rc = _cli(env, *base, "--study-name", "bad-bn", "--trials", "1", "--space", space)
+        assert rc == 2 and needle in capsys.readouterr().err, space
+    rc = _cli(
+        env, *base, "--study-name", "bn", "--trials", "2", "--pruner", "none",
+        "--space", "train.bn_calib_batches=1:3", "--set", "method.n=2", "--sampler-seed", "0",
+    )  # fmt: skip
+    assert rc == 0
+    study = _load(env, "bn")
+    for t in study.trials:
+        assert t.state == TrialState.COMPLETE
+        assert t.params["train.bn_calib_batches"] in (1, 2, 3)
+        assert set(t.params) == {"T", "a", "train.bn_calib_batches"}
+    out = env["root"] / "bn.yaml"
+    assert _cli(env, "best", "--study-name", "bn", "--export", str(out)) == 0
+    entry = yaml.safe_load(out.read_text())[f"us_mobilenet_v1/{DATASET}/sandwich"]
+    assert entry["train.bn_calib_batches"] == study.best_params["train.bn_calib_batches"]
+    assert entry["n"] == 2 and isinstance(entry["train.bn_calib_batches"], int)
+    grid = env["root"] / "bn-grid.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bn",
+                "profile": "smoke",
+                "archs": ["us_mobilenet_v1"],
+                "datasets": [DATASET],
+                "methods": ["sandwich"],
+                "seeds": [0],
+                "set": dict(FAST),
+                "method_params": {"from_study": str(out)},
+            }  # fmt: skip
+        )
+    )
+    from benchmark.grid.spec import load_grid
+
+    (cell,) = load_grid(grid).cells
+    assert cell.cfg["train"]["bn_calib_batches"] == entry["train.bn_calib_batches"]
+    assert cell.cfg["method"]["n"] == 2 and cell.cfg["method"]["T"] == entry["T"]
+
+
 def test_plots_are_saved_and_logged_to_the_study_run(env, smoke_study):
     out = env["root"] / "plots"
     assert _cli(env, "plots", "--study-name", "smoke", "--out", str(out)) == 0

@@ -547,7 +547,8 @@ class _Expansion:
         entry = _study_entry(scopes.best, combo)
         if entry is None:
             return [], None, True
-        sets = {f"method.{k}": v for k, v in entry.items()}
+        # method parameters by name; a tuned training setting by its full name
+        sets = {(k if "." in k else f"method.{k}"): v for k, v in entry.items()}
         return [("method_params.from_study", None, sets)], entry, True
 
     def _resolve(self, combo: dict[str, Any], overrides: dict[str, Any]) -> dict | None:
