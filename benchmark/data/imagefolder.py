@@ -10,6 +10,7 @@ so a changed dataset is decoded again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -56,13 +57,21 @@ def _listing(path: Path) -> dict[str, str]:
                     found[(rel / f).as_posix()] = f"{st.st_size}:{st.st_mtime_ns}"
         return found
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            return {
-                i.filename: f"{i.file_size}:{i.CRC}"
-                for i in z.infolist()
-                if not i.is_dir() and not is_system_file(i.filename)
-            }
+        st = path.stat()
+        return dict(_zip_listing(str(path.resolve()), st.st_size, st.st_mtime_ns))
     raise ConfigError(f"imagefolder path {path} is neither a directory nor a .zip file")
+
+
+@functools.lru_cache(maxsize=8)
+def _zip_listing(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...]:
+    """A zip's listing, read once per process per (path, size, mtime): a grid resolves every
+    cell of a 60,000-image zip, and each read of its central directory takes ~0.5 s."""
+    with zipfile.ZipFile(path) as z:
+        return tuple(
+            (i.filename, f"{i.file_size}:{i.CRC}")
+            for i in z.infolist()
+            if not i.is_dir() and not is_system_file(i.filename)
+        )
 
 
 def _index(path: Path, names: list[str]) -> Index:
