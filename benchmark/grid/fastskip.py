@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from benchmark import schema
 from benchmark.store import absolute_sqlite, sqlite_path
 
 _SOURCE = Path(__file__).resolve().parents[1]  # the benchmark package
@@ -96,8 +97,8 @@ def remember(name: str | None, experiment: str, keys: list[str]) -> None:
 _FINISHED = """
     SELECT DISTINCT c.value FROM runs r
     JOIN experiments x ON x.experiment_id = r.experiment_id
-    JOIN tags c ON c.run_uuid = r.run_uuid AND c.key = 'flexbench.cell'
-    JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'flexbench.status'
+    JOIN tags c ON c.run_uuid = r.run_uuid AND c.key = ?
+    JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ?
     WHERE x.name = ? AND x.lifecycle_stage = 'active' AND r.lifecycle_stage = 'active'
       AND s.value = 'finished'"""
 
@@ -113,7 +114,8 @@ def all_finished(name: str | None, uri: str) -> tuple[str, int] | None:
         if db is None or not db.is_file():
             return None
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
-            done = {row[0] for row in con.execute(_FINISHED, (entry["experiment"],))}
+            query = (schema.CELL, schema.STATUS, entry["experiment"])
+            done = {row[0] for row in con.execute(_FINISHED, query)}
     except (OSError, ValueError, KeyError, sqlite3.Error):
         return None
     keys = entry["keys"]
