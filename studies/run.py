@@ -171,7 +171,25 @@ def _validate(spec: StudySpec, run_sets: dict[str, Any]) -> dict[str, Any]:
             {**spec.sets, **run_sets, **probe},
         )  # fmt: skip
     datasets.check(cfg["data"]["name"], cfg["data"])
+    _check_calibration(space, cfg)
     return cfg
+
+
+def _check_calibration(space: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """A searched `train.bn_calib_batches` range must fit the training batches (the trainer's
+    own check, made before the first trial instead of in each)."""
+    from benchmark.grid.spec import n_train_images
+
+    dim = space.get("train.bn_calib_batches")
+    n = n_train_images(cfg["data"])
+    if dim is None or n is None:
+        return
+    batches = n // cfg["train"]["batch_size"]
+    if dim.high > batches:
+        raise ConfigError(
+            f"search range of train.bn_calib_batches {dim.describe()} exceeds the {batches} "
+            f"training batches of {cfg['train']['batch_size']} images; valid: 1..{batches}"
+        )
 
 
 # --- workers --------------------------------------------------------------------------------

@@ -347,6 +347,10 @@ def test_results_grids_default_and_tuned(tmp_path):
     assert len(cells) == 6
     labels = {method_label(c.method, c.cfg["method"]) for c in cells}
     assert labels == {"ipkd (T=2.5, a=0.3)", "ipkd_ta (T=6, a=0.5)"}
+    # the report's label from MLflow params (strings, any order) is the plan's
+    assert (
+        method_label("ipkd", {"a": "0.3", "divergence": "kl", "T": "2.5"}) == "ipkd (T=2.5, a=0.3)"
+    )
     assert not {c.key for c in cells} & {c.key for c in spec.cells}
 
 
@@ -489,8 +493,10 @@ def test_only_runs_a_slice_and_the_plan_stays_whole(schema_db, tmp_path, monkeyp
         ("arch=resnet", "its arch values: msdnet, slimmable_mobilenet_v1"),
         ("width=1", "AXIS one of arch, dataset, method, seed; got 'width=1'"),
         ("seed=3", "no cell of grid tiny has seed '3'"),
+        ("arch=msdnet --only arch=slimmable_mobilenet_v1", "matches all of them"),
     ]:
-        rc, out, err = run_cli("grid", "run", str(TINY), "--only", only, "--tracking-uri", bad_uri)
+        onlys = [a for part in only.split(" --only ") for a in ("--only", part)]
+        rc, out, err = run_cli("grid", "run", str(TINY), *onlys, "--tracking-uri", bad_uri)
         assert rc == 2 and needle in err, out + err
     assert not (tmp_path / "untouched.db").exists()
 

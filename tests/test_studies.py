@@ -388,10 +388,15 @@ def test_bn_recalibration_batches_are_tuned_beside_the_method_and_reach_the_grid
     for space, needle in [
         ("train.lr=0.01:0.1", "training settings: train.bn_calib_batches"),
         ("train.bn_calib_batches=0:3", "train.bn_calib_batches must be an integer >= 1"),
+        (
+            "train.bn_calib_batches=1:1000",
+            "exceeds the 4 training batches of 32 images; valid: 1..4",
+        ),
     ]:
         capsys.readouterr()
         rc = _cli(env, *base, "--study-name", "bad-bn", "--trials", "1", "--space", space)
         assert rc == 2 and needle in capsys.readouterr().err, space
+    assert "bad-bn" not in optuna.get_all_study_names(env["storage"])  # refused before creation
     rc = _cli(
         env, *base, "--study-name", "bn", "--trials", "2", "--pruner", "none",
         "--space", "train.bn_calib_batches=1:3", "--set", "method.n=2", "--sampler-seed", "0",

@@ -99,8 +99,9 @@ _FINISHED = """
     JOIN experiments x ON x.experiment_id = r.experiment_id
     JOIN tags c ON c.run_uuid = r.run_uuid AND c.key = ?
     JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = ?
+    LEFT JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = ?
     WHERE x.name = ? AND x.lifecycle_stage = 'active' AND r.lifecycle_stage = 'active'
-      AND s.value = 'finished'"""
+      AND s.value = 'finished' AND (t.value IS NULL OR t.value != 'false')"""
 
 
 def all_finished(name: str | None, uri: str) -> tuple[str, int] | None:
@@ -114,7 +115,7 @@ def all_finished(name: str | None, uri: str) -> tuple[str, int] | None:
         if db is None or not db.is_file():
             return None
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
-            query = (schema.CELL, schema.STATUS, entry["experiment"])
+            query = (schema.CELL, schema.STATUS, schema.TEST_EVALUATED, entry["experiment"])
             done = {row[0] for row in con.execute(_FINISHED, query)}
     except (OSError, ValueError, KeyError, sqlite3.Error):
         return None

@@ -352,6 +352,11 @@ def select_cells(spec: GridSpec, only: list[str]) -> GridSpec:
                 f"{', '.join(present)}"
             )
         keep = [c for c in keep if str(c.axis(axis)) in values]
+    if not keep:
+        raise ConfigError(
+            f"--only {' '.join(only)}: no cell of grid {spec.name} matches all of them (every "
+            f"--only must match; list several values of one axis as AXIS=V1,V2)"
+        )
     return dataclasses.replace(spec, cells=keep)
 
 
@@ -640,7 +645,7 @@ def _check_data(where: str, cells: list[Cell]) -> None:
             raise _err(f"{where}: dataset {c.dataset}", str(exc)) from None
 
 
-def _n_train(cfg_data: dict[str, Any]) -> int | None:
+def n_train_images(cfg_data: dict[str, Any]) -> int | None:
     """Training images after the val split and subset, without decoding (None if unknown)."""
     total = datasets.train_size(cfg_data["name"], cfg_data)
     sub = cfg_data.get("train_subset")
@@ -673,7 +678,7 @@ def estimate(spec: GridSpec, cells: list[Cell] | None = None) -> None:
                 f"cannot build {c.arch} with {c.cfg['arch']}: {type(exc).__name__}: {exc}",
             ) from None
         c.total_epochs = plan.total_epochs
-        n = _n_train(c.cfg["data"])
+        n = n_train_images(c.cfg["data"])
         if n is None:
             c.gflops = None
             continue

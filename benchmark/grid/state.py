@@ -103,7 +103,12 @@ def cell_states(
     for cell in spec.cells:
         runs = by_key.get(cell.key, [])
         ckpt = checkpoint_path(cell, spec.name).exists()
-        finished = [r for r in runs if r.data.tags.get(STATUS) == "finished"]
+        finished = [  # a study trial (evaluated on validation only) is not a finished cell
+            r
+            for r in runs
+            if r.data.tags.get(STATUS) == "finished"
+            and r.data.tags.get(schema.TEST_EVALUATED) != "false"
+        ]
         if finished:
             r = finished[-1]
             dur = None

@@ -54,10 +54,10 @@ def method_label(method: str, params: dict[str, object]) -> str:
     if method not in METHODS.names():
         return method
     specs = METHODS.get(method).PARAMS
-    changed = [
-        f"{k}={_shown(v)}"
-        for k, v in params.items()
-        if k in specs and v not in (None, "") and _differs(v, specs[k].default)
+    changed = [  # in the method's declaration order: one label whatever the params' order
+        f"{k}={_shown(params[k])}"
+        for k in specs
+        if params.get(k) not in (None, "") and _differs(params[k], specs[k].default)
     ]
     return f"{method} ({', '.join(changed)})" if changed else method
 
