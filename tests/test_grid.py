@@ -550,6 +550,30 @@ def test_finished_grid_is_skipped_without_torch_and_the_store_decides(
     assert {r["key"] for r in parent_runs(db, "tiny")} == {gone["key"], kept["key"]}
 
 
+def test_a_study_trial_with_a_cells_key_is_not_a_finished_cell(schema_db, tmp_path, monkeypatch):
+    """An Optuna trial logged into the grid's experiment has the key of the cell its parameters
+    make, but was evaluated on the validation split only: the grid still trains that cell."""
+    from mlflow.tracking import MlflowClient
+
+    db, uri = fresh_db(schema_db, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cell = load_grid(TINY).cells[0]
+    client = MlflowClient(uri)
+    exp = client.create_experiment("tiny")
+    tags = {"flexbench.cell": cell.key, "flexbench.status": "finished"}
+    trial = client.create_run(exp, tags={**tags, "flexbench.test_evaluated": "false"})
+    client.set_terminated(trial.info.run_id, "FINISHED")
+    rc, out, err = run_cli("grid", "plan", str(TINY), "--tracking-uri", uri)
+    assert rc == 0, out + err
+    (row,) = [line for line in out.splitlines() if line.startswith(cell.key)]
+    assert " pending " in row and " new " in row, row
+    done = client.create_run(exp, tags={**tags, "flexbench.test_evaluated": "true"})
+    client.set_terminated(done.info.run_id, "FINISHED")
+    rc, out, _ = run_cli("grid", "plan", str(TINY), "--tracking-uri", uri)
+    (row,) = [line for line in out.splitlines() if line.startswith(cell.key)]
+    assert " finished " in row and " skip " in row, row
+
+
 def _worker_logs(workdir: Path) -> dict[Path, str]:
     logs = workdir / "tiny" / "logs"
     return {p: p.read_text() for p in sorted(logs.glob("worker-*.log"))} if logs.exists() else {}

@@ -101,14 +101,11 @@ def cell_states(
     by_key = parent_runs(uri, spec.name) if runs is None else runs
     out: dict[str, CellState] = {}
     for cell in spec.cells:
-        runs = by_key.get(cell.key, [])
-        ckpt = checkpoint_path(cell, spec.name).exists()
-        finished = [  # a study trial (evaluated on validation only) is not a finished cell
-            r
-            for r in runs
-            if r.data.tags.get(STATUS) == "finished"
-            and r.data.tags.get(schema.TEST_EVALUATED) != "false"
+        runs = [  # a study trial (validation only, tagged so from its start) is not the cell's
+            r for r in by_key.get(cell.key, []) if r.data.tags.get(schema.TEST_EVALUATED) != "false"
         ]
+        ckpt = checkpoint_path(cell, spec.name).exists()
+        finished = [r for r in runs if r.data.tags.get(STATUS) == "finished"]
         if finished:
             r = finished[-1]
             dur = None
@@ -152,8 +149,9 @@ def mark_stale(spec: GridSpec, uri: str, by_key: dict[str, list[Any]] | None = N
     for key, runs in by_key.items():
         if key not in keys:
             continue
-        for r in runs:
-            if r.data.tags.get(STATUS) == "running":
+        for r in runs:  # a study trial runs under the study's workers, not a grid's
+            trial = r.data.tags.get(schema.TEST_EVALUATED) == "false"
+            if r.data.tags.get(STATUS) == "running" and not trial:
                 run = tracking.CellRun(uri, spec.name)
                 run.run_id = r.info.run_id
                 run.interrupted()
