@@ -26,6 +26,7 @@ are not cells of the benchmark and are only counted in `ignored`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -298,13 +299,36 @@ def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
         tidy, _ = _tidy_rows(pd.DataFrame(columns=["run_id"]), empty, {})
         return Experiment(name, exp.experiment_id, uri, empty, tidy, {})
     parents, ignored = _parents(runs)
-    cells = _dedupe(_cell_frame(parents))
+    cells = _cell_frame(parents)
+    names = dataset_names(
+        [*cells["dataset"], *(c["dataset"] for c in (plan or {}).get("cells", []))]
+    )
+    cells["dataset"] = cells["dataset"].map(names)
+    if plan is not None:
+        plan = {**plan, "cells": [{**c, "dataset": names[c["dataset"]]} for c in plan["cells"]]}
+    cells = _dedupe(cells)
     tidy, incomplete = _tidy_rows(parents, cells, _sub_order(runs))
     tidy, spectrum = _split_spectrum(tidy)
     cells.loc[cells["run_id"].isin(incomplete), "status"] = "incomplete"
     cells = _with_missing(cells) if plan is None else _with_planned(cells, plan)
     cells = cells.sort_values(CELL).reset_index(drop=True)
     return Experiment(name, exp.experiment_id, uri, cells, tidy, ignored, plan, spectrum)
+
+
+def dataset_names(datasets: Iterable[str]) -> dict[str, str]:
+    """Full dataset name -> the name reports show: a file-backed dataset by its file name
+    (`imagefolder:/any/dir/cifar10-jpeg.zip` -> `imagefolder:cifar10-jpeg.zip`), so that a
+    report rerun on another machine has the same panels and file names; the full name where
+    two different paths share a file name."""
+    full = set(datasets)
+    short = {}
+    for name in full:
+        kind, sep, path = name.partition(":")
+        short[name] = (
+            f"{kind}:{os.path.basename(path.rstrip('/'))}" if sep and "/" in path else name
+        )
+    clash = {s for s in short.values() if list(short.values()).count(s) > 1}
+    return {name: name if s in clash else s for name, s in short.items()}
 
 
 def _split_spectrum(tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

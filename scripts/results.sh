@@ -4,7 +4,9 @@
 # (results_tuned.yaml) and the report. Every step resumes: rerun the same command after any
 # stop; finished cells are skipped, a study stops at its trial count (--until).
 # Environment: CIFAR10_JPEG (the data file, default ../shared/data/cifar10-jpeg.zip; the grid
-# files point at that place too), WORKERS (default 2), TRIALS (per study, default 12),
+# files point at that place too), WORKERS (default 2), TRIALS (per study, default 8: what
+# docs/results ran; a mini msdnet trial costs ~6 min on 1 core of a 2-core machine; raise it where
+# there is more compute),
 # MLFLOW_TRACKING_URI (default sqlite:///<repo>/results.db), FLEXBENCH_STUDY_STORAGE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +15,7 @@ URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/results.db}
 STORAGE=${FLEXBENCH_STUDY_STORAGE:-sqlite:///$PWD/results-studies.db}
 DATA=${CIFAR10_JPEG:-../shared/data/cifar10-jpeg.zip}
 WORKERS=${WORKERS:-2}
-TRIALS=${TRIALS:-12}
+TRIALS=${TRIALS:-8}
 BEST=docs/results/best_params.yaml
 
 $FB grid run benchmark/configs/results.yaml --workers "$WORKERS" --tracking-uri "$URI"

@@ -776,6 +776,34 @@ def test_planned_report_ranks_methods_and_draws_the_cd_diagram(planned):
     assert "figures/cd_diagram.png" in html and "Friedman χ²" in html
 
 
+def test_a_data_file_is_named_by_its_file_name_in_runs_and_plan(store):
+    """Runs log the absolute path of the data file; the report names the panel by the file
+    name (the same on every machine) and still matches the plan's cells to the runs."""
+    from reports.load import dataset_names, load_experiment
+
+    here = "imagefolder:/machine-a/shared/data/cifar10-jpeg.zip"
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("moved")
+    plan = [
+        {"arch": ARCH, "dataset": here, "profile": PROFILE, "method": "joint", "seed": s}
+        for s in (0, 1)
+    ]
+    tracking.record_grid_plan(store, "moved", {"grid": "moved", "path": "g.yaml", "cells": plan})
+    rid = _finished_cell(client, exp, "joint", 0, TOP1[("joint", 0)])
+    client.set_tag(rid, "flexbench.dataset", here)
+    cells = load_experiment("moved", store).cells
+    assert set(cells["dataset"]) == {"imagefolder:cifar10-jpeg.zip"}
+    assert cells.set_index("seed")["status"].to_dict() == {0: "finished", 1: "missing"}
+    # two different files of one name keep their full names; names without a path stay
+    clash = ["imagefolder:/a/x.zip", "imagefolder:/b/x.zip", "cifar10", "imagefolder:/c/y/"]
+    assert dataset_names(clash) == {
+        "imagefolder:/a/x.zip": "imagefolder:/a/x.zip",
+        "imagefolder:/b/x.zip": "imagefolder:/b/x.zip",
+        "cifar10": "cifar10",
+        "imagefolder:/c/y/": "imagefolder:y",
+    }
+
+
 # --- method styles ---------------------------------------------------------------------------
 SHIPPED_STYLES = {  # colours and markers every report has drawn these methods with
     "joint": ("#000000", "o"),
