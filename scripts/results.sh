@@ -4,10 +4,10 @@
 # (results_tuned.yaml) and the report. Every step resumes: rerun the same command after any
 # stop; finished cells are skipped, a study stops at its trial count (--until).
 # Environment: CIFAR10_JPEG (the data file, default ../shared/data/cifar10-jpeg.zip; the grid
-# files point at that place too), WORKERS (default 2), TRIALS (per study, default 8: what
-# docs/results ran; a mini msdnet trial costs ~6 min on 1 core of a 2-core machine; raise it where
-# there is more compute),
-# MLFLOW_TRACKING_URI (default sqlite:///<repo>/results.db), FLEXBENCH_STUDY_STORAGE.
+# files point at that place too), WORKERS (grid cells at a time, default 2), TRIALS (per study,
+# default 8: what docs/results ran; a mini msdnet trial takes ~6 min on 1 core of a 2-core
+# machine), MLFLOW_TRACKING_URI (default sqlite:///<repo>/results.db),
+# FLEXBENCH_STUDY_STORAGE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FB=.venv/bin/flexbench
@@ -16,13 +16,22 @@ STORAGE=${FLEXBENCH_STUDY_STORAGE:-sqlite:///$PWD/results-studies.db}
 DATA=${CIFAR10_JPEG:-../shared/data/cifar10-jpeg.zip}
 WORKERS=${WORKERS:-2}
 TRIALS=${TRIALS:-8}
+THREADS=$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))
 BEST=docs/results/best_params.yaml
 
 $FB grid run benchmark/configs/results.yaml --workers "$WORKERS" --tracking-uri "$URI"
+# The two studies side by side, one worker each (sampler seed 0: the trials docs/results ran),
+# each with half the CPU threads.
+pids=()
 for method in ipkd ipkd_ta; do
   $FB study run --arch msdnet --dataset "imagefolder:$DATA" --method "$method" --profile mini \
-    --study-name "results-msdnet-$method" --until "$TRIALS" --workers "$WORKERS" \
-    --sampler-seed 0 --storage "$STORAGE" --tracking-uri "$URI" --experiment results-studies
+    --study-name "results-msdnet-$method" --until "$TRIALS" --workers 1 --sampler-seed 0 \
+    --set "runtime.threads=$THREADS" --storage "$STORAGE" --tracking-uri "$URI" \
+    --experiment results-studies &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+for method in ipkd ipkd_ta; do
   $FB study best --study-name "results-msdnet-$method" --storage "$STORAGE" --export "$BEST"
 done
 $FB grid run benchmark/configs/results_tuned.yaml --workers "$WORKERS" --tracking-uri "$URI"
