@@ -210,7 +210,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--sampler", choices=SAMPLERS, help="default tpe (stored with the study)")
     p.add_argument("--pruner", choices=PRUNERS, help="default median (stored with the study)")
-    p.add_argument("--sampler-seed", type=int, help="seed of the sampler (worker i: seed + i)")
+    p.add_argument(
+        "--sampler-seed",
+        type=int,
+        help="seed of the sampler (worker i: seed + i; a rerun of a study that "
+        "holds trials draws new seeds from seed, trial count and i, so it does not repeat "
+        "the first run's proposals)",
+    )
     p.add_argument(
         "--objective",
         choices=list(OBJECTIVES),

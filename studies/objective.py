@@ -67,6 +67,7 @@ class TrialContext:
     sampler: str
     pruner: str
     sampler_seed: int | None = None
+    trials_before: int = 0  # trials the study held when this run started (`worker_seed`)
     run_sets: dict[str, Any] = field(default_factory=dict)  # runtime.*, data.root, ...
     progress: bool = True
 

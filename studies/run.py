@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -193,10 +194,24 @@ def _check_calibration(space: dict[str, Any], cfg: dict[str, Any]) -> None:
 
 
 # --- workers --------------------------------------------------------------------------------
+def worker_seed(sampler_seed: int | None, index: int, trials_before: int) -> int | None:
+    """The sampler seed of worker `index`: `sampler_seed + index` in the run that starts the
+    study; in a later run (the study already holds `trials_before` trials) one drawn from
+    (sampler_seed, trials_before, index) by `numpy.random.SeedSequence`. A sampler seeded in a
+    new process restarts its random stream: with the first run's seed, a resumed TPE study
+    (still in its random startup trials) proposes the first run's parameters again."""
+    if sampler_seed is None:
+        return None
+    if trials_before == 0:
+        return sampler_seed + index
+    seq = np.random.SeedSequence([sampler_seed, trials_before, index])
+    return int(seq.generate_state(1)[0])
+
+
 def run_worker(ctx: TrialContext, n_trials: int, index: int, total_epochs: int) -> None:
     """Run `n_trials` trials of the study in this process."""
     storage = st.open_storage(ctx.storage_url, ctx.heartbeat)
-    seed = None if ctx.sampler_seed is None else ctx.sampler_seed + index
+    seed = worker_seed(ctx.sampler_seed, index, ctx.trials_before)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.load_study(
@@ -340,6 +355,7 @@ def run_study(opts: RunOptions) -> RunSummary:
         sampler=sampler,
         pruner=pruner,
         sampler_seed=opts.sampler_seed,
+        trials_before=len(study.trials),
         run_sets=run_sets,
         progress=opts.workers == 1,
     )

@@ -240,6 +240,13 @@ def test_rerun_continues_the_study(env, smoke_study, capsys):
     studies = [r for r in all_runs(client) if r.data.tags.get("flexbench.kind") == "study"]
     assert len([r for r in studies if r.data.tags["flexbench.study"] == "smoke"]) == 1
     assert len(_trial_runs(client, study.user_attrs["mlflow_run_id"])) == before + 1
+    # the same --sampler-seed again: new proposals, not a repeat of the first run's
+    first = [t.params for t in _load(env, "smoke").trials]
+    rc = _cli(env, "run", "--study-name", "smoke", "--trials", "1", "--sampler-seed", "0")
+    assert rc == 0
+    (new,) = [t.params for t in _load(env, "smoke").trials][len(first) :]
+    assert new not in first
+    before += 1
     # --until N: trials up to N in all, so the same command rerun adds nothing
     for until, total in ((before + 1, before + 1), (before + 2, before + 2), (3, before + 2)):
         assert _cli(env, "run", "--study-name", "smoke", "--until", str(until)) == 0
