@@ -68,20 +68,29 @@ def case_matrix(sc: pd.DataFrame) -> pd.DataFrame:
 
 
 def complete_cases(matrix: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """The cases where every kept method has a number. A method missing from some cases (e.g.
-    one a grid excludes on some architectures) is left out when that keeps more numbers
-    (cases x methods) than dropping those cases; fewest-covered methods go first."""
-    m = matrix.copy()
-    left_out: list[str] = []
-    while m.shape[1] > 2:
-        full = m.dropna()
-        worst = m.notna().sum().idxmin()
-        without = m.drop(columns=worst).dropna()
-        if without.size <= full.size:
-            break
-        left_out.append(worst)
-        m = m.drop(columns=worst)
-    return m.dropna(), left_out
+    """The methods to rank and the cases where each of them has a number: of all method sets
+    of at least 3 (Friedman's minimum), the one that keeps the most numbers (cases x methods),
+    the larger set on a tie; the second value lists the methods left out. Exact: a best set is
+    the intersection of the method sets of the cases it keeps, so only the intersections of
+    the cases' method sets are tried (e.g. a grid that runs some methods on one architecture
+    only gives one set per architecture and their common methods). With no such set of 3, the
+    cases where all methods have a number."""
+    present = matrix.notna()
+    patterns = {frozenset(present.columns[row]) for row in present.to_numpy()}
+    closed, frontier = set(patterns), set(patterns)
+    while frontier:
+        frontier = {a & b for a in frontier for b in closed} - closed
+        closed |= frontier
+
+    def numbers(methods: frozenset) -> tuple[int, int]:
+        return len(methods) * int(present[list(methods)].all(axis=1).sum()), len(methods)
+
+    sets = [m for m in closed if len(m) >= 3]
+    if not sets:
+        return matrix.dropna(), []
+    best = max(sets, key=numbers)
+    kept = [c for c in matrix.columns if c in best]
+    return matrix.loc[present[kept].all(axis=1), kept], [c for c in matrix.columns if c not in best]
 
 
 def average_ranks(matrix: pd.DataFrame) -> pd.Series:

@@ -116,6 +116,11 @@ def test_methods_missing_from_cases_are_left_out_or_cases_dropped():
     matrix = [[3, 2, 1], [3, 2, None], [1, 3, 2], [3, 1, 2]]
     t = ranks.rank_test(_scores(matrix, ["a", "b", "c"]).dropna())
     assert t.left_out == [] and t.n_cases == 3 and t.cases_left_out == 1
+    # d and e ran on the first architecture only (cases 0-3), f on the second (4-7): no case
+    # has all six, and leaving out d, then e, completes none; without all three, 3 x 8 numbers
+    matrix = [[3, 2, 1, 0, 4, None]] * 4 + [[3, 1, 2, None, None, 0]] * 4
+    t = ranks.rank_test(_scores(matrix, ["a", "b", "c", "d", "e", "f"]).dropna())
+    assert t is not None and t.left_out == ["d", "e", "f"] and t.n_cases == 8
     # two methods: Friedman does not apply (the paired test does)
     assert ranks.rank_test(_scores([[1, 2], [2, 1]], ["a", "b"])) is None
 
