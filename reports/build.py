@@ -53,6 +53,8 @@ class Report:
     ref_unrelated: list[Reference]
     ranks: rk.RankTest | None = None  # Friedman/Nemenyi over all cases (None: < 3 methods)
     rank_figures: list[figs.Figure] = field(default_factory=list)
+    # per panel (arch, dataset, profile) with its own method set: (panel, test, CD diagram)
+    panel_ranks: list[tuple[tuple, rk.RankTest, figs.Figure]] = field(default_factory=list)
     win_tie_loss: pd.DataFrame = field(default_factory=pd.DataFrame)
     separation: pd.DataFrame = field(default_factory=pd.DataFrame)  # seeds needed per cell
     study_figures: list[figs.Figure] = field(default_factory=list)
@@ -223,6 +225,15 @@ def add_rankings(r: Report, styles: dict) -> None:
     r.ranks = rk.rank_test(r.scores)
     if r.ranks is not None:
         r.rank_figures.append(cd_diagram(r.ranks, styles, r.out))
+    panels = list(r.scores.groupby(PANEL, sort=False)) if not r.scores.empty else []
+    for panel, sc in panels if len(panels) > 1 else []:
+        # each architecture alone as well: the cases of all panels rank only the methods they
+        # share (e.g. joint, ipkd, ipkd_ta), one panel's own ones (imta, tuned cells) here
+        t = rk.rank_test(sc)
+        if t is not None:
+            stem = f"figures/cd_diagram_{tb.panel_slug(panel)}"
+            fig = cd_diagram(t, styles, r.out, stem, tb.panel_title(panel))
+            r.panel_ranks.append((panel, t, fig))
     r.win_tie_loss = rk.win_tie_loss(r.pairs, r.baseline, r.order)
     r.separation = rk.separation(r.scores, r.summary)
 

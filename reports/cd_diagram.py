@@ -16,8 +16,11 @@ from reports.ranks import RankTest
 from reports.style import COLUMN_WIDTH, RC
 
 
-def cd_diagram(test: RankTest, styles: dict, out: Path, stem: str = "figures/cd_diagram") -> Figure:
-    """Write `stem`.png/.pdf under `out`; one method colour as in every other figure."""
+def cd_diagram(
+    test: RankTest, styles: dict, out: Path, stem: str = "figures/cd_diagram", of: str = ""
+) -> Figure:
+    """Write `stem`.png/.pdf under `out`; one method colour as in every other figure. `of`
+    names the cases' panel when they are one architecture's (title and caption)."""
     k = len(test.methods)
     with plt.rc_context({**RC, "axes.grid": False}):
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 0.9 + 0.22 * k))
@@ -45,7 +48,8 @@ def cd_diagram(test: RankTest, styles: dict, out: Path, stem: str = "figures/cd_
         files = save(fig, out, stem)
     cap = (
         f"Critical-difference diagram (Demšar 2006): average rank of each method over "
-        f"{test.n_cases} cases (arch, dataset, sub-model, seed; rank 1 = highest test top-1). "
+        f"{test.n_cases} cases (arch, dataset, sub-model, seed{'; ' + of if of else ''}; "
+        f"rank 1 = highest test top-1). "
         f"Methods joined by a bar are not significantly different by the Nemenyi test at "
         f"alpha = {test.alpha:g}; the bar marked CD above the axis is the critical difference "
         f"{test.cd:.2f} (q = {test.q_alpha:.3f}, k = {k}, N = {test.n_cases}). Friedman "
@@ -53,4 +57,5 @@ def cd_diagram(test: RankTest, styles: dict, out: Path, stem: str = "figures/cd_
         f"(p = {test.p_ff:.2g}). Cases are not independent (sub-models of one cell share "
         f"weights): p values are optimistic."
     )
-    return Figure(stem, "Critical-difference diagram of the methods", cap, files)
+    title = "Critical-difference diagram of the methods" + (f" — {of}" if of else "")
+    return Figure(stem, title, cap, files)

@@ -61,8 +61,10 @@ STATISTICS = [
 ]
 
 
-def _rank_frame(r) -> pd.DataFrame:
-    t = r.ranks
+PANEL_RANKS = "One architecture alone:"  # heading of a panel's own ranking
+
+
+def _rank_frame(t) -> pd.DataFrame:
     if t is None:
         return pd.DataFrame()
     return pd.DataFrame(
@@ -78,8 +80,7 @@ def _rank_frame(r) -> pd.DataFrame:
     )
 
 
-def _rank_text(r) -> str:
-    t = r.ranks
+def _rank_text(t) -> str:
     if t is None:
         return (
             "No rank statistics: they need at least 3 methods with finished cells on at least "
@@ -171,7 +172,7 @@ def write_tables(r, formats: set[str]) -> list[Path]:
         "summary_bestval": (r.methods_bestval, BESTVAL_CAPTION),
         "paired_tests": (_pairs_frame(r.pairs), f"Paired tests against {r.baseline}."),
         "references": (_ref_frame(r.ref_table), "Published vs ours (top-1, %)."),
-        "ranks": (_rank_frame(r), f"Average ranks over cases. {_rank_text(r)}"),
+        "ranks": (_rank_frame(r.ranks), f"Average ranks over cases. {_rank_text(r.ranks)}"),
         "win_tie_loss": (r.win_tie_loss, f"Win/tie/loss against {r.baseline} (paired t-test)."),
         "seeds_needed": (_separation_frame(r), "Seeds needed to separate the two best methods."),
     }
@@ -190,6 +191,9 @@ def write_tables(r, formats: set[str]) -> list[Path]:
         put("seeds_needed.csv", r.separation.to_csv(index=False))
         if r.ranks is not None:
             put("ranks.csv", r.ranks.avg_rank.rename("average_rank").to_csv())
+        for panel, t, _ in r.panel_ranks:
+            ranks = t.avg_rank.rename("average_rank").to_csv()
+            put(f"ranks_{tb.panel_slug(panel)}.csv", ranks)
         put(
             "cells.csv",
             r.experiment.cells.drop(columns=["start_time"], errors="ignore").to_csv(index=False),
@@ -243,12 +247,17 @@ def _figure_html(f) -> str:
 
 
 def _rankings_html(r) -> list[str]:
-    parts = ["<h2 id='ranks'>Rankings across cases</h2>", f"<p>{e(_rank_text(r))}</p>"]
+    parts = ["<h2 id='ranks'>Rankings across cases</h2>", f"<p>{e(_rank_text(r.ranks))}</p>"]
     if r.ranks is not None:
-        parts.append(tb.frame_html(_rank_frame(r), "Average rank of each method (1 = best)."))
+        parts.append(tb.frame_html(_rank_frame(r.ranks), "Average rank of each method (1 = best)."))
         parts.append("<div class='figs'>")
         parts += [_figure_html(f) for f in r.rank_figures]
         parts.append("</div>")
+    for panel, t, fig in r.panel_ranks:
+        parts.append(f"<h3>{e(PANEL_RANKS)} {e(tb.panel_title(panel))}</h3>")
+        parts.append(f"<p>{e(_rank_text(t))}</p>")
+        parts.append(tb.frame_html(_rank_frame(t), "Average rank of each method (1 = best)."))
+        parts += ["<div class='figs'>", _figure_html(fig), "</div>"]
     parts.append("<h3>Win / tie / loss against the baseline</h3>")
     parts.append(
         tb.frame_html(
@@ -399,11 +408,15 @@ def render_markdown(r) -> str:
         lines += ["### Selected on val", "", BESTVAL_CAPTION, ""]
         lines += [tb.frame_markdown(r.methods_bestval)]
     lines += ["## Paired tests against the baseline", "", tb.frame_markdown(_pairs_frame(r.pairs))]
-    lines += ["## Rankings across cases", "", _rank_text(r), ""]
+    lines += ["## Rankings across cases", "", _rank_text(r.ranks), ""]
     if r.ranks is not None:
-        lines += [tb.frame_markdown(_rank_frame(r))]
+        lines += [tb.frame_markdown(_rank_frame(r.ranks))]
         for f in r.rank_figures:
             lines += [f"![{f.title}]({f.stem}.png)", "", f"*{f.title}.* {f.caption}", ""]
+    for panel, t, f in r.panel_ranks:
+        lines += [f"### {PANEL_RANKS} {tb.panel_title(panel)}", "", _rank_text(t), ""]
+        lines += [tb.frame_markdown(_rank_frame(t))]
+        lines += [f"![{f.title}]({f.stem}.png)", "", f"*{f.title}.* {f.caption}", ""]
     lines += ["### Win / tie / loss against the baseline", "", tb.frame_markdown(r.win_tie_loss)]
     lines += [
         "### Seeds needed to separate the two best methods (a simple power estimate)",
@@ -439,5 +452,6 @@ def write(r, formats: set[str]) -> list[Path]:
     for figs in r.figures.values():
         files += [p for f in figs for p in f.files]
     files += [p for f in r.rank_figures for p in f.files]
+    files += [p for _, _, f in r.panel_ranks for p in f.files]
     files += [p for f in r.study_figures for p in f.files]
     return files

@@ -774,6 +774,14 @@ def test_planned_report_ranks_methods_and_draws_the_cd_diagram(planned):
     assert fig.files[0].exists() and "cd_diagram" in fig.stem
     html = (planned.out / "index.html").read_text()
     assert "figures/cd_diagram.png" in html and "Friedman χ²" in html
+    # each architecture is also ranked alone where it has 3 methods: msdnet, not slimmable (2)
+    ((panel, alone, alone_fig),) = planned.panel_ranks
+    assert panel == (ARCH, DATASET, PROFILE) and alone.n_cases == 3
+    assert alone.avg_rank.to_dict() == pytest.approx(t.avg_rank.to_dict())
+    assert alone_fig.files[0].exists() and alone_fig.stem.endswith("msdnet_synthetic_smoke")
+    md = (planned.out / "report.md").read_text()
+    assert f"### One architecture alone: {ARCH} on {DATASET}" in md
+    assert f"({alone_fig.stem}.png)" in md and f"{alone_fig.stem}.png" in html
 
 
 def test_a_data_file_is_named_by_its_file_name_in_runs_and_plan(store):
