@@ -339,15 +339,11 @@ def _notes(r: Report, requested: str | None) -> list[str]:
     notes += _plan_notes(exp)
     rt = r.ranks
     if rt is not None and (rt.left_out or rt.cases_left_out):
-        notes.append(
-            f"Rank statistics: {rt.cases_left_out} case(s) without every ranked method are left "
-            f"out"
-            + (
-                f"; not ranked: {', '.join(rt.left_out)} (missing from many cases)"
-                * bool(rt.left_out)
-            )
-            + "."
-        )
+        said = [f"{rt.cases_left_out} case(s) without every ranked method are left out"]
+        said = said if rt.cases_left_out else []
+        if rt.left_out:
+            said.append(f"not ranked: {', '.join(rt.left_out)} (missing from many cases)")
+        notes.append("Rank statistics across architectures: " + "; ".join(said) + ".")
     dup = int(exp.cells.get("superseded", pd.Series(dtype=int)).fillna(0).sum())
     if dup:
         notes.append(
