@@ -696,10 +696,15 @@ def test_win_tie_loss_and_seeds_needed(report):
     assert r["seeds needed"] == seeds_needed([2, 2, 3])
     r = sep.loc["exit1"]  # ipkd_ta (54, one seed) before ipkd: one shared seed, no estimate
     assert r["best"] == "ipkd_ta" and r["n pairs"] == 1 and pd.isna(r["seeds needed"])
-    assert report.ranks is None  # ipkd_ta has too few cases: two methods left, no Friedman
+    # ipkd_ta ran seed 0 only: the three methods are ranked over its 3 cases (a set of at
+    # least 3 methods, for Friedman), seeds 1-2 left out. Seed 0: exit1 54/53/50, exit2
+    # 63/62/60, exit3 ipkd 72, joint and ipkd_ta 70 (tied: 2.5 each)
+    t = report.ranks
+    assert t.n_cases == 3 and t.cases_left_out == 6 and t.left_out == []
+    assert t.avg_rank.to_dict() == pytest.approx({"ipkd_ta": 1.5, "ipkd": 5 / 3, "joint": 8.5 / 3})
     html = (report.out / "index.html").read_text()
     md = (report.out / "report.md").read_text()
-    for text in ("Rankings across cases", "Win / tie / loss", "Seeds needed", "No rank statistics"):
+    for text in ("Rankings across cases", "Win / tie / loss", "Seeds needed", "Friedman χ²"):
         assert text in html and text in md, text
     assert (report.out / "tables" / "win_tie_loss.csv").exists()
 
