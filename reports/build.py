@@ -339,8 +339,9 @@ def _notes(r: Report, requested: str | None) -> list[str]:
     notes += _plan_notes(exp)
     rt = r.ranks
     if rt is not None and (rt.left_out or rt.cases_left_out):
-        said = [f"{rt.cases_left_out} case(s) without every ranked method are left out"]
-        said = said if rt.cases_left_out else []
+        said = []
+        if rt.cases_left_out:
+            said.append(f"{rt.cases_left_out} case(s) without every ranked method are left out")
         if rt.left_out:
             said.append(f"not ranked: {', '.join(rt.left_out)} (missing from many cases)")
         notes.append("Rank statistics across architectures: " + "; ".join(said) + ".")

@@ -26,6 +26,7 @@ are not cells of the benchmark and are only counted in `ignored`.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -327,8 +328,8 @@ def dataset_names(datasets: Iterable[str]) -> dict[str, str]:
         short[name] = (
             f"{kind}:{os.path.basename(path.rstrip('/'))}" if sep and "/" in path else name
         )
-    clash = {s for s in short.values() if list(short.values()).count(s) > 1}
-    return {name: name if s in clash else s for name, s in short.items()}
+    uses = Counter(short.values())
+    return {name: name if uses[s] > 1 else s for name, s in short.items()}
 
 
 def _split_spectrum(tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

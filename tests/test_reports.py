@@ -702,6 +702,10 @@ def test_win_tie_loss_and_seeds_needed(report):
     t = report.ranks
     assert t.n_cases == 3 and t.cases_left_out == 6 and t.left_out == []
     assert t.avg_rank.to_dict() == pytest.approx({"ipkd_ta": 1.5, "ipkd": 5 / 3, "joint": 8.5 / 3})
+    assert (
+        "Rank statistics across architectures: 6 case(s) without every ranked method are left out."
+        in report.notes
+    )
     html = (report.out / "index.html").read_text()
     md = (report.out / "report.md").read_text()
     for text in ("Rankings across cases", "Win / tie / loss", "Seeds needed", "Friedman χ²"):
