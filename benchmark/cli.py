@@ -8,8 +8,8 @@ import importlib.util
 import os
 import sys
 
-from benchmark import signals
 from benchmark.errors import ConfigError, TrainingError
+from benchmark.record import signals
 
 
 def _add_cell_args(p: argparse.ArgumentParser) -> None:
@@ -84,8 +84,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from benchmark import data as datasets
     from benchmark.config import resolve
-    from benchmark.flops import count_costs, latency_profile
-    from benchmark.train import make_model
+    from benchmark.costs.flops import count_costs, latency_profile
+    from benchmark.training.train import make_model
 
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be a positive integer, got {args.repeats}")
@@ -127,7 +127,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from benchmark.config import resolve
-    from benchmark.train import CellOptions, train_cell
+    from benchmark.training.train import CellOptions, train_cell
 
     cfg = resolve(
         args.arch, args.dataset, args.method, args.seed, args.profile, overrides_from_args(args)

@@ -39,8 +39,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 0,
         "label_smoothing": 0.0,
         "eval_batch_size": 500,
-        # BN recalibration before each sub-model's evaluation (`benchmark.bn_calib`): that many
-        # training batches; 0 = none. Width networks with shared BN set their own (us_mobilenet_v1).
+        # BN recalibration before each sub-model's evaluation
+        # (`benchmark.training.bn_calib`): that many training batches; 0 = none. Width networks
+        # with shared BN set their own (us_mobilenet_v1).
         "bn_calib_batches": 0,
     },
     "data": {

@@ -41,8 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.errors import ConfigError
-from benchmark.store import absolute_sqlite, refuse_file_store, sqlite_path
-from benchmark.store import redact_uri as mask_uri  # the URI with any password replaced by ***
+from benchmark.record.store import absolute_sqlite, refuse_file_store, sqlite_path
+from benchmark.record.store import (
+    redact_uri as mask_uri,  # the URI with any password replaced by ***
+)
 
 DEFAULT_DATA_DIR = "mlflow_data"
 DATA_DIR_ENV = "FLEXBENCH_SERVER_DIR"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark import schema
-from benchmark.cost_axis import UNITS
+from benchmark.costs.axis import UNITS
 from benchmark.errors import ConfigError
-from benchmark.store import redact_uri
+from benchmark.record import schema
+from benchmark.record.store import redact_uri
 from reports import figures as figs
 from reports import ranks as rk
 from reports import spread_figures as sf
@@ -385,7 +385,7 @@ def _plan_notes(exp: Experiment) -> list[str]:
 
 def log_report(r: Report) -> str:
     """Log the report folder as the artifacts of a `report` run in the same experiment."""
-    from benchmark import tracking
+    from benchmark.record import tracking
 
     n_done = (
         int((r.experiment.cells["status"] == "finished").sum()) if len(r.experiment.cells) else 0

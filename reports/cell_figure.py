@@ -1,7 +1,7 @@
 """The per-cell accuracy-vs-cost figure the trainer attaches to a cell's MLflow run.
 
 One cell, one seed: each sub-model is a marker on its cost (MFLOPs, or GBitOps for bit-width
-networks, see `benchmark.cost_axis`); early-exit cells add the budgeted-batch curve, universally
+networks, see `benchmark.costs.axis`); early-exit cells add the budgeted-batch curve, universally
 slimmable cells their width spectrum (rows with `spectrum` = "true") as a line.
 """
 

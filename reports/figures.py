@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from benchmark.cost_axis import UNITS  # noqa: E402
+from benchmark.costs.axis import UNITS  # noqa: E402
 from reports.stats import AUC, MEAN  # noqa: E402
 from reports.style import COLUMN_WIDTH, PAGE_WIDTH, RC  # noqa: E402
 from reports.tables import COST_DEFINITION, fmt_cost, panel_slug, panel_title  # noqa: E402

@@ -8,15 +8,15 @@
   plan, although the experiment holds that arch/dataset and that method and that seed
   elsewhere);
 - `tidy`: one row per finished cell x sub-model with a column per metric of
-  `benchmark.schema.SUBMODEL_FIELDS` (top-1/top-5 on the test split at the last epoch, MMACs,
+  `benchmark.record.schema.SUBMODEL_FIELDS` (top-1/top-5 on the test split at the last epoch, MMACs,
   MFLOPs, GBitOps, parameters, latency), read from the parent run's final metrics
   (`test/top1/<sub>`, ...), with the sub-model's position from its child run, and the panel's
-  cost: `cost_axis` ("mflops" or "gbitops", `benchmark.cost_axis` on the panel's sub-model
+  cost: `cost_axis` ("mflops" or "gbitops", `benchmark.costs.axis` on the panel's sub-model
   costs, the trainer's rule) and `cost` (that metric's value). Every figure, table and AUC of a
   panel uses this one column, so bit-width sub-models, which share their MFLOPs, stay apart.
 - `spectrum`: the width-spectrum points of universally slimmable cells (sub-models named
-  `spectrum/w<width>`, `benchmark.spectrum`), in the columns of `tidy` plus `width`; they are
-  not in `tidy`, so tables, ranks and means cover the fixed sub-models only.
+  `spectrum/w<width>`, `benchmark.training.spectrum`), in the columns of `tidy` plus `width`;
+  they are not in `tidy`, so tables, ranks and means cover the fixed sub-models only.
 
 Runs tagged `flexbench.kind` (e.g. `report`), runs without `flexbench.cell`, child runs and cells
 whose final metrics are on the validation split (study trials, `flexbench.test_evaluated=false`)
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from benchmark import schema
-from benchmark.cost_axis import cost_axis
+from benchmark.costs.axis import cost_axis
 from benchmark.errors import ConfigError
+from benchmark.record import schema
 
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -65,7 +65,7 @@ class Experiment:
 
 
 def resolve_experiment(client: MlflowClient, name: str):
-    from benchmark.tracking import experiment_id
+    from benchmark.record.tracking import experiment_id
 
     experiment_id(client, name, create=False)  # a deleted experiment: how to restore it
     exp = client.get_experiment_by_name(name)
@@ -240,7 +240,7 @@ def _with_missing(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_plan(client: MlflowClient, experiment_id: str) -> dict | None:
-    """The plan recorded by `flexbench grid run` (benchmark.tracking.record_grid_plan): the
+    """The plan recorded by `flexbench grid run` (benchmark.record.tracking.record_grid_plan): the
     artifact `grid_plan.json` of the experiment's runs tagged `flexbench.kind=grid`, one per
     grid file run into the experiment, merged (cells of all, `path` naming every file,
     `excluded` summed, `run_id` the latest's); None when the experiment has none (single cells,
@@ -248,7 +248,7 @@ def load_plan(client: MlflowClient, experiment_id: str) -> dict | None:
     import json
     import tempfile
 
-    from benchmark.tracking import PLAN_ARTIFACT
+    from benchmark.record.tracking import PLAN_ARTIFACT
 
     found = client.search_runs([experiment_id], filter_string="tags.`flexbench.kind` = 'grid'")
     plans = []
@@ -286,7 +286,7 @@ def _with_planned(cells: pd.DataFrame, plan: dict) -> pd.DataFrame:
 
 def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
     """Every cell of experiment `name` with its status, and the tidy table of finished ones."""
-    from benchmark.tracking import open_store
+    from benchmark.record.tracking import open_store
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = open_store(uri)

@@ -35,7 +35,7 @@ STATISTICS = [
     "architecture; the same value as a cell's own test/top1_auc.",
     "Cost: MFLOPs, except in panels whose sub-models all have the same MFLOPs and differ in "
     "bit-operations (bit-width-switchable networks), where it is GBitOps: the trainer's rule "
-    "(benchmark.cost_axis, tag flexbench.cost_axis). Figures, tables and AUC of a panel all use "
+    "(benchmark.costs.axis, tag flexbench.cost_axis). Figures, tables and AUC of a panel all use "
     "its one cost, named in every caption; runs without GBitOps use MFLOPs.",
     "MFLOPs: forward pass of one image counted by torch's FlopCounterMode (2 × multiply-adds); "
     "MSDNet exits are cumulative (the cost of reaching that exit, earlier heads included).",

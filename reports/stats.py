@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from benchmark.cost_axis import auc_top1
+from benchmark.costs.axis import auc_top1
 from reports.load import PANEL
 
 MEAN = "top-1 mean"

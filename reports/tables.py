@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from benchmark.cost_axis import UNITS
+from benchmark.costs.axis import UNITS
 from reports.load import PANEL
 from reports.stats import ALPHA, AUC, MEAN, MIN_N_SIGNIFICANCE
 
@@ -68,7 +68,7 @@ def n_phrase(ns: list[int]) -> str:
 
 
 @dataclass
-class Cell:
+class TableEntry:
     mean: float
     std: float
     n: int
@@ -86,7 +86,7 @@ class ResultTable:
     cost: dict[str, float]
     methods: list[str]  # row order, baseline first
     n: dict[str, int]  # seeds per method (cells with all sub-models finished)
-    cells: dict[tuple[str, str], Cell]
+    cells: dict[tuple[str, str], TableEntry]
     baseline: str | None
     notes: list[str] = field(default_factory=list)
 
@@ -130,7 +130,7 @@ def build_tables(
         methods = [m for m in order if m in set(g["method"])]
         cells = {}
         for r in g.itertuples(index=False):
-            cells[(r.method, r.key)] = Cell(r.mean, r.std, int(r.n))
+            cells[(r.method, r.key)] = TableEntry(r.mean, r.std, int(r.n))
         n = {m: int(g[g["method"] == m]["n"].max()) for m in methods}
         pp = pairs
         if not pp.empty:
@@ -155,7 +155,7 @@ def build_tables(
     return tables
 
 
-def _value(c: Cell | None) -> str:
+def _value(c: TableEntry | None) -> str:
     if c is None or c.n == 0:
         return "—"
     if c.n == 1 or math.isnan(c.std):
@@ -245,7 +245,7 @@ _MARKUP: dict[str, tuple[Callable[[str], str], str, str]] = {
 }
 
 
-def _marked(c: Cell | None, fmt: str) -> str:
+def _marked(c: TableEntry | None, fmt: str) -> str:
     """A result cell's text in one markup, so that every format bolds and marks the same
     cells the same way."""
     esc, bold, sup = _MARKUP[fmt]

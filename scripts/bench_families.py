@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_throughput as bt  # noqa: E402
 
-from benchmark.speed import FAMILIES  # noqa: E402
+from benchmark.costs.speed import FAMILIES  # noqa: E402
 
 # (timed steps per round, rounds): paper-size steps take ~1 s on 2 CPU cores, mini ~0.1 s
 STEPS = {"paper": (3, 3), "mini": (8, 3), "smoke": (2, 1)}

@@ -2,7 +2,7 @@
 reference MSDNet loop) on the same model and method, side by side in one process.
 
 - flexbench: uint8 data resident on the device, batched crop+flip, the cell's settings from
-  `benchmark.speed` (memory format per architecture, bf16 where native, compile if asked),
+  `benchmark.costs.speed` (memory format per architecture, bf16 where native, compile if asked),
   device-side metrics (one host sync per `log_every` steps).
 - plain: how a plain PyTorch loop trains the same method: DataLoader + torchvision PIL
   transforms, contiguous NCHW fp32, `.item()` on the loss every step; exactly one forward per
@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import data as datasets  # noqa: E402
-from benchmark import speed  # noqa: E402
-from benchmark.cell import make_method, make_model, pick_device  # noqa: E402
 from benchmark.config import parse_sets, resolve  # noqa: E402
+from benchmark.costs import speed  # noqa: E402
+from benchmark.costs.flops import count_costs  # noqa: E402
 from benchmark.data.pipeline import Normalizer, TrainBatches  # noqa: E402
-from benchmark.flops import count_costs  # noqa: E402
-from benchmark.step import make_step, step_generator  # noqa: E402
+from benchmark.training.build import make_method, make_model, pick_device  # noqa: E402
+from benchmark.training.step import make_step, step_generator  # noqa: E402
 
 
 class PILDataset(Dataset):

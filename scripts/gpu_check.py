@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark.speed import FAMILIES  # noqa: E402
+from benchmark.costs.speed import FAMILIES  # noqa: E402
 
 
 def cuda_tests() -> dict:
@@ -84,9 +84,9 @@ def _worker(argv: list[str]) -> None:
     import torch
 
     from benchmark import data as datasets
-    from benchmark import speed
-    from benchmark.cell import pick_device
     from benchmark.config import parse_sets, resolve
+    from benchmark.costs import speed
+    from benchmark.training.build import pick_device
 
     profile, steps = argv[0], int(argv[1])
     sets = {"data.val_size": 200} | parse_sets(argv[2:])
@@ -117,7 +117,7 @@ def concurrency(dry: bool) -> list[dict]:
 def real_data(data: str | None, dry: bool) -> dict:
     """A few epochs of MSDNet `joint`; learned = mean test top-1 of the exits above chance + 15."""
     from benchmark.config import resolve
-    from benchmark.train import CellOptions, train_cell
+    from benchmark.training.train import CellOptions, train_cell
 
     dataset = "synthetic" if dry or not data else f"imagefolder:{data}"
     sets = {"train.epochs": 2 if dry else 4, "runtime.latency_repeats": 1}

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmark import signals
 from benchmark.cli import add_override_args
 from benchmark.errors import ConfigError
+from benchmark.record import signals
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from benchmark.store import redact_uri
+    from benchmark.record.store import redact_uri
     from studies import export as ex
 
     study, url = _load(args)
@@ -164,7 +164,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
-    from benchmark import tracking
+    from benchmark.record import tracking
     from studies.plots import save_plots
 
     study, _ = _load(args)

@@ -18,9 +18,9 @@ from typing import Any
 
 import optuna
 
-from benchmark import schema
-from benchmark.cost_axis import auc_top1, cost_axis
+from benchmark.costs.axis import auc_top1, cost_axis
 from benchmark.errors import ConfigError
+from benchmark.record import schema
 from studies.choices import OBJECTIVES
 from studies.space import space_from_dict, suggest
 
@@ -89,7 +89,7 @@ class Objective:
     """Callable for `study.optimize`; returns the trial's final validation summary."""
 
     def __init__(self, ctx: TrialContext) -> None:
-        from benchmark import tracking
+        from benchmark.record import tracking
 
         self.ctx = ctx
         self.space = space_from_dict(ctx.spec.space)
@@ -110,7 +110,7 @@ class Objective:
         """Sub-model names (smallest first) and MFLOPs, counted once per process (and cached
         under the same key `train_cell` uses)."""
         if self._subs is None:
-            from benchmark.cell import plan_cell
+            from benchmark.training.plan import plan_cell
 
             costs = plan_cell(cfg).costs
             axis = cost_axis([c.mflops for c in costs], [c.gbitops for c in costs])
@@ -132,9 +132,9 @@ class Objective:
 
     # -- one trial --------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial) -> float:
-        from benchmark.cell import plan_cell
         from benchmark.errors import CellPruned
-        from benchmark.train import CellOptions, train_cell
+        from benchmark.training.plan import plan_cell
+        from benchmark.training.train import CellOptions, train_cell
 
         ctx = self.ctx
         params = suggest(trial, self.space)

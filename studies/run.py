@@ -25,9 +25,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from benchmark import schema, signals
 from benchmark.errors import ConfigError, TrainingError
-from benchmark.store import redact_uri
+from benchmark.record import schema, signals
+from benchmark.record.store import redact_uri
 from studies import storage as st
 from studies.choices import HEARTBEAT_S, OBJECTIVES, PRUNERS, SAMPLERS
 from studies.objective import Objective, StudySpec, TrialContext, as_settings, is_per_run
@@ -310,8 +310,8 @@ def _summarise(
 def run_study(opts: RunOptions) -> RunSummary:
     """Create or continue the study, run its trials and record the summary in MLflow.
     Everything that can be wrong with the options fails before the first trial."""
-    from benchmark import tracking
-    from benchmark.cell import plan_cell
+    from benchmark.record import tracking
+    from benchmark.training.plan import plan_cell
 
     _check_options(opts)
     url = st.resolve_url(opts.storage)

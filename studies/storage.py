@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 
 from benchmark.errors import ConfigError
-from benchmark.store import redact_uri, schema_lock
+from benchmark.record.store import redact_uri, schema_lock
 from studies.choices import HEARTBEAT_S
 
 DEFAULT_FILE = "flexbench_studies.db"

@@ -7,14 +7,15 @@ import pytest
 import torch
 from conftest import smoke_cfg
 
-from benchmark import checkpoint, speed
-from benchmark.cell import make_model
 from benchmark.config import cell_key
+from benchmark.costs import speed
 from benchmark.data import load_splits
 from benchmark.data.base import Splits
 from benchmark.data.pipeline import Normalizer
-from benchmark.evaluate import evaluate
-from benchmark.train import CellOptions, train_cell
+from benchmark.training import checkpoint
+from benchmark.training.build import make_model
+from benchmark.training.evaluate import evaluate
+from benchmark.training.train import CellOptions, train_cell
 
 
 def test_best_val_epoch_is_chosen_on_val_and_evaluated_on_test(

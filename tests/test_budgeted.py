@@ -6,7 +6,12 @@ import math
 
 import torch
 
-from benchmark.budgeted import apply_thresholds, budgeted_curve, exit_proportions, fit_thresholds
+from benchmark.training.budgeted import (
+    apply_thresholds,
+    budgeted_curve,
+    exit_proportions,
+    fit_thresholds,
+)
 
 
 def reference_thresholds(conf: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

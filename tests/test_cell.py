@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import smoke_cfg
 
-from benchmark.cell import lr_at, make_method, make_model, new_optimizer, plan_cell, set_lr
+from benchmark.training.build import lr_at, make_method, make_model, new_optimizer, set_lr
+from benchmark.training.plan import plan_cell
 
 T = {"lr": 0.1, "epochs": 10, "warmup_epochs": 0, "schedule": "multistep",
      "milestones": [0.5, 0.75], "gamma": 0.1}  # fmt: skip

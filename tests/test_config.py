@@ -16,7 +16,7 @@ from benchmark.data import DATASETS
 from benchmark.errors import ConfigError, TrainingError
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS
-from benchmark.train import CellOptions, train_cell
+from benchmark.training.train import CellOptions, train_cell
 
 BAD_INPUTS = {
     # id: (extra CLI args, substrings the message must contain)

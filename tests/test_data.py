@@ -18,7 +18,7 @@ from benchmark.config import resolve
 from benchmark.data import imagefolder
 from benchmark.data.pipeline import Normalizer, TrainBatches, crop_flip
 from benchmark.errors import ConfigError
-from benchmark.train import CellOptions, train_cell
+from benchmark.training.train import CellOptions, train_cell
 
 CLASSES = ["cat", "dog", "emu"]
 PER_CLASS = {"train": 12, "test": 4}

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import smoke_cfg
 
-from benchmark.flops import count_costs
+from benchmark.costs.flops import count_costs
 from benchmark.models import ARCHS, build_model
-from benchmark.train import CellOptions, train_cell
+from benchmark.training.train import CellOptions, train_cell
 
 
 def _model(**arch):

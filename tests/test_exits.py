@@ -17,12 +17,12 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.config import resolve
+from benchmark.costs.flops import count_costs
 from benchmark.errors import ConfigError
-from benchmark.flops import count_costs
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS, build_model
 from benchmark.models.base import count_active_params
-from benchmark.train import make_model
+from benchmark.training.train import make_model
 
 K = len(LOGITS)
 TINY_MSD = {"n_blocks": 3, "base": 1, "step": 1, "n_channels": 4, "growth_rate": 2,

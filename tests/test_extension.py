@@ -21,7 +21,7 @@ from benchmark.grid.spec import load_grid
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS, register_arch
 from benchmark.models.slimmable_mobilenet_v1 import build_slimmable_mobilenet_v1
-from benchmark.train import make_method, make_model
+from benchmark.training.train import make_method, make_model
 from reports.style import method_order, method_styles, slot_style
 from studies.space import Dim, declared_space, resolve_space
 

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import FAST, all_runs, free_port, smoke_cfg
 
-from benchmark import checkpoint, cli, tracking
+from benchmark import cli
 from benchmark.config import cell_key, parse_sets, resolve
 from benchmark.errors import ConfigError
 from benchmark.grid.spec import load_grid
-from benchmark.train import CellOptions, train_cell
+from benchmark.record import tracking
+from benchmark.training import checkpoint
+from benchmark.training.train import CellOptions, train_cell
 from studies.space import resolve_space
 
 
@@ -331,7 +333,7 @@ def test_processes_opening_one_new_postgresql_store_together_all_succeed():
     pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg[binary] is missing")
     from mlflow_server.postgres import LocalPostgres
 
-    code = "import sys; from benchmark.tracking import open_store; open_store(sys.argv[1])"
+    code = "import sys; from benchmark.record.tracking import open_store; open_store(sys.argv[1])"
     with LocalPostgres() as pg:
         url = pg.create_database("mlflow", user="bench", password="bench-pw-123")
         procs = [

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from benchmark.flops import latency_profile
+from benchmark.costs.flops import latency_profile
 from benchmark.models.base import FlexibleModel, SubModel
 
 BASE_MS = (2.0, 6.0, 10.0)  # exit k's cost includes every earlier exit's, as in MSDNet

@@ -105,9 +105,9 @@ def method_params(name: str, case: dict[str, float]) -> dict[str, float]:
 def run_losses(
     name: str, params: dict, logits: list, labels: list, feats: list | None = None
 ) -> dict[int, float]:
-    """Loss of every sub-model over all stages, with teachers as benchmark.step provides them:
-    frozen teachers' logits (and stage features) plus the larger sub-models of the same step,
-    detached."""
+    """Loss of every sub-model over all stages, with teachers as benchmark.training.step provides
+    them: frozen teachers' logits (and stage features) plus the larger sub-models of the same
+    step, detached."""
     method = METHODS.get(name)(params)
     method.bind(len(logits))
     z = [torch.tensor(v, dtype=torch.float64) for v in logits]
@@ -329,10 +329,10 @@ TINY = {
 @pytest.mark.parametrize("arch", ["msdnet", "slimmable_mobilenet_v1"])
 @pytest.mark.parametrize("name", ["ipkd", "ipkd_ta"])
 def test_students_kd_terms_leave_teacher_params_without_gradient(arch, name):
-    """One real training step (benchmark.step, all sub-models in one stage) in which the full
-    model's own CE is switched off and a=1: only the students' KD terms backpropagate, so the
+    """One real training step (benchmark.training.step, all sub-models in one stage) in which the
+    full model's own CE is switched off and a=1: only the students' KD terms backpropagate, so the
     parameters that only the full model uses must get no gradient."""
-    from benchmark.step import make_step
+    from benchmark.training.step import make_step
 
     class KDTermsOnly(METHODS.get(name)):
         def loss(self, k, logits, teachers, y, num_submodels, feats=None):

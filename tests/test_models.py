@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.flops import count_costs
+from benchmark.costs.flops import count_costs
 from benchmark.models import ARCHS, build_model
 from benchmark.models.slimmable_mobilenet_v1 import SlimConv2d
 from benchmark.models.switchable import SwitchableBatchNorm2d
@@ -59,7 +59,7 @@ def test_slimmable_mobilenet_v1_imagenet_costs_match_published():
 def test_us_mobilenet_v1_imagenet_costs_match_published_spectrum():
     """US-Nets README spectrum (MobileNet-V1, 224x224): 1.0 -> 568 MFLOPs (they are MACs),
     0.5 -> 149, 0.25 -> 41; any width between runs, costing in between; no per-width BN."""
-    from benchmark.flops import width_costs
+    from benchmark.costs.flops import width_costs
 
     spec = ARCHS.get("us_mobilenet_v1")
     model = build_model("us_mobilenet_v1", spec.resolve({"stem_stride": 2}), 1000, 224)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmark.config import resolve
-from benchmark.train import CellOptions, train_cell
+from benchmark.training.train import CellOptions, train_cell
 
 ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
 

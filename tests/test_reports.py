@@ -2,8 +2,9 @@
 
 The store is built once per session with MlflowClient, following the MLflow schema of the
 trainer (parent run per cell with `test/top1/<sub>` etc., one child run per sub-model); one cell
-is written with the trainer's own `benchmark.tracking.CellRun`, so a change of the writer that
-the reader does not follow shows up here. Expected numbers are computed by hand in the comments.
+is written with the trainer's own `benchmark.record.tracking.CellRun`, so a change of the writer
+that the reader does not follow shows up here. Expected numbers are computed by hand in the
+comments.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from benchmark import tracking
 from benchmark.errors import ConfigError
+from benchmark.record import tracking
 
 SUBS = ["exit1", "exit2", "exit3"]
 MFLOPS = [1.0, 2.0, 4.0]
@@ -113,8 +114,8 @@ def _finished_cell(
         ]
     final.append(Metric("test/top1_mean", sum(top1) / len(top1), ts, epochs))
     tags = [RunTag("flexbench.status", "finished")]
-    if gbitops is not None:  # the trainer's own rule and AUC (benchmark/cost_axis.py)
-        from benchmark.cost_axis import auc_top1, cost_axis
+    if gbitops is not None:  # the trainer's own rule and AUC (benchmark/costs/axis.py)
+        from benchmark.costs.axis import auc_top1, cost_axis
 
         axis = cost_axis(mflops, gbitops)
         auc = auc_top1({"mflops": mflops, "gbitops": gbitops}[axis], top1)

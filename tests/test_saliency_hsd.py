@@ -15,15 +15,15 @@ from conftest import smoke_cfg
 from torch import nn
 from torch.nn import functional as F
 
-from benchmark import checkpoint
 from benchmark.config import cell_key, resolve
+from benchmark.costs.flops import count_costs
 from benchmark.errors import ConfigError
-from benchmark.flops import count_costs
 from benchmark.methods import METHODS, EpochContext, Stage, kd_loss
 from benchmark.methods.hsd import kd_saliency
 from benchmark.models import ARCHS, build_model
 from benchmark.models.saliency_vgg import LevelBatchNorm2d
-from benchmark.train import CellOptions, train_cell
+from benchmark.training import checkpoint
+from benchmark.training.train import CellOptions, train_cell
 
 TINY = {"depth": 11, "width_mult": 0.125}  # conv widths 8, 16, 32, 32, 64, 64, 64, 64
 

@@ -1,6 +1,6 @@
-"""The one schema of results (`benchmark/schema.py`): documented field by field and tag by tag,
-and followed by both the writer (`benchmark.tracking`) and the reader (`reports.load`) on a real
-MLflow SQLite store."""
+"""The one schema of results (`benchmark/record/schema.py`): documented field by field and tag by
+tag, and followed by both the writer (`benchmark.record.tracking`) and the reader (`reports.load`)
+on a real MLflow SQLite store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import schema, tracking
+from benchmark.record import schema, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "mlflow-schema.md"
@@ -55,7 +55,7 @@ def test_every_tag_and_summary_key_is_documented():
 
 
 def test_no_tag_name_is_spelled_outside_the_schema():
-    """Code names tags through benchmark.schema, never as literals that a rename would miss."""
+    """Code names tags through benchmark.record.schema, never as literals a rename would miss."""
     literal = re.compile(r"""["']flexbench\.[a-z_]""")
     offenders = [
         f"{p.relative_to(ROOT)}:{i}"

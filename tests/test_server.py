@@ -481,7 +481,7 @@ def test_smoke_cell_through_the_server(server, tmp_path, client_env):
 
 WRITER = r"""
 import sys, tempfile, pathlib
-from benchmark.tracking import CellRun
+from benchmark.record.tracking import CellRun
 uri, exp, wid, n_cells, n_epochs = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 tmp = pathlib.Path(tempfile.mkdtemp())
 for c in range(n_cells):

@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import checkpoint, schema, speed
-from benchmark.cell import make_method, make_model
 from benchmark.config import resolve
+from benchmark.costs import speed
+from benchmark.costs.speed import FAMILIES
 from benchmark.data.pipeline import Normalizer
 from benchmark.errors import ConfigError
 from benchmark.grid import local
 from benchmark.models import ARCHS
-from benchmark.speed import FAMILIES
-from benchmark.step import make_step
+from benchmark.record import schema
+from benchmark.training import checkpoint
+from benchmark.training.build import make_method, make_model
+from benchmark.training.step import make_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

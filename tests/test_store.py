@@ -1,4 +1,4 @@
-"""Store URI plumbing (`benchmark/store.py`): what every command does with a tracking URI, a
+"""Store URI plumbing (`benchmark/record/store.py`): what every command does with a tracking URI, a
 server backend or an Optuna storage before it opens it."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import store, tracking
 from benchmark.errors import ConfigError
+from benchmark.record import store, tracking
 
 
 @pytest.mark.parametrize(

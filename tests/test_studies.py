@@ -283,9 +283,9 @@ def test_a_study_never_reads_the_test_split(env, monkeypatch):
     and record every train_cell call the study makes."""
     from conftest import smoke_cfg
 
-    from benchmark import train
     from benchmark.data.base import Splits
-    from benchmark.train import CellOptions, train_cell
+    from benchmark.training import train
+    from benchmark.training.train import CellOptions, train_cell
 
     reads = []
 
@@ -319,8 +319,8 @@ def test_a_study_never_reads_the_test_split(env, monkeypatch):
 def test_a_trial_that_produces_test_metrics_fails(env, monkeypatch):
     """Defence in depth: even a trainer that ignored evaluate_test=False cannot feed a test
     number into a study."""
-    from benchmark import train
-    from benchmark.train import CellResult
+    from benchmark.training import train
+    from benchmark.training.train import CellResult
 
     def leaky_train_cell(cfg, *args, **kwargs):
         return CellResult("k", "r", [], {"test/top1/w1.0": 50.0, "val/top1_mean": 50.0})

@@ -12,9 +12,8 @@ from conftest import smoke_cfg
 from test_methods import LABELS, LOGITS, K, softmax_row
 from torch.nn import functional as F
 
-from benchmark import checkpoint
+from benchmark.costs.flops import count_costs
 from benchmark.errors import ConfigError
-from benchmark.flops import count_costs
 from benchmark.methods import METHODS, Stage
 from benchmark.models import ARCHS, IndependentModel, build_model
 from benchmark.models.switchable import SwitchableBatchNorm2d
@@ -23,8 +22,9 @@ from benchmark.models.switchable_precision import (
     quantize_activation,
     quantize_weight,
 )
-from benchmark.step import make_step
-from benchmark.train import CellOptions, train_cell
+from benchmark.training import checkpoint
+from benchmark.training.step import make_step
+from benchmark.training.train import CellOptions, train_cell
 
 ARCH = "switchable_precision_resnet"
 TINY = {"depth": 8, "width": 0.25}

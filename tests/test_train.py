@@ -17,14 +17,15 @@ import torch
 import yaml
 from conftest import FAST, all_runs, smoke_cfg
 
-from benchmark import checkpoint, cli
-from benchmark.cell import make_method, make_model
+from benchmark import cli
 from benchmark.config import cell_key, resolve
 from benchmark.errors import IncompatibleError
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS, IndependentModel
-from benchmark.step import make_step, step_generator
-from benchmark.train import CellOptions, train_cell
+from benchmark.training import checkpoint
+from benchmark.training.build import make_method, make_model
+from benchmark.training.step import make_step, step_generator
+from benchmark.training.train import CellOptions, train_cell
 
 ALL_ARCHS = ARCHS.names()
 ALL_METHODS = METHODS.names()

@@ -12,15 +12,16 @@ import torch
 from conftest import FAST, smoke_cfg
 from torch.nn import functional as F
 
-from benchmark import bn_calib, schema
-from benchmark.cell import make_method, make_model
 from benchmark.config import cell_key, resolve
 from benchmark.errors import ConfigError, IncompatibleError
 from benchmark.methods import METHODS
 from benchmark.methods.base import alpha_kd_loss, kd_loss
 from benchmark.models import ARCHS, build_model
-from benchmark.step import make_step, step_generator
-from benchmark.train import CellOptions, finish, prepare, train_cell, validate
+from benchmark.record import schema
+from benchmark.training import bn_calib
+from benchmark.training.build import make_method, make_model
+from benchmark.training.step import make_step, step_generator
+from benchmark.training.train import CellOptions, finish, prepare, train_cell, validate
 
 TINY_US = {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1]}
 
@@ -289,7 +290,7 @@ def test_evaluation_without_recalibration_differs_on_the_us_network(tracking_uri
     recalibration must differ (the mechanism is not a no-op)."""
     cfg = smoke_cfg("us_mobilenet_v1", "sandwich", tmp_path)
     cell = prepare(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
-    from benchmark.evaluate import evaluate
+    from benchmark.training.evaluate import evaluate
 
     for xb, _ in cell.batches.epoch(0):  # a few training forwards move the shared statistics
         cell.model.train()

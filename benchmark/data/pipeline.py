@@ -39,7 +39,8 @@ def crop_flip(x: Tensor, g: torch.Generator, pad: int = 4) -> Tensor:
 
 
 class Normalizer:
-    """uint8 -> float, (x/255 - mean)/std, in `memory_format` (the model's: benchmark.speed)."""
+    """uint8 -> float, (x/255 - mean)/std, in `memory_format` (the model's:
+    benchmark.costs.speed)."""
 
     def __init__(
         self,

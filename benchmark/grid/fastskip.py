@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from benchmark import schema
-from benchmark.store import absolute_sqlite, sqlite_path
+from benchmark.record import schema
+from benchmark.record.store import absolute_sqlite, sqlite_path
 
 _SOURCE = Path(__file__).resolve().parents[1]  # the benchmark package
 

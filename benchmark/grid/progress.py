@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from benchmark.grid.spec import Cell
+from benchmark.grid.spec import GridCell
 
 
 def fmt_s(seconds: float | None) -> str:
@@ -31,7 +31,7 @@ def fmt_s(seconds: float | None) -> str:
 class Progress:
     def __init__(
         self,
-        cells: dict[str, Cell],
+        cells: dict[str, GridCell],
         run_keys: list[str],
         slots: int,
         stream: TextIO | None = None,

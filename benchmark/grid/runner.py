@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from benchmark import signals, tracking
 from benchmark.errors import ConfigError
 from benchmark.grid import fastskip
 from benchmark.grid.progress import Progress, fmt_s
-from benchmark.grid.spec import Cell, GridSpec, estimate, select_cells
+from benchmark.grid.spec import GridCell, GridSpec, estimate, select_cells
 from benchmark.grid.state import (
     CellState,
     GridLock,
@@ -32,6 +31,7 @@ from benchmark.grid.state import (
     parent_runs,
     plan_record,
 )
+from benchmark.record import signals, tracking
 
 RUN_ACTIONS = ("resume", "restart", "new")
 
@@ -52,7 +52,7 @@ class RunOptions:
 
 @dataclass
 class Planned:
-    cell: Cell
+    cell: GridCell
     state: CellState
     action: str  # skip | skip-failed | new | resume | restart
 

@@ -61,7 +61,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
-class Cell:
+class GridCell:
     """One cell of a grid: its axis values, resolved config and key."""
 
     arch: str
@@ -92,7 +92,7 @@ class GridSpec:
     datasets: list[str]
     methods: list[str]
     seeds: list[int]
-    cells: list[Cell]
+    cells: list[GridCell]
     excluded: int = 0  # cells left out: by `exclude` rules and as incompatible pairs
     description: str = ""
     # (arch, method, reason) of the pairs left out automatically (`all` axes), in grid order
@@ -526,7 +526,7 @@ class _Expansion:
     base: Path
     auto_exclude: bool  # `all` on an axis: incompatible pairs are left out, not an error
     scopes: _Scopes
-    cells: list[Cell] = field(default_factory=list)
+    cells: list[GridCell] = field(default_factory=list)
     applied: dict[tuple[str, str], int] = field(default_factory=dict)
     missing_study: list[str] = field(default_factory=list)
     incompatible: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -594,7 +594,7 @@ class _Expansion:
         if wants_study and entry is None:
             self.missing_study.append(f"{arch}/{ds}/{method}")
         _absolute_paths(cfg)
-        self.cells.append(Cell(arch, ds, method, seed, cfg, cell_key(cfg)))
+        self.cells.append(GridCell(arch, ds, method, seed, cfg, cell_key(cfg)))
 
 
 def _check_expansion(out: _Expansion, axes: dict[str, list]) -> None:
@@ -619,7 +619,7 @@ def _check_expansion(out: _Expansion, axes: dict[str, list]) -> None:
             )
     if not out.cells:
         raise _err(where, "exclude removes every cell; nothing to run")
-    seen: dict[str, Cell] = {}
+    seen: dict[str, GridCell] = {}
     for c in out.cells:
         if c.key in seen:
             raise _err(
@@ -630,7 +630,7 @@ def _check_expansion(out: _Expansion, axes: dict[str, list]) -> None:
         seen[c.key] = c
 
 
-def _check_data(where: str, cells: list[Cell]) -> None:
+def _check_data(where: str, cells: list[GridCell]) -> None:
     """Every dataset source must exist before the first cell starts."""
     done: set[str] = set()
     for c in cells:
@@ -659,13 +659,13 @@ def n_train_images(cfg_data: dict[str, Any]) -> int | None:
     return int(round(rest * sub)) if isinstance(sub, float) else rest
 
 
-def estimate(spec: GridSpec, cells: list[Cell] | None = None) -> None:
+def estimate(spec: GridSpec, cells: list[GridCell] | None = None) -> None:
     """Build every distinct model once (validates arch settings) and fill in each cell's
     total epochs and estimated training compute: per step 3 x forward FLOPs of the trained
     sub-models (one pass for early-exit models) + forward FLOPs of frozen teachers.
     `cells`: only these (a run estimates the cells it will train)."""
     todo = [c for c in (spec.cells if cells is None else cells) if not c.total_epochs]
-    from benchmark.cell import plan_cell
+    from benchmark.training.plan import plan_cell
 
     for c in todo:
         try:

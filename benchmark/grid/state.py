@@ -4,7 +4,7 @@ MLflow is the source of truth: a cell is `finished` when one of its parent runs 
 `flexbench.cell` = key) carries `flexbench.status` = finished. Otherwise the latest parent run
 decides: `failed`, or `interrupted` (status running/interrupted while no grid holds the lock:
 the process that ran it died). A checkpoint at <workdir>/<experiment>/<key>/checkpoint.pt
-makes an unfinished cell resumable. Writes go through benchmark.tracking.CellRun.
+makes an unfinished cell resumable. Writes go through benchmark.record.tracking.CellRun.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark import checkpoint, schema, tracking
 from benchmark.config import flatten
 from benchmark.errors import ConfigError
-from benchmark.grid.spec import Cell, GridSpec
+from benchmark.grid.spec import GridCell, GridSpec
 from benchmark.methods import method_label
+from benchmark.record import schema, tracking
+from benchmark.training import checkpoint
 
 STATUS = schema.STATUS
 CELL = schema.CELL
@@ -40,7 +41,7 @@ class CellState:
 
 
 def plan_record(spec: GridSpec) -> dict[str, Any]:
-    """The grid's plan as `flexbench report` reads it (benchmark.tracking.record_grid_plan):
+    """The grid's plan as `flexbench report` reads it (benchmark.record.tracking.record_grid_plan):
     every cell the grid file asks for, excluded pairs left out, with the tags its run gets."""
     cells = [
         {
@@ -89,7 +90,7 @@ def parent_runs(uri: str, experiment: str, key: str | None = None) -> dict[str, 
     return out
 
 
-def checkpoint_path(cell: Cell, experiment: str) -> Path:
+def checkpoint_path(cell: GridCell, experiment: str) -> Path:
     return checkpoint.cell_dir(cell.cfg, experiment, cell.key) / "checkpoint.pt"
 
 
@@ -130,7 +131,7 @@ def cell_states(
     return out
 
 
-def checkpoint_run_id(cell: Cell, experiment: str) -> str | None:
+def checkpoint_run_id(cell: GridCell, experiment: str) -> str | None:
     """The MLflow run a cell's checkpoint belongs to (None if unreadable)."""
 
     try:
@@ -159,7 +160,7 @@ def mark_stale(spec: GridSpec, uri: str, by_key: dict[str, list[Any]] | None = N
     return n
 
 
-def ensure_failed(cell: Cell, uri: str, experiment: str, reason: str, since: float) -> None:
+def ensure_failed(cell: GridCell, uri: str, experiment: str, reason: str, since: float) -> None:
     """Record a cell whose attempt (started at `since`, epoch seconds) died as failed.
 
     The worker marks its own run failed when training raises; when the worker process itself

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from benchmark import schema, signals  # light: no torch, so limit_threads still comes first
+from benchmark.record import schema, signals  # light: no torch, so limit_threads still comes first
 
 Emit = Callable[[tuple], None]
 HEADLINE = (
@@ -38,7 +38,7 @@ def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None 
     MLflow run is then already marked failed by train_cell, when it had started)."""
     import torch
 
-    from benchmark.train import CellOptions, train_cell
+    from benchmark.training.train import CellOptions, train_cell
 
     cfg = copy.deepcopy(task["cfg"])
     runtime = cfg["runtime"]
@@ -102,7 +102,7 @@ def worker_main(conn, index: int, device: str, threads: int, log_path: str, pare
     _redirect(log_path)
     limit_threads(threads)
     try:
-        import benchmark.train  # noqa: F401  (warm imports before the first cell)
+        import benchmark.training.train  # noqa: F401  (warm imports before the first cell)
 
         print(f"worker {index} pid {os.getpid()} on {device}, {threads} threads", flush=True)
         conn.send(("ready", os.getpid()))

@@ -271,9 +271,9 @@ class Method(nn.Module):
 
     def draw_submodels(self, g: torch.Generator, model: nn.Module) -> list[float] | None:
         """Widths to train this step, smallest first (the largest last, the teacher), drawn
-        from `g` (seeded by seed, epoch and step: `benchmark.step.step_generator`); None (the
-        default) trains the stage's fixed sub-models. Methods returning widths train them with
-        `model.forward_width` and their `loss` sees the drawn widths as sub-models 0..n-1."""
+        from `g` (seeded by seed, epoch and step: `benchmark.training.step.step_generator`);
+        None (the default) trains the stage's fixed sub-models. Methods returning widths train them
+        with `model.forward_width` and their `loss` sees the drawn widths as sub-models 0..n-1."""
         return None
 
     name: ClassVar[str] = ""

@@ -6,7 +6,7 @@ uniformly from [w_min, w_max] on the largest width's prediction of the same step
 (1-a) CE(z_w, y) + a D(z_w, z_max; T) with a = 1, T = 1 by default (soft targets only, as in
 the paper and its code). D is the KD methods' shared distillation term (`method.divergence`: kl,
 or AlphaNet's alpha-divergence). Widths are drawn from a generator seeded by (seed, epoch, step)
-(`benchmark.step.step_generator`): identical for every method at a seed and reproduced on
+(`benchmark.training.step.step_generator`): identical for every method at a seed and reproduced on
 resume. The loss is ipkd's over the drawn widths, so sandwich vs ipkd isolates "which widths".
 
 From the paper: the rule (max, min, n-2 random), n = 4, inplace distillation with soft targets

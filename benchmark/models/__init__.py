@@ -26,7 +26,7 @@ class ArchSpec:
     profile's own (e.g. a lower lr), as timm keeps per-model default configs beside each model.
     A `--set arch.X` / `--set train.X` still overrides both.
     `memory_format`: `channels_last` or `contiguous`, the layout its step is fastest in
-    (benchmark.speed; `runtime.memory_format` overrides it).
+    (benchmark.costs.speed; `runtime.memory_format` overrides it).
     """
 
     name: str

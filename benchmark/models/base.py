@@ -64,7 +64,7 @@ class FlexibleModel(nn.Module):
         return [self.forward_sub_features(x, k) for k in which]
 
     def cost_forward(self, x: Tensor, k: int) -> Tensor:
-        """The computation whose cost is reported for sub-model k (see benchmark.flops)."""
+        """The computation whose cost is reported for sub-model k (see benchmark.costs.flops)."""
         return self.forward_sub(x, k)
 
     def forward(self, x: Tensor) -> list[Tensor]:

@@ -6,7 +6,7 @@ reference `USConv2d`/`USLinear` round to a divisor of 8 the same way). BatchNorm
 position with *shared* affine parameters sliced to the active channels (the reference
 `USBatchNorm2d`) and no per-width parameters. Its running statistics are not meaningful for any
 single width after training (every width updates the same buffers), so every width is evaluated
-after BN recalibration (`benchmark.bn_calib`); the reference instead keeps private running
+after BN recalibration (`benchmark.training.bn_calib`); the reference instead keeps private running
 statistics for its listed test widths while training and calibrates the others. Our choice:
 recalibrate every evaluated width, listed or not, so fixed and spectrum widths are measured alike.
 

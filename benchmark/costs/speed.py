@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmark import schema
+from benchmark.record import schema
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 

@@ -5,7 +5,7 @@ made absolute before another process (a grid worker, the MLflow server) sees the
 `./mlruns` file store, which MLflow 3 refuses, is rejected with a message saying what to use.
 Imports neither mlflow nor SQLAlchemy: the `flexbench` CLI and `mlflow_server` import it on
 every invocation. `schema_lock` serializes schema creation across processes (MLflow and Optuna
-databases). `benchmark.tracking` re-exports these functions.
+databases). `benchmark.record.tracking` re-exports these functions.
 """
 
 from __future__ import annotations

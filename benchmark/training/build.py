@@ -1,22 +1,14 @@
-"""What one cell is made of: its model, its method, its plan and its optimizer.
-
-`plan_cell` is the one place that says how a cell will run (sub-models, stages, epochs, costs):
-the trainer, the grid's compute estimate and the studies all ask it, so they cannot disagree.
-"""
+"""What one cell is made of: its device, model, method, optimizer and learning-rate schedule."""
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from benchmark import data as datasets
 from benchmark.errors import ConfigError
-from benchmark.flops import SubCost, count_costs
-from benchmark.methods import METHODS, Method, Stage
+from benchmark.methods import METHODS, Method
 from benchmark.models import FlexibleModel, IndependentModel, build_model
 
 
@@ -49,65 +41,6 @@ def make_method(cfg: dict[str, Any], num_submodels: int) -> Method:
     method = METHODS.get(cfg["method"]["name"])(params, cfg["train"]["label_smoothing"])
     method.bind(num_submodels)
     return method
-
-
-@dataclass(frozen=True)
-class Position:
-    """One epoch of the flat schedule: `index` counts epochs over all stages (the MLflow step)."""
-
-    index: int
-    stage: int
-    epoch: int
-    last_of_stage: bool
-    last: bool
-
-
-@dataclass
-class CellPlan:
-    """How a cell runs: sub-model names (smallest first), the method's stages, epochs per stage
-    and the cost of every sub-model (MACs, FLOPs, params, bit-ops; counted once per arch)."""
-
-    names: list[str]
-    stages: list[Stage]
-    epochs: int
-    costs: list[SubCost]
-    single_pass: bool
-    image_size: int
-
-    @property
-    def num_submodels(self) -> int:
-        return len(self.names)
-
-    @property
-    def total_epochs(self) -> int:
-        return self.epochs * len(self.stages)
-
-    def positions(self, start: int = 0) -> list[Position]:
-        """The epochs still to run, from global epoch `start` (a resumed checkpoint's)."""
-        out, n, last = [], self.epochs, self.total_epochs - 1
-        for g in range(start, self.total_epochs):
-            out.append(Position(g, g // n, g % n, g % n == n - 1, g == last))
-        return out
-
-
-# arch config -> (sub-model names, costs, single_pass): a grid plans many cells of one model
-_MODEL_FACTS: dict[str, tuple[list[str], list[SubCost], bool]] = {}
-
-
-def plan_cell(cfg: dict[str, Any], model: FlexibleModel | None = None) -> CellPlan:
-    """The plan of a resolved cell. Builds the model on CPU (once per architecture config and
-    process) unless the caller passes the one it built."""
-    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
-    separate = METHODS.get(cfg["method"]["name"]).separate_networks
-    key = json.dumps([cfg["arch"], num_classes, image_size, separate], sort_keys=True)
-    if key not in _MODEL_FACTS or model is not None:
-        model = model or make_model(cfg, num_classes, image_size)
-        arch_key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
-        costs = count_costs(model, image_size, cache_key=arch_key)
-        _MODEL_FACTS[key] = ([s.name for s in model.submodels], costs, model.single_pass)
-    names, costs, single_pass = _MODEL_FACTS[key]
-    stages = make_method(cfg, len(names)).stages(len(names))
-    return CellPlan(names, stages, cfg["train"]["epochs"], costs, single_pass, image_size)
 
 
 def lr_at(t: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:

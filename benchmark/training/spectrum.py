@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import Tensor
 
-from benchmark.evaluate import EvalHow, run_eval
-from benchmark.flops import width_costs
+from benchmark.costs.flops import width_costs
 from benchmark.models import FlexibleModel
-from benchmark.schema import SPECTRUM_NAME_PREFIX
+from benchmark.record.schema import SPECTRUM_NAME_PREFIX
+from benchmark.training.evaluate import EvalHow, run_eval
 
 
 def spectrum_widths(model: FlexibleModel) -> list[float]:

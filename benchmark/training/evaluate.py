@@ -1,6 +1,6 @@
 """Accuracy of every sub-model in one pass over a split (one host sync at the end).
 
-Networks whose BN statistics must be re-estimated per sub-model (`benchmark.bn_calib`) are
+Networks whose BN statistics must be re-estimated per sub-model (`benchmark.training.bn_calib`) are
 evaluated one sub-model (or width) at a time, each right after its recalibration.
 """
 
@@ -92,8 +92,9 @@ def evaluate(
     """Evaluate every sub-model on `data` = (uint8 images (N,3,H,W), labels (N,)) in eval mode,
     on the normaliser's device; the model's train/eval mode is restored afterwards.
 
-    `calibrate(run)`: BN recalibration of the layers `run(x)` uses (see `benchmark.bn_calib`);
-    given, sub-models are evaluated one at a time, each right after its recalibration.
+    `calibrate(run)`: BN recalibration of the layers `run(x)` uses (see
+    `benchmark.training.bn_calib`); given, sub-models are evaluated one at a time, each right after
+    its recalibration.
     """
     k = model.num_submodels
     how = EvalHow(batch, norm, amp, confidences, calibrate)

@@ -45,7 +45,7 @@ COST_AXIS = PREFIX + "cost_axis"
 AMP = PREFIX + "amp"  # bf16 | fp32: the autocast a cell trained and evaluated with
 COMPILE = PREFIX + "compile"  # true | false: torch.compile of the step's forwards
 MEMORY_FORMAT = PREFIX + "memory_format"  # channels_last | contiguous
-CPU_CAPABILITY = PREFIX + "cpu_capability"  # e.g. AVX2, AVX512+bf16+amx (benchmark.speed)
+CPU_CAPABILITY = PREFIX + "cpu_capability"  # e.g. AVX2, AVX512+bf16+amx (benchmark.costs.speed)
 # --- tags of a sub-model's child run ----------------------------------------------------------
 SUBMODEL = PREFIX + "submodel"
 SUBMODEL_INDEX = PREFIX + "submodel_index"

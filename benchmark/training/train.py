@@ -4,8 +4,8 @@
 MLflow run) before any work; `train_cell` then runs each remaining position (stage, epoch) of
 the method's schedule: train one epoch -> the method's epoch end -> validate -> checkpoint -> log
 -> callback; `finish` evaluates every sub-model once on test and writes the MLflow record.
-The step itself is in `benchmark.step`, the checkpoint format in `benchmark.checkpoint`, run
-statuses in `benchmark.tracking`.
+The step itself is in `benchmark.training.step`, the checkpoint format in
+`benchmark.training.checkpoint`, run statuses in `benchmark.record.tracking`.
 """
 
 from __future__ import annotations
@@ -24,32 +24,32 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from benchmark import checkpoint, schema, speed, tracking
 from benchmark import data as datasets
-from benchmark.bn_calib import calibrator
-from benchmark.budgeted import budgeted_curve
-from benchmark.cell import (
-    CellPlan,
-    Position,
+from benchmark.config import cell_key, flatten
+from benchmark.costs import speed
+from benchmark.costs.axis import auc_top1, cost_axis
+from benchmark.costs.flops import latency_profile
+from benchmark.data.base import Splits
+from benchmark.data.pipeline import Normalizer, TrainBatches
+from benchmark.errors import ConfigError, TrainingError
+from benchmark.methods import EpochContext, Method
+from benchmark.models import FlexibleModel, IndependentModel
+from benchmark.record import schema, tracking
+from benchmark.training import checkpoint
+from benchmark.training.bn_calib import calibrator
+from benchmark.training.budgeted import budgeted_curve
+from benchmark.training.build import (
     lr_at,
     make_method,
     make_model,
     new_optimizer,
     pick_device,
-    plan_cell,
     set_lr,
 )
-from benchmark.config import cell_key, flatten
-from benchmark.cost_axis import auc_top1, cost_axis
-from benchmark.data.base import Splits
-from benchmark.data.pipeline import Normalizer, TrainBatches
-from benchmark.errors import ConfigError, TrainingError
-from benchmark.evaluate import EvalHow, evaluate
-from benchmark.flops import latency_profile
-from benchmark.methods import EpochContext, Method
-from benchmark.models import FlexibleModel, IndependentModel
-from benchmark.spectrum import spectrum_rows
-from benchmark.step import StepResult, make_step, step_generator
+from benchmark.training.evaluate import EvalHow, evaluate
+from benchmark.training.plan import CellPlan, Position, plan_cell
+from benchmark.training.spectrum import spectrum_rows
+from benchmark.training.step import StepResult, make_step, step_generator
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -99,7 +99,7 @@ class BestVal:
 
 
 @dataclass
-class Cell:
+class PreparedCell:
     """Everything a cell's training loop touches, built once by `prepare`."""
 
     cfg: dict[str, Any]
@@ -124,7 +124,7 @@ class Cell:
 
     def calibrate(self):
         """BN recalibration before each sub-model's evaluation (`train.bn_calib_batches` > 0,
-        training batches only; see `benchmark.bn_calib`), else None."""
+        training batches only; see `benchmark.training.bn_calib`), else None."""
         return calibrator(self.model, self.batches.epoch, self.cfg["train"]["bn_calib_batches"])
 
 
@@ -156,7 +156,7 @@ def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResu
         return finish(cell)
 
 
-def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
+def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
     """Validate, build and restore everything; nothing is discarded (`--restart`) or written
     until every check has passed and the MLflow run is open."""
     experiment = opts.experiment or tracking.DEFAULT_EXPERIMENT
@@ -193,7 +193,7 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> Cell:
         **opts.extra_tags,
     }
     run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
-    cell = Cell(
+    cell = PreparedCell(
         cfg, key, plan, model, method, optimizer, splits, batches, norm, device, fast.amp, run,
         ckpt, start, opts,
     )  # fmt: skip
@@ -266,7 +266,7 @@ def _log_pending_metrics(run: tracking.CellRun, state: dict[str, Any]) -> None:
 
 
 def train_epoch(
-    cell: Cell, step: Callable[[Tensor, Tensor], StepResult], pos: Position
+    cell: PreparedCell, step: Callable[[Tensor, Tensor], StepResult], pos: Position
 ) -> dict[str, float]:
     """One pass over the training batches; metrics stay on the device until the epoch ends
     (one host sync per `runtime.log_every` steps, to catch a diverging loss early)."""
@@ -321,14 +321,14 @@ def _check_finite(loss: float, pos: Position, where: str) -> None:
         )
 
 
-def _epoch_context(cell: Cell, pos: Position) -> EpochContext:
+def _epoch_context(cell: PreparedCell, pos: Position) -> EpochContext:
     stage = cell.plan.stages[pos.stage]
     return EpochContext(
         cell.model, stage, pos.epoch, cell.plan.epochs, cell.batches.epoch, cell.autocast
     )
 
 
-def validate(cell: Cell) -> dict[str, float]:
+def validate(cell: PreparedCell) -> dict[str, float]:
     """`val/top1/<sub>` of every sub-model and their mean, on the validation split."""
     val = (cell.splits.val_x, cell.splits.val_y)
     t = cell.cfg["train"]
@@ -341,7 +341,7 @@ def validate(cell: Cell) -> dict[str, float]:
     return metrics
 
 
-def save_checkpoint(cell: Cell, pos: Position, metrics: dict[str, float]) -> None:
+def save_checkpoint(cell: PreparedCell, pos: Position, metrics: dict[str, float]) -> None:
     """Atomically save the state after `pos`, pointing at the next (stage, epoch)."""
     nxt = pos.index + 1
     modules = {"model": cell.model, "method": cell.method, "optimizer": cell.optimizer}
@@ -352,7 +352,7 @@ def save_checkpoint(cell: Cell, pos: Position, metrics: dict[str, float]) -> Non
     checkpoint.save(cell.ckpt, checkpoint.build(modules, next_pos, cell.device, extra))
 
 
-def _epoch_line(cell: Cell, pos: Position, metrics: dict[str, float]) -> str:
+def _epoch_line(cell: PreparedCell, pos: Position, metrics: dict[str, float]) -> str:
     eta = metrics["time/epoch_s"] * (cell.plan.total_epochs - pos.index - 1)
     val = " ".join(f"{metrics[f'val/top1/{n}']:.1f}" for n in cell.plan.names)
     return (
@@ -366,7 +366,7 @@ def _progress_line(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def finish(cell: Cell) -> CellResult:
+def finish(cell: PreparedCell) -> CellResult:
     """Final evaluation of every sub-model in one pass, latency, and the MLflow record."""
     cfg, plan, t = cell.cfg, cell.plan, cell.cfg["train"]
     sealed = not cell.opts.evaluate_test
@@ -425,7 +425,12 @@ def finish(cell: Cell) -> CellResult:
 
 
 def _artifacts(
-    folder: Path, cell: Cell, rows: list[dict[str, Any]], split: str, budgeted: list, axis: str
+    folder: Path,
+    cell: PreparedCell,
+    rows: list[dict[str, Any]],
+    split: str,
+    budgeted: list,
+    axis: str,
 ) -> list[tuple[Path, str | None]]:
     """Files attached to the cell's run: resolved config, per-sub-model CSV, the
     accuracy-vs-cost figure, budgeted-batch points, and (runtime.log_checkpoint) the weights."""

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmark import schema
 from benchmark.models.base import FlexibleModel, count_active_params
+from benchmark.record import schema
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""The only module that writes to MLflow (schema: benchmark/schema.py, docs/mlflow-schema.md).
+"""The only module that writes to MLflow (schema: benchmark/record/schema.py,
+docs/mlflow-schema.md).
 
 One parent run per cell (tags, flattened params, per-epoch metrics, final per-sub-model metrics,
 summaries, artifacts) and one child run per sub-model; study runs (`StudyRun`) and report runs
-(`log_artifact_run`). Store URI helpers (`benchmark/store.py`) are re-exported here. Metrics
+(`log_artifact_run`). Store URI helpers (`benchmark/record/store.py`) are re-exported here. Metrics
 are always sent in batches: one `log_batch` per epoch, never one request per value.
 `flexbench.status` becomes `finished` only after everything else is written.
 """
@@ -20,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmark import schema, signals
 from benchmark.errors import CellPruned, ConfigError
-from benchmark.store import (  # noqa: F401 - re-exported: the one home of URI plumbing
+from benchmark.record import schema, signals
+from benchmark.record.store import (  # noqa: F401 - re-exported: the one home of URI plumbing
     absolute_sqlite,
     redact_uri,
     refuse_file_store,
@@ -328,8 +329,9 @@ class CellRun:
     @contextmanager
     def status_on_exit(self) -> Iterator[None]:
         """Close the run with the status its end deserves: Ctrl-C (or a terminating signal,
-        see benchmark.signals) -> `interrupted`, CellPruned -> `pruned`, any other exception ->
-        `failed` with the error; a normal exit leaves it to `finish`. The exception propagates."""
+        see benchmark.record.signals) -> `interrupted`, CellPruned -> `pruned`, any other
+        exception -> `failed` with the error; a normal exit leaves it to `finish`. The exception
+        propagates."""
         try:
             yield
         except KeyboardInterrupt:

@@ -1,0 +1,1 @@
+"""The MLflow record: result schema, store access, every write, signal-safe writes."""

@@ -1,0 +1,1 @@
+"""The cell's training loop and everything it calls."""
