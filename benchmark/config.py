@@ -294,7 +294,7 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
         _META_MODELS[key] = model
     METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
     bcb = cfg["train"]["bn_calib_batches"]
-    if getattr(model, "needs_bn_calibration", False) and bcb < 1:
+    if model.caps.bn_recalibration and bcb < 1:
         raise ConfigError(
             f"architecture {cfg['arch']['name']} shares BatchNorm statistics across widths and "
             f"is evaluated after BN recalibration: train.bn_calib_batches must be >= 1, {got(bcb)}"

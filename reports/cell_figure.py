@@ -8,9 +8,12 @@ slimmable cells their width spectrum (rows with `spectrum` = "true") as a line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
+
+if TYPE_CHECKING:
+    from benchmark.training.final import CellSummary
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -66,3 +69,17 @@ def draw_cell_figure(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def cell_figure_artifact(folder: Path, summary: CellSummary) -> list[tuple[Path, str | None]]:
+    """The trainer's artifact hook (entry point `flexbench_cell_artifacts`, see
+    `benchmark.training.final`): the cell's accuracy-vs-cost figure, under `plots/`."""
+    png = draw_cell_figure(
+        folder / "acc_vs_flops.png",
+        summary.title,
+        summary.rows,
+        summary.axis,
+        summary.split,
+        summary.budgeted,
+    )
+    return [(png, "plots")]

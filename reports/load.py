@@ -44,7 +44,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 PANEL = ["arch", "dataset", "profile"]
 CELL = [*PANEL, "method", "seed"]
-SUB_METRICS = tuple(f.name for f in schema.METRIC_FIELDS)
+SUB_METRICS = tuple(f.name for f in schema.metric_fields())
 SPLIT = "test"  # cells whose final metrics are on the validation split are not read
 
 
@@ -169,7 +169,7 @@ def _tidy_rows(
         for sub in subs:
             row = {k: getattr(cell, k) for k in CELL}
             row.update(submodel=sub, run_id=cell.run_id)
-            for f in schema.METRIC_FIELDS:
+            for f in schema.metric_fields():
                 col = "metrics." + f.parent_key(sub, SPLIT)
                 row[f.name] = float(run[col]) if col in run.index and pd.notna(run[col]) else None
             row["submodel_index"] = order.get((cell.run_id, sub))

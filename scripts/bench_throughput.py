@@ -42,7 +42,7 @@ from benchmark.costs import speed  # noqa: E402
 from benchmark.costs.flops import count_costs  # noqa: E402
 from benchmark.data.pipeline import Normalizer, TrainBatches  # noqa: E402
 from benchmark.training.build import make_method, make_model, pick_device  # noqa: E402
-from benchmark.training.step import make_step, step_generator  # noqa: E402
+from benchmark.training.step import Step, step_generator  # noqa: E402
 
 
 class PILDataset(Dataset):
@@ -110,7 +110,7 @@ class FlexbenchRunner(Runner):
         method = make_method(cfg, self.model.num_submodels).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         stage = method.stages(self.model.num_submodels)[0]
-        self._step = make_step(self.model, method, stage, device, fast.amp, fast.compile)
+        self._step = Step(self.model, method, stage, fast)
         norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
         bs = cfg["train"]["batch_size"]
         batches = TrainBatches(splits.train_x, splits.train_y, bs, norm, 0, device)
@@ -162,11 +162,11 @@ class PlainRunner(_LoaderRunner):
         m, method = self.model, self.method
         order = list(range(m.num_submodels))[::-1]  # largest first: teachers before students
         feats_on = method.uses_features
-        if m.single_pass:
+        if m.caps.single_pass:
             outs = m.forward_all_features(xb, order) if feats_on else m.forward_all(xb, order)
         teachers, feats, total = {}, {}, 0.0
         for i, k in enumerate(order):
-            if m.single_pass:
+            if m.caps.single_pass:
                 z, fk = outs[i] if feats_on else (outs[i], None)
             elif feats_on:
                 z, fk = m.forward_sub_features(xb, k)
@@ -231,7 +231,7 @@ def train_gflop_per_image(model, image_size: int) -> float:
     """Forward + backward GFLOP per image through every sub-model a step trains (3 x forward
     FLOPs, the usual estimate): the full model for a single-pass model, else the sum."""
     costs = count_costs(model, image_size)
-    fwd = costs[-1].mflops if model.single_pass else sum(c.mflops for c in costs)
+    fwd = costs[-1].mflops if model.caps.single_pass else sum(c.mflops for c in costs)
     return 3 * fwd / 1e3
 
 
@@ -251,7 +251,7 @@ def build_runners(args, cfg, splits, device, fast) -> list[Runner]:
     runners: list[Runner] = [FlexbenchRunner(cfg, splits, device, fast)]
     runners.append(PlainRunner(cfg, splits, device, args.loader_workers))
     model = runners[0].model
-    if model.single_pass and model.early_exit:
+    if model.caps.single_pass and model.caps.early_exit:
         runners.append(ReferenceRunner(cfg, splits, device, args.loader_workers))
     return runners
 

@@ -14,7 +14,7 @@ from benchmark.data.base import Splits
 from benchmark.data.pipeline import Normalizer
 from benchmark.training import checkpoint
 from benchmark.training.build import make_model
-from benchmark.training.evaluate import evaluate
+from benchmark.training.evaluate import EvalSpec, evaluate
 from benchmark.training.train import CellOptions, train_cell
 
 
@@ -47,13 +47,13 @@ def test_best_val_epoch_is_chosen_on_val_and_evaluated_on_test(
     model = make_model(cfg, splits.num_classes, splits.image_size)
     model.load_state_dict(snapshots[best])
     norm = Normalizer(splits.mean, splits.std, torch.device("cpu"))
-    amp = speed.choose(cfg, torch.device("cpu")).amp  # as the trainer evaluates
-    acc = evaluate(model, splits.test(), 128, norm, amp=amp)
+    spec = EvalSpec(128, norm, speed.choose(cfg, torch.device("cpu")))  # as the trainer evaluates
+    acc = evaluate(model, splits.test(), spec)
     for name, a1 in zip(("exit1", "exit2", "exit3"), acc.top1):
         assert run.data.metrics[f"test/top1_bestval/{name}"] == a1
     # the last epoch's numbers stay under test/top1/<sub>
     model.load_state_dict(snapshots[-1])
-    last = evaluate(model, splits.test(), 128, norm, amp=amp)
+    last = evaluate(model, splits.test(), spec)
     assert [run.data.metrics[f"test/top1/exit{k}"] for k in (1, 2, 3)] == last.top1
     child = {r.data.tags["flexbench.submodel"]: r for r in client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")}  # fmt: skip

@@ -306,4 +306,4 @@ def test_byot_resnet_exits_from_one_pass_with_shared_feature_size():
         assert [len(f) for _, f in outs] == [2, 3, 4, 5]  # exit feature + stage outputs
         for k, (z, _) in enumerate(outs):
             torch.testing.assert_close(z, model.forward_sub(x, k))
-        assert model.single_pass and model.early_exit and model.exit_features
+        assert model.caps.single_pass and model.caps.early_exit and model.caps.exit_features

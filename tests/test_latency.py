@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmark.costs.flops import latency_profile
-from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.base import Capabilities, FlexibleModel, SubModel
 
 BASE_MS = (2.0, 6.0, 10.0)  # exit k's cost includes every earlier exit's, as in MSDNet
 BURST_MS = 40.0
@@ -31,7 +31,7 @@ class BusyMachine:
 class TimedExits(FlexibleModel):
     """Three exits whose forward takes BASE_MS[k] (sleeping, so the test loads no core)."""
 
-    early_exit = True
+    caps = Capabilities(("exit",), early_exit=True)
 
     def __init__(self, machine: BusyMachine) -> None:
         super().__init__()

@@ -332,7 +332,7 @@ def test_students_kd_terms_leave_teacher_params_without_gradient(arch, name):
     """One real training step (benchmark.training.step, all sub-models in one stage) in which the
     full model's own CE is switched off and a=1: only the students' KD terms backpropagate, so the
     parameters that only the full model uses must get no gradient."""
-    from benchmark.training.step import make_step
+    from benchmark.training.step import Step
 
     class KDTermsOnly(METHODS.get(name)):
         def loss(self, k, logits, teachers, y, num_submodels, feats=None):
@@ -343,7 +343,7 @@ def test_students_kd_terms_leave_teacher_params_without_gradient(arch, name):
     model = build_model(arch, ARCHS.get(arch).resolve(TINY[arch]), 10, 32).train()
     method = KDTermsOnly({"T": 2.0, "a": 1.0})
     (stage,) = method.stages(K)
-    step = make_step(model, method, stage, torch.device("cpu"), False)
+    step = Step(model, method, stage)
     step(torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4]))
 
     def grads(sub: int) -> list:

@@ -98,7 +98,7 @@ def test_msdnet_all_exits_come_from_one_forward():
     with torch.no_grad():
         outs = model.forward_all(x)
     assert calls == {"blocks": [1, 1, 1], "heads": [1, 1, 1]}
-    assert model.single_pass and len(outs) == 3
+    assert model.caps.single_pass and len(outs) == 3
     with torch.no_grad():
         for k in range(3):  # the same logits as running each exit alone
             torch.testing.assert_close(outs[k], model.forward_sub(x, k))

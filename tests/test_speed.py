@@ -21,7 +21,7 @@ from benchmark.models import ARCHS
 from benchmark.record import schema
 from benchmark.training import checkpoint
 from benchmark.training.build import make_method, make_model
-from benchmark.training.step import make_step
+from benchmark.training.step import Step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_bf16_autocast_on_cpu_trains_every_family(arch, method):
     dtypes = set()
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     conv.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
-    step = make_step(model, meth, stage, torch.device("cpu"), fast.amp)
+    step = Step(model, meth, stage, fast)
     losses = _train(step, opt, x, y, 16)
     assert dtypes == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(losses))), losses
@@ -127,7 +127,7 @@ def _compiled_vs_eager(arch: str, method: str, steps: int = 3) -> tuple[list[flo
     for compiled in (False, True):
         torch._dynamo.reset()
         model, meth, stage, opt, x, y, fast = _setup(arch, method, **{"runtime.amp": False})
-        step = make_step(model, meth, stage, torch.device("cpu"), False, compiled)
+        step = Step(model, meth, stage, speed.Speed(compile=compiled))
         runs.append(_train(step, opt, x, y, steps))
     return runs[0], runs[1]
 
@@ -267,7 +267,7 @@ def test_bf16_step_and_checkpoint_round_trip_on_cuda(tmp_path):
     assert fast.amp == torch.cuda.is_bf16_supported()
     model = make_model(cfg, 10, 32).to(dev, memory_format=fast.torch_format)
     meth = make_method(cfg, model.num_submodels).to(dev)
-    step = make_step(model, meth, meth.stages(model.num_submodels)[0], dev, fast.amp)
+    step = Step(model, meth, meth.stages(model.num_submodels)[0], fast)
     x = torch.randn(8, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (8,), device=dev)
     assert torch.isfinite(step(x, y).loss)

@@ -23,7 +23,7 @@ from benchmark.models.switchable_precision import (
     quantize_weight,
 )
 from benchmark.training import checkpoint
-from benchmark.training.step import make_step
+from benchmark.training.step import Step
 from benchmark.training.train import CellOptions, train_cell
 
 ARCH = "switchable_precision_resnet"
@@ -279,7 +279,7 @@ def test_multi_teacher_parameters_exist_after_bind_and_learn_in_a_training_step(
     assert set(method.state_dict()) == {"pi.0", "pi.1", "pi.2"}
     assert METHODS.get("multi_teacher").param_lr_scale == 0.1
     model = model_of()
-    step = make_step(model, method, Stage((0, 1, 2, 3)), torch.device("cpu"), False)
+    step = Step(model, method, Stage((0, 1, 2, 3)))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     before = [p.detach().clone() for p in method.pi]
     terms = step(x, y).terms

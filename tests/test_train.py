@@ -24,7 +24,7 @@ from benchmark.methods import METHODS
 from benchmark.models import ARCHS, IndependentModel
 from benchmark.training import checkpoint
 from benchmark.training.build import make_method, make_model
-from benchmark.training.step import make_step, step_generator
+from benchmark.training.step import Step, step_generator
 from benchmark.training.train import CellOptions, train_cell
 
 ALL_ARCHS = ARCHS.names()
@@ -98,7 +98,7 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
     stages = method.stages(k_all)
     for stage in stages:
         log = ForwardLog(model)
-        step = make_step(model, method, stage, torch.device("cpu"), False)
+        step = Step(model, method, stage)
         before = [p.detach().clone() for p in model.parameters()]
         out = step(x, y, step_generator(0, 0, 0))
         loss, outs = out.loss, out.logits
@@ -106,8 +106,8 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
         model.zero_grad(set_to_none=True)
         assert torch.isfinite(loss)
         assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-        widths = method.draw_submodels(step_generator(0, 0, 0), model)
-        if widths is not None:  # the sandwich rule: drawn widths, largest first
+        if method.draws_submodels:  # the sandwich rule: drawn widths, largest first
+            widths = method.draw_submodels(step_generator(0, 0, 0), model)
             assert log.calls == [("forward_width", w, True) for w in widths[::-1]]
             assert log.parts == {"features": len(widths)}
             assert sorted(outs) == [0, k_all - 1]  # w_min and w_max are evaluation widths
@@ -122,7 +122,7 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
                 ran = {k: n for k, n in log.parts.items() if k.endswith("blocks.0")}
                 used = {t for t in stage.frozen_teachers} | set(stage.train)
                 assert ran == {f"members.{k}.blocks.0": 1 for k in used}
-        elif model.single_pass:  # early exits: every exit from exactly one forward pass
+        elif model.caps.single_pass:  # early exits: every exit from exactly one forward pass
             assert stages == [stages[0]] and not stage.frozen_teachers
             assert log.calls == [("forward_all", list(range(k_all))[::-1], True)]
             assert log.parts == {f"{p}.{i}": 1 for p in ("blocks", "heads") for i in range(k_all)}
@@ -141,9 +141,7 @@ def test_takd_stage_gives_the_frozen_teacher_no_gradient(tmp_path):
     model = make_model(cfg, 10, 32).train()
     method = make_method(cfg, model.num_submodels)
     stage = method.stages(model.num_submodels)[1]  # train K-2 from frozen K-1
-    make_step(model, method, stage, torch.device("cpu"), False)(
-        torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    )
+    Step(model, method, stage)(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
     (student,), (teacher,) = stage.train, stage.frozen_teachers
     assert all(p.grad is None for p in model.members[teacher].parameters())
     assert any(p.grad is not None and p.grad.any() for p in model.members[student].parameters())

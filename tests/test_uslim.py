@@ -20,7 +20,7 @@ from benchmark.models import ARCHS, build_model
 from benchmark.record import schema
 from benchmark.training import bn_calib
 from benchmark.training.build import make_method, make_model
-from benchmark.training.step import make_step, step_generator
+from benchmark.training.step import Step, step_generator
 from benchmark.training.train import CellOptions, finish, prepare, train_cell, validate
 
 TINY_US = {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1]}
@@ -134,7 +134,7 @@ def test_sandwich_step_losses_by_hand():
     g = step_generator(0, 1, 2)
     widths = method.draw_submodels(step_generator(0, 1, 2), model)
     bn_state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    out = make_step(model, method, stage, torch.device("cpu"), False)(x, y, g)
+    out = Step(model, method, stage)(x, y, g)
     model.load_state_dict({**model.state_dict(), **bn_state})  # same BN state for the check
     with torch.no_grad():
         z = {w: model.forward_width(x, w) for w in widths}
@@ -290,7 +290,7 @@ def test_evaluation_without_recalibration_differs_on_the_us_network(tracking_uri
     recalibration must differ (the mechanism is not a no-op)."""
     cfg = smoke_cfg("us_mobilenet_v1", "sandwich", tmp_path)
     cell = prepare(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
-    from benchmark.training.evaluate import evaluate
+    from benchmark.training.evaluate import EvalSpec, evaluate
 
     for xb, _ in cell.batches.epoch(0):  # a few training forwards move the shared statistics
         cell.model.train()
@@ -298,8 +298,8 @@ def test_evaluation_without_recalibration_differs_on_the_us_network(tracking_uri
             for w in (0.3, 0.9):
                 cell.model.forward_width(xb, w)
     val = (cell.splits.val_x, cell.splits.val_y)
-    plain = evaluate(cell.model, val, 64, cell.norm, False)
-    calibrated = evaluate(cell.model, val, 64, cell.norm, False, False, cell.calibrate())
+    plain = evaluate(cell.model, val, EvalSpec(64, cell.norm))
+    calibrated = evaluate(cell.model, val, EvalSpec(64, cell.norm, calibrate=cell.eval.calibrate))
     assert plain.top1 != calibrated.top1 or plain.top5 != calibrated.top5
 
 

@@ -32,7 +32,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmark.models.base import FlexibleModel, count_active_params
+from benchmark.models.base import (
+    FlexibleModel,
+    QuantizedLayer,
+    count_active_params,
+    forward_hooks,
+)
 from benchmark.record import schema
 
 
@@ -87,24 +92,19 @@ def _cost(m: FlexibleModel, run: Callable[[], object], name: str) -> SubCost:
 
 
 def _bitops(model: FlexibleModel, run: Callable[[], object], flops: int) -> float:
-    """MACs x bits of sub-model k: modules with `active_bits()` (quantized layers) have their
+    """MACs x bits of sub-model k: `QuantizedLayer`s (modules with `active_bits()`) have their
     MACs counted apart at their active bit-widths; all other MACs count 32 x 32. Quantized
     modules are found by identity (a forward hook), not by FlopCounterMode's module names, which
     depend on how the forward reaches a module (e.g. through IndependentModel's members)."""
     calls: list[tuple[torch.nn.Module, tuple, tuple[int, int]]] = []
-    handles = [
-        mod.register_forward_hook(
-            lambda mod, inp, _out: calls.append((mod, inp, mod.active_bits()))
-        )
-        for mod in model.modules()
-        if hasattr(mod, "active_bits")
-    ]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    quantized = [mod for mod in model.modules() if isinstance(mod, QuantizedLayer)]
+    with (
+        forward_hooks(
+            quantized, lambda mod, inp, _out: calls.append((mod, inp, mod.active_bits()))
+        ),
+        torch.no_grad(),
+    ):
+        run()
     quant_macs, bitops = 0.0, 0.0
     for mod, inp, (w_bits, a_bits) in calls:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -41,12 +41,18 @@ FAMILIES: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class Speed:
-    """The settings a cell trains and evaluates with: bf16 autocast, torch.compile, and the
-    memory format of its weights and input batches (a key of MEMORY_FORMATS)."""
+    """The settings a cell trains and evaluates with: bf16 autocast on its device type
+    (`cpu`, `cuda`), torch.compile, and the memory format of its weights and input batches (a
+    key of MEMORY_FORMATS). The defaults are plain fp32 eager NCHW on CPU."""
 
-    amp: bool
-    compile: bool
-    memory_format: str
+    amp: bool = False
+    compile: bool = False
+    memory_format: str = "contiguous"
+    device_type: str = "cpu"
+
+    def autocast(self) -> torch.autocast:
+        """The one autocast of a cell's steps and evaluations: bf16 when `amp`, else off."""
+        return torch.autocast(self.device_type, torch.bfloat16, enabled=self.amp)
 
     @property
     def torch_format(self) -> torch.memory_format:
@@ -106,4 +112,4 @@ def choose(cfg: dict[str, Any], device: torch.device) -> Speed:
     fmt = r.get("memory_format", "auto")
     if fmt == "auto":
         fmt = ARCHS.get(cfg["arch"]["name"]).memory_format
-    return Speed(amp, bool(r["compile"]), fmt)
+    return Speed(amp, bool(r["compile"]), fmt, device.type)

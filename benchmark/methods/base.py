@@ -205,6 +205,8 @@ class Method(nn.Module):
     param_lr_scale: ClassVar[float] = 1.0
     description: ClassVar[str] = ""
     plot_slot: ClassVar[int | None] = None
+    # True for methods that draw each step's widths (`draw_submodels`, e.g. the sandwich rule)
+    draws_submodels: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any] | None = None, label_smoothing: float = 0.0):
         super().__init__()
@@ -269,12 +271,13 @@ class Method(nn.Module):
             student, teacher, T, p["alpha_minus"], p["alpha_plus"], p["alpha_clip"]
         )
 
-    def draw_submodels(self, g: torch.Generator, model: nn.Module) -> list[float] | None:
+    def draw_submodels(self, g: torch.Generator, model: nn.Module) -> list[float]:
         """Widths to train this step, smallest first (the largest last, the teacher), drawn
-        from `g` (seeded by seed, epoch and step: `benchmark.training.step.step_generator`);
-        None (the default) trains the stage's fixed sub-models. Methods returning widths train them
-        with `model.forward_width` and their `loss` sees the drawn widths as sub-models 0..n-1."""
-        return None
+        from `g` (seeded by seed, epoch and step: `benchmark.training.step.step_generator`), by
+        methods that set `draws_submodels` (the others train the stage's fixed sub-models). The
+        step trains them with `model.forward_width` (the model declares `caps.widths`) and
+        `loss` sees the drawn widths as sub-models 0..n-1."""
+        raise NotImplementedError(f"method {self.name} draws no sub-models")
 
     name: ClassVar[str] = ""
 

@@ -49,7 +49,7 @@ class BYOT(Method):
 
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
-        if not getattr(model, "exit_features", False):
+        if not model.caps.exit_features:
             raise IncompatibleError(
                 f"method byot needs exit features (an early-exit model whose exits share a "
                 f"feature size for the L2 hint); architecture {arch} has none; use "

@@ -76,10 +76,10 @@ class HSD(IPKDTA):
 
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
-        if not hasattr(model, "rerank"):
+        if not model.caps.reranks_channels:
             raise IncompatibleError(
                 f"method hsd needs saliency-ranked channels; architecture {arch} has none; "
-                f"use {' or '.join(archs_having('rerank'))}"
+                f"use {' or '.join(archs_having('reranks_channels'))}"
             )
 
     def epoch_end(self, ctx: EpochContext) -> dict[str, float]:

@@ -49,7 +49,7 @@ class IMTA(IPKD):
                 f"method imta trains an MSDNet with gradient equilibrium and inline subnetwork "
                 f"collaboration; architecture {arch} is not one; use msdnet"
             )
-        off = [key for key in ("ge", "isc") if not getattr(model, key)]
+        off = [key for key, on in (("ge", model.ge), ("isc", model.isc)) if not on]
         if off:
             sets = " ".join(f"--set arch.{key}=true" for key in off)
             raise ConfigError(

@@ -59,6 +59,10 @@ class MultiTeacher(Method):
     PARAMS = {"T": temperature(1.0), "b": scale(0.5, "b", search=Dim(0.0, 2.0))}
     param_lr_scale = 0.1
 
+    def __init__(self, params: dict | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__(params, label_smoothing)
+        self.pi: nn.ParameterList | None = None  # created by bind(K)
+
     def bind(self, num_submodels: int) -> None:
         """One importance vector pi_k per student k < K, over its K-1-k teachers (init 0)."""
         self.pi = nn.ParameterList(
@@ -73,7 +77,7 @@ class MultiTeacher(Method):
         ce = self.ce(logits, y)
         if k == num_submodels - 1:
             return ce, {"ce": ce}
-        if not hasattr(self, "pi") or len(self.pi) != num_submodels - 1:
+        if self.pi is None or len(self.pi) != num_submodels - 1:
             raise RuntimeError(f"multi_teacher: call bind({num_submodels}) before training")
         zs = [teachers[j].detach() for j in range(k + 1, num_submodels)]
         log_w = self.pi[k].log_softmax(0)

@@ -25,27 +25,28 @@ from benchmark.errors import IncompatibleError
 from benchmark.methods import register_method
 from benchmark.methods.base import integer
 from benchmark.methods.ipkd import IPKD
-from benchmark.models import archs_having
+from benchmark.models import FlexibleModel, archs_having
 
 
 @register_method("sandwich")
 class Sandwich(IPKD):
     description = "US-Nets sandwich rule: max + min + n-2 random widths, inplace distillation"
     plot_slot = 11
+    draws_submodels = True
     PARAMS = {**IPKD.PARAMS, "n": integer(4, "n", low=2, search=Dim(2, 6))}
 
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
-        if getattr(model, "width_range", None) is None or not hasattr(model, "forward_width"):
+        if model.caps.widths is None:
             raise IncompatibleError(
                 f"method sandwich needs a network that runs any width of a range "
                 f"(forward_width); architecture {arch} has none; use "
-                f"{' or '.join(archs_having('width_range'))}"
+                f"{' or '.join(archs_having('widths'))}"
             )
 
-    def draw_submodels(self, g: torch.Generator, model: nn.Module) -> list[float]:
+    def draw_submodels(self, g: torch.Generator, model: FlexibleModel) -> list[float]:
         """[w_min, n-2 uniform draws in [w_min, w_max] (ascending), w_max]: the largest last."""
-        lo, hi = model.width_range
+        lo, hi = model.caps.widths.low, model.caps.widths.high
         n = int(self.params["n"])
         drawn = (lo + (hi - lo) * torch.rand(n - 2, generator=g, dtype=torch.float64)).tolist()
         return [lo, *sorted(drawn), hi]

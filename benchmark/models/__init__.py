@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmark.errors import ConfigError
-from benchmark.models.base import FlexibleModel, IndependentModel, SubModel
+from benchmark.models.base import (
+    Capabilities,
+    FlexibleModel,
+    IndependentModel,
+    SubModel,
+    WidthRange,
+)
 from benchmark.registry import Registry, discover
 
 
@@ -138,21 +144,22 @@ def _keep(tensor, *args, **kwargs):
     return tensor
 
 
-def archs_having(attribute: str) -> tuple[str, ...]:
-    """Registered architectures whose default model (built on the meta device, no memory) has a
-    true `attribute`, e.g. `exit_features`: for errors that name the architectures that fit."""
-    return _archs_having(attribute, tuple(ARCHS.names()))
+def archs_having(capability: str) -> tuple[str, ...]:
+    """Registered architectures whose default model (built on the meta device, no memory)
+    declares `capability` (a `Capabilities` field, e.g. `exit_features`): for errors that name
+    the architectures that fit."""
+    return _archs_having(capability, tuple(ARCHS.names()))
 
 
 @functools.cache  # a grid asks once per cell; keyed on the registry so a new arch is seen
-def _archs_having(attribute: str, names: tuple[str, ...]) -> tuple[str, ...]:
+def _archs_having(capability: str, names: tuple[str, ...]) -> tuple[str, ...]:
     found = []
     for name in names:
         try:
             model = build_on_meta(name, ARCHS.get(name).resolve({}), 10, 32)
         except ConfigError:
             continue
-        if getattr(model, attribute, False):
+        if model.caps.has(capability):
             found.append(name)
     return tuple(found)
 
@@ -162,9 +169,11 @@ discover(__name__, __path__)  # importing each module registers its architecture
 __all__ = [
     "ARCHS",
     "ArchSpec",
+    "Capabilities",
     "FlexibleModel",
     "IndependentModel",
     "SubModel",
+    "WidthRange",
     "archs_having",
     "build_model",
     "build_on_meta",

@@ -1,17 +1,25 @@
 """The FlexibleModel contract every architecture implements.
 
-A flexible model holds K sub-models ordered smallest first (the full model is last). Methods only
-use `forward_all`/`forward_sub`, so they never care whether the sub-models are exits of one pass
-(MSDNet) or widths that each need their own pass (slimmable networks).
+A flexible model holds K sub-models ordered smallest first (the full model is last). Methods use
+`forward_all`/`forward_sub`, so they never care whether the sub-models are exits of one pass
+(MSDNet) or widths that each need their own pass (slimmable networks). What else a model can be
+asked is declared once, in its `caps` (`Capabilities`): methods, the step, BN recalibration, the
+spectrum and the config checks read it and never probe the model for attributes.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+# What sub-models can differ in (`Capabilities.axes`), in the field's terms.
+AXES = ("exit", "width", "depth", "bits", "channels", "heads", "ffn", "resolution")
 
 
 @dataclass(frozen=True)
@@ -22,24 +30,101 @@ class SubModel:
     name: str
 
 
-class FlexibleModel(nn.Module):
-    """Base class: subclasses set `submodels` and implement `forward_sub`.
+@dataclass(frozen=True)
+class WidthRange:
+    """A continuous width axis (universally slimmable, Yu & Huang, ICCV 2019): any width in
+    [low, high] runs through `FlexibleModel.forward_width`, so methods may draw widths (the
+    sandwich rule) and evaluation may sweep a spectrum. `listed`: the widths of the model's
+    sub-models, smallest first; `spectrum_step`: the evaluation spectrum's step (0: none)."""
 
-    `single_pass` is True when one forward yields every sub-model's logits (early exits); then
-    `forward_all` must be overridden to do exactly one pass.
+    low: float
+    high: float
+    listed: tuple[float, ...]
+    spectrum_step: float = 0.0
+
+    def contains(self, w: float) -> bool:
+        return self.low - 1e-9 <= w <= self.high + 1e-9
+
+    def spectrum(self) -> list[float]:
+        """low, low + step, ... up to high (inclusive), rounded to 1e-6; [] without a step."""
+        if not self.spectrum_step:
+            return []
+        n = int((self.high - self.low) / self.spectrum_step + 1e-6)
+        out = [round(self.low + i * self.spectrum_step, 6) for i in range(n + 1)]
+        return out if abs(out[-1] - self.high) < 1e-6 else [*out, self.high]
+
+    def submodel_of(self, w: float) -> int | None:
+        """Index of the listed sub-model of width `w` (to 1e-6), None for an unlisted width."""
+        for k, listed in enumerate(self.listed):
+            if round(listed, 6) == round(w, 6):
+                return k
+        return None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a flexible model can be asked, declared by each architecture (`FlexibleModel.caps`).
+
+    - `axes`: what its sub-models differ in (names from `AXES`).
+    - `single_pass`: one forward yields every sub-model's logits; `forward_all` and
+      `forward_all_features` do exactly one pass (early exits).
+    - `early_exit`: sub-models are exits of one trunk, so an input can stop at the first
+      confident exit (budgeted-batch evaluation applies).
+    - `exit_features`: every exit's feature list starts with its pooled exit feature,
+      (B, C, 1, 1) with one C for all exits (byot's L2 hint compares them).
+    - `bn_recalibration`: BatchNorm statistics are shared across sub-models and belong to none
+      after training: every evaluated sub-model is recalibrated first (`train.bn_calib_batches`
+      >= 1 is required).
+    - `widths`: sub-models can be drawn from a continuous width range (`forward_width`).
+    - `reranks_channels`: `rerank(k, scores)` re-chooses sub-model k's channels (hsd).
     """
 
-    submodels: list[SubModel]
+    axes: tuple[str, ...]
     single_pass: bool = False
-    # Sub-models are exits of one trunk, so one input can stop at the first confident exit
-    # (budgeted-batch evaluation applies).
     early_exit: bool = False
-    # Every exit's feature list starts with its pooled exit feature, (B, C, 1, 1) with the same
-    # C for all exits (what its classifier reads; feature hints such as byot's compare them).
     exit_features: bool = False
+    bn_recalibration: bool = False
+    widths: WidthRange | None = None
+    reranks_channels: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.axes if a not in AXES]
+        if not self.axes or unknown:
+            raise ValueError(f"axes must be a non-empty subset of {AXES}, got {self.axes}")
+
+    def has(self, capability: str) -> bool:
+        """Whether the named capability (a field name) is declared, e.g. `has("widths")`."""
+        names = [f.name for f in fields(self) if f.name != "axes"]
+        if capability not in names:
+            raise ValueError(f"unknown capability {capability!r}; valid: {', '.join(names)}")
+        return bool(getattr(self, capability))
+
+
+@runtime_checkable
+class SlicedLayer(Protocol):
+    """A layer that runs only a slice of its weights (slimmable layers): its parameter count is
+    `active_num_params()`, not its allocated parameters."""
+
+    def active_num_params(self) -> int: ...
+
+
+@runtime_checkable
+class QuantizedLayer(Protocol):
+    """A quantized layer: `active_bits()` -> (weight bits, activation bits) of its last use."""
+
+    def active_bits(self) -> tuple[int, int]: ...
+
+
+class FlexibleModel(nn.Module):
+    """Base class: subclasses set `submodels` and `caps` and implement `forward_sub` and
+    `forward_sub_features` (and what their capabilities promise: `forward_width` with
+    `caps.widths`, `rerank` with `caps.reranks_channels`)."""
+
+    submodels: list[SubModel]
+    caps: Capabilities
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
-        """Logits of sub-model k alone."""
+        """Logits (N, num_classes) of sub-model k alone."""
         raise NotImplementedError
 
     def forward_all(self, x: Tensor, which: list[int] | None = None) -> list[Tensor]:
@@ -63,6 +148,15 @@ class FlexibleModel(nn.Module):
         which = list(range(len(self.submodels))) if which is None else which
         return [self.forward_sub_features(x, k) for k in which]
 
+    def forward_width(self, x: Tensor, w: float) -> Tensor:
+        """Logits (N, num_classes) of width w of `caps.widths` (models declaring `widths`)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no continuous width range")
+
+    def rerank(self, k: int, scores: list[Tensor]) -> float:
+        """Re-choose sub-model k's channels from per-channel scores; returns the fraction that
+        changed (models declaring `reranks_channels`)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no channel re-ranking")
+
     def cost_forward(self, x: Tensor, k: int) -> Tensor:
         """The computation whose cost is reported for sub-model k (see benchmark.costs.flops)."""
         return self.forward_sub(x, k)
@@ -84,9 +178,7 @@ class EarlyExitModel(FlexibleModel):
     MSDNet reference op counter counts it.
     """
 
-    single_pass = True
-    early_exit = True
-    exit_features = True
+    caps = Capabilities(("exit",), single_pass=True, early_exit=True, exit_features=True)
 
     def _run(
         self, x: Tensor, upto: int, heads: set[int], features: bool = False
@@ -123,12 +215,15 @@ class IndependentModel(FlexibleModel):
     shared model, but no parameter is shared between sub-models.
     """
 
-    single_pass = False
-
     def __init__(self, shared: FlexibleModel) -> None:
         super().__init__()
         self.submodels = list(shared.submodels)
-        self.early_exit = shared.early_exit
+        # each copy runs its own sub-model: one pass per sub-model, no drawn widths, no shared
+        # exit features, no re-ranking across copies
+        self.caps = replace(
+            shared.caps, single_pass=False, exit_features=False, widths=None,
+            reranks_channels=False,
+        )  # fmt: skip
         self.members = nn.ModuleList(copy.deepcopy(shared) for _ in shared.submodels)
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
@@ -141,27 +236,39 @@ class IndependentModel(FlexibleModel):
         return self.members[k].cost_forward(x, k)
 
 
-def count_active_params(model: nn.Module, run: callable) -> int:
-    """Number of parameters used by `run()`: every leaf module that executes, counted once.
-
-    Leaf modules may define `active_num_params()` when they run only a slice of their weights
-    (slimmable layers); otherwise all their own parameters count.
-    """
-    seen: dict[int, int] = {}
-
-    def hook(module: nn.Module, _inp, _out) -> None:
-        if id(module) in seen:
-            return
-        if hasattr(module, "active_num_params"):
-            seen[id(module)] = module.active_num_params()
-        else:
-            seen[id(module)] = sum(p.numel() for p in module.parameters(recurse=False))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+@contextmanager
+def forward_hooks(
+    modules: list[nn.Module], hook: Callable[[nn.Module, tuple, object], None], pre: bool = False
+) -> Iterator[None]:
+    """`hook` registered on `modules` (as a forward pre-hook with `pre`) while the block runs;
+    removed on every exit path."""
+    handles = [
+        m.register_forward_pre_hook(lambda mod, inp: hook(mod, inp, None))
+        if pre
+        else m.register_forward_hook(hook)
+        for m in modules
+    ]
     try:
-        with torch.no_grad():
-            run()
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def count_active_params(model: nn.Module, run: Callable[[], object]) -> int:
+    """Number of parameters used by `run()`: every leaf module that executes, counted once;
+    a `SlicedLayer` counts its active slice, any other leaf all its own parameters."""
+    seen: dict[int, int] = {}
+
+    def hook(module: nn.Module, _inp, _out) -> None:
+        if id(module) not in seen:
+            seen[id(module)] = (
+                module.active_num_params()
+                if isinstance(module, SlicedLayer)
+                else sum(p.numel() for p in module.parameters(recurse=False))
+            )
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    with forward_hooks(leaves, hook), torch.no_grad():
+        run()
     return sum(seen.values())

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
-from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.base import Capabilities, FlexibleModel, SubModel
 from benchmark.models.cifar_resnet import STAGE_CHANNELS, option_a_shortcut
 from benchmark.models.switchable import Switch, SwitchableBatchNorm2d, set_active
 
@@ -39,7 +39,7 @@ class _Block(nn.Module):
 
 
 class DDNNResNet(FlexibleModel):
-    single_pass = False
+    caps = Capabilities(("depth",))
 
     def __init__(self, num_classes: int, depths: list[int], width: float, private_bn: bool) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
-from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.base import Capabilities, FlexibleModel, SubModel
 from benchmark.models.switchable import Switch
 
 # Conv widths per layer, "M" = 2x2 max-pool (ends a group), as in the common CIFAR VGGs.
@@ -148,7 +148,7 @@ class VGGLayer(nn.Module):
 class SaliencyVGG(FlexibleModel):
     """One pass per level; `layers` are the conv layers in order, each holding its kept sets."""
 
-    single_pass = False
+    caps = Capabilities(("channels",), reranks_channels=True)
 
     def __init__(self, num_classes: int, depth: int, width_mult: float, keeps: list[float]):
         super().__init__()

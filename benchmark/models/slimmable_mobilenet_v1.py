@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
-from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.base import Capabilities, FlexibleModel, SubModel
 from benchmark.models.switchable import Switch, SwitchableBatchNorm2d, set_active
 
 # (channels, blocks, stride) of MobileNet-V1 after the stem, as in the reference.
@@ -81,7 +81,7 @@ def _dw_separable(in_list, out_list, stride) -> list[nn.Module]:
 
 
 class SlimmableMobileNetV1(FlexibleModel):
-    single_pass = False
+    caps = Capabilities(("width",))
 
     def __init__(self, num_classes, widths, width_mult, stage_blocks, stem_stride):
         super().__init__()

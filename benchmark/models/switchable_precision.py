@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
-from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.base import Capabilities, FlexibleModel, SubModel
 from benchmark.models.cifar_resnet import STAGE_CHANNELS, option_a_shortcut
 from benchmark.models.switchable import Switch, SwitchableBatchNorm2d, set_active
 
@@ -111,7 +111,7 @@ class BasicBlock(nn.Module):
 
 
 class SwitchablePrecisionResNet(FlexibleModel):
-    single_pass = False
+    caps = Capabilities(("bits",))
 
     def __init__(self, num_classes: int, bits: list[int], depth: int, width: float):
         super().__init__()

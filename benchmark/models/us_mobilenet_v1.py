@@ -11,7 +11,8 @@ statistics for its listed test widths while training and calibrates the others. 
 recalibrate every evaluated width, listed or not, so fixed and spectrum widths are measured alike.
 
 Sub-models (what every method sees) are the fixed evaluation widths `widths`; `forward_width`
-runs any width of the range (the sandwich rule's random widths and the width spectrum).
+runs any width of the range (the sandwich rule's random widths and the width spectrum), declared
+as `caps.widths` (a `WidthRange`) with `caps.bn_recalibration`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.nn import functional as F
 
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
-from benchmark.models.base import FlexibleModel, SubModel
+from benchmark.models.base import Capabilities, FlexibleModel, SubModel, WidthRange
 from benchmark.models.slimmable_mobilenet_v1 import (
     STAGES,
     make_divisible,
@@ -121,19 +122,27 @@ def _dw_separable(c_in, c_out, b_in, b_out, stride) -> list[nn.Module]:
 
 
 class USMobileNetV1(FlexibleModel):
-    """Sub-model k = evaluation width `widths[k]`; `forward_width` runs any width in
-    `width_range`. `needs_bn_calibration`: evaluation recalibrates BN per width."""
-
-    single_pass = False
-    needs_bn_calibration = True
-    spectrum_step = 0.0  # evaluation spectrum step (0: none); set by the builder
+    """Sub-model k = evaluation width `widths[k]`; `forward_width` runs any width of
+    `caps.widths`; evaluation recalibrates BN per width (`caps.bn_recalibration`)."""
 
     def __init__(
-        self, num_classes, widths, width_range, width_mult, stage_blocks, stem_stride, divisor
+        self,
+        num_classes,
+        widths,
+        width_range,
+        width_mult,
+        stage_blocks,
+        stem_stride,
+        divisor,
+        spectrum_step=0.0,
     ):
         super().__init__()
-        self.widths, self.width_range = list(widths), tuple(width_range)
-        w_max = self.width_range[1]
+        self.widths = list(widths)
+        lo, w_max = width_range
+        self.caps = Capabilities(
+            ("width",), bn_recalibration=True,
+            widths=WidthRange(lo, w_max, tuple(self.widths), spectrum_step),
+        )  # fmt: skip
 
         def alloc(c: int) -> tuple[int, float]:  # allocated channels, base (width 1.0)
             base = c * width_mult
@@ -163,15 +172,15 @@ class USMobileNetV1(FlexibleModel):
         reset_parameters(self)
 
     def set_width(self, w: float) -> None:
-        """Make every layer run width w; raises ValueError outside `width_range`."""
-        lo, hi = self.width_range
-        if not lo - 1e-9 <= w <= hi + 1e-9:
-            raise ValueError(f"width {w} is outside the network's range [{lo}, {hi}]")
+        """Make every layer run width w; raises ValueError outside `caps.widths`."""
+        rng = self.caps.widths
+        if not rng.contains(w):
+            raise ValueError(f"width {w} is outside the network's range [{rng.low}, {rng.high}]")
         for m in self.us_layers:
             m.width = w
 
     def forward_width(self, x: Tensor, w: float) -> Tensor:
-        """Logits (N, num_classes) of width w (any value in `width_range`)."""
+        """Logits (N, num_classes) of width w (any value in `caps.widths`)."""
         return self._run(x, w)
 
     def _run(self, x: Tensor, w: float) -> Tensor:
@@ -189,13 +198,6 @@ class USMobileNetV1(FlexibleModel):
 
     def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
         return self.forward_width_features(x, self.widths[k])
-
-    def spectrum_widths(self, step: float) -> list[float]:
-        """w_min, w_min + step, ... up to w_max (inclusive), rounded to 1e-6."""
-        lo, hi = self.width_range
-        n = int((hi - lo) / step + 1e-6)
-        out = [round(lo + i * step, 6) for i in range(n + 1)]
-        return out if abs(out[-1] - hi) < 1e-6 else [*out, hi]
 
 
 def _number(value, what: str) -> float:
@@ -270,7 +272,7 @@ def build_us_mobilenet_v1(num_classes: int, image_size: int, **p) -> USMobileNet
         raise ConfigError(f"stage_blocks must be {len(STAGES)} integers >= 1, got {blocks!r}")
     if p["stem_stride"] not in (1, 2):
         raise ConfigError(f"stem_stride must be 1 or 2, got {p['stem_stride']!r}")
-    model = USMobileNetV1(
+    return USMobileNetV1(
         num_classes,
         widths,
         rng,
@@ -278,6 +280,5 @@ def build_us_mobilenet_v1(num_classes: int, image_size: int, **p) -> USMobileNet
         list(blocks),
         p["stem_stride"],
         p["divisor"],
+        float(p["spectrum_step"]),
     )
-    model.spectrum_step = float(p["spectrum_step"])
-    return model

@@ -80,6 +80,23 @@ TAGS: tuple[str, ...] = tuple(
 """Every tag name above (patterns keep their `{placeholder}`), for the documentation test."""
 
 
+@dataclass
+class Measurement:
+    """What the trainer measured of one sub-model (or width-spectrum point) at the end of a
+    cell; each `SubmodelField.source` is a dotted path into it. `cost` is the sub-model's
+    `benchmark.costs.flops.SubCost` (mmacs, mflops, params_m, gbitops)."""
+
+    index: int
+    name: str
+    spectrum: bool
+    top1: float
+    top5: float
+    cost: Any
+    top1_bestval: float | None = None
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
+
+
 @dataclass(frozen=True)
 class SubmodelField:
     """One per-sub-model result.
@@ -88,7 +105,8 @@ class SubmodelField:
     parent: final metric on the cell's parent run, a pattern over `{split}` (`test`, or `val`
     when a study seals the test split) and `{sub}` (sub-model name); None for identity fields;
     child: metric of the sub-model's child run, or the tag that carries it there;
-    csv: column of `submodels.csv`; unit: unit of the value."""
+    csv: column of `submodels.csv`; unit: unit of the value; source: where its value is read
+    from a `Measurement` (a dotted attribute path; default: the field's name)."""
 
     name: str
     parent: str | None
@@ -96,6 +114,7 @@ class SubmodelField:
     csv: str
     unit: str
     description: str
+    source: str = ""
 
     @property
     def is_metric(self) -> bool:
@@ -105,6 +124,13 @@ class SubmodelField:
         if self.parent is None:
             raise ValueError(f"sub-model field {self.name!r} has no parent-run metric")
         return self.parent.format(split=split, sub=sub)
+
+    def read(self, measured: Measurement) -> Any:
+        """The field's value in `measured` (booleans as "true" / "false", as tags hold them)."""
+        value: Any = measured
+        for part in (self.source or self.name).split("."):
+            value = getattr(value, part)
+        return str(value).lower() if isinstance(value, bool) else value
 
 
 SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
@@ -128,9 +154,21 @@ SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
         "%",
         "top-1 of the epoch with the best mean validation top-1 (selected on val)",
     ),
-    SubmodelField("mmacs", "mmacs/{sub}", "mmacs", "mmacs", "millions", "multiply-accumulates"),
-    SubmodelField("mflops", "mflops/{sub}", "mflops", "mflops", "millions", "FLOPs, forward"),
-    SubmodelField("params_m", "params_m/{sub}", "params_m", "params_m", "millions", "parameters"),
+    SubmodelField(
+        "mmacs", "mmacs/{sub}", "mmacs", "mmacs", "millions", "multiply-accumulates", "cost.mmacs"
+    ),
+    SubmodelField(
+        "mflops", "mflops/{sub}", "mflops", "mflops", "millions", "FLOPs, forward", "cost.mflops"
+    ),
+    SubmodelField(
+        "params_m",
+        "params_m/{sub}",
+        "params_m",
+        "params_m",
+        "millions",
+        "parameters",
+        "cost.params_m",
+    ),
     SubmodelField(
         "gbitops",
         "gbitops/{sub}",
@@ -138,6 +176,7 @@ SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
         "gbitops",
         "billions",
         "bit-operations: MACs x weight bits x activation bits",
+        "cost.gbitops",
     ),
     SubmodelField(
         "latency_ms", "latency_ms/{sub}", "latency_ms", "latency_ms", "ms", "latency (median)"
@@ -151,8 +190,14 @@ SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
         "latency interquartile range",
     ),
 )
-METRIC_FIELDS: tuple[SubmodelField, ...] = tuple(f for f in SUBMODEL_FIELDS if f.is_metric)
 FIELDS = {f.name: f for f in SUBMODEL_FIELDS}
+
+
+def metric_fields() -> tuple[SubmodelField, ...]:
+    """The fields of `SUBMODEL_FIELDS` that are metrics (read at call time, so that a field
+    added to the table reaches every writer)."""
+    return tuple(f for f in SUBMODEL_FIELDS if f.is_metric)
+
 
 # Per-cell summaries over the sub-models, final metrics of the parent run.
 TOP1_MEAN = "{split}/top1_mean"
@@ -161,13 +206,19 @@ TOP1_AUC = "{split}/top1_auc"
 BESTVAL_EPOCH = "bestval_epoch"
 
 
+def submodel_row(measured: Measurement) -> dict[str, Any]:
+    """The trainer's row of one sub-model: every field of `SUBMODEL_FIELDS`, read from what was
+    measured (the one place rows are built, for fixed sub-models and spectrum points alike)."""
+    return {f.name: f.read(measured) for f in SUBMODEL_FIELDS}
+
+
 def parent_metrics(rows: Iterable[Mapping[str, Any]], split: str) -> dict[str, float]:
     """The parent run's final per-sub-model metrics, e.g. `test/top1/exit1`, from the trainer's
     rows (one dict per sub-model with the keys of `SUBMODEL_FIELDS`); a missing or None value
     is left out (never logged as 0)."""
     out: dict[str, float] = {}
     for row in rows:
-        for f in METRIC_FIELDS:
+        for f in metric_fields():
             if row.get(f.name) is not None:
                 out[f.parent_key(row["name"], split)] = float(row[f.name])
     return out
@@ -175,7 +226,7 @@ def parent_metrics(rows: Iterable[Mapping[str, Any]], split: str) -> dict[str, f
 
 def child_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     """The metrics of one sub-model's child run (`top1`, `mflops`, ...), Nones left out."""
-    return {f.child: float(row[f.name]) for f in METRIC_FIELDS if row.get(f.name) is not None}
+    return {f.child: float(row[f.name]) for f in metric_fields() if row.get(f.name) is not None}
 
 
 def child_tags(row: Mapping[str, Any]) -> dict[str, str]:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmark.models.base import forward_hooks
+
 # Calibration batches are drawn as the training batches of this virtual epoch (same augmentation
 # as training, a data order no training epoch uses): fixed per seed, identical for every width
 # and every evaluation of a cell, and independent of the method.
@@ -37,23 +39,20 @@ def recalibrate_bn(
     """
     touched: dict[int, tuple[nn.modules.batchnorm._BatchNorm, float | None]] = {}
 
-    def reset_on_first_use(module: nn.modules.batchnorm._BatchNorm, _inp) -> None:
+    def reset_on_first_use(module: nn.modules.batchnorm._BatchNorm, _inp, _out) -> None:
         if id(module) not in touched:
             touched[id(module)] = (module, module.momentum)
             module.reset_running_stats()
             module.momentum = None  # cumulative moving average over the calibration batches
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    handles = [m.register_forward_pre_hook(reset_on_first_use) for m in bns]
     was_training = model.training
     model.train()
     try:
-        with torch.no_grad():
+        with forward_hooks(bns, reset_on_first_use, pre=True), torch.no_grad():
             for x in islice(batches, n):
                 run(x)
     finally:
-        for h in handles:
-            h.remove()
         for module, momentum in touched.values():
             module.momentum = momentum
         model.train(was_training)

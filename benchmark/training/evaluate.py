@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from benchmark.costs.speed import Speed
 from benchmark.data.pipeline import Normalizer, eval_batches
 from benchmark.models import FlexibleModel
 
@@ -23,14 +24,14 @@ Calibrate = Callable[[Callable[[Tensor], object]], None]
 
 
 @dataclass(frozen=True)
-class EvalHow:
-    """How to evaluate: batch size, normaliser (its device is the evaluation device), bf16
-    autocast, per-sample confidences, and an optional BN recalibration `calibrate(run)`."""
+class EvalSpec:
+    """How every evaluation of a cell runs (validation, test, spectrum alike): batch size,
+    normaliser (its device is the evaluation device), the cell's `Speed` (its autocast) and
+    its BN recalibration `calibrate(run)` (None: none, see `benchmark.training.bn_calib`)."""
 
     batch: int
     norm: Normalizer
-    amp: bool
-    confidences: bool = False
+    speed: Speed = Speed()
     calibrate: Calibrate | None = None
 
 
@@ -47,15 +48,17 @@ class Accuracy:
 
 
 @torch.no_grad()
-def _accuracy(forward: Forward, k: int, data: tuple[Tensor, Tensor], how: EvalHow) -> Accuracy:
+def _accuracy(
+    forward: Forward, k: int, data: tuple[Tensor, Tensor], spec: EvalSpec, confidences: bool
+) -> Accuracy:
     """Accuracy of the `k` outputs of `forward` over `data` (the model already in eval mode)."""
     x, y = data
-    device, confidences = how.norm.scale.device, how.confidences
+    device = spec.norm.scale.device
     c1 = torch.zeros(k, device=device)
     c5 = torch.zeros(k, device=device)
     conf, hit1 = [], []
-    for xb, yb in eval_batches(x, y, how.batch, how.norm, device):
-        with torch.autocast(device.type, torch.bfloat16, enabled=how.amp):
+    for xb, yb in eval_batches(x, y, spec.batch, spec.norm, device):
+        with spec.speed.autocast():
             outs = forward(xb)
         for i, z in enumerate(outs):
             top = z.topk(min(5, z.shape[1]), dim=1).indices
@@ -81,27 +84,19 @@ def _concat(parts: list[Accuracy]) -> Accuracy:
 
 
 def evaluate(
-    model: FlexibleModel,
-    data: tuple[Tensor, Tensor],
-    batch: int,
-    norm: Normalizer,
-    amp: bool,
-    confidences: bool = False,
-    calibrate: Calibrate | None = None,
+    model: FlexibleModel, data: tuple[Tensor, Tensor], spec: EvalSpec, confidences: bool = False
 ) -> Accuracy:
     """Evaluate every sub-model on `data` = (uint8 images (N,3,H,W), labels (N,)) in eval mode,
     on the normaliser's device; the model's train/eval mode is restored afterwards.
 
-    `calibrate(run)`: BN recalibration of the layers `run(x)` uses (see
-    `benchmark.training.bn_calib`); given, sub-models are evaluated one at a time, each right after
-    its recalibration.
+    With `spec.calibrate`, sub-models are evaluated one at a time, each right after its BN
+    recalibration; else all of them in one pass over the data.
     """
     k = model.num_submodels
-    how = EvalHow(batch, norm, amp, confidences, calibrate)
-    if calibrate is None:
-        return run_eval(model, [lambda x: model.forward_all(x)], [k], data, how)
+    if spec.calibrate is None:
+        return run_eval(model, [lambda x: model.forward_all(x)], [k], data, spec, confidences)
     forwards = [lambda x, j=j: [model.forward_sub(x, j)] for j in range(k)]
-    return run_eval(model, forwards, [1] * k, data, how)
+    return run_eval(model, forwards, [1] * k, data, spec, confidences)
 
 
 def run_eval(
@@ -109,18 +104,19 @@ def run_eval(
     forwards: list[Forward],
     outputs: list[int],
     data: tuple[Tensor, Tensor],
-    how: EvalHow,
+    spec: EvalSpec,
+    confidences: bool = False,
 ) -> Accuracy:
     """Accuracy of each forward's outputs (`outputs[i]` logits from `forwards[i]`), in order;
-    with `calibrate`, forward i's BN statistics are recalibrated right before its pass."""
+    with `spec.calibrate`, forward i's BN statistics are recalibrated right before its pass."""
     was_training = model.training
     parts = []
     try:
         for fwd, n in zip(forwards, outputs):
-            if how.calibrate is not None:
-                how.calibrate(fwd)
+            if spec.calibrate is not None:
+                spec.calibrate(fwd)
             model.eval()
-            parts.append(_accuracy(fwd, n, data, how))
+            parts.append(_accuracy(fwd, n, data, spec, confidences))
     finally:
         model.train(was_training)
     return _concat(parts)

@@ -45,11 +45,20 @@ class CellPlan:
     def total_epochs(self) -> int:
         return self.epochs * len(self.stages)
 
+    def index_of(self, stage: int, epoch: int) -> int:
+        """The flat index (global epoch) of (stage, epoch)."""
+        return stage * self.epochs + epoch
+
+    def stage_epoch(self, index: int) -> tuple[int, int]:
+        """(stage, epoch) of the flat index `index` (the inverse of `index_of`)."""
+        return divmod(index, self.epochs)
+
     def positions(self, start: int = 0) -> list[Position]:
         """The epochs still to run, from global epoch `start` (a resumed checkpoint's)."""
         out, n, last = [], self.epochs, self.total_epochs - 1
         for g in range(start, self.total_epochs):
-            out.append(Position(g, g // n, g % n, g % n == n - 1, g == last))
+            stage, epoch = self.stage_epoch(g)
+            out.append(Position(g, stage, epoch, epoch == n - 1, g == last))
         return out
 
 
@@ -67,7 +76,7 @@ def plan_cell(cfg: dict[str, Any], model: FlexibleModel | None = None) -> CellPl
         model = model or make_model(cfg, num_classes, image_size)
         arch_key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
         costs = count_costs(model, image_size, cache_key=arch_key)
-        _MODEL_FACTS[key] = ([s.name for s in model.submodels], costs, model.single_pass)
+        _MODEL_FACTS[key] = ([s.name for s in model.submodels], costs, model.caps.single_pass)
     names, costs, single_pass = _MODEL_FACTS[key]
     stages = make_method(cfg, len(names)).stages(len(names))
     return CellPlan(names, stages, cfg["train"]["epochs"], costs, single_pass, image_size)

@@ -1,29 +1,30 @@
-"""One optimisation step of a stage, in one of two shapes.
+"""One optimisation step of a stage: `Step(model, method, stage, speed)(x, y, g)`.
 
-- `single_pass_step`: one forward yields every trained sub-model (early exits, e.g. MSDNet); the
-  losses are summed and back-propagated once.
-- `per_submodel_step`: one forward per sub-model (widths, depths, bit-widths, separate
-  networks), largest first, each back-propagated at once so memory holds one sub-model's graph.
+A step runs in one of three shapes, picked when it is built:
+- single pass (`model.caps.single_pass`, early exits such as MSDNet): one forward yields every
+  trained sub-model; the losses are summed and back-propagated once;
+- per sub-model (widths, depths, bit-widths, separate networks): one forward per sub-model,
+  largest first, each back-propagated at once so memory holds one sub-model's graph;
+- drawn widths (`method.draws_submodels`, e.g. the sandwich rule): the method draws this step's
+  widths from the step's generator (`step_generator`, seeded by seed, epoch and step only) and
+  each runs through `model.forward_width`, largest first, like the per-sub-model shape.
 
-Both build the same `SubOut`s and call `Method.loss` the same way: teachers are this step's
-outputs of larger sub-models (or of a stage's frozen teachers), detached, never recomputed
-(DESIGN.md §3). Gradients are left in `.grad`; the caller steps the optimizer.
-
-A method may instead draw the widths of this step (`Method.draw_submodels`, e.g. the sandwich
-rule) from the step's generator (`step_generator`, seeded by seed, epoch and step only): then
-`drawn_width_step` runs them with `model.forward_width`, largest first, in the same way.
+Every shape builds the same `SubOut`s and calls `Method.loss` the same way: teachers are this
+step's outputs of larger sub-models (or of a stage's frozen teachers), detached, never
+recomputed (DESIGN.md §3, "one step, teachers from the same forward"). Gradients are left in
+`.grad`; the caller steps the optimizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from benchmark.costs.speed import Speed
 from benchmark.methods import Method, Stage
 from benchmark.models import FlexibleModel
 
@@ -39,6 +40,14 @@ class SubOut(NamedTuple):
         feats = None if self.feats is None else [f.detach() for f in self.feats]
         return SubOut(self.logits.detach(), feats)
 
+    @classmethod
+    def of(cls, raw: Tensor | tuple[Tensor, list[Tensor]]) -> SubOut:
+        """From a forward's result: logits, or (logits, stage features) with features."""
+        if isinstance(raw, tuple):
+            z, f = raw
+            return cls(z.float(), [v.float() for v in f])
+        return cls(raw.float(), None)
+
 
 @dataclass
 class StepResult:
@@ -48,81 +57,6 @@ class StepResult:
     loss: Tensor
     terms: dict[str, Tensor]
     logits: dict[int, Tensor]
-
-
-@dataclass
-class StepContext:
-    """What both step shapes need; `forward_sub(x, k)` / `forward_all(x, which)` return SubOuts."""
-
-    model: FlexibleModel
-    method: Method
-    stage: Stage
-    autocast: Callable[[], AbstractContextManager]
-    forward_sub: Callable[[Tensor, int], SubOut]
-    forward_all: Callable[[Tensor, list[int]], list[SubOut]]
-    forward_width: Callable[[Tensor, float], SubOut] | None = None
-
-    @property
-    def order(self) -> list[int]:
-        """Trained sub-models, largest first: a teacher's output exists before its student's."""
-        return sorted(self.stage.train, reverse=True)
-
-    def loss(
-        self, k: int, out: SubOut, teachers: dict[int, SubOut], y: Tensor, num: int | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """`Method.loss` of sub-model k of `num` (default: the model's sub-models)."""
-        feats = None
-        if self.method.uses_features:
-            feats = {j: t.feats for j, t in teachers.items()}
-            feats[k] = out.feats
-        logits = {j: t.logits for j, t in teachers.items()}
-        num = self.model.num_submodels if num is None else num
-        return self.method.loss(k, out.logits, logits, y, num, feats)
-
-    def frozen_teachers(self, x: Tensor) -> dict[int, SubOut]:
-        """Outputs of an offline stage's frozen teachers (TAKD), without gradient."""
-        with torch.no_grad(), self.autocast():
-            return {t: self.forward_sub(x, t) for t in self.stage.frozen_teachers}
-
-    def record(
-        self, terms: dict[str, Tensor], k: int, tk: dict[str, Tensor], name: str | None = None
-    ) -> None:
-        name = self.model.submodels[k].name if name is None else name
-        for term, v in tk.items():
-            terms[f"{term}/{name}"] = v.detach()
-
-
-def single_pass_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
-    """All trained sub-models from one forward; one backward of the summed losses."""
-    teachers = ctx.frozen_teachers(x)
-    order = ctx.order
-    with ctx.autocast():
-        outs = dict(zip(order, ctx.forward_all(x, order)))
-    teachers.update({k: out.detach() for k, out in outs.items()})
-    total = torch.zeros((), device=x.device)
-    terms: dict[str, Tensor] = {}
-    for k in order:
-        loss_k, tk = ctx.loss(k, outs[k], teachers, y)
-        total = total + loss_k
-        ctx.record(terms, k, tk)
-    total.backward()
-    return StepResult(total.detach(), terms, {k: teachers[k].logits for k in order})
-
-
-def per_submodel_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
-    """One forward and one backward per trained sub-model, largest first."""
-    teachers = ctx.frozen_teachers(x)
-    total = torch.zeros((), device=x.device)
-    terms: dict[str, Tensor] = {}
-    for k in ctx.order:
-        with ctx.autocast():
-            out = ctx.forward_sub(x, k)
-        loss_k, tk = ctx.loss(k, out, teachers, y)
-        loss_k.backward()
-        teachers[k] = out.detach()
-        total = total + loss_k.detach()
-        ctx.record(terms, k, tk)
-    return StepResult(total, terms, {k: teachers[k].logits for k in ctx.order})
 
 
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -137,77 +71,111 @@ def drawn_names(n: int) -> list[str]:
     return ["min", *(f"rand{i}" for i in range(1, n - 1)), "max"]
 
 
-def drawn_width_step(ctx: StepContext, x: Tensor, y: Tensor, widths: list[float]) -> StepResult:
-    """One forward and backward per drawn width (smallest first in `widths`), largest first;
-    the method's loss sees them as sub-models 0..n-1. Logits are returned for the drawn widths
-    that equal one of the model's sub-models (for its training accuracy)."""
-    if ctx.forward_width is None or ctx.method.uses_features:
-        raise RuntimeError(f"method {ctx.method.name} draws widths: it needs forward_width")
-    n, names = len(widths), drawn_names(len(widths))
-    fixed = {round(w, 6): k for k, w in enumerate(getattr(ctx.model, "widths", []))}
-    teachers: dict[int, SubOut] = {}
-    total = torch.zeros((), device=x.device)
-    terms: dict[str, Tensor] = {}
-    logits: dict[int, Tensor] = {}
-    for i in range(n - 1, -1, -1):
-        with ctx.autocast():
-            out = ctx.forward_width(x, widths[i])
-        loss_i, ti = ctx.loss(i, out, teachers, y, n)
-        loss_i.backward()
-        teachers[i] = out.detach()
-        total = total + loss_i.detach()
-        ctx.record(terms, i, ti, names[i])
-        if round(widths[i], 6) in fixed:
-            logits[fixed[round(widths[i], 6)]] = teachers[i].logits
-    return StepResult(total, terms, logits)
-
-
-def _as_out(raw: Tensor | tuple[Tensor, list[Tensor]]) -> SubOut:
-    if isinstance(raw, tuple):
-        z, f = raw
-        return SubOut(z.float(), [v.float() for v in f])
-    return SubOut(raw.float(), None)
-
-
-def make_step(
-    model: FlexibleModel,
-    method: Method,
-    stage: Stage,
-    device: torch.device,
-    amp: bool,
-    compile_model: bool = False,
-) -> Callable[[Tensor, Tensor], StepResult]:
-    """The step function of one stage: `step(x (N,3,H,W) normalised, y (N,) int64, g)`, with
-    `g` the step's generator (`step_generator`; None: the method draws nothing this step).
-
-    `amp`: bf16 autocast on `device`; `compile_model`: `torch.compile` the model's forwards.
+class Step:
+    """The step of one stage: `step(x, y, g) -> StepResult` with x (N, 3, H, W) normalised,
+    y (N,) int64 and g the step's generator (`step_generator`; required by methods that draw
+    widths, ignored by the others). `speed` gives the autocast and whether the model's forwards
+    are compiled (`torch.compile`). Raises ValueError when a drawing method gets no generator.
     """
-    fwd_sub, fwd_all = model.forward_sub, model.forward_all
-    fwd_width = getattr(model, "forward_width", None)
-    if method.uses_features:
-        fwd_sub, fwd_all = model.forward_sub_features, model.forward_all_features
-    if compile_model:
-        fwd_sub, fwd_all = torch.compile(fwd_sub), torch.compile(fwd_all)
-        fwd_width = torch.compile(fwd_width) if fwd_width is not None else None
-    ctx = StepContext(
-        model,
-        method,
-        stage,
-        lambda: torch.autocast(device.type, torch.bfloat16, enabled=amp),
-        lambda x, k: _as_out(fwd_sub(x, k)),
-        lambda x, which: [_as_out(r) for r in fwd_all(x, which)],
-        None if fwd_width is None else lambda x, w: _as_out(fwd_width(x, w)),
-    )
-    shape = single_pass_step if model.single_pass else per_submodel_step
 
-    draws = type(method).draw_submodels is not Method.draw_submodels
+    def __init__(
+        self, model: FlexibleModel, method: Method, stage: Stage, speed: Speed | None = None
+    ) -> None:
+        self.model, self.method, self.stage = model, method, stage
+        self.speed = speed or Speed()
+        feats = method.uses_features
+        fwd_sub = model.forward_sub_features if feats else model.forward_sub
+        fwd_all = model.forward_all_features if feats else model.forward_all
+        fwd_width = model.forward_width
+        if self.speed.compile:
+            fwd_sub, fwd_all = torch.compile(fwd_sub), torch.compile(fwd_all)
+            fwd_width = torch.compile(fwd_width)
+        self._sub: Callable = fwd_sub
+        self._all: Callable = fwd_all
+        self._width: Callable = fwd_width
+        if method.draws_submodels and (model.caps.widths is None or feats):
+            raise ValueError(f"method {method.name} draws widths: it needs caps.widths")
+        # trained sub-models, largest first: a teacher's output exists before its student's
+        self.order = sorted(stage.train, reverse=True)
 
-    def step(x: Tensor, y: Tensor, g: torch.Generator | None = None) -> StepResult:
-        if draws and g is None:
-            raise ValueError(f"method {method.name} draws widths: pass the step's generator")
-        widths = None if g is None else method.draw_submodels(g, model)
-        if widths is not None:
-            return drawn_width_step(ctx, x, y, widths)
-        return shape(ctx, x, y)
+    def __call__(self, x: Tensor, y: Tensor, g: torch.Generator | None = None) -> StepResult:
+        if self.method.draws_submodels:
+            if g is None:
+                raise ValueError(f"method {self.method.name} draws widths: pass the generator")
+            return self._drawn(x, y, self.method.draw_submodels(g, self.model))
+        if self.model.caps.single_pass:
+            return self._single_pass(x, y)
+        return self._per_submodel(x, y)
 
-    return step
+    def _single_pass(self, x: Tensor, y: Tensor) -> StepResult:
+        """All trained sub-models from one forward; one backward of the summed losses."""
+        teachers = self._frozen_teachers(x)
+        with self.speed.autocast():
+            outs = dict(zip(self.order, map(SubOut.of, self._all(x, self.order))))
+        teachers.update({k: out.detach() for k, out in outs.items()})
+        total = torch.zeros((), device=x.device)
+        terms: dict[str, Tensor] = {}
+        for k in self.order:
+            loss_k, tk = self._loss(k, outs[k], teachers, y)
+            total = total + loss_k
+            self._record(terms, tk, self.model.submodels[k].name)
+        total.backward()
+        return StepResult(total.detach(), terms, {k: teachers[k].logits for k in self.order})
+
+    def _per_submodel(self, x: Tensor, y: Tensor) -> StepResult:
+        """One forward and one backward per trained sub-model, largest first."""
+        teachers = self._frozen_teachers(x)
+        total = torch.zeros((), device=x.device)
+        terms: dict[str, Tensor] = {}
+        for k in self.order:
+            with self.speed.autocast():
+                out = SubOut.of(self._sub(x, k))
+            loss_k, tk = self._loss(k, out, teachers, y)
+            loss_k.backward()
+            teachers[k] = out.detach()
+            total = total + loss_k.detach()
+            self._record(terms, tk, self.model.submodels[k].name)
+        return StepResult(total, terms, {k: teachers[k].logits for k in self.order})
+
+    def _drawn(self, x: Tensor, y: Tensor, widths: list[float]) -> StepResult:
+        """One forward and backward per drawn width (smallest first in `widths`), largest first;
+        the method's loss sees them as sub-models 0..n-1. Logits are returned for the drawn
+        widths that are one of the model's listed sub-models (for its training accuracy)."""
+        n, names, rng = len(widths), drawn_names(len(widths)), self.model.caps.widths
+        teachers: dict[int, SubOut] = {}
+        total = torch.zeros((), device=x.device)
+        terms: dict[str, Tensor] = {}
+        logits: dict[int, Tensor] = {}
+        for i in range(n - 1, -1, -1):
+            with self.speed.autocast():
+                out = SubOut.of(self._width(x, widths[i]))
+            loss_i, ti = self._loss(i, out, teachers, y, n)
+            loss_i.backward()
+            teachers[i] = out.detach()
+            total = total + loss_i.detach()
+            self._record(terms, ti, names[i])
+            if (k := rng.submodel_of(widths[i])) is not None:
+                logits[k] = teachers[i].logits
+        return StepResult(total, terms, logits)
+
+    def _loss(
+        self, k: int, out: SubOut, teachers: dict[int, SubOut], y: Tensor, num: int | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """`Method.loss` of sub-model k of `num` (default: the model's sub-models)."""
+        feats = None
+        if self.method.uses_features:
+            feats = {j: t.feats for j, t in teachers.items()}
+            feats[k] = out.feats
+        logits = {j: t.logits for j, t in teachers.items()}
+        num = self.model.num_submodels if num is None else num
+        return self.method.loss(k, out.logits, logits, y, num, feats)
+
+    def _frozen_teachers(self, x: Tensor) -> dict[int, SubOut]:
+        """Outputs of an offline stage's frozen teachers (TAKD), without gradient."""
+        with torch.no_grad(), self.speed.autocast():
+            return {t: SubOut.of(self._sub(x, t)) for t in self.stage.frozen_teachers}
+
+    @staticmethod
+    def _record(terms: dict[str, Tensor], tk: dict[str, Tensor], name: str) -> None:
+        for term, v in tk.items():
+            terms[f"{term}/{name}"] = v.detach()

@@ -3,7 +3,8 @@
 `prepare` validates everything and builds the cell (data, model, method, optimizer, checkpoint,
 MLflow run) before any work; `train_cell` then runs each remaining position (stage, epoch) of
 the method's schedule: train one epoch -> the method's epoch end -> validate -> checkpoint -> log
--> callback; `finish` evaluates every sub-model once on test and writes the MLflow record.
+-> callback; `benchmark.training.final.finish` evaluates every sub-model once on test and writes
+the MLflow record.
 The step itself is in `benchmark.training.step`, the checkpoint format in
 `benchmark.training.checkpoint`, run statuses in `benchmark.record.tracking`.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,15 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 from tqdm import tqdm
 
 from benchmark import data as datasets
 from benchmark.config import cell_key, flatten
 from benchmark.costs import speed
-from benchmark.costs.axis import auc_top1, cost_axis
-from benchmark.costs.flops import latency_profile
 from benchmark.data.base import Splits
 from benchmark.data.pipeline import Normalizer, TrainBatches
 from benchmark.errors import ConfigError, TrainingError
@@ -37,7 +34,6 @@ from benchmark.models import FlexibleModel, IndependentModel
 from benchmark.record import schema, tracking
 from benchmark.training import checkpoint
 from benchmark.training.bn_calib import calibrator
-from benchmark.training.budgeted import budgeted_curve
 from benchmark.training.build import (
     lr_at,
     make_method,
@@ -46,10 +42,10 @@ from benchmark.training.build import (
     pick_device,
     set_lr,
 )
-from benchmark.training.evaluate import EvalHow, evaluate
+from benchmark.training.evaluate import EvalSpec, evaluate
+from benchmark.training.final import CellResult, finish
 from benchmark.training.plan import CellPlan, Position, plan_cell
-from benchmark.training.spectrum import spectrum_rows
-from benchmark.training.step import StepResult, make_step, step_generator
+from benchmark.training.step import Step, step_generator
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -68,14 +64,6 @@ class CellOptions:
     epoch_callback: EpochCallback | None = None
     progress: bool = True
     extra_tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class CellResult:
-    key: str
-    run_id: str
-    rows: list[dict[str, Any]]
-    metrics: dict[str, float]
 
 
 @dataclass
@@ -112,20 +100,13 @@ class PreparedCell:
     batches: TrainBatches
     norm: Normalizer
     device: torch.device
-    amp: bool
+    speed: speed.Speed
+    eval: EvalSpec
     run: tracking.CellRun
     ckpt: Path
     start: int
     opts: CellOptions
     best: BestVal = field(default_factory=BestVal)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
-
-    def calibrate(self):
-        """BN recalibration before each sub-model's evaluation (`train.bn_calib_batches` > 0,
-        training batches only; see `benchmark.training.bn_calib`), else None."""
-        return calibrator(self.model, self.batches.epoch, self.cfg["train"]["bn_calib_batches"])
 
 
 def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResult:
@@ -137,10 +118,7 @@ def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResu
         step = None
         for pos in cell.plan.positions(cell.start):
             if step is None or pos.epoch == 0:
-                stage = cell.plan.stages[pos.stage]
-                step = make_step(
-                    cell.model, cell.method, stage, cell.device, cell.amp, cfg["runtime"]["compile"]
-                )
+                step = Step(cell.model, cell.method, cell.plan.stages[pos.stage], cell.speed)
             metrics = train_epoch(cell, step, pos)
             metrics.update(cell.method.epoch_end(_epoch_context(cell, pos)))
             metrics.update(validate(cell))
@@ -182,7 +160,7 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
     if state is not None:
         modules = {"model": model, "method": method, "optimizer": optimizer}
         stage, epoch = checkpoint.restore(state, modules, device)
-        start = stage * plan.epochs + epoch
+        start = plan.index_of(stage, epoch)
     tags = {
         **tracking.environment_tags(device, torch.get_num_threads()),
         schema.SPLIT_SEED: str(cfg["data"]["split_seed"]),
@@ -193,8 +171,10 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
         **opts.extra_tags,
     }
     run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
+    calibrate = calibrator(model, batches.epoch, cfg["train"]["bn_calib_batches"])
+    spec = EvalSpec(cfg["train"]["eval_batch_size"], norm, fast, calibrate)
     cell = PreparedCell(
-        cfg, key, plan, model, method, optimizer, splits, batches, norm, device, fast.amp, run,
+        cfg, key, plan, model, method, optimizer, splits, batches, norm, device, fast, spec, run,
         ckpt, start, opts,
     )  # fmt: skip
     if opts.restart:
@@ -265,9 +245,7 @@ def _log_pending_metrics(run: tracking.CellRun, state: dict[str, Any]) -> None:
         run.log_metrics(metrics, step)
 
 
-def train_epoch(
-    cell: PreparedCell, step: Callable[[Tensor, Tensor], StepResult], pos: Position
-) -> dict[str, float]:
+def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, float]:
     """One pass over the training batches; metrics stay on the device until the epoch ends
     (one host sync per `runtime.log_every` steps, to catch a diverging loss early)."""
     t0 = time.perf_counter()
@@ -324,17 +302,13 @@ def _check_finite(loss: float, pos: Position, where: str) -> None:
 def _epoch_context(cell: PreparedCell, pos: Position) -> EpochContext:
     stage = cell.plan.stages[pos.stage]
     return EpochContext(
-        cell.model, stage, pos.epoch, cell.plan.epochs, cell.batches.epoch, cell.autocast
+        cell.model, stage, pos.epoch, cell.plan.epochs, cell.batches.epoch, cell.speed.autocast
     )
 
 
 def validate(cell: PreparedCell) -> dict[str, float]:
     """`val/top1/<sub>` of every sub-model and their mean, on the validation split."""
-    val = (cell.splits.val_x, cell.splits.val_y)
-    t = cell.cfg["train"]
-    acc = evaluate(
-        cell.model, val, t["eval_batch_size"], cell.norm, cell.amp, False, cell.calibrate()
-    )
+    acc = evaluate(cell.model, (cell.splits.val_x, cell.splits.val_y), cell.eval)
     top1 = schema.FIELDS["top1"]
     metrics = {top1.parent_key(n, "val"): v for n, v in zip(cell.plan.names, acc.top1)}
     metrics[schema.TOP1_MEAN.format(split="val")] = sum(acc.top1) / len(acc.top1)
@@ -348,7 +322,7 @@ def save_checkpoint(cell: PreparedCell, pos: Position, metrics: dict[str, float]
     extra = {"run_id": cell.run.run_id, "key": cell.key, "metrics": metrics}
     extra["best"] = cell.best.state()
     extra["metrics_step"] = pos.index
-    next_pos = (nxt // cell.plan.epochs, nxt % cell.plan.epochs)
+    next_pos = cell.plan.stage_epoch(nxt)
     checkpoint.save(cell.ckpt, checkpoint.build(modules, next_pos, cell.device, extra))
 
 
@@ -364,96 +338,3 @@ def _epoch_line(cell: PreparedCell, pos: Position, metrics: dict[str, float]) ->
 
 def _progress_line(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def finish(cell: PreparedCell) -> CellResult:
-    """Final evaluation of every sub-model in one pass, latency, and the MLflow record."""
-    cfg, plan, t = cell.cfg, cell.plan, cell.cfg["train"]
-    sealed = not cell.opts.evaluate_test
-    split = "val" if sealed else "test"
-    data = (cell.splits.val_x, cell.splits.val_y) if sealed else cell.splits.test()
-    calibrate = cell.calibrate()
-    acc = evaluate(cell.model, data, t["eval_batch_size"], cell.norm, cell.amp, True, calibrate)
-    budgeted = []
-    if cell.model.early_exit and not sealed:  # thresholds are fitted on val, applied to test
-        val = (cell.splits.val_x, cell.splits.val_y)
-        val_acc = evaluate(
-            cell.model, val, t["eval_batch_size"], cell.norm, cell.amp, True, calibrate
-        )
-        costs = [c.mflops for c in plan.costs]
-        budgeted = budgeted_curve(val_acc.confidence, acc.confidence, acc.correct, costs)
-    r = cfg["runtime"]
-    lat = latency_profile(
-        cell.model,
-        plan.image_size,
-        cell.device,
-        r["latency_batch"],
-        r["latency_warmup"],
-        r["latency_repeats"],
-    )
-    rows = [
-        {"index": i, "name": c.name, "spectrum": "false", "top1": a1, "top5": a5}
-        | {"mmacs": c.mmacs, "mflops": c.mflops, "params_m": c.params_m, "gbitops": c.gbitops}
-        | lat_row
-        for i, (c, a1, a5, lat_row) in enumerate(zip(plan.costs, acc.top1, acc.top5, lat.rows()))
-    ]
-    axis = cost_axis([row["mflops"] for row in rows], [row["gbitops"] for row in rows])
-    how = EvalHow(t["eval_batch_size"], cell.norm, cell.amp, calibrate=calibrate)
-    spectrum = spectrum_rows(cell.model, data, how, plan.image_size, len(rows))
-    if not sealed and cell.best.model is not None:  # selected on val, reported on test
-        cell.model.load_state_dict(cell.best.model)  # last: the last weights are done
-        best = evaluate(
-            cell.model, data, t["eval_batch_size"], cell.norm, cell.amp, False, calibrate
-        )
-        for row, a1 in zip(rows, best.top1):
-            row["top1_bestval"] = a1
-    final = schema.parent_metrics(rows + spectrum, split)
-    if not sealed:
-        final[schema.BESTVAL_EPOCH] = cell.best.epoch
-    final[schema.TOP1_MEAN.format(split=split)] = sum(acc.top1) / len(acc.top1)
-    final[schema.TOP1_AUC.format(split=split)] = auc_top1([row[axis] for row in rows], acc.top1)
-    cell.run.set_tags({schema.COST_AXIS: axis, **lat.tags()})
-    with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
-        art = _artifacts(Path(tmp), cell, rows + spectrum, split, budgeted, axis)
-        cell.run.finish(final, rows + spectrum, art, cfg, cell.key, plan.total_epochs, budgeted)
-    _progress_line(
-        f"[{cell.key}] finished: "
-        + ", ".join(f"{r['name']} {r['top1']:.1f}% @ {r['mflops']:.2f} MFLOPs" for r in rows)
-        + f" ({split})"
-    )
-    return CellResult(cell.key, cell.run.run_id, rows + spectrum, final)
-
-
-def _artifacts(
-    folder: Path,
-    cell: PreparedCell,
-    rows: list[dict[str, Any]],
-    split: str,
-    budgeted: list,
-    axis: str,
-) -> list[tuple[Path, str | None]]:
-    """Files attached to the cell's run: resolved config, per-sub-model CSV, the
-    accuracy-vs-cost figure, budgeted-batch points, and (runtime.log_checkpoint) the weights."""
-    import csv
-
-    from reports.cell_figure import draw_cell_figure
-
-    cfg = cell.cfg
-    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    schema.write_submodels_csv(folder / "submodels.csv", rows)
-    title = f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}"
-    png = draw_cell_figure(folder / "acc_vs_flops.png", title, rows, axis, split, budgeted)
-    out: list[tuple[Path, str | None]] = [
-        (folder / "config.yaml", None),
-        (folder / "submodels.csv", None),
-        (png, "plots"),
-    ]
-    if budgeted:
-        with open(folder / "budgeted.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(budgeted[0]))
-            writer.writeheader()
-            writer.writerows(budgeted)
-        out.append((folder / "budgeted.csv", None))
-    if cfg["runtime"]["log_checkpoint"] and cell.ckpt.exists():
-        out.append((cell.ckpt, "checkpoint"))
-    return out
