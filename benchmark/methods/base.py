@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from benchmark.dim import KD_WEIGHT, TEMPERATURE, Dim
-from benchmark.errors import ConfigError, got
+from benchmark.errors import ConfigError, IncompatibleError, got
+from benchmark.models import FlexibleModel, archs_having
 
 
 def kd_loss(student: Tensor, teacher: Tensor, T: float) -> Tensor:
@@ -290,6 +291,16 @@ class Method(nn.Module):
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
         """Raise ConfigError when this method cannot train `model` (checked before any work)."""
+
+    @classmethod
+    def require(cls, model: FlexibleModel, arch: str, capability: str, need: str) -> None:
+        """Raise IncompatibleError unless `model` declares `capability` (a `Capabilities`
+        field), naming what the method needs and the architectures that have it."""
+        if not model.caps.has(capability):
+            raise IncompatibleError(
+                f"method {cls.name} needs {need}; architecture {arch} has none; use "
+                f"{' or '.join(archs_having(capability))}"
+            )
 
     def bind(self, num_submodels: int) -> None:
         """Called by the trainer once the number of sub-models K is known, before the optimizer

@@ -24,10 +24,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from benchmark.dim import Dim
-from benchmark.errors import IncompatibleError
 from benchmark.methods import register_method
 from benchmark.methods.base import Method, kd_loss, scale, temperature, weight
-from benchmark.models import archs_having
 
 
 def hint_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -49,12 +47,10 @@ class BYOT(Method):
 
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
-        if not model.caps.exit_features:
-            raise IncompatibleError(
-                f"method byot needs exit features (an early-exit model whose exits share a "
-                f"feature size for the L2 hint); architecture {arch} has none; use "
-                f"{' or '.join(archs_having('exit_features'))}"
-            )
+        need = (
+            "exit features (an early-exit model whose exits share a feature size for the L2 hint)"
+        )
+        cls.require(model, arch, "exit_features", need)
 
     def loss(self, k, logits, teachers, y, num_submodels, feats=None):
         a, last = self.params["a"], num_submodels - 1

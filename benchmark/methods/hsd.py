@@ -28,11 +28,9 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
-from benchmark.errors import IncompatibleError
 from benchmark.methods import register_method
 from benchmark.methods.base import EpochContext, ParamSpec, integer, kd_loss
 from benchmark.methods.ipkd_ta import IPKDTA
-from benchmark.models import archs_having
 
 
 def kd_saliency(
@@ -76,11 +74,7 @@ class HSD(IPKDTA):
 
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
-        if not model.caps.reranks_channels:
-            raise IncompatibleError(
-                f"method hsd needs saliency-ranked channels; architecture {arch} has none; "
-                f"use {' or '.join(archs_having('reranks_channels'))}"
-            )
+        cls.require(model, arch, "reranks_channels", "saliency-ranked channels")
 
     def epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Re-rank every non-full level's channels on re-rank epochs; logs the fraction of each

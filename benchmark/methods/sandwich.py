@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from benchmark.dim import Dim
-from benchmark.errors import IncompatibleError
 from benchmark.methods import register_method
 from benchmark.methods.base import integer
 from benchmark.methods.ipkd import IPKD
-from benchmark.models import FlexibleModel, archs_having
+from benchmark.models import FlexibleModel
 
 
 @register_method("sandwich")
@@ -37,12 +36,8 @@ class Sandwich(IPKD):
 
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
-        if model.caps.widths is None:
-            raise IncompatibleError(
-                f"method sandwich needs a network that runs any width of a range "
-                f"(forward_width); architecture {arch} has none; use "
-                f"{' or '.join(archs_having('widths'))}"
-            )
+        need = "a network that runs any width of a range (forward_width)"
+        cls.require(model, arch, "widths", need)
 
     def draw_submodels(self, g: torch.Generator, model: FlexibleModel) -> list[float]:
         """[w_min, n-2 uniform draws in [w_min, w_max] (ascending), w_max]: the largest last."""
