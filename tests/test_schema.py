@@ -9,8 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import smoke_cfg
 
 from benchmark.record import schema, tracking
+from benchmark.training.train import CellOptions, train_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "mlflow-schema.md"
@@ -144,3 +146,32 @@ def test_every_field_written_by_tracking_is_read_by_reports_load(tracking_uri, c
         assert child.data.tags[schema.SUBMODEL] == row["name"]
         assert child.data.metrics == schema.child_metrics(row)
         assert {t: child.data.tags[t] for t in schema.CELL_TAGS} == tracking.cell_tags(cfg, "key0")
+
+
+def test_a_field_added_to_the_table_reaches_every_writer(
+    tracking_uri, client, monkeypatch, tmp_path
+):
+    """A per-sub-model field is one row of SUBMODEL_FIELDS: a throw-away field (twice the MACs,
+    read from the measurement by its source path) reaches the parent run's metrics, the child
+    runs, `submodels.csv` and the width-spectrum rows of a real cell, with no other edit."""
+    extra = schema.SubmodelField(
+        "tmp_field", "tmp_field/{sub}", "tmp_field", "tmp_field", "", "throw-away", "cost.mmacs"
+    )
+    monkeypatch.setattr(schema, "SUBMODEL_FIELDS", (*schema.SUBMODEL_FIELDS, extra))
+    cfg = smoke_cfg("us_mobilenet_v1", "joint", tmp_path)
+    result = train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
+    spectrum = [r for r in result.rows if r["spectrum"] == "true"]
+    assert spectrum and all(r["tmp_field"] == r["mmacs"] for r in result.rows)
+    parent = client.get_run(result.run_id).data.metrics
+    for row in result.rows:  # fixed sub-models and spectrum points alike
+        assert parent[f"tmp_field/{row['name']}"] == pytest.approx(row["mmacs"])
+    children = client.search_runs(
+        [client.get_run(result.run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{result.run_id}'",
+    )
+    assert len(children) == len(result.rows)
+    assert all(c.data.metrics["tmp_field"] == c.data.metrics["mmacs"] for c in children)
+    local = client.download_artifacts(result.run_id, "submodels.csv", str(tmp_path))
+    with open(local, newline="") as fh:
+        back = list(csv.DictReader(fh))
+    assert [float(r["tmp_field"]) for r in back] == [r["mmacs"] for r in result.rows]

@@ -9,7 +9,7 @@ from typing import Any
 
 from benchmark import data as datasets
 from benchmark.costs.flops import SubCost, count_costs
-from benchmark.methods import METHODS, Stage
+from benchmark.methods import METHODS, Method, Stage
 from benchmark.models import FlexibleModel
 from benchmark.training.build import make_method, make_model
 
@@ -62,21 +62,41 @@ class CellPlan:
         return out
 
 
-# arch config -> (sub-model names, costs, single_pass): a grid plans many cells of one model
+def _costs(cfg: dict[str, Any], model: FlexibleModel, described: tuple[int, int]) -> list[SubCost]:
+    """Per-sub-model costs, counted once per (architecture config, classes, image size)."""
+    arch_key = json.dumps([cfg["arch"], *described], sort_keys=True)
+    return count_costs(model, described[1], cache_key=arch_key)
+
+
+def plan_of(
+    cfg: dict[str, Any], model: FlexibleModel, method: Method, described: tuple[int, int]
+) -> CellPlan:
+    """The plan of a cell whose model and method are built (the trainer's); `described` is
+    the data's (classes, image size)."""
+    names = [s.name for s in model.submodels]
+    stages = method.stages(len(names))
+    costs = _costs(cfg, model, described)
+    return CellPlan(
+        names, stages, cfg["train"]["epochs"], costs, model.caps.single_pass, described[1]
+    )
+
+
+# (arch config, data, separate networks) -> the plan's model facts: a grid plans many cells
+# of one model and builds it once
 _MODEL_FACTS: dict[str, tuple[list[str], list[SubCost], bool]] = {}
 
 
-def plan_cell(cfg: dict[str, Any], model: FlexibleModel | None = None) -> CellPlan:
-    """The plan of a resolved cell. Builds the model on CPU (once per architecture config and
-    process) unless the caller passes the one it built."""
-    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+def plan_cell(cfg: dict[str, Any]) -> CellPlan:
+    """The plan of a resolved cell before anything is built (the grid's estimate, the
+    studies): describes the data and builds the model on CPU once per architecture config and
+    process; only the method (cheap) is made per call, for its stages."""
+    described = datasets.describe(cfg["data"]["name"], cfg["data"])
     separate = METHODS.get(cfg["method"]["name"]).separate_networks
-    key = json.dumps([cfg["arch"], num_classes, image_size, separate], sort_keys=True)
-    if key not in _MODEL_FACTS or model is not None:
-        model = model or make_model(cfg, num_classes, image_size)
-        arch_key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
-        costs = count_costs(model, image_size, cache_key=arch_key)
-        _MODEL_FACTS[key] = ([s.name for s in model.submodels], costs, model.caps.single_pass)
+    key = json.dumps([cfg["arch"], *described, separate], sort_keys=True)
+    if key not in _MODEL_FACTS:
+        model = make_model(cfg, *described)
+        facts = ([s.name for s in model.submodels], _costs(cfg, model, described))
+        _MODEL_FACTS[key] = (*facts, model.caps.single_pass)
     names, costs, single_pass = _MODEL_FACTS[key]
     stages = make_method(cfg, len(names)).stages(len(names))
-    return CellPlan(names, stages, cfg["train"]["epochs"], costs, single_pass, image_size)
+    return CellPlan(names, stages, cfg["train"]["epochs"], costs, single_pass, described[1])

@@ -44,7 +44,7 @@ from benchmark.training.build import (
 )
 from benchmark.training.evaluate import EvalSpec, evaluate
 from benchmark.training.final import CellResult, finish
-from benchmark.training.plan import CellPlan, Position, plan_cell
+from benchmark.training.plan import CellPlan, Position, plan_of
 from benchmark.training.step import Step, step_generator
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -141,10 +141,10 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
     key = cell_key(cfg)
     datasets.check(cfg["data"]["name"], cfg["data"])
     device = pick_device(str(cfg["runtime"]["device"]))
-    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
-    model = make_model(cfg, num_classes, image_size)
-    plan = plan_cell(cfg, model)
-    method = make_method(cfg, plan.num_submodels)
+    described = datasets.describe(cfg["data"]["name"], cfg["data"])
+    model = make_model(cfg, *described)
+    method = make_method(cfg, model.num_submodels)
+    plan = plan_of(cfg, model, method, described)
     uri = tracking.resolve_uri(opts.tracking_uri)
     ckpt = checkpoint.cell_dir(cfg, experiment, key) / "checkpoint.pt"
     state = _existing_checkpoint(ckpt, opts)
