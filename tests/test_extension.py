@@ -27,13 +27,14 @@ from studies.space import Dim, declared_space, resolve_space
 
 GUIDE = Path(__file__).parent.parent / "docs" / "contributing.md"
 MARK = "<!-- worked example: executed by tests/test_extension.py -->"
+ARCH_MARK = "<!-- worked example (architecture): executed by tests/test_extension.py -->"
 
 
-def worked_example() -> str:
+def worked_example(mark: str = MARK) -> str:
     """The Python block that follows the marker in the contributing guide."""
     text = GUIDE.read_text()
-    assert MARK in text, f"{GUIDE} lost its worked example"
-    block = re.search(r"```python\n(.*?)```", text[text.index(MARK) :], re.S)
+    assert mark in text, f"{GUIDE} lost its worked example"
+    block = re.search(r"```python\n(.*?)```", text[text.index(mark) :], re.S)
     assert block is not None
     return block.group(1)
 
@@ -49,6 +50,18 @@ def my_kd():
     finally:
         METHODS.unregister("my_kd")
     assert "my_kd" not in METHODS
+
+
+@pytest.fixture
+def tiny_us():
+    """Registers the guide's width architecture as `benchmark/models/tiny_us.py` would."""
+    namespace = {"__name__": "benchmark.models.tiny_us"}
+    exec(compile(worked_example(ARCH_MARK), str(GUIDE), "exec"), namespace)
+    try:
+        yield namespace["TinyUS"]
+    finally:
+        ARCHS.unregister("tiny_us")
+    assert "tiny_us" not in ARCHS
 
 
 @pytest.fixture
@@ -139,3 +152,28 @@ def test_new_architecture_brings_its_profile_sizes_and_joins_all_grids(narrow_ar
     assert ("saliency_vgg", "hsd") not in left_out
     rc, out = run_cli("grid", "plan", str(grid), "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert rc == 0 and "hsd x tmp_narrow_mobilenet: method hsd needs saliency-ranked" in out
+
+
+def test_worked_example_width_architecture_trains_with_drawn_widths(tiny_us, tmp_path):
+    """The guide's architecture declares its contract (a width range, BN recalibration) and
+    nothing else is needed: it is listed, named where sandwich is refused elsewhere, and a
+    sandwich cell trains it with drawn widths, recalibrated evaluation and a width spectrum."""
+    from conftest import smoke_cfg
+
+    from benchmark.models import archs_having
+    from benchmark.training.train import CellOptions, train_cell
+
+    rc, out = run_cli("ls")
+    assert rc == 0 and "tiny_us" in out
+    assert "tiny_us" in archs_having("widths") and "tiny_us" in archs_having("bn_recalibration")
+    cfg = smoke_cfg("tiny_us", "sandwich", tmp_path)
+    assert cfg["train"]["bn_calib_batches"] == 2  # the architecture's own training setting
+    model = make_model(cfg, 10, 32)
+    assert isinstance(model, tiny_us) and model.caps.widths.spectrum() == [0.25, 0.5, 0.75, 1.0]
+    uri = f"sqlite:///{tmp_path}/m.db"
+    result = train_cell(cfg, CellOptions(tracking_uri=uri, progress=False))
+    names = [r["name"] for r in result.rows]
+    assert names[:3] == ["w0.25", "w0.5", "w1.0"]
+    assert names[3:] == [f"spectrum/w{w:.2f}" for w in (0.25, 0.5, 0.75, 1.0)]
+    macs = [r["mmacs"] for r in result.rows[:3]]
+    assert macs == sorted(macs) and macs[0] < macs[-1]  # smaller widths cost less
