@@ -359,12 +359,13 @@ def _execute(
 
 def _summary(spec, uri, plan, todo, progress: Progress, wall: float, out: TextIO) -> int:
     states = cell_states(spec, uri)
+    resumed = {k for k, result in progress.results.items() if result.get("resumed")}
     rows = [("key", "cell", "outcome", "test top1 mean", "top1 AUC", "time")]
     for p in todo:
         k = p.cell.key
         st = states[k]
         outcome = "failed" if k in progress.failed else st.state
-        if outcome == "finished" and p.action == "resume":
+        if outcome == "finished" and k in resumed:
             outcome = "finished (resumed)"
         secs = progress.done.get(k)
         rows.append(
@@ -383,10 +384,9 @@ def _summary(spec, uri, plan, todo, progress: Progress, wall: float, out: TextIO
     n_failed = sum(st.state == "failed" for st in states.values())
     skipped = sum(p.action == "skip" for p in plan)
     trained = len(progress.done)
-    resumed = sum(1 for p in todo if p.action == "resume" and p.cell.key in progress.done)
     print(
         f"summary: grid {spec.name}: {n_fin}/{len(spec.cells)} cells finished; this run trained "
-        f"{trained} ({resumed} resumed), skipped {skipped} already finished, "
+        f"{trained} ({len(resumed)} resumed), skipped {skipped} already finished, "
         f"{len(progress.failed)} failed; wall {fmt_s(wall)}",
         file=out,
     )

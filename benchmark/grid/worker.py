@@ -37,8 +37,9 @@ def limit_threads(threads: int) -> None:
 
 def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None = None) -> dict:
     """Train one cell on `device` with `threads` CPU threads (unless the grid sets
-    runtime.threads); returns its key, run id and headline metrics. Raises on failure (the
-    MLflow run is then already marked failed by train_cell, when it had started)."""
+    runtime.threads); returns its key, run id, whether it resumed and headline metrics. Raises
+    on failure (the MLflow run is then already marked failed by train_cell, when it had
+    started)."""
     import torch
 
     from benchmark.training.train import CellOptions
@@ -69,6 +70,7 @@ def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None 
     return {
         "key": result.key,
         "run_id": result.run_id,
+        "resumed": task["mode"] == "resume" and not opts.restart,  # not if its checkpoint failed
         "metrics": {k: v for k, v in result.metrics.items() if k in HEADLINE},
     }
 
