@@ -57,17 +57,20 @@ def load(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (whatever torch.load raises, the file is unusable)
         raise CannotResume(path, _unreadable(path, exc)) from exc
-    if not isinstance(state, dict) or not {"run_id", "stage", "epoch"} <= state.keys():
+    if not isinstance(state, dict) or not {"stage", "epoch"} <= state.keys():
         raise CannotResume(path, "the file is not a flexbench checkpoint")
     return state
 
 
 def _unreadable(path: Path, exc: Exception) -> str:
-    size = path.stat().st_size if path.is_file() else 0
+    if not path.is_file():
+        return f"it is not a file ({type(exc).__name__})"
+    size = path.stat().st_size
     if size == 0:
         return "the file is empty (0 bytes)"
-    first = str(exc).split(". ")[0].splitlines()[0][:120] if str(exc) else ""
-    return f"the file is truncated or damaged ({size} bytes; {type(exc).__name__}: {first})"
+    lines = str(exc).split(". ")[0].splitlines()
+    error = type(exc).__name__ + (f": {lines[0][:120]}" if lines and lines[0] else "")
+    return f"the file is truncated or damaged ({size} bytes; {error})"
 
 
 def build(

@@ -221,7 +221,7 @@ def _existing_checkpoint(ckpt: Path, opts: CellOptions, key: str) -> dict[str, A
     if state.get("key") != key:
         raise checkpoint.CannotResume(
             ckpt,
-            f"it is the checkpoint of cell {state.get('key')} (run {state['run_id']}), not of "
+            f"it is the checkpoint of cell {state.get('key')} (run {state.get('run_id')}), not of "
             f"this cell {key} (copied or moved here?)",
         )
     return state
