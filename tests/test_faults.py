@@ -344,3 +344,159 @@ def test_processes_opening_one_new_postgresql_store_together_all_succeed():
         assert [p.returncode for p in procs] == [0] * 3, "\n".join(e[-1500:] for e in errors)
         tables = pg.psql("SELECT count(*) FROM alembic_version", database="mlflow")
         assert tables.split()[2] == "1"  # one schema version row: migrated once
+
+
+# --- resume checks what it resumes (issue 26, items 1, 2 and 9) -------------------------------
+def test_resume_refuses_another_cells_checkpoint_and_leaves_both_cells_alone(
+    tracking_uri, client, tmp_path, capsys
+):
+    wd = tmp_path / "runs"
+    assert cli.main(_train_argv(tracking_uri, wd, epochs=1, seed=0)) == 0
+    before = {r.info.run_id: (r.info.status, r.data.tags) for r in all_runs(client)}
+    key0, key1 = (cell_key(smoke_cfg("msdnet", "joint", wd, s, train__epochs=1)) for s in (0, 1))
+    theirs = checkpoint.cell_dir({"runtime": {"workdir": wd}}, "flexbench", key0) / "checkpoint.pt"
+    mine = theirs.parent.parent / key1 / "checkpoint.pt"
+    mine.parent.mkdir()
+    mine.write_bytes(theirs.read_bytes())  # seed 0's checkpoint, copied into seed 1's folder
+    assert cli.main([*_train_argv(tracking_uri, wd, epochs=1, seed=1), "--resume"]) == 2
+    line = _one_error_line(capsys)
+    assert f"cannot resume {mine}" in line and f"checkpoint of cell {key0}" in line
+    assert f"this cell {key1}" in line and "--restart" in line
+    after = {r.info.run_id: (r.info.status, r.data.tags) for r in all_runs(client)}
+    assert after == before  # seed 0's run and its child runs untouched, no run for seed 1
+    assert mine.read_bytes() == theirs.read_bytes()
+
+
+def _image_cell_argv(uri: str, data: Path, workdir: Path, threads: int) -> list[str]:
+    argv = _train_argv(uri, workdir, epochs=2)
+    argv[argv.index("synthetic")] = f"imagefolder:{data}"
+    sets = {"data.train_subset": "null", "data.test_subset": "null", "data.val_size": 6,
+            "data.image_size": 32, "train.batch_size": 10, "runtime.threads": threads}  # fmt: skip
+    return argv + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_resume_refuses_changed_data_and_records_a_changed_runtime_setting(
+    tracking_uri, client, tmp_path, capsys, monkeypatch
+):
+    """Refused: the epochs already trained saw the old images, so no record could say what the
+    network learned from. Recorded: `runtime.threads` does not change what a cell computes (not
+    in the cell key), but the run's params, which MLflow cannot change, no longer say what ran."""
+    import shutil
+
+    from test_data import write_tree
+
+    data, wd = write_tree(tmp_path / "imgs"), tmp_path / "runs"
+    shutil.copytree(data, tmp_path / "original")
+    with monkeypatch.context() as m:
+        _kill_on_call(m, tracking.CellRun, "log_metrics", 1, True)
+        with pytest.raises(_Kill):
+            cli.main(_image_cell_argv(tracking_uri, data, wd, threads=1))
+    (run,) = all_runs(client)
+    (ckpt,) = wd.glob("flexbench/*/checkpoint.pt")
+    kept = ckpt.read_bytes()
+    for png in sorted(data.glob("train/*/*.png"))[::3]:  # a third of the images replaced
+        png.write_bytes((data / "test" / png.parent.name / "000.png").read_bytes())
+    assert cli.main([*_image_cell_argv(tracking_uri, data, wd, threads=2), "--resume"]) == 2
+    line = _one_error_line(capsys)
+    old = run.data.tags["flexbench.data_hash"]
+    assert f"cannot resume {ckpt}" in line and f"trained on data with hash {old}" in line
+    assert "now hashes" in line and "--restart" in line
+    assert ckpt.read_bytes() == kept and client.get_run(run.info.run_id).info.status == "RUNNING"
+    shutil.rmtree(data)
+    shutil.copytree(tmp_path / "original", data)  # the original files back: it resumes
+    assert cli.main([*_image_cell_argv(tracking_uri, data, wd, threads=2), "--resume"]) == 0
+    err = capsys.readouterr().err
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["flexbench.status"] == "finished" and tags["flexbench.data_hash"] == old
+    assert tags["flexbench.resume_changes"] == "epoch 2: runtime.threads 1 -> 2"
+    assert "flexbench.resume_changes: epoch 2: runtime.threads 1 -> 2" in err
+
+
+def _damage(ckpt: Path, how: str) -> str:
+    """Damage the checkpoint as users find it; returns what the error must say is wrong."""
+    if how == "truncated":  # a kill while copying it
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+        return "the file is truncated or damaged"
+    if how == "empty":
+        ckpt.write_bytes(b"")
+        return "the file is empty (0 bytes)"
+    import torch
+
+    state = checkpoint.load(ckpt)  # another code version: a layer renamed
+    name = next(iter(state["model"]))
+    state["model"][name + "_renamed"] = state["model"].pop(name)
+    torch.save(state, ckpt)
+    return "its model state does not fit this cell's"
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "another code version"])
+def test_an_unreadable_checkpoint_is_one_line_naming_it_and_nothing_is_touched(
+    how, tracking_uri, client, tmp_path, capsys, monkeypatch
+):
+    ckpt, run_id = _interrupted_cell(tracking_uri, tmp_path / "runs", monkeypatch)
+    wrong = _damage(ckpt, how)
+    kept = ckpt.read_bytes()
+    argv = [*_train_argv(tracking_uri, tmp_path / "runs", epochs=2), "--resume"]
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys)
+    assert f"cannot resume {ckpt}: {wrong}" in line and "--restart" in line
+    assert ckpt.read_bytes() == kept
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["flexbench.status"] == "running"
+    assert [p.step for p in client.get_metric_history(run_id, "train/loss")] == [0]
+
+
+def test_rerun_failed_resumes_a_cell_whose_worker_was_killed_from_its_checkpoint(
+    tracking_uri, client, tmp_path, monkeypatch
+):
+    from benchmark.grid.state import ensure_failed
+
+    wd = tmp_path / "runs"
+    sets = {**FAST, "runtime.workdir": str(wd), "train.epochs": 3}
+    grid = tmp_path / "killed.yaml"
+    grid.write_text(
+        "name: killed\nprofile: smoke\narchs: [msdnet]\ndatasets: [synthetic]\n"
+        f"methods: [joint]\nseeds: [0]\nset: {sets}\n"
+    )
+    (cell,) = load_grid(grid).cells
+    with monkeypatch.context() as m:  # the worker trained one epoch, then the OOM killer
+        _kill_on_call(m, tracking.CellRun, "log_metrics", 1, True)
+        with pytest.raises(_Kill):
+            train_cell(cell.cfg, CellOptions(tracking_uri, "killed", progress=False))
+    ensure_failed(cell, tracking_uri, "killed", "worker process died (killed by SIGKILL)", 0)
+    (run,) = all_runs(client)
+    assert client.get_run(run.info.run_id).data.tags["flexbench.status"] == "failed"
+    argv = ["grid", "run", str(grid), "--tracking-uri", tracking_uri, "--workers", "1"]
+    assert cli.main([*argv, "--rerun-failed"]) == 0
+    parents = [
+        r
+        for r in all_runs(client)
+        if "flexbench.cell" in r.data.tags and "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert [r.info.run_id for r in parents] == [run.info.run_id]  # the same run, continued
+    tags = parents[0].data.tags
+    assert tags["flexbench.status"] == "finished" and "flexbench.error" not in tags
+    log = (wd / "killed" / "logs" / "worker-0.log").read_text()
+    assert f"resuming cell {cell.key} at stage 1, epoch 2" in log
+    steps = [p.step for p in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [0, 1, 2]
+
+
+def test_a_grid_worker_trains_a_cell_from_scratch_when_its_checkpoint_no_longer_fits(
+    tracking_uri, client, tmp_path, capsys, monkeypatch
+):
+    """A grid has no one to pass --restart: it discards a checkpoint that resume refuses, as it
+    does for one whose run is gone, and says so in the worker's log (here: stdout)."""
+    from benchmark.grid.worker import run_cell
+
+    ckpt, run_id = _interrupted_cell(tracking_uri, tmp_path / "runs", monkeypatch)
+    _damage(ckpt, "another code version")
+    cfg = smoke_cfg("msdnet", "joint", tmp_path / "runs", train__epochs=2)
+    task = {"cfg": cfg, "key": cell_key(cfg), "label": "c", "uri": tracking_uri,
+            "experiment": "flexbench", "mode": "resume", "executor": "local"}  # fmt: skip
+    result = run_cell(task, "cpu", 1)
+    assert result["run_id"] != run_id and result["resumed"] is False
+    out = capsys.readouterr().out
+    assert f"cannot resume {ckpt}: its model state does not fit" in out
+    assert "training the cell from scratch" in out
+    assert client.get_run(result["run_id"]).data.tags["flexbench.status"] == "finished"

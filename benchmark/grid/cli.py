@@ -140,7 +140,11 @@ def add_parser(subparsers) -> None:
     r.add_argument(
         "--gpus-per-cell", type=float, help="ray: GPUs per cell task (default 1 if any GPU)"
     )
-    r.add_argument("--rerun-failed", action="store_true", help="rerun failed cells from scratch")
+    r.add_argument(
+        "--rerun-failed",
+        action="store_true",
+        help="rerun failed cells (from their checkpoint when they have one)",
+    )
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit (= grid plan)")
     r.add_argument(
         "--status-every",

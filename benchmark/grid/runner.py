@@ -66,21 +66,26 @@ def make_plan(
 ) -> list[Planned]:
     """What to do with each cell; `runs`: the experiment's parent runs if already searched."""
     states = cell_states(spec, uri, grid_active=active, runs=runs)
-    plan = []
-    for cell in spec.cells:
-        st = states[cell.key]
-        if st.state == "finished":
-            action = "skip"
-        elif st.state == "failed":
-            action = "restart" if rerun_failed else "skip-failed"
-        elif st.state == "running":
-            action = "skip-running"
-        elif st.checkpoint and checkpoint_run_id(cell, spec.name) not in st.run_ids:
-            action = "restart"  # its run is not in this store (e.g. a new mlflow.db): start over
-        else:
-            action = "resume" if st.checkpoint else "new"
-        plan.append(Planned(cell, st, action))
-    return plan
+    return [
+        Planned(cell, states[cell.key], _action(cell, states[cell.key], spec.name, rerun_failed))
+        for cell in spec.cells
+    ]
+
+
+def _action(cell: GridCell, st: CellState, experiment: str, rerun_failed: bool) -> str:
+    """A checkpoint of one of the cell's runs resumes it, whether the cell was interrupted or
+    failed (rerun with --rerun-failed: a worker killed by the OS at epoch 290 of 300 goes on at
+    291, as `train --resume` does after a crash); a checkpoint of a run this store does not
+    have (e.g. a new mlflow.db) or an unreadable one is discarded: the cell starts over."""
+    if st.state == "finished":
+        return "skip"
+    if st.state == "failed" and not rerun_failed:
+        return "skip-failed"
+    if st.state == "running":
+        return "skip-running"
+    if st.checkpoint and checkpoint_run_id(cell, experiment) in st.run_ids:
+        return "resume"
+    return "restart" if st.checkpoint or st.state == "failed" else "new"
 
 
 def _rate(plan: list[Planned]) -> float | None:
@@ -354,12 +359,13 @@ def _execute(
 
 def _summary(spec, uri, plan, todo, progress: Progress, wall: float, out: TextIO) -> int:
     states = cell_states(spec, uri)
+    resumed = {k for k, result in progress.results.items() if result.get("resumed")}
     rows = [("key", "cell", "outcome", "test top1 mean", "top1 AUC", "time")]
     for p in todo:
         k = p.cell.key
         st = states[k]
         outcome = "failed" if k in progress.failed else st.state
-        if outcome == "finished" and p.action == "resume":
+        if outcome == "finished" and k in resumed:
             outcome = "finished (resumed)"
         secs = progress.done.get(k)
         rows.append(
@@ -378,10 +384,9 @@ def _summary(spec, uri, plan, todo, progress: Progress, wall: float, out: TextIO
     n_failed = sum(st.state == "failed" for st in states.values())
     skipped = sum(p.action == "skip" for p in plan)
     trained = len(progress.done)
-    resumed = sum(1 for p in todo if p.action == "resume" and p.cell.key in progress.done)
     print(
         f"summary: grid {spec.name}: {n_fin}/{len(spec.cells)} cells finished; this run trained "
-        f"{trained} ({resumed} resumed), skipped {skipped} already finished, "
+        f"{trained} ({len(resumed)} resumed), skipped {skipped} already finished, "
         f"{len(progress.failed)} failed; wall {fmt_s(wall)}",
         file=out,
     )

@@ -14,9 +14,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmark.record import schema, signals  # light: no torch, so limit_threads still comes first
+
+if TYPE_CHECKING:
+    from benchmark.training.train import CellOptions, CellResult
 
 Emit = Callable[[tuple], None]
 HEADLINE = (
@@ -34,11 +37,12 @@ def limit_threads(threads: int) -> None:
 
 def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None = None) -> dict:
     """Train one cell on `device` with `threads` CPU threads (unless the grid sets
-    runtime.threads); returns its key, run id and headline metrics. Raises on failure (the
-    MLflow run is then already marked failed by train_cell, when it had started)."""
+    runtime.threads); returns its key, run id, whether it resumed and headline metrics. Raises
+    on failure (the MLflow run is then already marked failed by train_cell, when it had
+    started)."""
     import torch
 
-    from benchmark.training.train import CellOptions, train_cell
+    from benchmark.training.train import CellOptions
 
     cfg = copy.deepcopy(task["cfg"])
     runtime = cfg["runtime"]
@@ -62,12 +66,31 @@ def run_cell(task: dict[str, Any], device: str, threads: int, emit: Emit | None 
         epoch_callback=on_epoch,
         extra_tags={schema.GRID: task["experiment"], schema.EXECUTOR: task["executor"]},
     )
-    result = train_cell(cfg, opts)
+    result = _train_or_restart(cfg, opts)
     return {
         "key": result.key,
         "run_id": result.run_id,
+        "resumed": task["mode"] == "resume" and not opts.restart,  # not if its checkpoint failed
         "metrics": {k: v for k, v in result.metrics.items() if k in HEADLINE},
     }
+
+
+def _train_or_restart(cfg: dict[str, Any], opts: CellOptions) -> CellResult:
+    """Train the cell; a checkpoint that cannot continue it (`checkpoint.CannotResume`: found
+    only once the cell is built, e.g. its state no longer fits or its data changed) is discarded
+    and the cell trained from scratch, as the grid's plan does for a checkpoint whose run is
+    gone: a grid has no one to ask, and its log says why."""
+    from benchmark.training.checkpoint import CannotResume
+    from benchmark.training.train import train_cell
+
+    try:
+        return train_cell(cfg, opts)
+    except CannotResume as exc:
+        if opts.restart:
+            raise
+        print(f"cannot resume {exc.path}: {exc.why}; training the cell from scratch", flush=True)
+        opts.resume, opts.restart = False, True
+        return train_cell(cfg, opts)
 
 
 def _die_with_parent(parent_pid: int) -> None:

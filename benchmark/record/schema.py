@@ -38,6 +38,7 @@ GRID_RECORDED = PREFIX + "grid_recorded"
 SPLIT_SEED = PREFIX + "split_seed"
 VAL_HASH = PREFIX + "val_hash"
 DATA_HASH = PREFIX + "data_hash"  # hash of the decoded images, labels and classes of the data
+RESUME_CHANGES = PREFIX + "resume_changes"  # settings a resume changed: `epoch N: k a -> b; ...`
 LATENCY_METHOD = PREFIX + "latency_method"  # how latency was measured, in words
 LATENCY_THREADS = PREFIX + "latency_threads"
 TEST_EVALUATED = PREFIX + "test_evaluated"

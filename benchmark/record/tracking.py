@@ -174,6 +174,13 @@ def missing_run(uri: str, experiment: str, run_id: str | None) -> str | None:
     return None
 
 
+def run_record(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The params and tags run `run_id` records: a resumed cell checks them against what it
+    runs now (`benchmark.training.train._resume_record`)."""
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    return dict(run.data.params), dict(run.data.tags)
+
+
 def cell_tags(cfg: dict[str, Any], key: str) -> dict[str, str]:
     """The tags naming a cell (`schema.CELL_TAGS`), on its parent run and on every child run."""
     return {
@@ -217,11 +224,14 @@ class CellRun:
         tags: dict[str, str],
         run_id: str | None = None,
     ) -> str:
-        """Create the parent run, or reopen `run_id` when resuming."""
+        """Create the parent run, or reopen `run_id` when resuming (a failed run resumed from
+        its checkpoint, e.g. after its grid worker was killed, loses its stale error)."""
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, schema.STATUS, "running")
+            if schema.ERROR in self.client.get_run(run_id).data.tags:
+                self.client.delete_tag(run_id, schema.ERROR)
             return run_id
         # a caller may name the run (study trials: `mlflow.runName` in extra_tags)
         name = tags.get("mlflow.runName") or (

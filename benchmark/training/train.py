@@ -136,7 +136,8 @@ def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResu
 
 def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
     """Validate, build and restore everything; nothing is discarded (`--restart`) or written
-    until every check has passed and the MLflow run is open."""
+    until every check has passed and the MLflow run is open. A resumed checkpoint must be this
+    cell's, fit its modules and come from the same data (`_resume_record`)."""
     experiment = opts.experiment or tracking.DEFAULT_EXPERIMENT
     key = cell_key(cfg)
     datasets.check(cfg["data"]["name"], cfg["data"])
@@ -147,20 +148,21 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
     plan = plan_of(cfg, model, method, described)
     uri = tracking.resolve_uri(opts.tracking_uri)
     ckpt = checkpoint.cell_dir(cfg, experiment, key) / "checkpoint.pt"
-    state = _existing_checkpoint(ckpt, opts)
+    state = _existing_checkpoint(ckpt, opts, key)
     run = _open_run(uri, experiment, ckpt, state)
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(cfg["runtime"]["threads"])
     fast = speed.choose(cfg, device)
-    splits, batches, norm = _load_data(cfg, device, fast, sealed=not opts.evaluate_test)
     model = model.to(device, memory_format=fast.torch_format)
     method = method.to(device)
     optimizer = new_optimizer(model, method, cfg["train"])
     start = 0
-    if state is not None:
+    if state is not None:  # a state that does not fit stops here, before the data is loaded
         modules = {"model": model, "method": method, "optimizer": optimizer}
-        stage, epoch = checkpoint.restore(state, modules, device)
+        stage, epoch = checkpoint.restore(state, modules, device, ckpt)
         start = plan.index_of(stage, epoch)
+    splits, batches, norm = _load_data(cfg, device, fast, sealed=not opts.evaluate_test)
+    changes = _resume_record(uri, ckpt, state, cfg, splits.data_hash, start)
     tags = {
         **tracking.environment_tags(device, torch.get_num_threads()),
         schema.SPLIT_SEED: str(cfg["data"]["split_seed"]),
@@ -180,23 +182,29 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
     if opts.restart:
         ckpt.unlink(missing_ok=True)
     if state is not None:
-        cell.best = BestVal(**state["best"])
-        _log_pending_metrics(run, state)
-        _progress_line(f"resuming cell {key} at stage {stage + 1}, epoch {epoch + 1}")
+        _resume_into(cell, state, changes)
     return cell
 
 
-def _existing_checkpoint(ckpt: Path, opts: CellOptions) -> dict[str, Any] | None:
+def _existing_checkpoint(ckpt: Path, opts: CellOptions, key: str) -> dict[str, Any] | None:
     """The checkpoint to resume from (with --resume), None (none, or --restart), else an error:
-    an existing checkpoint is never silently overwritten."""
+    an existing checkpoint is never silently overwritten, and one that cannot be read or that
+    another cell wrote (copied or moved into this cell's folder) is never resumed."""
     if not ckpt.exists() or opts.restart:
         return None
-    if opts.resume:
-        return checkpoint.load(ckpt)
-    raise ConfigError(
-        f"a checkpoint of this cell exists ({ckpt}); pass --resume to continue it "
-        f"or --restart to discard it"
-    )
+    if not opts.resume:
+        raise ConfigError(
+            f"a checkpoint of this cell exists ({ckpt}); pass --resume to continue it "
+            f"or --restart to discard it"
+        )
+    state = checkpoint.load(ckpt)
+    if state.get("key") != key:
+        raise checkpoint.CannotResume(
+            ckpt,
+            f"it is the checkpoint of cell {state.get('key')} (run {state.get('run_id')}), not of "
+            f"this cell {key} (copied or moved here?)",
+        )
+    return state
 
 
 def _open_run(
@@ -204,14 +212,66 @@ def _open_run(
 ) -> tracking.CellRun:
     """The cell's MLflow record, checked before any work: the store is reachable and has its
     schema, the experiment is not deleted, and a resumed checkpoint's run can still be
-    continued (else ConfigError naming the fix; the checkpoint is left as it is)."""
+    continued (else CannotResume naming the fix; the checkpoint is left as it is)."""
     if state is not None and (why := tracking.missing_run(uri, experiment, state.get("run_id"))):
-        raise ConfigError(
-            f"cannot resume {ckpt}: {why}; pass --restart to train the cell from scratch "
-            f"(the checkpoint is kept until then)"
-        )
+        raise checkpoint.CannotResume(ckpt, why)
     tracking.open_store(uri)
     return tracking.CellRun(uri, experiment)
+
+
+def _resume_record(
+    uri: str,
+    ckpt: Path,
+    state: dict[str, Any] | None,
+    cfg: dict[str, Any],
+    data_hash: str,
+    start: int,
+) -> str:
+    """Check a resume against what its run recorded; returns the run's new
+    `flexbench.resume_changes` value, or "" when nothing changed.
+
+    Data that hashes otherwise than the run's `flexbench.data_hash` is refused (CannotResume):
+    the epochs already trained saw the old images, so no record could say what the network
+    learned from. A changed setting is recorded instead: with the same cell key only settings of
+    how and where a cell runs can differ (`runtime.*`, `data.root`; any other change is another
+    cell), and MLflow cannot change a logged param, so the tag lists, per resume, the epoch and
+    every setting that differs from the attempt that wrote the checkpoint."""
+    if state is None:
+        return ""
+    params, tags = tracking.run_record(uri, state["run_id"])
+    recorded = tags.get(schema.DATA_HASH)
+    if recorded and recorded != data_hash:
+        raise checkpoint.CannotResume(
+            ckpt,
+            f"its run {state['run_id']} trained on data with hash {recorded}, and "
+            f"{cfg['data']['name']} now hashes {data_hash} (its files changed since)",
+            "restore the original files, or ",
+        )
+    before, now = state.get("settings") or params, flatten(cfg)
+    changed = [
+        f"{k} {before.get(k, '-')} -> {now.get(k, '-')}"
+        for k in sorted(before.keys() | now.keys())
+        if before.get(k) != now.get(k)
+    ]
+    if not changed:
+        return ""
+    line = f"epoch {start + 1}: " + ", ".join(changed)
+    return "; ".join(filter(None, [tags.get(schema.RESUME_CHANGES), line]))
+
+
+def _resume_into(cell: PreparedCell, state: dict[str, Any], changes: str) -> None:
+    """Continue the checkpoint's run: its best-val copy, its pending metrics, and the record of
+    any setting this resume changed (also said on stderr)."""
+    cell.best = BestVal(**state["best"])
+    _log_pending_metrics(cell.run, state)
+    at = f"stage {state['stage'] + 1}, epoch {state['epoch'] + 1}"
+    _progress_line(f"resuming cell {cell.key} at {at}")
+    if changes:
+        cell.run.set_tags({schema.RESUME_CHANGES: changes})
+        _progress_line(
+            f"[{cell.key}] resumed with changed settings, recorded in the run's tag "
+            f"{schema.RESUME_CHANGES}: {changes.rsplit('; ', 1)[-1]}"
+        )
 
 
 def _load_data(
@@ -320,6 +380,7 @@ def save_checkpoint(cell: PreparedCell, pos: Position, metrics: dict[str, float]
     nxt = pos.index + 1
     modules = {"model": cell.model, "method": cell.method, "optimizer": cell.optimizer}
     extra = {"run_id": cell.run.run_id, "key": cell.key, "metrics": metrics}
+    extra["settings"] = flatten(cell.cfg)  # what this attempt ran with: a resume compares
     extra["best"] = cell.best.state()
     extra["metrics_step"] = pos.index
     next_pos = cell.plan.stage_epoch(nxt)
