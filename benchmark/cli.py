@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import os
 import sys
+from typing import Any, TypeVar
 
 from benchmark.errors import ConfigError, TrainingError
 from benchmark.record import signals
+
+T = TypeVar("T")
 
 
 def _add_cell_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +52,23 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     if getattr(args, "download", False):
         sets["data.download"] = True
     return sets
+
+
+def options_from_args(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
+    """The options dataclass `cls` of a command: `given` fields as passed, every other field
+    the parser has from its same-named argument (the rest keep their defaults), so that an
+    option added to both is passed on without one more line to keep in step."""
+    fields = (f.name for f in dataclasses.fields(cls) if f.name not in given)
+    return cls(**{n: getattr(args, n) for n in fields if hasattr(args, n)}, **given)
+
+
+def add_command_group(
+    subparsers: argparse._SubParsersAction, name: str, help: str, description: str, **kw: Any
+) -> argparse._SubParsersAction:
+    """`flexbench NAME SUB ...`: the NAME parser, and the sub-parsers it requires one of
+    (chosen one in `args.NAME_command`); `kw` goes to `add_subparsers` (e.g. metavar)."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    return p.add_subparsers(dest=f"{name}_command", required=True, **kw)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -10,7 +10,15 @@ import argparse
 import sys
 import time
 
+from benchmark.cli import add_command_group
 from mlflow_server import server
+
+# `flexbench server`: its line in `flexbench --help`, and the description of its own --help
+HELP = "start, stop or check a local MLflow tracking server"
+DESCRIPTION = (
+    "A real MLflow tracking server in the background (SQLite + local artifacts "
+    "by default, PostgreSQL for teams). See docs/server.md."
+)
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -99,15 +107,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if health in (200, 401) else 1
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "server",
-        help="start, stop or check a local MLflow tracking server",
-        description="A real MLflow tracking server in the background (SQLite + local artifacts "
-        "by default, PostgreSQL for teams). See docs/server.md.",
-    )
-    sub = p.add_subparsers(dest="server_command", required=True)
-
+def _add_start(sub: argparse._SubParsersAction) -> None:
+    """`server start`: where the server listens and stores, and who may use it."""
     s = sub.add_parser("start", help="start the server (or report the running one)")
     _add_data_dir(s)
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -161,6 +162,11 @@ def add_parser(subparsers) -> None:
         "--timeout", type=float, default=120.0, help="seconds to wait for the server (120)"
     )
     s.set_defaults(func=cmd_start)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    sub = add_command_group(subparsers, "server", HELP, DESCRIPTION)
+    _add_start(sub)
 
     s = sub.add_parser("stop", help="stop the server")
     _add_data_dir(s)

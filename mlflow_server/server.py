@@ -527,19 +527,7 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
         if running is not None:
             return _report_running(running, opts, host, data_dir)
 
-        artifacts = (
-            Path(opts.artifacts).expanduser().absolute()
-            if opts.artifacts
-            else data_dir / "artifacts"
-        )
-        _probe_writable(artifacts, "artifact directory")
-        backend = absolute_sqlite(opts.backend_store or f"sqlite:///{data_dir / 'mlflow.db'}")
-        password = _admin_password(opts) if opts.auth else None
-        _check_backend(backend, data_dir, opts.db_connect_timeout)
-        problem = _port_in_use(host, int(opts.port))
-        if problem:
-            raise ServerError(f"{problem}; choose another with --port")
-
+        artifacts, backend, password = _preflight(opts, host, data_dir)
         argv, env = _server_command(opts, host, artifacts, backend)
         if opts.auth:
             argv += ["--app-name", "basic-auth"]
@@ -570,6 +558,23 @@ def start(opts: ServerOptions, echo=None) -> ServerInfo:
         )
         _write_state(sdir, info)
         return info
+
+
+def _preflight(opts: ServerOptions, host: str, data_dir: Path) -> tuple[Path, str, str | None]:
+    """The artifact directory, backend URI and admin password (None without --auth), after
+    every check that can fail before a process starts (writable artifacts, the password, the
+    backend database, a free port): a failure here leaves nothing running."""
+    artifacts = (
+        Path(opts.artifacts).expanduser().absolute() if opts.artifacts else data_dir / "artifacts"
+    )
+    _probe_writable(artifacts, "artifact directory")
+    backend = absolute_sqlite(opts.backend_store or f"sqlite:///{data_dir / 'mlflow.db'}")
+    password = _admin_password(opts) if opts.auth else None
+    _check_backend(backend, data_dir, opts.db_connect_timeout)
+    problem = _port_in_use(host, int(opts.port))
+    if problem:
+        raise ServerError(f"{problem}; choose another with --port")
+    return artifacts, backend, password
 
 
 def _report_running(

@@ -10,7 +10,9 @@ dotted component of the parameter name, e.g. `method.T`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.visualization import matplotlib as ov
@@ -35,67 +37,90 @@ def study_figures(
     study: optuna.Study, out: Path, params: tuple[str, str] | None = None
 ) -> tuple[list[Figure], list[str]]:
     """Write the study's figures under out/figures; returns (figures, reasons for skipped ones)."""
-    import matplotlib.pyplot as plt
-
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    slug = panel_slug((study.study_name,))
-    figs: list[Figure] = []
-    skipped: list[str] = []
-    n = len(done)
     if not done:
-        return figs, [f"study {study.study_name}: no finished trial, no figure"]
+        return [], [f"study {study.study_name}: no finished trial, no figure"]
     direction = study.direction.name.lower() if len(study.directions) == 1 else "multi-objective"
     if direction == "multi-objective":
-        return figs, [f"study {study.study_name}: multi-objective studies are not plotted"]
+        return [], [f"study {study.study_name}: multi-objective studies are not plotted"]
+    figs: list[Figure] = []
+    skipped: list[str] = []
+    for drawn in _drawings(study, out, len(done), direction, params):
+        (figs if isinstance(drawn, Figure) else skipped).append(drawn)
+    return figs, skipped
 
-    def draw(kind: str, fn, title: str, caption: str, height: float = 2.6) -> None:
-        with plt.rc_context(RC), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                ax = fn()
-            except (ValueError, RuntimeError) as exc:
-                skipped.append(f"study {study.study_name}: no {kind} figure ({exc})")
-                plt.close("all")
-                return
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(COLUMN_WIDTH * (1.4 if kind == "contour" else 1), height)
-            _restyle(fig, title)
-            stem = f"figures/study_{slug}_{kind}"
-            figs.append(Figure(stem, title, caption, save(fig, out, stem)))
 
-    draw(
+def _drawings(
+    study: optuna.Study, out: Path, n: int, direction: str, params: tuple[str, str] | None
+) -> Iterator[Figure | str]:
+    """History, importances and contour in turn: each figure, or the reason it is skipped (the
+    last two need 2 finished trials, the contour its two parameters)."""
+    name = study.study_name
+    yield _draw(
+        study,
+        out,
         "history",
         lambda: ov.plot_optimization_history(study),
-        f"Optuna history — {study.study_name}",
+        f"Optuna history — {name}",
         f"Objective of each finished trial and the best so far (direction: {direction}), "
-        f"study {study.study_name}, n = {n} finished trials.",
+        f"study {name}, n = {n} finished trials.",
     )
     if n >= 2:
-        draw(
+        yield _draw(
+            study,
+            out,
             "importance",
             lambda: ov.plot_param_importances(
                 study, evaluator=optuna.importance.FanovaImportanceEvaluator(n_trees=32, seed=0)
             ),
-            f"Parameter importances — {study.study_name}",
+            f"Parameter importances — {name}",
             f"fANOVA importance (32 trees, seed 0) of each searched parameter for the "
             f"objective, study "
-            f"{study.study_name}, n = {n} finished trials (few trials: indicative only).",
+            f"{name}, n = {n} finished trials (few trials: indicative only).",
         )
     else:
-        skipped.append(f"study {study.study_name}: importances need ≥ 2 finished trials")
+        yield f"study {name}: importances need ≥ 2 finished trials"
     pair = params or contour_params(study)
     if pair is None:
-        skipped.append(f"study {study.study_name}: no T and a parameters for the contour")
+        yield f"study {name}: no T and a parameters for the contour"
     elif n >= 2:
-        draw(
+        yield _draw(
+            study,
+            out,
             "contour",
             lambda: ov.plot_contour(study, params=list(pair)),
-            f"{pair[0]} vs {pair[1]} — {study.study_name}",
+            f"{pair[0]} vs {pair[1]} — {name}",
             f"Objective interpolated over {pair[0]} and {pair[1]} (dots: the {n} finished "
-            f"trials), study {study.study_name}.",
+            f"trials), study {name}.",
             height=2.8,
         )
-    return figs, skipped
+
+
+def _draw(
+    study: optuna.Study,
+    out: Path,
+    kind: str,
+    plot: Callable[[], Any],
+    title: str,
+    caption: str,
+    height: float = 2.6,
+) -> Figure | str:
+    """One of Optuna's matplotlib plots, resized to a column and saved (figures/study_<slug>_
+    <kind>); Optuna's ValueError/RuntimeError (e.g. too few distinct values) skips it instead."""
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context(RC), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ax = plot()
+        except (ValueError, RuntimeError) as exc:
+            plt.close("all")
+            return f"study {study.study_name}: no {kind} figure ({exc})"
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(COLUMN_WIDTH * (1.4 if kind == "contour" else 1), height)
+        _restyle(fig, title)
+        stem = f"figures/study_{panel_slug((study.study_name,))}_{kind}"
+        return Figure(stem, title, caption, save(fig, out, stem))
 
 
 def _restyle(fig, title: str) -> None:

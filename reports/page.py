@@ -309,9 +309,11 @@ def _references_html(r) -> list[str]:
     return parts
 
 
-def render_html(r, table_files: list[Path]) -> str:
+def _head_html(r) -> list[str]:
+    """The page's head, title, provenance line (store, experiment, cell counts, baseline) and
+    the section links (Studies only when there are study figures)."""
     exp = r.experiment
-    parts = [
+    return [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>flexbench report — {e(exp.name)}</title><style>{CSS}</style></head><body>",
         f"<h1>flexbench report — {e(exp.name)}</h1>",
@@ -324,8 +326,11 @@ def render_html(r, table_files: list[Path]) -> str:
         + ("<a href='#studies'>Studies</a>" if r.study_figures else "")
         + "<a href='#cells'>Cells</a><a href='#method'>Statistics</a></nav>",
     ]
-    parts += [f"<p class='note'>{e(n)}</p>" for n in r.notes]
-    parts.append("<h2 id='results'>Results per architecture and dataset</h2>")
+
+
+def _results_html(r) -> list[str]:
+    """One section per (arch, dataset) panel: its table, then its figures."""
+    parts = ["<h2 id='results'>Results per architecture and dataset</h2>"]
     if not r.tables:
         parts.append("<p class='note'>No finished cell: nothing to tabulate yet.</p>")
     for t in r.tables:
@@ -335,7 +340,13 @@ def render_html(r, table_files: list[Path]) -> str:
         parts.append("<div class='figs'>")
         parts += [_figure_html(f) for f in r.figures.get(t.panel, [])]
         parts.append("</div>")
-    parts.append("<h2 id='summary'>One-number summaries per method</h2>")
+    return parts
+
+
+def _summaries_html(r) -> list[str]:
+    """The one-number summaries per method (and their selected-on-val twins), then every paired
+    test against the baseline, folded away."""
+    parts = ["<h2 id='summary'>One-number summaries per method</h2>"]
     parts.append(
         tb.frame_html(
             r.methods,
@@ -359,13 +370,12 @@ def render_html(r, table_files: list[Path]) -> str:
         )
         + "</details>"
     )
-    parts += _rankings_html(r)
-    parts += _references_html(r)
-    if r.study_figures:
-        parts.append("<h2 id='studies'>Optuna studies</h2><div class='figs'>")
-        parts += [_figure_html(f) for f in r.study_figures]
-        parts.append("</div>")
-    parts.append("<h2 id='cells'>Cells</h2>")
+    return parts
+
+
+def _cells_html(r) -> list[str]:
+    """Coverage: finished cells per method, and the ones that are not (never averaged)."""
+    parts = ["<h2 id='cells'>Cells</h2>"]
     parts.append(tb.frame_html(r.coverage, "Finished cells per method (of those expected)."))
     if not r.problems.empty:
         parts.append(
@@ -373,7 +383,12 @@ def render_html(r, table_files: list[Path]) -> str:
         )
     else:
         parts.append("<p class='ok'>Every expected cell finished.</p>")
-    parts.append("<h2 id='method'>Statistics and conventions</h2><ul class='stats'>")
+    return parts
+
+
+def _conventions_html(table_files: list[Path]) -> list[str]:
+    """The statistics and conventions behind every number, and links to the table files."""
+    parts = ["<h2 id='method'>Statistics and conventions</h2><ul class='stats'>"]
     parts += [f"<li>{e(s)}</li>" for s in STATISTICS]
     parts.append("</ul>")
     if table_files:
@@ -381,6 +396,23 @@ def render_html(r, table_files: list[Path]) -> str:
             f"<a href='tables/{e(p.name)}'>{e(p.name)}</a>" for p in sorted(table_files)
         )
         parts.append(f"<p class='meta'>Table files: {links}</p>")
+    return parts
+
+
+def render_html(r, table_files: list[Path]) -> str:
+    """index.html: one page that opens from disk, its sections in the order of the nav links."""
+    parts = _head_html(r)
+    parts += [f"<p class='note'>{e(n)}</p>" for n in r.notes]
+    parts += _results_html(r)
+    parts += _summaries_html(r)
+    parts += _rankings_html(r)
+    parts += _references_html(r)
+    if r.study_figures:
+        parts.append("<h2 id='studies'>Optuna studies</h2><div class='figs'>")
+        parts += [_figure_html(f) for f in r.study_figures]
+        parts.append("</div>")
+    parts += _cells_html(r)
+    parts += _conventions_html(table_files)
     parts.append("</body></html>")
     return "\n".join(parts)
 

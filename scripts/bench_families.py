@@ -32,8 +32,8 @@ def table(records: list[dict]) -> str:
     rows = [head]
     for r in records:
         ips = r["images_per_s"]
-        ref = f"{ips['reference']:.1f}" if "reference" in ips else "–"
-        vs_ref = f"{r['ratio_vs_reference']:.2f}×" if "ratio_vs_reference" in r else "–"
+        ref = bt.optional(ips, "reference", "{:.1f}", "–")
+        vs_ref = bt.optional(r, "ratio_vs_reference", "{:.2f}×", "–")
         rows.append(
             f"| `{r['arch']}` / `{r['method']}` / {r['profile']} (batch {r['batch']}) | "
             f"{ips['flexbench']:.1f} | {ips['plain']:.1f} | {ref} | {r['ratio_vs_plain']:.2f}× | "

@@ -296,6 +296,12 @@ def measure(args, cfg, splits, device, fast) -> dict:
     return rec
 
 
+def optional(rec: dict, key: str, fmt: str, missing: str = "") -> str:
+    """`fmt` filled with `rec[key]`, else `missing`: a record has a reference loop's rate only
+    for early-exit models, and peak memory only on a GPU."""
+    return fmt.format(rec[key]) if key in rec else missing
+
+
 def report(rec: dict) -> None:
     print(
         f"{rec['arch']} / {rec['method']} / {rec['profile']} on {rec['device']} "

@@ -143,12 +143,14 @@ def real_data(data: str | None, dry: bool) -> dict:
 
 
 def summary(rec: dict) -> str:
+    import bench_throughput as bt
+
     lines = [f"flexbench GPU check ({'dry run' if rec['dry_run'] else 'full'}): {rec['device']}"]
     lines.append(f"cuda tests: {rec['cuda_tests']['summary']} (rc {rec['cuda_tests']['rc']})")
     for t in rec["throughput"]:
         ips = t["images_per_s"]
-        ref = f", reference {ips['reference']:.0f}" if "reference" in ips else ""
-        mem = f", peak {t['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in t else ""
+        ref = bt.optional(ips, "reference", ", reference {:.0f}")
+        mem = bt.optional(t, "peak_memory_mib", ", peak {:.0f} MiB")
         lines.append(
             f"{t['arch']}/{t['method']} compile={t['compile']}: flexbench {ips['flexbench']:.0f} "
             f"img/s, plain {ips['plain']:.0f}{ref} ({t['ratio_vs_plain']:.2f}x plain){mem}"

@@ -6,9 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmark.cli import add_override_args
+from benchmark.cli import add_command_group, add_override_args
 from benchmark.errors import ConfigError
 from benchmark.record import signals
+
+# `flexbench study`: its line in `flexbench --help`, and the description of its own --help
+HELP = "tune a method's parameters with Optuna (validation split only)"
+DESCRIPTION = "Optuna studies over a method's parameters; trials never read the test split."
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
@@ -88,31 +92,11 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.cli import overrides_from_args
+    from benchmark.cli import options_from_args, overrides_from_args
     from studies.run import RunOptions, run_study
 
-    sets = overrides_from_args(args)
-    opts = RunOptions(
-        trials=args.trials,
-        until=args.until,
-        study_name=args.study_name,
-        storage=args.storage,
-        arch=args.arch,
-        dataset=args.dataset,
-        method=args.method,
-        profile=args.profile,
-        seed=args.seed,
-        objective=args.objective,
-        sets=sets,
-        space_file=args.space_file,
-        space_items=args.space,
-        workers=args.workers,
-        sampler=args.sampler,
-        pruner=args.pruner,
-        sampler_seed=args.sampler_seed,
-        heartbeat=args.heartbeat,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
+    opts = options_from_args(
+        RunOptions, args, sets=overrides_from_args(args), space_items=args.space
     )
     try:
         s = run_study(opts)
@@ -184,20 +168,8 @@ def cmd_plots(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from studies.choices import HEARTBEAT_S, OBJECTIVES, PRUNERS, SAMPLERS
-
-    study = sub.add_parser(
-        "study",
-        help="tune a method's parameters with Optuna (validation split only)",
-        description="Optuna studies over a method's parameters; trials never read the test split.",
-    )
-    ssub = study.add_subparsers(dest="study_command", required=True)
-
-    p = ssub.add_parser("run", help="create or continue a study and run N more trials")
-    _cell_args(p, create=True)
-    _storage_args(p)
-    _tracking_args(p)
+def _add_trial_count(p: argparse.ArgumentParser) -> None:
+    """How many trials this run adds: a count, or a target that makes reruns idempotent."""
     n = p.add_mutually_exclusive_group(required=True)
     n.add_argument("--trials", type=int, help="trials to add in this run")
     n.add_argument(
@@ -207,7 +179,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run trials until the study holds N complete or pruned ones (a rerun of the same "
         "command adds none once it does)",
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    """How the study searches: sampler, pruner, objective and the search ranges."""
+    from studies.choices import OBJECTIVES, PRUNERS, SAMPLERS
+
     p.add_argument("--sampler", choices=SAMPLERS, help="default tpe (stored with the study)")
     p.add_argument("--pruner", choices=PRUNERS, help="default median (stored with the study)")
     p.add_argument(
@@ -231,6 +208,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="override the search range of a method parameter, e.g. --space T=1:20:log",
     )
     p.add_argument("--space-file", help="YAML of ranges: {T: {low: 1, high: 10, log: true}, ...}")
+
+
+def _add_run(ssub: argparse._SubParsersAction) -> None:
+    """`study run`: the cell, where the study lives, and how many trials it runs and how."""
+    from studies.choices import HEARTBEAT_S
+
+    p = ssub.add_parser("run", help="create or continue a study and run N more trials")
+    _cell_args(p, create=True)
+    _storage_args(p)
+    _tracking_args(p)
+    _add_trial_count(p)
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    _add_search_args(p)
     p.add_argument("--experiment", help="MLflow experiment (default flexbench-studies)")
     p.add_argument(
         "--heartbeat",
@@ -240,6 +230,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "is silent for 2 heartbeats is failed and retried",
     )
     p.set_defaults(func=cmd_run)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    ssub = add_command_group(sub, "study", HELP, DESCRIPTION)
+    _add_run(ssub)
 
     p = ssub.add_parser("best", help="print the best parameters; --export writes them for a grid")
     _cell_args(p, create=False)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,55 +134,15 @@ class Objective:
     # -- one trial --------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial) -> float:
         from benchmark.errors import CellPruned
-        from benchmark.training.plan import plan_cell
-        from benchmark.training.train import CellOptions, train_cell
 
-        ctx = self.ctx
         params = suggest(trial, self.space)
-        previous = trial.user_attrs.get("flexbench_trial")  # inherited by a retried trial
-        trial.set_user_attr("flexbench_trial", trial.number)
-        trial.set_user_attr("worker", worker_id())
+        tags = self._claim(trial)
         trial_dir: Path | None = None
-        tags = {
-            "mlflow.parentRunId": ctx.parent_run_id,
-            "mlflow.runName": f"trial-{trial.number}",
-            schema.STUDY: ctx.study_name,
-            schema.TRIAL: str(trial.number),
-        }
-        if previous is not None and previous != trial.number:
-            tags[schema.RETRY_OF] = str(previous)
         curve: dict[int, float] = {}
         state, value, error = "failed", None, None
         try:
-            base = Path(self.config(params)["runtime"]["workdir"])
-            trial_dir = base / "studies" / ctx.study_name / f"trial-{trial.number}"
-            cfg = self.config(params, str(trial_dir))
-            total = plan_cell(cfg).total_epochs
-
-            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-                v = self.summary(metrics, cfg)
-                curve[epoch] = v
-                trial.report(v, epoch)
-                # never prune after the last epoch: the trial is complete by then
-                if epoch < total - 1 and trial.should_prune():
-                    raise CellPruned(f"epoch {epoch + 1}/{total}: objective {v:.3f}")
-
-            opts = CellOptions(
-                tracking_uri=ctx.tracking_uri,
-                experiment=ctx.experiment,
-                restart=True,
-                evaluate_test=False,  # a study never reads the test split
-                epoch_callback=on_epoch,
-                progress=ctx.progress,
-                extra_tags=tags,
-            )
-            result = train_cell(cfg, opts)
-            leaked = sorted(k for k in result.metrics if k.startswith("test/"))
-            if leaked:
-                from benchmark.data.base import TestSplitSealed
-
-                raise TestSplitSealed(f"a study trial produced test metrics: {', '.join(leaked)}")
-            value = self.summary({k: v for k, v in result.metrics.items()}, cfg)
+            trial_dir = self._trial_dir(params, trial.number)
+            value = self._train(trial, self.config(params, str(trial_dir)), tags, curve)
             state = "complete"
             return value
         except CellPruned as exc:
@@ -191,11 +152,94 @@ class Objective:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            try:
-                self.study_run.end_trial(trial.number, state, value, curve, params, error)
-            except Exception as exc:  # noqa: BLE001 - never hide the trial's own outcome
-                optuna.logging.get_logger("flexbench").warning(
-                    f"trial {trial.number}: could not record its state in MLflow: {exc}"
-                )
+            self._record(trial, state, value, curve, params, error)
             if trial_dir is not None:  # trials never resume: their checkpoints are garbage
                 shutil.rmtree(trial_dir, ignore_errors=True)
+
+    def _claim(self, trial: optuna.Trial) -> dict[str, str]:
+        """Mark the trial as this worker's and return its MLflow run's tags; a retried trial
+        (it inherits the user attrs of the one it retries) names that one."""
+        previous = trial.user_attrs.get("flexbench_trial")
+        trial.set_user_attr("flexbench_trial", trial.number)
+        trial.set_user_attr("worker", worker_id())
+        tags = {
+            "mlflow.parentRunId": self.ctx.parent_run_id,
+            "mlflow.runName": f"trial-{trial.number}",
+            schema.STUDY: self.ctx.study_name,
+            schema.TRIAL: str(trial.number),
+        }
+        if previous is not None and previous != trial.number:
+            tags[schema.RETRY_OF] = str(previous)
+        return tags
+
+    def _trial_dir(self, params: dict[str, float], number: int) -> Path:
+        """The trial's own work directory under the configured workdir: concurrent trials never
+        share checkpoints, and the trial's can be removed when it ends."""
+        base = Path(self.config(params)["runtime"]["workdir"])
+        return base / "studies" / self.ctx.study_name / f"trial-{number}"
+
+    def _pruning_callback(
+        self, trial: optuna.Trial, cfg: dict[str, Any], curve: dict[int, float]
+    ) -> Callable[[int, dict[str, float]], None]:
+        """The per-epoch hook: record the objective in `curve`, report it to Optuna and stop
+        the cell (CellPruned) when the pruner says so."""
+        from benchmark.errors import CellPruned
+        from benchmark.training.plan import plan_cell
+
+        total = plan_cell(cfg).total_epochs
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            v = self.summary(metrics, cfg)
+            curve[epoch] = v
+            trial.report(v, epoch)
+            # never prune after the last epoch: the trial is complete by then
+            if epoch < total - 1 and trial.should_prune():
+                raise CellPruned(f"epoch {epoch + 1}/{total}: objective {v:.3f}")
+
+        return on_epoch
+
+    def _train(
+        self,
+        trial: optuna.Trial,
+        cfg: dict[str, Any],
+        tags: dict[str, str],
+        curve: dict[int, float],
+    ) -> float:
+        """Train the cell on the validation split only and return its objective; a result that
+        carries a test metric fails the trial (TestSplitSealed)."""
+        from benchmark.training.train import CellOptions, train_cell
+
+        opts = CellOptions(
+            tracking_uri=self.ctx.tracking_uri,
+            experiment=self.ctx.experiment,
+            restart=True,
+            evaluate_test=False,  # a study never reads the test split
+            epoch_callback=self._pruning_callback(trial, cfg, curve),
+            progress=self.ctx.progress,
+            extra_tags=tags,
+        )
+        result = train_cell(cfg, opts)
+        leaked = sorted(k for k in result.metrics if k.startswith("test/"))
+        if leaked:
+            from benchmark.data.base import TestSplitSealed
+
+            raise TestSplitSealed(f"a study trial produced test metrics: {', '.join(leaked)}")
+        return self.summary({k: v for k, v in result.metrics.items()}, cfg)
+
+    def _record(
+        self,
+        trial: optuna.Trial,
+        state: str,
+        value: float | None,
+        curve: dict[int, float],
+        params: dict[str, float],
+        error: str | None,
+    ) -> None:
+        """The trial's outcome on the study's MLflow run; a failure to record it is logged, never
+        raised, so that it cannot hide the trial's own outcome."""
+        try:
+            self.study_run.end_trial(trial.number, state, value, curve, params, error)
+        except Exception as exc:  # noqa: BLE001 - never hide the trial's own outcome
+            optuna.logging.get_logger("flexbench").warning(
+                f"trial {trial.number}: could not record its state in MLflow: {exc}"
+            )

@@ -123,6 +123,94 @@ def _setting_dim(name: str, rng: Any, fixed_sets: dict[str, Any]) -> Dim:
     return Dim(dim.low, dim.high, dim.log, integer=True)
 
 
+def _given_ranges(method: str, space_file: str | None, items: list[str] | None) -> dict[str, Any]:
+    """The ranges asked for, by name as written: the YAML file's, then `--space` items (which
+    override it)."""
+    given: dict[str, Any] = _from_yaml(space_file, method) if space_file else {}
+    for item in items or []:
+        name, sep, rng = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--space expects NAME=LOW:HIGH[:log], got {item!r}")
+        given[name.strip()] = rng
+    return given
+
+
+def _param_key(cls: Any, method: str, name: str, fixed: dict[str, Any]) -> str:
+    """The method parameter a given range `name` searches (`method.` prefix optional); refuses
+    the seed, other settings, unknown or schedule parameters and inactive ones."""
+    if name in NOT_SEARCHABLE or name.startswith(("seed", "train.", "data.", "runtime.")):
+        raise ConfigError(
+            f"{name} cannot be searched: {NOT_SEARCHABLE.get(name, 'only method parameters')}"
+            f"; searchable parameters of {method}: {', '.join(cls.PARAMS) or '(none)'}; "
+            f"training settings: {', '.join(SEARCHABLE_SETTINGS)}"
+        )
+    key = name.removeprefix("method.")
+    if key not in cls.PARAMS:
+        raise ConfigError(
+            f"method {method} has no parameter {key!r}; searchable: "
+            f"{', '.join(cls.PARAMS) or '(none)'}"
+        )
+    if not cls.PARAMS[key].searched:
+        raise ConfigError(
+            f"{key} is a schedule setting of method {method}, not searched; set it with "
+            f"--set method.{key}=VALUE"
+        )
+    if not _active(cls, key, fixed):
+        on, value = cls.PARAMS[key].active_if
+        raise ConfigError(
+            f"{key} has an effect only with {on}={value}; add --set method.{on}={value} "
+            f"to search it"
+        )
+    return key
+
+
+def _param_dim(cls: Any, key: str, rng: Any) -> Dim:
+    """A method parameter's given range; whole numbers where its declared range is."""
+    dim = parse_dim(key, rng)
+    if cls.PARAMS[key].search is not None and cls.PARAMS[key].search.integer:
+        dim = Dim(dim.low, dim.high, dim.log, integer=True)
+    return dim
+
+
+def _check_rules(cls: Any, method: str, space: dict[str, Dim]) -> None:
+    """Both ends of every method parameter's range must be values the method accepts."""
+    for key, dim in space.items():
+        if key in SEARCHABLE_SETTINGS:
+            continue
+        check = cls.PARAMS[key].check
+        if not (check(dim.low) and check(dim.high)):
+            raise ConfigError(
+                f"search range of {key} {dim.describe()} leaves the valid values of method "
+                f"{method}: {cls.PARAMS[key].rule}"
+            )
+
+
+def _drop_fixed(space: dict[str, Dim], given: dict[str, Any], fixed: dict[str, Any]) -> None:
+    """Parameters fixed with --set method.KEY=VALUE leave the space; a range asked for one of
+    them is a contradiction, refused."""
+    for key in fixed:
+        if key in given or f"method.{key}" in given:
+            raise ConfigError(
+                f"{key} is both fixed (--set method.{key}=...) and searched (--space {key}=...); "
+                f"choose one"
+            )
+        space.pop(key, None)
+
+
+def _nothing_to_search(cls: Any, method: str) -> ConfigError:
+    """The error of an empty space, naming the methods that do have parameters."""
+    return ConfigError(
+        f"nothing to search for method {method}"
+        + (
+            " (it has no parameters)"
+            if not cls.PARAMS
+            else " (every parameter is fixed with --set)"
+        )
+        + "; methods with parameters: "
+        + ", ".join(n for n in METHODS.names() if METHODS.get(n).PARAMS)
+    )
+
+
 def resolve_space(
     method: str,
     space_file: str | None = None,
@@ -135,71 +223,18 @@ def resolve_space(
     parameters fixed with --set, `fixed_sets`: every --set. Raises ConfigError."""
     cls = METHODS.get(method)
     declared = declared_space(method, fixed)
-    given: dict[str, Any] = _from_yaml(space_file, method) if space_file else {}
-    for item in items or []:
-        name, sep, rng = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--space expects NAME=LOW:HIGH[:log], got {item!r}")
-        given[name.strip()] = rng
+    given = _given_ranges(method, space_file, items)
     space = dict(declared)
     for name, rng in given.items():
         if name in SEARCHABLE_SETTINGS:
             space[name] = _setting_dim(name, rng, fixed_sets or {})
-            continue
-        if name in NOT_SEARCHABLE or name.startswith(("seed", "train.", "data.", "runtime.")):
-            raise ConfigError(
-                f"{name} cannot be searched: {NOT_SEARCHABLE.get(name, 'only method parameters')}"
-                f"; searchable parameters of {method}: {', '.join(cls.PARAMS) or '(none)'}; "
-                f"training settings: {', '.join(SEARCHABLE_SETTINGS)}"
-            )
-        key = name.removeprefix("method.")
-        if key not in cls.PARAMS:
-            raise ConfigError(
-                f"method {method} has no parameter {key!r}; searchable: "
-                f"{', '.join(cls.PARAMS) or '(none)'}"
-            )
-        if not cls.PARAMS[key].searched:
-            raise ConfigError(
-                f"{key} is a schedule setting of method {method}, not searched; set it with "
-                f"--set method.{key}=VALUE"
-            )
-        if not _active(cls, key, fixed or {}):
-            on, value = cls.PARAMS[key].active_if
-            raise ConfigError(
-                f"{key} has an effect only with {on}={value}; add --set method.{on}={value} "
-                f"to search it"
-            )
-        dim = parse_dim(key, rng)
-        if cls.PARAMS[key].search is not None and cls.PARAMS[key].search.integer:
-            dim = Dim(dim.low, dim.high, dim.log, integer=True)
-        space[key] = dim
-    for key, dim in space.items():
-        if key in SEARCHABLE_SETTINGS:
-            continue
-        check = cls.PARAMS[key].check
-        if not (check(dim.low) and check(dim.high)):
-            raise ConfigError(
-                f"search range of {key} {dim.describe()} leaves the valid values of method "
-                f"{method}: {cls.PARAMS[key].rule}"
-            )
-    for key in fixed or {}:
-        if key in given or f"method.{key}" in given:
-            raise ConfigError(
-                f"{key} is both fixed (--set method.{key}=...) and searched (--space {key}=...); "
-                f"choose one"
-            )
-        space.pop(key, None)  # fixed with --set method.KEY=VALUE
+        else:
+            key = _param_key(cls, method, name, fixed or {})
+            space[key] = _param_dim(cls, key, rng)
+    _check_rules(cls, method, space)
+    _drop_fixed(space, given, fixed or {})
     if not space:
-        raise ConfigError(
-            f"nothing to search for method {method}"
-            + (
-                " (it has no parameters)"
-                if not cls.PARAMS
-                else " (every parameter is fixed with --set)"
-            )
-            + "; methods with parameters: "
-            + ", ".join(n for n in METHODS.names() if METHODS.get(n).PARAMS)
-        )
+        raise _nothing_to_search(cls, method)
     return space
 
 

@@ -7,9 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-from benchmark.cli import add_override_args
+from benchmark.cli import add_command_group, add_override_args, options_from_args
 
 PATH_KEYS = ("data.root", "runtime.workdir")
+
+# `flexbench grid`: its line in `flexbench --help`, and the description of its own --help
+HELP = "run a grid of cells (archs x datasets x methods x seeds) into MLflow"
+DESCRIPTION = (
+    "Run, plan or inspect a grid of cells. Finished cells (in MLflow) are "
+    "skipped, interrupted cells resume from their checkpoints."
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -70,19 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec, uri = _load(args)
     if args.dry_run:
         return _plan(select_cells(spec, args.only), uri, args.rerun_failed, args.workers)
-    opts = RunOptions(
-        executor=args.executor,
-        workers=args.workers,
-        devices=args.devices,
-        ray_address=args.ray_address,
-        cpus_per_cell=args.cpus_per_cell,
-        gpus_per_cell=args.gpus_per_cell,
-        rerun_failed=args.rerun_failed,
-        status_every=args.status_every,
-        only=args.only,
-        skip_cache=skip_cache,
-    )
-    return run_grid(spec, uri, opts)
+    return run_grid(spec, uri, options_from_args(RunOptions, args, skip_cache=skip_cache))
 
 
 def _plan(spec, uri: str, rerun_failed: bool, workers: int | None) -> int:
@@ -112,13 +107,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "grid",
-        help="run a grid of cells (archs x datasets x methods x seeds) into MLflow",
-        description="Run, plan or inspect a grid of cells. Finished cells (in MLflow) are "
-        "skipped, interrupted cells resume from their checkpoints.",
-    )
-    sub = p.add_subparsers(dest="grid_command", required=True, metavar="{run,plan,status}")
+    sub = add_command_group(subparsers, "grid", HELP, DESCRIPTION, metavar="{run,plan,status}")
 
     r = sub.add_parser("run", help="train every cell that is not finished yet")
     _common(r)
