@@ -239,7 +239,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"seconds between worker heartbeats (default {HEARTBEAT_S}); a trial whose worker "
         "is silent for 2 heartbeats is failed and retried",
     )
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, on_interrupt="rerun the same command to continue the study")
 
     p = ssub.add_parser("best", help="print the best parameters; --export writes them for a grid")
     _cell_args(p, create=False)

@@ -217,11 +217,14 @@ class CellRun:
         tags: dict[str, str],
         run_id: str | None = None,
     ) -> str:
-        """Create the parent run, or reopen `run_id` when resuming."""
+        """Create the parent run, or reopen `run_id` when resuming (its error from the end
+        that failed, e.g. a full disk, no longer holds: removed)."""
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, schema.STATUS, "running")
+            if schema.ERROR in self.client.get_run(run_id).data.tags:
+                self.client.delete_tag(run_id, schema.ERROR)
             return run_id
         # a caller may name the run (study trials: `mlflow.runName` in extra_tags)
         name = tags.get("mlflow.runName") or (

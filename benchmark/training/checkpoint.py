@@ -8,12 +8,13 @@ trainer logs to MLflow only after the file is on disk (so a kill never duplicate
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from benchmark.files import write_atomic
 
 
 def cell_dir(cfg: dict[str, Any], experiment: str, key: str) -> Path:
@@ -22,12 +23,10 @@ def cell_dir(cfg: dict[str, Any], experiment: str, key: str) -> Path:
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write `state` atomically (`benchmark.files.write_atomic`): the previous checkpoint stays
+    whole until the new one is on disk; a full disk raises WriteError naming the device."""
+    fix = "make room there, then rerun with --resume (the last checkpoint, if any, is kept)"
+    write_atomic(path, lambda fh: torch.save(state, fh), fix)
 
 
 def load(path: Path) -> dict[str, Any]:
