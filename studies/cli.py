@@ -177,7 +177,7 @@ def cmd_plots(args: argparse.Namespace) -> int:
     run_id = study.user_attrs.get("mlflow_run_id")
     if files and run_id:
         uri = tracking.resolve_uri(args.tracking_uri)
-        tracking.open_store(uri)
+        tracking.open_store(uri, create=False)  # the study's run exists already
         experiment = study.user_attrs.get("mlflow_experiment", "flexbench-studies")
         tracking.StudyRun(uri, experiment, run_id).log_artifacts(files, "plots")
         print(f"logged {len(files)} plot(s) to MLflow run {run_id} (artifacts/plots)")

@@ -25,6 +25,7 @@ from benchmark.errors import CellPruned, ConfigError
 from benchmark.record import schema, signals
 from benchmark.record.store import (  # noqa: F401 - re-exported: the one home of URI plumbing
     absolute_sqlite,
+    missing_database,
     redact_uri,
     refuse_file_store,
     schema_lock,
@@ -106,11 +107,15 @@ def _check_login(uri: str, timeout: float) -> None:
         pass
 
 
-def open_store(uri: str) -> MlflowClient:
+def open_store(uri: str, create: bool = True) -> MlflowClient:
     """Check that `uri` can be written, then create (or check) MLflow's schema while holding
     the database's inter-process lock (`store.schema_lock`), so that any number of flexbench
     processes can start together on a new or existing store. Every command calls this before
-    its first read or write. Raises ConfigError."""
+    its first read or write; one that only reads passes `create=False`, so that a mistyped
+    SQLite path fails without leaving an empty database behind. Raises ConfigError."""
+    db = sqlite_path(uri)
+    if not create and db is not None and not db.exists():
+        raise ConfigError(f"tracking URI {redact_uri(uri)}: {missing_database(db)}")
     check_reachable(uri)
     if uri.startswith(("http://", "https://")):  # a server owns its schema
         return MlflowClient(tracking_uri=uri)
@@ -156,7 +161,7 @@ def missing_run(uri: str, experiment: str, run_id: str | None) -> str | None:
     shown = redact_uri(uri)
     db = sqlite_path(uri)
     if db is not None and not db.exists():
-        return f"the database {db} does not exist (removed or moved)"
+        return missing_database(db)
     if not run_id:
         return "the checkpoint names no MLflow run"
     client = open_store(uri)

@@ -14,12 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmark.files import write_atomic
+from benchmark.files import check_name, write_atomic
 
 
 def cell_dir(cfg: dict[str, Any], experiment: str, key: str) -> Path:
-    """`runtime.workdir/<experiment>/<cell key>/`: the cell's checkpoint folder."""
-    return Path(cfg["runtime"]["workdir"]) / experiment / key
+    """`runtime.workdir/<experiment>/<cell key>/`: the cell's checkpoint folder (ConfigError
+    for an experiment name that cannot be a folder name there)."""
+    workdir = Path(cfg["runtime"]["workdir"])
+    check_name(experiment, "experiment name (--experiment)", workdir)
+    return workdir / experiment / key
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
