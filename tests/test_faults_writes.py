@@ -110,6 +110,33 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_resume_clears_the_error
     assert tags["flexbench.status"] == "finished" and "flexbench.error" not in tags
 
 
+def test_a_full_disk_that_also_holds_the_store_still_gives_the_disk_line(
+    tracking_uri, tmp_path, capsys, monkeypatch
+):
+    """The default layout (./mlflow.db beside ./flexbench_runs): the store cannot record the
+    failure either; that costs a warning, not the error or a traceback."""
+    from benchmark.record import tracking
+
+    ckpt, run_id = _interrupted_cell(tracking_uri, tmp_path / "runs", monkeypatch)
+    argv = [*_train_argv(tracking_uri, tmp_path / "runs", epochs=2), "--resume"]
+
+    def store_full(self, *args) -> None:
+        raise RuntimeError("(sqlite3.OperationalError) database or disk is full")
+
+    with monkeypatch.context() as m:
+        full_disk(m, ckpt.parent)
+        m.setattr(tracking.CellRun, "set_tags", store_full)
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    warning, line = [ln for ln in err.splitlines() if ln.startswith(("warning:", "flexbench:"))]
+    assert warning == (
+        f"warning: MLflow run {run_id} could not be marked as ended "
+        "((sqlite3.OperationalError) database or disk is full)"
+    )
+    assert line.startswith("flexbench: error: no space left on ")
+
+
 def _report_argv(uri: str, out: Path, *extra: str) -> list[str]:
     return ["report", "--experiment", "rep", "--tracking-uri", uri, "--out", str(out), *extra]
 

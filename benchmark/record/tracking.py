@@ -10,13 +10,15 @@ are always sent in batches: one `log_batch` per epoch, never one request per val
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -343,14 +345,33 @@ class CellRun:
         try:
             yield
         except KeyboardInterrupt:
-            self.interrupted()
+            self._record_end(self.interrupted)
             raise
         except CellPruned:
-            self.pruned()
+            self._record_end(self.pruned)
             raise
         except Exception as exc:
-            self.fail(f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            self._record_end(lambda: self.fail(reason))
             raise
+
+    def _record_end(self, end: Callable[[], None]) -> None:
+        """Record how the run ended; a store that cannot take it (the full disk that ended the
+        cell often holds the SQLite database too) costs a warning, never the error that ended
+        the run (the grid and `--resume` treat the run left `running` as interrupted). MLflow's
+        own traceback of the failed write is silenced: the warning says it in one line."""
+        db_log = logging.getLogger("mlflow.store.db.utils")
+        was, db_log.disabled = db_log.disabled, True
+        try:
+            end()
+        except Exception as exc:  # noqa: BLE001 - whatever the store raises
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(
+                f"warning: MLflow run {self.run_id} could not be marked as ended ({first})",
+                file=sys.stderr,
+            )
+        finally:
+            db_log.disabled = was
 
 
 def environment_tags(device: Any, threads: int) -> dict[str, str]:
