@@ -137,6 +137,25 @@ def test_a_full_disk_that_also_holds_the_store_still_gives_the_disk_line(
     assert line.startswith("flexbench: error: no space left on ")
 
 
+def test_a_full_disk_while_writing_the_cells_artifacts_is_one_line_and_resume_finishes(
+    tracking_uri, client, tmp_path, capsys, monkeypatch
+):
+    import tempfile
+
+    argv = _train_argv(tracking_uri, tmp_path / "runs", epochs=1)
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the artifacts are made
+        full_disk(m, tmp_path / "tmp")
+        assert cli.main(argv) == 1
+    line = _one_line(capsys)
+    assert line.startswith("flexbench: error: no space left on ") and "--resume" in line
+    assert f"to write {tmp_path / 'tmp'}" in line
+    assert cli.main([*argv, "--resume"]) == 0
+    (run,) = [r for r in all_runs(client) if "flexbench.status" in r.data.tags]
+    tags = run.data.tags
+    assert tags["flexbench.status"] == "finished" and "flexbench.error" not in tags
+
+
 def _report_argv(uri: str, out: Path, *extra: str) -> list[str]:
     return ["report", "--experiment", "rep", "--tracking-uri", uri, "--out", str(out), *extra]
 

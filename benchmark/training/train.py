@@ -32,6 +32,7 @@ from benchmark.costs.flops import latency_profile
 from benchmark.data.base import Splits
 from benchmark.data.pipeline import Normalizer, TrainBatches
 from benchmark.errors import ConfigError, TrainingError
+from benchmark.files import disk_errors
 from benchmark.methods import EpochContext, Method
 from benchmark.models import FlexibleModel, IndependentModel
 from benchmark.record import schema, tracking
@@ -153,7 +154,12 @@ def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResu
                 _progress_line(_epoch_line(cell, pos, metrics))
             if opts.epoch_callback is not None:
                 opts.epoch_callback(pos.index, metrics)
-        return finish(cell)
+        # the artifact files are made in the temporary folder, then copied to MLflow's store
+        with disk_errors(Path(tempfile.gettempdir()), FINISH_FIX):
+            return finish(cell)
+
+
+FINISH_FIX = "make room there, then rerun with --resume to finish the cell (its training is kept)"
 
 
 def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
