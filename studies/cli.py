@@ -164,12 +164,14 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
+    from benchmark.files import disk_errors
     from benchmark.record import tracking
     from studies.plots import save_plots
 
     study, _ = _load(args)
     out = Path(args.out or Path("study_plots") / study.study_name)
-    files, skipped = save_plots(study, out)
+    with disk_errors(out, "make room there or pass --out on another disk"):
+        files, skipped = save_plots(study, out)
     for f in files:
         print(f"wrote {f}")
     for reason in skipped:
