@@ -23,6 +23,9 @@ from typing import BinaryIO
 from benchmark.errors import ConfigError, WriteError
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
+# What a file system answers to a write it refuses (others, e.g. a refused connection to an
+# MLflow server, are not about the disk and pass through unchanged).
+REFUSED = (*FULL, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENAMETOOLONG)
 # Bytes flexbench adds around a name inside one path component (`report-<name>`, the temporary
 # `.<name>.tmp<pid>` of `write_atomic`): a name may use the file system's limit less these.
 AFFIX_BYTES = 32
@@ -71,10 +74,10 @@ def disk_errors(path: Path, fix: str, need: Callable[[], str | None] = lambda: N
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:
-    """The OSError `exc` is or was raised while handling (torch wraps a failed write)."""
+    """The refused write (OSError) `exc` is or was raised while handling (torch wraps it)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno is not None:
+        if isinstance(exc, OSError) and exc.errno in REFUSED:
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

@@ -190,7 +190,7 @@ def cached(key: str, build: Callable[[], ImageData]) -> ImageData:
     fix = "set FLEXBENCH_CACHE to a writable folder with free space to cache decoded data"
     try:
         write_atomic(path, lambda fh: torch.save(data.__dict__, fh), fix)
-    except WriteError as exc:
+    except (WriteError, OSError) as exc:  # OSError: e.g. FLEXBENCH_CACHE names a file
         if path.parent not in _warned:
             _warned.add(path.parent)
             print(f"warning: training without the decoded-data cache: {exc}", file=sys.stderr)
