@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any, TypeVar
 
-from benchmark.errors import ConfigError, TrainingError
+from benchmark.errors import ConfigError, TrainingError, WriteError
 from benchmark.record import signals
 
 T = TypeVar("T")
@@ -165,6 +165,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+RESUME_HINT = "the cell's checkpoint is kept; rerun with --resume to continue"
+
+
 # Other parts of flexbench add their sub-commands through `add_parser(subparsers)`.
 SUBCOMMAND_MODULES = ("benchmark.grid.cli", "studies.cli", "reports.cli", "mlflow_server.cli")
 
@@ -203,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the cell's checkpoint")
     group.add_argument("--restart", action="store_true", help="discard the cell's checkpoint")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, on_interrupt=RESUME_HINT)
 
     for module in SUBCOMMAND_MODULES:
         if importlib.util.find_spec(module.rsplit(".", 1)[0]) and importlib.util.find_spec(module):
@@ -216,18 +219,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signals.install()
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code == 0:
+            signals.check()  # an interruption swallowed on the way is not a success
+        return code
     except ConfigError as exc:
         print(f"flexbench: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
         print(f"flexbench: training failed: {exc}", file=sys.stderr)
         return 1
+    except WriteError as exc:
+        print(f"flexbench: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
-        print(
-            f"flexbench: {exc or 'interrupted'}; rerun with --resume to continue", file=sys.stderr
-        )
+        print(interrupt_message(exc, getattr(args, "on_interrupt", None)), file=sys.stderr)
         return signals.exit_code(exc)
+
+
+def interrupt_message(exc: KeyboardInterrupt, hint: str | None) -> str:
+    """`flexbench: interrupted` (or `terminated by SIGTERM`) and what the command left behind:
+    each sub-command names its own way on (`on_interrupt`; none: nothing to continue)."""
+    what = str(exc) or "interrupted"
+    return f"flexbench: {what}; {hint}" if hint else f"flexbench: {what}"
 
 
 if __name__ == "__main__":

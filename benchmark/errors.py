@@ -9,6 +9,11 @@ class TrainingError(RuntimeError):
     """A cell failed during training (e.g. a non-finite loss)."""
 
 
+class WriteError(RuntimeError):
+    """A file could not be written (a full disk, a quota, a read-only folder): the message names
+    the file, its device, the space needed and the way out (see `benchmark.files`)."""
+
+
 class IncompatibleError(ConfigError):
     """A method that cannot train an architecture (e.g. hsd needs re-rankable channels); a grid
     skips such a pair only when its file excludes it."""

@@ -7,7 +7,6 @@ DataFrame, so the numbers can also be checked or reused without parsing the rend
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,12 @@ from reports import spread_figures as sf
 from reports import tables as tb
 from reports.cd_diagram import cd_diagram
 from reports.load import CELL, PANEL, Experiment, histories, load_experiment
+from reports.output import MARKER, check_out, relocate, staging
 from reports.references import Reference, compare, load_references, sources_frame
 from reports.stats import AUC, MEAN, paired, scores, summarize
 from reports.style import method_order, method_styles
 
 FORMATS = ("md", "html", "tex", "csv")
-MARKER = ".flexbench-report"
 
 
 @dataclass
@@ -171,16 +170,6 @@ def problems(cells: pd.DataFrame) -> pd.DataFrame:
     return bad[cols].reset_index(drop=True)
 
 
-def _prepare_out(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MARKER).exists():  # a previous report: drop its generated files, nothing else
-        for sub in ("figures", "tables"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        for name in ("index.html", "report.md"):
-            (out / name).unlink(missing_ok=True)
-    (out / MARKER).write_text("written by `flexbench report`; safe to delete\n")
-
-
 def panel_figures(r: Report, styles: dict) -> dict[tuple, list[figs.Figure]]:
     """Per panel: accuracy vs cost, gain, curves per epoch, validation top-1 per sub-model and
     budgeted-batch curves (the last two with bands over seeds)."""
@@ -254,28 +243,47 @@ class ReportOptions:
 def build_report(
     experiment: str, tracking_uri: str | None = None, opts: ReportOptions | None = None
 ) -> Report:
-    """Everything `flexbench report` writes; see the module docstring."""
+    """Everything `flexbench report` writes; see the module docstring. Every check runs before
+    anything is written, and the files are rendered aside and swapped in at the end
+    (`reports.output`): a failure or Ctrl-C leaves the previous report whole."""
     t0 = time.perf_counter()
     opts = opts or ReportOptions()
-    formats, baseline = opts.formats, opts.baseline
+    formats = opts.formats
     if isinstance(formats, str):
         formats = parse_formats(formats)
     refs = load_references(opts.references_dir)  # a broken reference file fails before any work
-    exp = load_experiment(experiment, tracking_uri)
     out = Path(opts.out) if opts.out else Path(f"report-{tb.panel_slug((experiment,))}")
-    _prepare_out(out)
-
+    check_out(out)
+    exp = load_experiment(experiment, tracking_uri)
     finished_methods = sorted(exp.tidy["method"].unique()) if not exp.tidy.empty else []
+    base = pick_baseline(finished_methods, opts.baseline)
+    with staging(out) as tmp:
+        report = _analyse(exp, refs, base, tmp)
+        report.notes += _notes(report, opts.baseline)
+        if opts.studies:
+            _add_study_figures(report, opts.studies)
+
+        from reports import page  # rendering last: it only reads the Report
+
+        report.files = page.write(report, formats)
+    report.out = out
+    report.files = relocate(report.files, tmp, out)
+    for f in _all_figures(report):
+        f.files = relocate(f.files, tmp, out)
+    report.seconds = time.perf_counter() - t0
+    if opts.log_to_mlflow:
+        report.run_id = log_report(report)
+    return report
+
+
+def _analyse(exp: Experiment, refs: list[Reference], base: str | None, out: Path) -> Report:
+    """Statistics, tables, figures (written under `out`) and rankings of `exp`."""
     all_methods = sorted(exp.cells["method"].unique()) if not exp.cells.empty else []
-    base = pick_baseline(finished_methods, baseline)
     order = method_order(all_methods, base)
     styles = method_styles(all_methods)
-
     sc = scores(exp.tidy)
     summary = summarize(sc)
     pairs = paired(sc, base)
-    tables = tb.build_tables(summary, pairs, base, order)
-
     ref_table, unrelated = compare(refs, exp.tidy)
     report = Report(
         experiment=exp,
@@ -285,7 +293,7 @@ def build_report(
         scores=sc,
         summary=summary,
         pairs=pairs,
-        tables=tables,
+        tables=tb.build_tables(summary, pairs, base, order),
         figures={},
         methods=method_summaries(summary, pairs, order),
         methods_bestval=bestval_summaries(exp.tidy, base, order),
@@ -297,17 +305,12 @@ def build_report(
     )
     report.figures = panel_figures(report, styles)
     add_rankings(report, styles)
-    report.notes += _notes(report, baseline)
-    if opts.studies:
-        _add_study_figures(report, opts.studies)
-
-    from reports import page  # rendering last: it only reads the Report
-
-    report.files = page.write(report, formats)
-    report.seconds = time.perf_counter() - t0
-    if opts.log_to_mlflow:
-        report.run_id = log_report(report)
     return report
+
+
+def _all_figures(r: Report) -> list[figs.Figure]:
+    panel = [f for fs in r.figures.values() for f in fs]
+    return [*panel, *r.rank_figures, *(f for _, _, f in r.panel_ranks), *r.study_figures]
 
 
 def _add_study_figures(report: Report, studies: list) -> None:

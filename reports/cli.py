@@ -75,4 +75,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--study", action="append", default=[], help="only this study (repeatable)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(
+        func=cmd_report,
+        on_interrupt="the previous report (if any) is left as it was; rerun to write the new one",
+    )

@@ -289,7 +289,7 @@ def load_experiment(name: str, tracking_uri: str | None = None) -> Experiment:
     from benchmark.record.tracking import open_store
 
     uri = tracking_uri or mlflow.get_tracking_uri()
-    client = open_store(uri)
+    client = open_store(uri, create=False)  # a report reads: a typo creates nothing
     exp = resolve_experiment(client, name)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")

@@ -148,12 +148,14 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
+    from benchmark.files import disk_errors
     from benchmark.record import tracking
     from studies.plots import save_plots
 
     study, _ = _load(args)
     out = Path(args.out or Path("study_plots") / study.study_name)
-    files, skipped = save_plots(study, out)
+    with disk_errors(out, "make room there or pass --out on another disk"):
+        files, skipped = save_plots(study, out)
     for f in files:
         print(f"wrote {f}")
     for reason in skipped:
@@ -161,7 +163,7 @@ def cmd_plots(args: argparse.Namespace) -> int:
     run_id = study.user_attrs.get("mlflow_run_id")
     if files and run_id:
         uri = tracking.resolve_uri(args.tracking_uri)
-        tracking.open_store(uri)
+        tracking.open_store(uri, create=False)  # the study's run exists already
         experiment = study.user_attrs.get("mlflow_experiment", "flexbench-studies")
         tracking.StudyRun(uri, experiment, run_id).log_artifacts(files, "plots")
         print(f"logged {len(files)} plot(s) to MLflow run {run_id} (artifacts/plots)")
@@ -229,7 +231,7 @@ def _add_run(ssub: argparse._SubParsersAction) -> None:
         help=f"seconds between worker heartbeats (default {HEARTBEAT_S}); a trial whose worker "
         "is silent for 2 heartbeats is failed and retried",
     )
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, on_interrupt="rerun the same command to continue the study")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -13,7 +13,6 @@ method.X=...` and defaults, so the grid trains exactly that configuration.
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import yaml
 
 from benchmark.config import parse_value
 from benchmark.errors import ConfigError
+from benchmark.files import write_text
 
 META = "study"
 
@@ -86,14 +86,12 @@ def export(study: optuna.Study, path: str | Path, storage: str) -> tuple[str, di
     studies[k] = meta
     doc = {META: studies, **{n: v for n, v in doc.items() if n != META}}
     doc[k] = params
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(
+    text = (
         "# Best method parameters from Optuna studies (validation split only), written by\n"
         "# `flexbench study best --export`; read by a grid's `method_params: from_study`.\n"
         + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
     )
-    os.replace(tmp, path)
+    write_text(path, text, "make room there or pass another --export path; the file is unchanged")
     return k, params
 
 

@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from benchmark.errors import ConfigError, TrainingError
+from benchmark.files import check_name
 from benchmark.record import schema, signals
 from benchmark.record.store import redact_uri
 from studies import storage as st
@@ -314,9 +315,9 @@ def run_study(opts: RunOptions) -> RunSummary:
     from benchmark.training.plan import plan_cell
 
     _check_options(opts)
+    name = _study_name(opts)
     url = st.resolve_url(opts.storage)
     storage = st.open_storage(url, opts.heartbeat)  # creates the schema, once, here
-    name = _study_name(opts)
     existing = _existing_study(storage, name, url)
     stored = StudySpec(**existing.user_attrs["flexbench"]) if existing else None
     spec = _spec(opts, stored, name)
@@ -395,15 +396,21 @@ def _check_options(opts: RunOptions) -> None:
 
 
 def _study_name(opts: RunOptions) -> str:
-    """--study-name, or the default name of a new study from its arch/dataset/method/profile."""
+    """--study-name, or the default name of a new study from its arch/dataset/method/profile;
+    it (and --experiment) names the trials' folders, so it must be able to (ConfigError)."""
+    if opts.experiment:
+        check_name(opts.experiment, "experiment name (--experiment)")
     if opts.study_name:
-        return opts.study_name
-    if opts.arch and opts.method:
-        return default_study_name(
+        name = opts.study_name
+    elif opts.arch and opts.method:
+        name = default_study_name(
             opts.arch, opts.dataset or CREATE_DEFAULTS["dataset"], opts.method,
             opts.profile or CREATE_DEFAULTS["profile"],
         )  # fmt: skip
-    raise ConfigError("pass --arch and --method (new study) or --study-name (existing one)")
+    else:
+        raise ConfigError("pass --arch and --method (new study) or --study-name (existing one)")
+    check_name(name, "study name (--study-name)")
+    return name
 
 
 def _existing_study(storage, name: str, url: str) -> optuna.Study | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmark.errors import ConfigError, got
+from benchmark.errors import ConfigError, WriteError, got
+from benchmark.files import write_atomic
 
 
 @dataclass
@@ -160,27 +163,35 @@ class DatasetSpec:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FLEXBENCH_CACHE") or Path.home() / ".cache" / "flexbench"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """$FLEXBENCH_CACHE, else ~/.cache/flexbench (created by the first write)."""
+    return Path(os.environ.get("FLEXBENCH_CACHE") or Path.home() / ".cache" / "flexbench")
+
+
+_warned: set[Path] = set()  # cache folders already warned about in this process
 
 
 def cached(key: str, build: Callable[[], ImageData]) -> ImageData:
     """Decode once, then load the uint8 tensors from the cache (atomic write).
 
     `key` must change whenever the source data does (see imagefolder's file fingerprints); the
-    cached entry also stores the data's digest, so loading it needs no re-hashing.
+    cached entry also stores the data's digest, so loading it needs no re-hashing. The cache is
+    best-effort: a full or read-only cache folder costs a warning (once per folder), never the
+    run, and leaves no partial file.
     """
     path = cache_dir() / f"{key}.pt"
     if path.exists():
         try:
             return ImageData(**torch.load(path, weights_only=True))
         except Exception:  # a corrupt cache file is rebuilt, never trusted
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
     data = build()
     data.digest = data.digest or data_digest(data)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(data.__dict__, tmp)
-    os.replace(tmp, path)
+    fix = "set FLEXBENCH_CACHE to a writable folder with free space to cache decoded data"
+    try:
+        write_atomic(path, lambda fh: torch.save(data.__dict__, fh), fix)
+    except (WriteError, OSError) as exc:  # OSError: e.g. FLEXBENCH_CACHE names a file
+        if path.parent not in _warned:
+            _warned.add(path.parent)
+            print(f"warning: training without the decoded-data cache: {exc}", file=sys.stderr)
     return data

@@ -141,7 +141,7 @@ def add_parser(subparsers) -> None:
         default=60.0,
         help="seconds between status lines when the output is not a terminal",
     )
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_run, on_interrupt="rerun the same command to resume the grid")
 
     q = sub.add_parser("plan", help="print the cells, their state and estimated cost")
     _common(q)

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from benchmark.errors import WriteError
+from benchmark.files import write_text
 from benchmark.record import schema
 from benchmark.record.store import absolute_sqlite, sqlite_path
 
@@ -30,8 +32,8 @@ _SOURCE = Path(__file__).resolve().parents[1]  # the benchmark package
 
 
 def _cache_dir() -> Path:
-    """Beside the decoded-data cache (`benchmark.data.base`): $FLEXBENCH_CACHE or
-    ~/.cache/flexbench."""
+    """Beside the decoded-data cache (`benchmark.data.base`, which imports torch): $FLEXBENCH_CACHE
+    or ~/.cache/flexbench."""
     root = os.environ.get("FLEXBENCH_CACHE") or Path.home() / ".cache" / "flexbench"
     return Path(root) / "finished-grids"
 
@@ -86,12 +88,9 @@ def remember(name: str | None, experiment: str, keys: list[str]) -> None:
     """Record that the grid of cache name `name` (its `fingerprint`) has these cells."""
     if name is None:
         return
-    folder = _cache_dir()
-    with contextlib.suppress(OSError):  # a read-only home only costs the fast path
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{name}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({"experiment": experiment, "keys": sorted(keys)}))
-        tmp.replace(folder / f"{name}.json")
+    entry = json.dumps({"experiment": experiment, "keys": sorted(keys)})
+    with contextlib.suppress(WriteError):  # a full or read-only home only costs the fast path
+        write_text(_cache_dir() / f"{name}.json", entry, "")
 
 
 _FINISHED = """

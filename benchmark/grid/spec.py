@@ -35,6 +35,7 @@ import yaml
 from benchmark import data as datasets
 from benchmark.config import PROFILES, SECTIONS, cell_key, resolve
 from benchmark.errors import ConfigError, IncompatibleError, got
+from benchmark.files import check_name
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS
 
@@ -386,6 +387,7 @@ def _grid_name(raw: dict[str, Any], where: str) -> str:
             f"name must be the grid's MLflow experiment name (letters, digits, . _ -), "
             f"got {name!r}",
         )
+    check_name(name, f"{where}: name")
     return name
 
 

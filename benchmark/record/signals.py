@@ -26,13 +26,15 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-_held = {"depth": 0, "pending": None}  # signals arriving inside `deferred()` blocks
+# signals arriving inside `deferred()` blocks, and the first signal of the command (`received`)
+_held: dict[str, int | None] = {"depth": 0, "pending": None, "received": None}
 
 
 def _raise_once(signum: int, frame: FrameType | None) -> None:
     """The first signal interrupts; later ones are ignored so that the cleanup it started
     (closing MLflow runs, stopping workers) is not itself interrupted. Inside a `deferred()`
     block the interruption waits for the block's end."""
+    _held["received"] = _held["received"] or signum
     for sig in (*HANDLED, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     if _held["depth"]:
@@ -61,14 +63,38 @@ def deferred() -> Iterator[None]:
             _interrupt(signum)
 
 
+def _sigint(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C as Python handles it (every press interrupts), remembered: an interruption
+    raised inside a finalizer or callback is printed and dropped by Python, and the command
+    would then end as if it had finished (see `received`)."""
+    _held["received"] = _held["received"] or signum
+    raise KeyboardInterrupt
+
+
 def install(include_sigint: bool = False) -> None:
     """Turn SIGTERM and SIGHUP (and SIGINT with `include_sigint`, for worker processes that
-    get Ctrl-C twice: from the terminal and from their parent) into one interruption. Only
-    the main thread can install handlers; elsewhere this does nothing."""
+    get Ctrl-C twice: from the terminal and from their parent) into one interruption; without
+    it, Ctrl-C keeps Python's behaviour and is only remembered. Only the main thread can
+    install handlers; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for sig in HANDLED + ((signal.SIGINT,) if include_sigint else ()):
+    _held["received"] = None
+    signal.signal(signal.SIGINT, _raise_once if include_sigint else _sigint)
+    for sig in HANDLED:
         signal.signal(sig, _raise_once)
+
+
+def received() -> int | None:
+    """The first handled signal since `install` (None: none), even one whose interruption
+    was swallowed on the way (raised inside a finalizer): a command checks it before it
+    declares success or replaces a result."""
+    return _held["received"]
+
+
+def check() -> None:
+    """Raise the interruption of a signal that arrived but was swallowed on the way."""
+    if (signum := received()) is not None:
+        _interrupt(signum)
 
 
 def exit_code(exc: KeyboardInterrupt) -> int:

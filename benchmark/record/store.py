@@ -51,6 +51,17 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path)
 
 
+def missing_database(db: Path) -> str:
+    """`the database x.db does not exist (...)`, with the SQLite files beside it: a command that
+    reads must not create one (a typo would leave an empty database behind)."""
+    folder = db.absolute().parent
+    found = sorted(p.name for p in folder.glob("*.db")) if folder.is_dir() else []
+    return (
+        f"the database {db} does not exist (removed, moved or mistyped; SQLite files in "
+        f"{folder}: {', '.join(found) or 'none'})"
+    )
+
+
 def absolute_sqlite(uri: str) -> str:
     """`sqlite:///relative.db` -> `sqlite:////cwd/relative.db`: a relative path means the
     caller's cwd, not that of the worker or server that opens it later. Other URIs unchanged."""

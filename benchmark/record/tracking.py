@@ -10,13 +10,15 @@ are always sent in batches: one `log_batch` per epoch, never one request per val
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from benchmark.errors import CellPruned, ConfigError
 from benchmark.record import schema, signals
 from benchmark.record.store import (  # noqa: F401 - re-exported: the one home of URI plumbing
     absolute_sqlite,
+    missing_database,
     redact_uri,
     refuse_file_store,
     schema_lock,
@@ -106,11 +109,15 @@ def _check_login(uri: str, timeout: float) -> None:
         pass
 
 
-def open_store(uri: str) -> MlflowClient:
+def open_store(uri: str, create: bool = True) -> MlflowClient:
     """Check that `uri` can be written, then create (or check) MLflow's schema while holding
     the database's inter-process lock (`store.schema_lock`), so that any number of flexbench
     processes can start together on a new or existing store. Every command calls this before
-    its first read or write. Raises ConfigError."""
+    its first read or write; one that only reads passes `create=False`, so that a mistyped
+    SQLite path fails without leaving an empty database behind. Raises ConfigError."""
+    db = sqlite_path(uri)
+    if not create and db is not None and not db.exists():
+        raise ConfigError(f"tracking URI {redact_uri(uri)}: {missing_database(db)}")
     check_reachable(uri)
     if uri.startswith(("http://", "https://")):  # a server owns its schema
         return MlflowClient(tracking_uri=uri)
@@ -156,7 +163,7 @@ def missing_run(uri: str, experiment: str, run_id: str | None) -> str | None:
     shown = redact_uri(uri)
     db = sqlite_path(uri)
     if db is not None and not db.exists():
-        return f"the database {db} does not exist (removed or moved)"
+        return missing_database(db)
     if not run_id:
         return "the checkpoint names no MLflow run"
     client = open_store(uri)
@@ -224,8 +231,8 @@ class CellRun:
         tags: dict[str, str],
         run_id: str | None = None,
     ) -> str:
-        """Create the parent run, or reopen `run_id` when resuming (a failed run resumed from
-        its checkpoint, e.g. after its grid worker was killed, loses its stale error)."""
+        """Create the parent run, or reopen `run_id` when resuming (its error from the end that
+        failed, e.g. a killed grid worker or a full disk, no longer holds: removed)."""
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -345,14 +352,33 @@ class CellRun:
         try:
             yield
         except KeyboardInterrupt:
-            self.interrupted()
+            self._record_end(self.interrupted)
             raise
         except CellPruned:
-            self.pruned()
+            self._record_end(self.pruned)
             raise
         except Exception as exc:
-            self.fail(f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            self._record_end(lambda: self.fail(reason))
             raise
+
+    def _record_end(self, end: Callable[[], None]) -> None:
+        """Record how the run ended; a store that cannot take it (the full disk that ended the
+        cell often holds the SQLite database too) costs a warning, never the error that ended
+        the run (the grid and `--resume` treat the run left `running` as interrupted). MLflow's
+        own traceback of the failed write is silenced: the warning says it in one line."""
+        db_log = logging.getLogger("mlflow.store.db.utils")
+        was, db_log.disabled = db_log.disabled, True
+        try:
+            end()
+        except Exception as exc:  # noqa: BLE001 - whatever the store raises
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(
+                f"warning: MLflow run {self.run_id} could not be marked as ended ({first})",
+                file=sys.stderr,
+            )
+        finally:
+            db_log.disabled = was
 
 
 def environment_tags(device: Any, threads: int) -> dict[str, str]:

@@ -10,7 +10,6 @@ a resume can check that it continues this cell (`benchmark.training.train.prepar
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from benchmark.errors import ConfigError
+from benchmark.files import check_name, write_atomic
 
 
 class CannotResume(ConfigError):
@@ -36,17 +36,18 @@ class CannotResume(ConfigError):
 
 
 def cell_dir(cfg: dict[str, Any], experiment: str, key: str) -> Path:
-    """`runtime.workdir/<experiment>/<cell key>/`: the cell's checkpoint folder."""
-    return Path(cfg["runtime"]["workdir"]) / experiment / key
+    """`runtime.workdir/<experiment>/<cell key>/`: the cell's checkpoint folder (ConfigError
+    for an experiment name that cannot be a folder name there)."""
+    workdir = Path(cfg["runtime"]["workdir"])
+    check_name(experiment, "experiment name (--experiment)", workdir)
+    return workdir / experiment / key
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write `state` atomically (`benchmark.files.write_atomic`): the previous checkpoint stays
+    whole until the new one is on disk; a full disk raises WriteError naming the device."""
+    fix = "make room there, then rerun with --resume (the last checkpoint, if any, is kept)"
+    write_atomic(path, lambda fh: torch.save(state, fh), fix)
 
 
 def load(path: Path) -> dict[str, Any]:

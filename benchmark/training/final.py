@@ -32,6 +32,7 @@ from torch import Tensor
 
 from benchmark.costs.axis import auc_top1, cost_axis
 from benchmark.costs.flops import latency_profile
+from benchmark.files import disk_errors
 from benchmark.record import schema
 from benchmark.record.schema import Measurement
 from benchmark.training.budgeted import budgeted_curve
@@ -162,11 +163,19 @@ def record(cell: PreparedCell, final: FinalEvaluation, rows: list[dict[str, Any]
     cfg = cell.cfg
     title = f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}"
     summary = CellSummary(title, rows, axis, split, final.budgeted)
-    with tempfile.TemporaryDirectory(prefix="flexbench-") as tmp:
+    # the artifact files are made in a temporary folder, then copied to MLflow's store: a full
+    # disk there is one line, and the trained cell is kept for --resume
+    with (
+        disk_errors(Path(tempfile.gettempdir()), FINISH_FIX),
+        tempfile.TemporaryDirectory(prefix="flexbench-") as tmp,
+    ):
         files = artifacts(Path(tmp), cell, summary)
         total = cell.plan.total_epochs
         cell.run.finish(metrics, rows, files, cfg, cell.key, total, final.budgeted)
     return metrics
+
+
+FINISH_FIX = "make room there, then rerun with --resume to finish the cell (its training is kept)"
 
 
 def artifacts(
