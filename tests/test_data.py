@@ -4,6 +4,7 @@ read only by the final evaluation, and the batched augmentation."""
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import FAST, all_runs, smoke_cfg
 from PIL import Image
 
 from benchmark import data as datasets
-from benchmark.config import resolve
+from benchmark.config import cell_key, resolve
 from benchmark.data import imagefolder
 from benchmark.data.pipeline import Normalizer, TrainBatches, crop_flip
 from benchmark.errors import ConfigError
@@ -214,6 +215,26 @@ def test_changed_image_folder_is_decoded_again(tmp_path, monkeypatch):
     monkeypatch.setattr(imagefolder, "_load_split", no_decoding)
     again = datasets.load_splits(name, data_cfg(val_size=6))
     assert again.data_hash == fresh.data_hash and torch.equal(again.train_x, fresh.train_x)
+
+
+def test_cell_key_knows_an_image_folder_by_its_images_not_its_path(image_tree, tmp_path):
+    """Moved, renamed or zipped, a folder keeps its cells' keys (the grid skips them, a study
+    continues); an image added or rewritten to another size changes them."""
+
+    def key(path: Path) -> str:
+        sets = {"data.image_size": 32}
+        return cell_key(resolve("slimmable_mobilenet_v1", f"imagefolder:{path}", "joint", 0,
+                                "smoke", sets))  # fmt: skip
+
+    before = key(image_tree)
+    moved = shutil.copytree(image_tree, tmp_path / "elsewhere" / "renamed")
+    assert key(moved) == before
+    assert key(write_zip(moved, tmp_path / "tiny.zip")) == before
+    image = moved / "train" / "cat" / "000.png"
+    image.write_bytes(image.read_bytes() + b"\0")
+    rewritten = key(moved)
+    (moved / "test" / "dog" / "extra.png").write_bytes(image.read_bytes())
+    assert len({before, rewritten, key(moved)}) == 3
 
 
 def test_data_hash_identifies_the_decoded_data(image_tree, image_zip):

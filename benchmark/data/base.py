@@ -147,7 +147,9 @@ class DatasetSpec:
     `flexbench info` works without them); `check` validates that the source can be loaded (files
     present), and training runs it before any work, so bad paths fail early. `train_size`: the
     number of images of the training split (before the validation split and subsets), without
-    decoding, or None where unknown; the grid uses it to estimate a cell's compute.
+    decoding, or None where unknown; the grid uses it to estimate a cell's compute. `identity`:
+    what the cell key knows a file-backed dataset by instead of its path (what the data is, not
+    where); None keeps the name (`cifar10`, `synthetic`).
     """
 
     name: str
@@ -157,6 +159,7 @@ class DatasetSpec:
     needs_arg: bool = False
     check: Callable[[str | None, dict[str, Any]], None] | None = None
     train_size: Callable[[str | None, dict[str, Any]], int | None] | None = None
+    identity: Callable[[str | None], str] | None = None
 
 
 def cache_dir() -> Path:
