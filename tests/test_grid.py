@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import image_folder
 
 from benchmark.cli import main
 from benchmark.config import resolve
@@ -225,24 +226,8 @@ def test_scopes_precedence_and_from_study(tmp_path):
         load_grid(path)
 
 
-def tiny_images(root: Path) -> Path:
-    """An image folder: train/ and test/ with classes a and b, 3 noise images of 32x32 each."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls in ("a", "b"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(3):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 def test_relative_dataset_path_resolves_against_grid_file(tmp_path, monkeypatch):
-    tiny_images(tmp_path / "data" / "tiny")
+    image_folder(tmp_path / "data" / "tiny")
     grids = tmp_path / "grids"
     grids.mkdir()
     path = write_grid(grids, datasets=["imagefolder:../data/tiny"], set={"data.val_size": 2})
@@ -569,7 +554,7 @@ def test_a_grid_whose_data_moved_skips_its_finished_cells(schema_db, tmp_path, m
 
     db, uri = fresh_db(schema_db, tmp_path)
     monkeypatch.chdir(tmp_path)
-    images = tiny_images(tmp_path / "old" / "data" / "tiny")
+    images = image_folder(tmp_path / "old" / "data" / "tiny")
     imagefolder.load(str(images), {})  # decoded here: a grid worker (a daemon) cannot fork more
     sets = {**yaml.safe_load(TINY.read_text())["set"], "train.batch_size": 2}
     sets["data"] = {"train_subset": None, "val_size": 2, "test_subset": None}

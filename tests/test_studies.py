@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import FAST, all_runs
+from conftest import FAST, all_runs, image_folder
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -259,6 +259,49 @@ def test_rerun_continues_the_study(env, smoke_study, capsys):
     assert len(_load(env, "smoke").trials) == before + 2
     with pytest.raises(SystemExit):  # one of --trials / --until, not both
         _cli(env, "run", "--study-name", "smoke", "--trials", "1", "--until", "9")
+
+
+def test_a_rerun_with_another_sampler_or_pruner_is_refused(env, smoke_study, capsys):
+    """The study's trials were proposed by its sampler and judged by its pruner: a rerun that
+    names others is refused before any trial, and the study keeps its record."""
+    before = len(_load(env, "smoke").trials)
+    for flag, value, stored in (("--sampler", "random", "tpe"), ("--pruner", "none", "median")):
+        capsys.readouterr()
+        assert _cli(env, "run", "--study-name", "smoke", "--trials", "1", flag, value) == 2
+        assert f"{flag} {stored} (given {value})" in capsys.readouterr().err
+        study = _load(env, "smoke")
+        assert study.user_attrs[flag[2:]] == stored and len(study.trials) == before
+
+
+def test_a_study_continues_after_its_image_folder_moved(env, capsys):
+    """An image folder is known by its images (names and sizes), not its path: moved, the study
+    says how to continue, takes the new path and keeps it; other images are refused."""
+    old = image_folder(env["root"] / "moving" / "old" / "pets")
+    sets = {**FAST, "data.train_subset": "null", "data.test_subset": "null"}
+    sets.update({"data.val_size": 2, "train.batch_size": 2})
+    run = [
+        "run",
+        "--study-name",
+        "moved",
+        "--trials",
+        "1",
+        *(f"--set={k}={v}" for k, v in sets.items()),
+    ]
+    make = ["--arch", ARCH, "--method", "ipkd", "--dataset", f"imagefolder:{old}"]
+    assert _cli(env, *run, *make) == 0
+    new = old.rename(env["root"] / "moving" / "pets")
+    capsys.readouterr()
+    assert _cli(env, *run) == 2
+    assert "no longer exists: pass --dataset imagefolder:<its new place>" in capsys.readouterr().err
+    assert _cli(env, *run, "--dataset", f"imagefolder:{new}") == 0
+    study = _load(env, "moved")
+    assert len(study.trials) == 2
+    assert study.user_attrs["flexbench"]["dataset"] == f"imagefolder:{new}"
+    (new / "train" / "a" / "3.png").write_bytes((new / "train" / "a" / "0.png").read_bytes())
+    capsys.readouterr()
+    assert _cli(env, *run) == 2
+    assert "other images than the study's trials trained on" in capsys.readouterr().err
+    assert len(_load(env, "moved").trials) == 2
 
 
 def test_bad_input_fails_before_any_trial(env, capsys):
