@@ -822,6 +822,31 @@ def test_a_data_file_is_named_by_its_file_name_in_runs_and_plan(store):
     }
 
 
+def test_a_cell_of_another_network_is_not_pooled_with_its_method(store, tmp_path):
+    """A joint cell trained with `--set arch.n_blocks=4` (4 exits) beside 3-exit joint cells:
+    a row of its own, named by the setting, and the joint means are over the 3-exit cells only.
+    The method's own architecture settings (imta's arch.ge) are the method, not a variant."""
+    from reports.build import ReportOptions, build_report
+
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("variant")
+    four = [*SUBS, "exit4"]
+    cells = [("joint", 0, "3", SUBS), ("joint", 1, "3", SUBS), ("joint", 2, "4", four)]
+    for method, seed, blocks, subs in [*cells, ("imta", 0, "3", SUBS)]:
+        top1 = [*TOP1[("joint", seed)], 80][: len(subs)]
+        rid = _finished_cell(client, exp, method, seed, top1, subs=subs, mflops=[*MFLOPS, 8.0])
+        ge = str(method == "imta")  # imta turns GE on (KEY_NEUTRAL: False); the root differs
+        params = {"arch.n_blocks": blocks, "arch.ge": ge, "train.epochs": "3", "data.root": rid}
+        client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    opts = ReportOptions(out=tmp_path / "out", formats="md", log_to_mlflow=False)
+    s = build_report("variant", store, opts).summary
+    r = _row(s, method="joint", key="exit1")  # seeds 0 and 1: 50, 52
+    assert r["n"] == 2 and r["mean"] == pytest.approx(51.0)
+    assert _row(s, method="joint [arch.n_blocks=4]", key="exit4")["n"] == 1
+    assert s[(s["method"] == "joint") & (s["key"] == "exit4")].empty
+    assert _row(s, method="imta", key="exit1")["n"] == 1
+
+
 # --- method styles ---------------------------------------------------------------------------
 SHIPPED_STYLES = {  # colours and markers every report has drawn these methods with
     "joint": ("#000000", "o"),
