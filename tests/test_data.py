@@ -247,6 +247,16 @@ def test_data_hash_identifies_the_decoded_data(image_tree, image_zip):
     assert synthetic.data_hash == datasets.load_splits("synthetic", data_cfg()).data_hash
 
 
+def test_a_subset_larger_than_the_folder_names_the_fix(image_tree):
+    """The smoke profile's 640 training images from a folder of 36: the message says what to
+    pass instead."""
+    with pytest.raises(ConfigError) as err:
+        datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(val_size=6, train_subset=640))
+    msg = str(err.value)
+    assert "data.train_subset 640 exceeds the 30 images available" in msg
+    assert "--set data.train_subset=30" in msg and "--profile paper" in msg
+
+
 def test_sealed_test_split_refuses_reads():
     s = datasets.load_splits("synthetic", data_cfg())
     s.sealed = True

@@ -87,13 +87,23 @@ class Splits:
 
 
 def _subset(n: int, size: int | float | None, what: str) -> int:
+    """The number of images `size` (a count, a fraction in (0, 1] or None: all) takes of `n`;
+    a count above `n` is a ConfigError naming the ways out."""
     if size is None:
         return n
     if isinstance(size, float) and 0 < size <= 1:
         return max(1, int(round(n * size)))
     if isinstance(size, int) and size > 0:
         if size > n:
-            raise ConfigError(f"{what} {size} exceeds the {n} images available")
+            hint = (  # the profiles' subsets: `benchmark.config.PROFILES`; paper takes all
+                f", --set {what}=null (every image) or a profile without a subset (--profile paper)"
+                if what != "data.val_size"
+                else ""
+            )
+            raise ConfigError(
+                f"{what} {size} exceeds the {n} images available: pass --set {what}={n} "
+                f"or a fraction such as {what}=0.5{hint}"
+            )
         return size
     raise ConfigError(f"{what} must be a positive integer or a fraction in (0, 1], {got(size)}")
 
