@@ -428,6 +428,22 @@ def test_export_best_params_and_a_grid_trains_with_them(env, smoke_study):
     assert float(run.data.params["method.a"]) == pytest.approx(params["a"])
 
 
+def test_exported_integer_parameters_are_written_as_integers(tmp_path):
+    """sandwich's n (a whole number) is `n: 4` in the export, not 4.0; the grid reads it back
+    as the number it trained with."""
+    study = optuna.create_study(direction="maximize")
+    spec = {"arch": ARCH, "dataset": DATASET, "method": "sandwich", "profile": "smoke",
+            "seed": 0, "objective": "mean", "sets": {}, "space": {}}  # fmt: skip
+    study.set_user_attr("flexbench", spec)
+    dist = {"n": optuna.distributions.IntDistribution(2, 6)}
+    study.add_trial(optuna.trial.create_trial(params={"n": 4}, distributions=dist, value=50.0))
+    out = tmp_path / "best.yaml"
+    key, params = export.export(study, out, "memory")
+    text = out.read_text()
+    assert "\n  n: 4\n" in text and "4.0" not in text and params["n"] == 4
+    assert export.load_best(out, ARCH, DATASET, "sandwich")["n"] == 4.0
+
+
 def test_bn_recalibration_batches_are_tuned_beside_the_method_and_reach_the_grid(env, capsys):
     """`--space train.bn_calib_batches=...` searches the universally slimmable network's BN
     recalibration batches (whole numbers) beside sandwich's parameters; the export keeps the
