@@ -881,6 +881,36 @@ def test_method_colours_stay_and_come_from_the_registry():
     ]
 
 
+def test_variants_and_every_method_differ_by_colour():
+    """byot is not joint's black, sandwich not ipkd's blue, and a tuned variant or a cell of
+    another setup is not drawn in its method's colour (markers alone are hard to tell apart)."""
+    from benchmark.methods import METHODS
+    from reports.style import method_styles
+
+    variants = ["ipkd (T=3.71, a=0.62)", "ipkd_ta (T=2, a=0.5)", "joint [arch.n_blocks=4]"]
+    styles = method_styles([*METHODS.names(), *variants])
+    colours = [s["color"] for s in styles.values()]
+    assert len(set(colours)) == len(colours), styles
+    assert styles["byot"]["color"] != styles["joint"]["color"]
+
+
+def test_the_accuracy_legend_is_off_the_curves(report, monkeypatch, tmp_path):
+    """The legend of accuracy vs MFLOPs sits below the axes, not on the curves."""
+    from reports import figures
+    from reports.style import method_styles
+
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda fig, out, stem: drawn.append(fig) or [])
+    ctx = figures.PanelPlot((ARCH, DATASET, PROFILE), report.order,
+                            method_styles(report.order), "joint", tmp_path)  # fmt: skip
+    figures.acc_vs_cost(report.summary, ctx)
+    (fig,) = drawn
+    fig.canvas.draw()
+    (legend,) = fig.legends + [a.get_legend() for a in fig.axes if a.get_legend()]
+    assert not legend.get_window_extent().overlaps(fig.axes[0].get_window_extent())
+    assert len(legend.get_texts()) == 3
+
+
 def test_a_taken_plot_slot_is_refused():
     from benchmark.methods import Method, register_method
 
