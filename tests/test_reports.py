@@ -838,8 +838,19 @@ def test_a_cell_of_another_network_is_not_pooled_with_its_method(store, tmp_path
         ge = str(method == "imta")  # imta turns GE on (KEY_NEUTRAL: False); the root differs
         params = {"arch.n_blocks": blocks, "arch.ge": ge, "train.epochs": "3", "data.root": rid}
         client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    plan = [
+        {"key": f"{m}-{seed}", "arch": ARCH, "dataset": DATASET, "profile": PROFILE,
+         "method": m, "label": m, "seed": seed}
+        for m, seed, _, _ in [*cells, ("imta", 0, "3", SUBS)]
+    ]  # fmt: skip
+    tracking.record_grid_plan(
+        store, "variant", {"grid": "variant", "path": "v.yaml", "cells": plan}
+    )
     opts = ReportOptions(out=tmp_path / "out", formats="md", log_to_mlflow=False)
-    s = build_report("variant", store, opts).summary
+    built = build_report("variant", store, opts)
+    cells = built.experiment.cells  # the plan's joint seed 2 is the variant's run, by its key
+    assert set(cells["status"]) == {"finished"} and cells["planned"].all() and len(cells) == 4
+    s = built.summary
     r = _row(s, method="joint", key="exit1")  # seeds 0 and 1: 50, 52
     assert r["n"] == 2 and r["mean"] == pytest.approx(51.0)
     assert _row(s, method="joint [arch.n_blocks=4]", key="exit4")["n"] == 1
