@@ -306,8 +306,10 @@ _META_MODELS: dict[str, Any] = {}
 
 
 def cell_key(cfg: dict[str, Any]) -> str:
-    """Stable hash of everything that determines a cell's result (not runtime or paths)."""
+    """Stable hash of everything that determines a cell's result (not runtime or paths): a
+    file-backed dataset enters by what it is (`datasets.identity`), not where it is."""
     semantic = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "runtime"}
+    semantic["data"]["name"] = datasets.identity(cfg["data"]["name"])
     for section, key in NON_SEMANTIC:
         semantic[section].pop(key, None)
     for (section, key), neutral in KEY_NEUTRAL.items():

@@ -108,7 +108,8 @@ def acc_vs_cost(
     log = xs_all.min() > 0 and (axis == "gbitops" or xs_all.max() / xs_all.min() > 8)
     span = (xs_all.max() - xs_all.min()) or max(xs_all.max(), 1e-9)
     with plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+        rows = -(-len(methods) // 2)  # the legend below the axes, off the curves: 2 a row
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6 + 0.16 * rows), layout="constrained")
         lines = set()
         if spectrum is not None and not spectrum.empty:
             lines = _spectrum_lines(ax, spectrum, methods, styles)
@@ -139,7 +140,7 @@ def acc_vs_cost(
         top.tick_params(length=2, pad=1)
         if log:
             top.minorticks_off()
-        ax.legend(frameon=False, loc="best")
+        fig.legend(frameon=False, loc="outside lower center", ncol=2)
         ax.set_title(panel_title(panel), pad=14)
         stem = f"figures/acc_vs_{axis}_{panel_slug(panel)}"
         files = save(fig, out, stem)

@@ -25,6 +25,7 @@ are not cells of the benchmark and are only counted in `ignored`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -131,6 +132,59 @@ def _method_labels(parents: pd.DataFrame) -> pd.Series:
     return pd.Series(labels, index=parents.index)
 
 
+def _setups(parents: pd.DataFrame) -> list[tuple[dict[str, str], set[str]]]:
+    """Each cell's settings that change the network or the protocol, from its logged params:
+    `arch.*`, `data.*`, `train.*`, less what is not in the cell key (`data.root`,
+    `data.download`, a key at its neutral value, `benchmark.config`) and the dataset (a panel of
+    its own); with the architecture settings its method turns on (imta's `arch.ge`), which are
+    the method, not a setup, and so never compared."""
+    from benchmark.config import KEY_NEUTRAL, NON_SEMANTIC
+    from benchmark.methods import METHODS
+
+    cols = [
+        c
+        for c in parents.columns
+        if c.startswith(("params.arch.", "params.data.", "params.train."))
+    ]
+    out = []
+    for i, arch, method in zip(
+        parents.index, _tag(parents, schema.ARCH), _tag(parents, schema.METHOD)
+    ):
+        specs = METHODS.get(method).ARCH_SETTINGS if method in METHODS.names() else {}
+        own = {f"arch.{k}" for k in specs.get(arch, {})}
+        setup = {}
+        for c in cols:
+            key, value = c[len("params.") :], parents.at[i, c]
+            section, _, name = key.partition(".")
+            skip = name == "name" or (section, name) in NON_SEMANTIC or key in own
+            neutral = (section, name) in KEY_NEUTRAL and value == str(KEY_NEUTRAL[(section, name)])
+            if isinstance(value, str) and not skip and not neutral:
+                setup[key] = value
+        out.append((setup, own))
+    return out
+
+
+def _variant_labels(parents: pd.DataFrame, labels: pd.Series) -> pd.Series:
+    """Method labels with the settings in which a cell differs from its panel's usual setup (the
+    one most of its cells share), e.g. `joint [arch.n_blocks=4]`: another network or protocol is
+    another row of every table, never pooled into the method's mean."""
+    setups, owned = zip(*_setups(parents)) if len(parents) else ((), ())
+    panels = list(zip(*(_tag(parents, t) for t in (schema.ARCH, schema.DATASET, schema.PROFILE))))
+    usual: dict[tuple, dict[str, str]] = {}
+    for panel in set(panels):
+        seen = Counter(
+            json.dumps(st, sort_keys=True) for st, p in zip(setups, panels) if p == panel
+        )
+        usual[panel] = json.loads(min(seen, key=lambda k: (-seen[k], k)))
+    out = []
+    for label, setup, own, panel in zip(labels, setups, owned, panels):
+        ref = usual[panel]
+        keys = sorted({*setup, *ref} - own)
+        diff = [f"{k}={setup.get(k, '-')}" for k in keys if setup.get(k) != ref.get(k)]
+        out.append(f"{label} [{', '.join(diff)}]" if diff else label)
+    return pd.Series(out, index=labels.index)
+
+
 def _cell_frame(parents: pd.DataFrame) -> pd.DataFrame:
     seed = pd.to_numeric(_tag(parents, schema.SEED), errors="coerce")
     cells = pd.DataFrame(
@@ -138,7 +192,7 @@ def _cell_frame(parents: pd.DataFrame) -> pd.DataFrame:
             "arch": _tag(parents, schema.ARCH).fillna("?"),
             "dataset": _tag(parents, schema.DATASET).fillna("?"),
             "profile": _tag(parents, schema.PROFILE).fillna("?"),
-            "method": _method_labels(parents),
+            "method": _variant_labels(parents, _method_labels(parents)),
             "seed": seed,
             "status": _tag(parents, schema.STATUS).fillna("unknown"),
             "error": _tag(parents, schema.ERROR),
@@ -269,18 +323,27 @@ def load_plan(client: MlflowClient, experiment_id: str) -> dict | None:
     return merged
 
 
+def _planned_cell(c: dict) -> tuple:
+    """A planned cell as (arch, dataset, profile, method label, seed), the report's CELL."""
+    return c["arch"], c["dataset"], c["profile"], c.get("label", c["method"]), int(c["seed"])
+
+
 def _with_planned(cells: pd.DataFrame, plan: dict) -> pd.DataFrame:
     """Add `missing` rows for the planned cells without a run; mark each cell `planned`
-    (a run of a cell the grid did not plan, e.g. a single `flexbench train`, is kept as is)."""
-    planned = {
-        (c["arch"], c["dataset"], c["profile"], c.get("label", c["method"]), int(c["seed"]))
-        for c in plan["cells"]
-    }
-    have = set(map(tuple, cells[CELL].itertuples(index=False))) if not cells.empty else set()
+    (a run of a cell the grid did not plan, e.g. a single `flexbench train`, is kept as is).
+    A run matches a planned cell by (arch, dataset, profile, label, seed) or by its key: the
+    label of a cell of another setup names that setup (`_variant_labels`), the plan's does not."""
+    planned = {_planned_cell(c) for c in plan["cells"]}
+    keys = {c["key"] for c in plan["cells"] if c.get("key")}
+    runs = [] if cells.empty else list(zip(cells["cell"], cells[CELL].itertuples(index=False)))
+    is_planned = [tuple(row) in planned or key in keys for key, row in runs]
+    recorded = {key for key, _ in runs}
+    have = {tuple(row) for _, row in runs}
+    have |= {_planned_cell(c) for c in plan["cells"] if c.get("key") in recorded}
     rows = [dict(zip(CELL, key), status="missing", superseded=0) for key in sorted(planned - have)]
+    cells = cells.assign(planned=is_planned) if runs else cells.assign(planned=[])
     if rows:
-        cells = pd.concat([cells, pd.DataFrame(rows)], ignore_index=True)
-    cells["planned"] = [tuple(k) in planned for k in cells[CELL].itertuples(index=False)]
+        cells = pd.concat([cells, pd.DataFrame(rows).assign(planned=True)], ignore_index=True)
     return cells
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 
-# Okabe-Ito colours: distinguishable with the common colour-vision deficiencies and in greyscale
-# through the markers. A registered method's `plot_slot` (declared in its file) picks its colour,
-# marker and place in legends, so a method looks the same in every report and adding a method
-# changes no other's style; names without a slot (methods not registered here, e.g. from older
-# runs) take the free slots in sorted order.
+# Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), then darker
+# ones from Paul Tol's palettes, so that every registered method and the variants of a report
+# (`ipkd (T=3.71, a=0.62)`, `joint [arch.n_blocks=4]`) differ by colour, not only by marker.
+# A registered method's `plot_slot` (declared in its file) picks its colour, marker and place in
+# legends, so a method looks the same in every report and adding a method changes no other's
+# style; names without a slot (variants, methods from older runs) take the free slots in sorted
+# order.
 _PALETTE = [
     "#000000",  # black
     "#E69F00",  # orange
@@ -18,7 +20,14 @@ _PALETTE = [
     "#CC79A7",  # purple
     "#56B4E9",  # sky blue
     "#999999",  # grey
-    "#F0E442",  # yellow (last: weak on white)
+    "#F0E442",  # yellow (weak on white)
+    "#882255",  # wine
+    "#999933",  # olive
+    "#332288",  # indigo
+    "#8C510A",  # brown
+    "#44AA99",  # teal
+    "#AA4499",  # magenta
+    "#DDCC77",  # sand
 ]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h"]
 
@@ -50,8 +59,8 @@ def declared_slots() -> dict[str, int]:
 
 
 def slot_style(slot: int) -> dict[str, str]:
-    """Colour and marker of a slot; past the palette the marker shifts, so slot 9 (black
-    squares) still differs from slot 0 (black circles)."""
+    """Colour and marker of a slot; past the palette (16 colours) the marker shifts, so slot 16
+    (black squares) still differs from slot 0 (black circles)."""
     n = len(_PALETTE)
     return {"color": _PALETTE[slot % n], "marker": _MARKERS[(slot + slot // n) % len(_MARKERS)]}
 

@@ -51,7 +51,8 @@ def best_params(study: optuna.Study) -> tuple[str, dict[str, float], dict[str, A
     found = {**spec.fixed_params(), **best.params}
     settings = {k: int(v) for k, v in found.items() if "." in k}  # e.g. train.bn_calib_batches
     method_params = {k: v for k, v in found.items() if "." not in k}
-    params = {**METHODS.get(spec.method).resolve(method_params), **settings}
+    resolved = METHODS.get(spec.method).resolve(method_params)  # every number a float
+    params = {**{k: _as_written(v) for k, v in resolved.items()}, **settings}
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
     meta = {
         "name": study.study_name,
@@ -70,6 +71,12 @@ def best_params(study: optuna.Study) -> tuple[str, dict[str, float], dict[str, A
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return key(spec.arch, spec.dataset, spec.method), params, meta
+
+
+def _as_written(value: float | str) -> float | int | str:
+    """A whole number as an integer (sandwich's `n: 4`, not `4.0`), so that the file and
+    `study best` show integer parameters as integers; `load_best` reads numbers as floats."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def export(study: optuna.Study, path: str | Path, storage: str) -> tuple[str, dict[str, float]]:

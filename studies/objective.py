@@ -46,6 +46,9 @@ class StudySpec:
     objective: str
     sets: dict[str, Any]  # semantic --set overrides (fixed method.* parameters included)
     space: dict[str, dict[str, Any]]
+    # what the data is (`benchmark.data.identity`), so that a moved image folder continues the
+    # study under its new path; None in studies created before it was stored
+    data_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))

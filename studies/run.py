@@ -19,6 +19,7 @@ import socket
 import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -112,32 +113,27 @@ def make_pruner(name: str, total_epochs: int) -> optuna.pruners.BasePruner:
 
 
 # --- the study's definition: given now vs stored -------------------------------------------
-def _spec(opts: RunOptions, stored: StudySpec | None, name: str) -> StudySpec:
-    given = {f: getattr(opts, f) for f in SPEC_FIELDS if getattr(opts, f) is not None}
-    semantic = {k: v for k, v in opts.sets.items() if not is_per_run(k)}
+def _spec(opts: RunOptions, stored: StudySpec | None, name: str, prev: dict[str, Any]) -> StudySpec:
+    """The study's definition: a new one from the options, or the stored one, which a rerun
+    must not contradict (`prev`: the stored study's user attributes)."""
     if stored is None:
-        missing = [f for f in ("arch", "method") if f not in given]
-        if missing:
-            raise ConfigError(
-                f"study {name!r} does not exist yet: pass --{' and --'.join(missing)} to create it"
-            )
-        values = {**CREATE_DEFAULTS, **given}
-        if values["objective"] not in OBJECTIVES:
-            raise ConfigError(
-                f"unknown objective {values['objective']!r}; valid: {', '.join(OBJECTIVES)}"
-            )
-        fixed = {k[len("method.") :]: v for k, v in semantic.items() if k.startswith("method.")}
-        space = resolve_space(values["method"], opts.space_file, opts.space_items, fixed, semantic)
-        return StudySpec(**values, sets=semantic, space=space_to_dict(space))
-    conflicts = [
+        return _new_spec(opts, name)
+    spec, conflicts = _located(stored, opts.dataset, name)
+    given = {f: getattr(opts, f) for f in SPEC_FIELDS if getattr(opts, f) is not None}
+    conflicts += [
         f"{f}={getattr(stored, f)!r} (given {v!r})"
         for f, v in given.items()
-        if getattr(stored, f) != v
+        if f != "dataset" and getattr(stored, f) != v
     ]
     conflicts += [
         f"--set {k}={stored.sets.get(k, '(not set)')!r} (given {v!r})"
-        for k, v in semantic.items()
-        if stored.sets.get(k, object()) != v
+        for k, v in opts.sets.items()
+        if not is_per_run(k) and stored.sets.get(k, object()) != v
+    ]
+    conflicts += [
+        f"--{what} {prev[what]} (given {given_value})"
+        for what, given_value in (("sampler", opts.sampler), ("pruner", opts.pruner))
+        if given_value and prev.get(what, given_value) != given_value
     ]
     if opts.space_file or opts.space_items:
         space = space_to_dict(
@@ -156,7 +152,60 @@ def _spec(opts: RunOptions, stored: StudySpec | None, name: str) -> StudySpec:
             f"study {name!r} already exists with different settings: {'; '.join(conflicts)}. "
             f"Rerun without them (they are stored in the study) or pick another --study-name"
         )
-    return stored
+    return spec
+
+
+def _new_spec(opts: RunOptions, name: str) -> StudySpec:
+    """A new study's definition: its cell, objective, fixed settings, space and data."""
+    from benchmark import data as datasets
+
+    given = {f: getattr(opts, f) for f in SPEC_FIELDS if getattr(opts, f) is not None}
+    missing = [f for f in ("arch", "method") if f not in given]
+    if missing:
+        raise ConfigError(
+            f"study {name!r} does not exist yet: pass --{' and --'.join(missing)} to create it"
+        )
+    values = {**CREATE_DEFAULTS, **given}
+    if values["objective"] not in OBJECTIVES:
+        raise ConfigError(
+            f"unknown objective {values['objective']!r}; valid: {', '.join(OBJECTIVES)}"
+        )
+    semantic = {k: v for k, v in opts.sets.items() if not is_per_run(k)}
+    fixed = {k[len("method.") :]: v for k, v in semantic.items() if k.startswith("method.")}
+    space = resolve_space(values["method"], opts.space_file, opts.space_items, fixed, semantic)
+    data_id = datasets.identity(values["dataset"])
+    return StudySpec(**values, sets=semantic, space=space_to_dict(space), data_id=data_id)
+
+
+def _located(stored: StudySpec, given: str | None, name: str) -> tuple[StudySpec, list[str]]:
+    """The stored spec with its dataset where it is now, and the conflicts: a dataset without a
+    path (`cifar10`) must be named the same; an image folder may be given under another path
+    when it holds the same images (`benchmark.data.identity`: names and sizes), and must then
+    be, since the study's trials trained on them."""
+    from benchmark import data as datasets
+
+    dataset = given or stored.dataset
+    if datasets.parse_name(stored.dataset)[1] is None or datasets.parse_name(dataset)[1] is None:
+        same = dataset == stored.dataset
+        return stored, [] if same else [f"dataset={stored.dataset!r} (given {dataset!r})"]
+    stored_there = Path(datasets.parse_name(stored.dataset)[1]).expanduser().exists()
+    if given is None and not stored_there:
+        raise ConfigError(
+            f"study {name!r} trained on {stored.dataset}, which no longer exists: pass "
+            f"--dataset imagefolder:<its new place> (the same images, by name and size, "
+            f"continue the study)"
+        )
+    now = datasets.identity(dataset)
+    was = stored.data_id or (datasets.identity(stored.dataset) if stored_there else None)
+    if was != now:
+        why = (
+            "which holds other images than the study's trials trained on"
+            if was
+            else "the study predates stored data identities and its old path is gone, so they "
+            "cannot be compared: put the data back there once, rerun, then move it"
+        )
+        return stored, [f"dataset={stored.dataset!r} (given {dataset!r}: {why})"]
+    return dataclasses.replace(stored, dataset=dataset, data_id=now), []
 
 
 def _validate(spec: StudySpec, run_sets: dict[str, Any]) -> dict[str, Any]:
@@ -320,11 +369,11 @@ def run_study(opts: RunOptions) -> RunSummary:
     storage = st.open_storage(url, opts.heartbeat)  # creates the schema, once, here
     existing = _existing_study(storage, name, url)
     stored = StudySpec(**existing.user_attrs["flexbench"]) if existing else None
-    spec = _spec(opts, stored, name)
+    prev = existing.user_attrs if existing else {}
+    spec = _spec(opts, stored, name, prev)
     run_sets = _run_sets(opts)
     cfg = _validate(spec, run_sets)
     total_epochs = plan_cell(cfg).total_epochs
-    prev = existing.user_attrs if existing else {}
     sampler = opts.sampler or prev.get("sampler", "tpe")
     pruner = opts.pruner or prev.get("pruner", "median")
     make_sampler(sampler, None), make_pruner(pruner, total_epochs)  # validate now
@@ -436,14 +485,15 @@ def _run_sets(opts: RunOptions) -> dict[str, Any]:
 def _create_study(
     storage, name: str, spec: StudySpec, existing: optuna.Study | None
 ) -> optuna.Study:
-    """The Optuna study; a new one stores its spec so that reruns can be checked against it."""
+    """The Optuna study; it stores its spec so that reruns can be checked against it (a rerun
+    stores where its data is now and, in a study created before they were stored, the data's
+    identity)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(
             storage=storage, study_name=name, direction="maximize", load_if_exists=True
         )
-    if existing is None:
-        study.set_user_attr("flexbench", spec.to_dict())
+    study.set_user_attr("flexbench", spec.to_dict())
     return study
 
 

@@ -49,6 +49,22 @@ FAST = {
 }
 
 
+def image_folder(root: Path) -> Path:
+    """An image folder: train/ and test/ with classes a and b, 3 noise images of 32x32 each."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def _session_dirs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flexbench-session")

@@ -4,6 +4,7 @@ read only by the final evaluation, and the batched augmentation."""
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import FAST, all_runs, smoke_cfg
 from PIL import Image
 
 from benchmark import data as datasets
-from benchmark.config import resolve
+from benchmark.config import cell_key, resolve
 from benchmark.data import imagefolder
 from benchmark.data.pipeline import Normalizer, TrainBatches, crop_flip
 from benchmark.errors import ConfigError
@@ -216,6 +217,26 @@ def test_changed_image_folder_is_decoded_again(tmp_path, monkeypatch):
     assert again.data_hash == fresh.data_hash and torch.equal(again.train_x, fresh.train_x)
 
 
+def test_cell_key_knows_an_image_folder_by_its_images_not_its_path(image_tree, tmp_path):
+    """Moved, renamed or zipped, a folder keeps its cells' keys (the grid skips them, a study
+    continues); an image added or rewritten to another size changes them."""
+
+    def key(path: Path) -> str:
+        sets = {"data.image_size": 32}
+        return cell_key(resolve("slimmable_mobilenet_v1", f"imagefolder:{path}", "joint", 0,
+                                "smoke", sets))  # fmt: skip
+
+    before = key(image_tree)
+    moved = shutil.copytree(image_tree, tmp_path / "elsewhere" / "renamed")
+    assert key(moved) == before
+    assert key(write_zip(moved, tmp_path / "tiny.zip")) == before
+    image = moved / "train" / "cat" / "000.png"
+    image.write_bytes(image.read_bytes() + b"\0")
+    rewritten = key(moved)
+    (moved / "test" / "dog" / "extra.png").write_bytes(image.read_bytes())
+    assert len({before, rewritten, key(moved)}) == 3
+
+
 def test_data_hash_identifies_the_decoded_data(image_tree, image_zip):
     a = datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(val_size=6))
     b = datasets.load_splits(f"imagefolder:{image_zip}", data_cfg(val_size=9))
@@ -224,6 +245,16 @@ def test_data_hash_identifies_the_decoded_data(image_tree, image_zip):
     synthetic = datasets.load_splits("synthetic", data_cfg())
     assert len({a.data_hash, resized.data_hash, synthetic.data_hash}) == 3
     assert synthetic.data_hash == datasets.load_splits("synthetic", data_cfg()).data_hash
+
+
+def test_a_subset_larger_than_the_folder_names_the_fix(image_tree):
+    """The smoke profile's 640 training images from a folder of 36: the message says what to
+    pass instead."""
+    with pytest.raises(ConfigError) as err:
+        datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(val_size=6, train_subset=640))
+    msg = str(err.value)
+    assert "data.train_subset 640 exceeds the 30 images available" in msg
+    assert "--set data.train_subset=30" in msg and "--profile paper" in msg
 
 
 def test_sealed_test_split_refuses_reads():

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import image_folder
 
 from benchmark.cli import main
 from benchmark.config import resolve
@@ -226,14 +227,7 @@ def test_scopes_precedence_and_from_study(tmp_path):
 
 
 def test_relative_dataset_path_resolves_against_grid_file(tmp_path, monkeypatch):
-    from PIL import Image
-
-    for split in ("train", "test"):
-        for cls in ("a", "b"):
-            folder = tmp_path / "data" / "tiny" / split / cls
-            folder.mkdir(parents=True)
-            for i in range(3):
-                Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    image_folder(tmp_path / "data" / "tiny")
     grids = tmp_path / "grids"
     grids.mkdir()
     path = write_grid(grids, datasets=["imagefolder:../data/tiny"], set={"data.val_size": 2})
@@ -548,6 +542,38 @@ def test_finished_grid_is_skipped_without_torch_and_the_store_decides(
     rc, out, err = run_cli(*args)
     assert rc == 0 and "this run trained 1" in out, out + err
     assert {r["key"] for r in parent_runs(db, "tiny")} == {gone["key"], kept["key"]}
+
+
+def test_a_grid_whose_data_moved_skips_its_finished_cells(schema_db, tmp_path, monkeypatch):
+    """Cell keys know an image folder by its images' names and sizes, not its path: after the
+    folder (and the grid file beside it) moved, the grid finds its cell finished. An image
+    rewritten in place changes the key; the fast skip, whose cache holds the old key, sees it
+    (its data stamp) and leaves the decision to the full run, which plans the cell anew."""
+    from benchmark.data import imagefolder
+    from benchmark.grid import fastskip
+
+    db, uri = fresh_db(schema_db, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    images = image_folder(tmp_path / "old" / "data" / "tiny")
+    imagefolder.load(str(images), {})  # decoded here: a grid worker (a daemon) cannot fork more
+    sets = {**yaml.safe_load(TINY.read_text())["set"], "train.batch_size": 2}
+    sets["data"] = {"train_subset": None, "val_size": 2, "test_subset": None}
+    grid = {"archs": ["msdnet"], "methods": ["joint"], "datasets": ["imagefolder:data/tiny"]}
+    write_grid(tmp_path / "old", **grid, set=sets)
+    args = ["--tracking-uri", uri, "--set", f"runtime.workdir={tmp_path / 'runs'}"]
+    rc, out, err = run_cli("grid", "run", str(tmp_path / "old" / "g.yaml"), *args)
+    assert rc == 0 and "1/1 cells finished" in out, out + err
+    (tmp_path / "old").rename(tmp_path / "new")
+    path = tmp_path / "new" / "g.yaml"
+    rc, out, err = run_cli("grid", "run", str(path), *args)
+    assert rc == 0 and "nothing to train: all 1 cells already finished" in out, out + err
+    cache = fastskip.fingerprint(path, {"sets": args[3:], "data_root": None}, [], uri)
+    assert fastskip.all_finished(cache, uri) == ("tiny", 1)
+    image = tmp_path / "new" / "data" / "tiny" / "train" / "a" / "0.png"
+    image.write_bytes(image.read_bytes() + b"\0")  # another size: other data, another key
+    assert fastskip.all_finished(cache, uri) is None
+    rc, out, err = run_cli("grid", "plan", str(path), *args)
+    assert rc == 0 and " new " in out, out + err
 
 
 def test_a_study_trial_with_a_cells_key_is_not_a_finished_cell(schema_db, tmp_path, monkeypatch):

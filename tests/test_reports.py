@@ -822,6 +822,42 @@ def test_a_data_file_is_named_by_its_file_name_in_runs_and_plan(store):
     }
 
 
+def test_a_cell_of_another_network_is_not_pooled_with_its_method(store, tmp_path):
+    """A joint cell trained with `--set arch.n_blocks=4` (4 exits) beside 3-exit joint cells:
+    a row of its own, named by the setting, and the joint means are over the 3-exit cells only.
+    The method's own architecture settings (imta's arch.ge) are the method, not a variant."""
+    from reports.build import ReportOptions, build_report
+
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("variant")
+    four = [*SUBS, "exit4"]
+    cells = [("joint", 0, "3", SUBS), ("joint", 1, "3", SUBS), ("joint", 2, "4", four)]
+    for method, seed, blocks, subs in [*cells, ("imta", 0, "3", SUBS)]:
+        top1 = [*TOP1[("joint", seed)], 80][: len(subs)]
+        rid = _finished_cell(client, exp, method, seed, top1, subs=subs, mflops=[*MFLOPS, 8.0])
+        ge = str(method == "imta")  # imta turns GE on (KEY_NEUTRAL: False); the root differs
+        params = {"arch.n_blocks": blocks, "arch.ge": ge, "train.epochs": "3", "data.root": rid}
+        client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    plan = [
+        {"key": f"{m}-{seed}", "arch": ARCH, "dataset": DATASET, "profile": PROFILE,
+         "method": m, "label": m, "seed": seed}
+        for m, seed, _, _ in [*cells, ("imta", 0, "3", SUBS)]
+    ]  # fmt: skip
+    tracking.record_grid_plan(
+        store, "variant", {"grid": "variant", "path": "v.yaml", "cells": plan}
+    )
+    opts = ReportOptions(out=tmp_path / "out", formats="md", log_to_mlflow=False)
+    built = build_report("variant", store, opts)
+    cells = built.experiment.cells  # the plan's joint seed 2 is the variant's run, by its key
+    assert set(cells["status"]) == {"finished"} and cells["planned"].all() and len(cells) == 4
+    s = built.summary
+    r = _row(s, method="joint", key="exit1")  # seeds 0 and 1: 50, 52
+    assert r["n"] == 2 and r["mean"] == pytest.approx(51.0)
+    assert _row(s, method="joint [arch.n_blocks=4]", key="exit4")["n"] == 1
+    assert s[(s["method"] == "joint") & (s["key"] == "exit4")].empty
+    assert _row(s, method="imta", key="exit1")["n"] == 1
+
+
 # --- method styles ---------------------------------------------------------------------------
 SHIPPED_STYLES = {  # colours and markers every report has drawn these methods with
     "joint": ("#000000", "o"),
@@ -854,6 +890,36 @@ def test_method_colours_stay_and_come_from_the_registry():
         "hsd",
         "old_method",
     ]
+
+
+def test_variants_and_every_method_differ_by_colour():
+    """byot is not joint's black, sandwich not ipkd's blue, and a tuned variant or a cell of
+    another setup is not drawn in its method's colour (markers alone are hard to tell apart)."""
+    from benchmark.methods import METHODS
+    from reports.style import method_styles
+
+    variants = ["ipkd (T=3.71, a=0.62)", "ipkd_ta (T=2, a=0.5)", "joint [arch.n_blocks=4]"]
+    styles = method_styles([*METHODS.names(), *variants])
+    colours = [s["color"] for s in styles.values()]
+    assert len(set(colours)) == len(colours), styles
+    assert styles["byot"]["color"] != styles["joint"]["color"]
+
+
+def test_the_accuracy_legend_is_off_the_curves(report, monkeypatch, tmp_path):
+    """The legend of accuracy vs MFLOPs sits below the axes, not on the curves."""
+    from reports import figures
+    from reports.style import method_styles
+
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda fig, out, stem: drawn.append(fig) or [])
+    ctx = figures.PanelPlot((ARCH, DATASET, PROFILE), report.order,
+                            method_styles(report.order), "joint", tmp_path)  # fmt: skip
+    figures.acc_vs_cost(report.summary, ctx)
+    (fig,) = drawn
+    fig.canvas.draw()
+    (legend,) = fig.legends + [a.get_legend() for a in fig.axes if a.get_legend()]
+    assert not legend.get_window_extent().overlaps(fig.axes[0].get_window_extent())
+    assert len(legend.get_texts()) == 3
 
 
 def test_a_taken_plot_slot_is_refused():

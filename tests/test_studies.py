@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import FAST, all_runs
+from conftest import FAST, all_runs, image_folder
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -261,6 +261,49 @@ def test_rerun_continues_the_study(env, smoke_study, capsys):
         _cli(env, "run", "--study-name", "smoke", "--trials", "1", "--until", "9")
 
 
+def test_a_rerun_with_another_sampler_or_pruner_is_refused(env, smoke_study, capsys):
+    """The study's trials were proposed by its sampler and judged by its pruner: a rerun that
+    names others is refused before any trial, and the study keeps its record."""
+    before = len(_load(env, "smoke").trials)
+    for flag, value, stored in (("--sampler", "random", "tpe"), ("--pruner", "none", "median")):
+        capsys.readouterr()
+        assert _cli(env, "run", "--study-name", "smoke", "--trials", "1", flag, value) == 2
+        assert f"{flag} {stored} (given {value})" in capsys.readouterr().err
+        study = _load(env, "smoke")
+        assert study.user_attrs[flag[2:]] == stored and len(study.trials) == before
+
+
+def test_a_study_continues_after_its_image_folder_moved(env, capsys):
+    """An image folder is known by its images (names and sizes), not its path: moved, the study
+    says how to continue, takes the new path and keeps it; other images are refused."""
+    old = image_folder(env["root"] / "moving" / "old" / "pets")
+    sets = {**FAST, "data.train_subset": "null", "data.test_subset": "null"}
+    sets.update({"data.val_size": 2, "train.batch_size": 2})
+    run = [
+        "run",
+        "--study-name",
+        "moved",
+        "--trials",
+        "1",
+        *(f"--set={k}={v}" for k, v in sets.items()),
+    ]
+    make = ["--arch", ARCH, "--method", "ipkd", "--dataset", f"imagefolder:{old}"]
+    assert _cli(env, *run, *make) == 0
+    new = old.rename(env["root"] / "moving" / "pets")
+    capsys.readouterr()
+    assert _cli(env, *run) == 2
+    assert "no longer exists: pass --dataset imagefolder:<its new place>" in capsys.readouterr().err
+    assert _cli(env, *run, "--dataset", f"imagefolder:{new}") == 0
+    study = _load(env, "moved")
+    assert len(study.trials) == 2
+    assert study.user_attrs["flexbench"]["dataset"] == f"imagefolder:{new}"
+    (new / "train" / "a" / "3.png").write_bytes((new / "train" / "a" / "0.png").read_bytes())
+    capsys.readouterr()
+    assert _cli(env, *run) == 2
+    assert "other images than the study's trials trained on" in capsys.readouterr().err
+    assert len(_load(env, "moved").trials) == 2
+
+
 def test_bad_input_fails_before_any_trial(env, capsys):
     cases = [
         (["--arch", ARCH, "--method", "joint"], "nothing to search"),
@@ -383,6 +426,22 @@ def test_export_best_params_and_a_grid_trains_with_them(env, smoke_study):
     assert run.data.tags["flexbench.test_evaluated"] == "true"  # the grid evaluates on test
     assert float(run.data.params["method.T"]) == pytest.approx(params["T"])
     assert float(run.data.params["method.a"]) == pytest.approx(params["a"])
+
+
+def test_exported_integer_parameters_are_written_as_integers(tmp_path):
+    """sandwich's n (a whole number) is `n: 4` in the export, not 4.0; the grid reads it back
+    as the number it trained with."""
+    study = optuna.create_study(direction="maximize")
+    spec = {"arch": ARCH, "dataset": DATASET, "method": "sandwich", "profile": "smoke",
+            "seed": 0, "objective": "mean", "sets": {}, "space": {}}  # fmt: skip
+    study.set_user_attr("flexbench", spec)
+    dist = {"n": optuna.distributions.IntDistribution(2, 6)}
+    study.add_trial(optuna.trial.create_trial(params={"n": 4}, distributions=dist, value=50.0))
+    out = tmp_path / "best.yaml"
+    key, params = export.export(study, out, "memory")
+    text = out.read_text()
+    assert "\n  n: 4\n" in text and "4.0" not in text and params["n"] == 4
+    assert export.load_best(out, ARCH, DATASET, "sandwich")["n"] == 4.0
 
 
 def test_bn_recalibration_batches_are_tuned_beside_the_method_and_reach_the_grid(env, capsys):

@@ -68,6 +68,28 @@ def test_alpha_divergence_value_is_the_per_sample_max_of_the_formula(a_minus, a_
     assert got.item() == pytest.approx(want, rel=1e-5)
 
 
+# The issue's samples: teacher and student log-probabilities 100 and 120 apart, where the ratio
+# p/q (e^100, e^120) overflows float32 and q (e^-120) underflows to 0.
+FAR_STUDENT = [[0.0, -100.0], [0.0, -120.0]]
+FAR_TEACHER = [[-100.0, 0.0], [-120.0, 0.0]]
+
+
+@pytest.mark.parametrize("a_minus,a_plus", [(-1.0, 1.0), (0.0, 0.5)])
+def test_alpha_divergence_is_exact_where_log_probabilities_differ_by_more_than_88(a_minus, a_plus):
+    """Finite and equal to the formula in float64 (1 = KL(p || q), 0 = KL(q || p): about 100
+    and 120), with a finite gradient."""
+    s = torch.tensor(FAR_STUDENT, requires_grad=True)
+    got = alpha_kd_loss(s, torch.tensor(FAR_TEACHER), 1.0, a_minus, a_plus, 5.0)
+    got.backward()
+    want = sum(
+        max(ref_alpha_div(zs, zt, a_minus, 5.0), ref_alpha_div(zs, zt, a_plus, 5.0))
+        for zs, zt in zip(FAR_STUDENT, FAR_TEACHER)
+    ) / len(FAR_STUDENT)
+    assert want == pytest.approx(110.0, rel=1e-6)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    assert torch.isfinite(s.grad).all()
+
+
 def test_alpha_divergence_clipping_changes_the_value_where_the_ratio_is_large():
     """Sample 3: the teacher is confident where the student is not, (p/q)^-1 exceeds 5."""
     s, t = torch.tensor(STUDENT), torch.tensor(TEACHER)

@@ -55,6 +55,14 @@ def train_size(name: str, cfg: dict[str, Any]) -> int | None:
         return None
 
 
+def identity(name: str) -> str:
+    """What identifies a dataset in cell keys and studies: the name for datasets without a path
+    (`cifar10`, `synthetic`), what the files are for a file-backed one (`imagefolder:<path>` ->
+    `imagefolder@<hash of its images' names and sizes>`); ConfigError when they cannot be read."""
+    spec, arg = parse_name(name)
+    return name if spec.identity is None else spec.identity(arg)
+
+
 def load_splits(name: str, cfg: dict[str, Any]) -> Splits:
     spec, arg = parse_name(name)
     data = spec.load(arg, cfg)
@@ -77,6 +85,7 @@ __all__ = [
     "TestSplitSealed",
     "check",
     "describe",
+    "identity",
     "load_splits",
     "parse_name",
     "train_size",

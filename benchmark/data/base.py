@@ -90,13 +90,23 @@ class Splits:
 
 
 def _subset(n: int, size: int | float | None, what: str) -> int:
+    """The number of images `size` (a count, a fraction in (0, 1] or None: all) takes of `n`;
+    a count above `n` is a ConfigError naming the ways out."""
     if size is None:
         return n
     if isinstance(size, float) and 0 < size <= 1:
         return max(1, int(round(n * size)))
     if isinstance(size, int) and size > 0:
         if size > n:
-            raise ConfigError(f"{what} {size} exceeds the {n} images available")
+            hint = (  # the profiles' subsets: `benchmark.config.PROFILES`; paper takes all
+                f", --set {what}=null (every image) or a profile without a subset (--profile paper)"
+                if what != "data.val_size"
+                else ""
+            )
+            raise ConfigError(
+                f"{what} {size} exceeds the {n} images available: pass --set {what}={n} "
+                f"or a fraction such as {what}=0.5{hint}"
+            )
         return size
     raise ConfigError(f"{what} must be a positive integer or a fraction in (0, 1], {got(size)}")
 
@@ -150,7 +160,9 @@ class DatasetSpec:
     `flexbench info` works without them); `check` validates that the source can be loaded (files
     present), and training runs it before any work, so bad paths fail early. `train_size`: the
     number of images of the training split (before the validation split and subsets), without
-    decoding, or None where unknown; the grid uses it to estimate a cell's compute.
+    decoding, or None where unknown; the grid uses it to estimate a cell's compute. `identity`:
+    what the cell key knows a file-backed dataset by instead of its path (what the data is, not
+    where); None keeps the name (`cifar10`, `synthetic`).
     """
 
     name: str
@@ -160,6 +172,7 @@ class DatasetSpec:
     needs_arg: bool = False
     check: Callable[[str | None, dict[str, Any]], None] | None = None
     train_size: Callable[[str | None, dict[str, Any]], int | None] | None = None
+    identity: Callable[[str | None], str] | None = None
 
 
 def cache_dir() -> Path:

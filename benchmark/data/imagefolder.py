@@ -5,7 +5,8 @@ Every image is resized to `data.image_size` (default: the size of the first trai
 Hidden and system files (dot-files such as macOS `._x.png` AppleDouble files, `__MACOSX/`,
 `Thumbs.db`, `desktop.ini`) are skipped everywhere; an image that cannot be decoded stops the
 load with its path. The cache key covers every image's name, size and mtime (CRC in a zip),
-so a changed dataset is decoded again.
+so a changed dataset is decoded again. The cell key knows the dataset by `identity`: its images'
+names and sizes, not where the folder or zip is (a moved dataset keeps its cells).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SYSTEM_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "$recycle.bin"
 MAX_NAMED_FAILURES = 5
 
 Index = dict[str, dict[str, list[str]]]  # {split: {class: [entry, ...]}}
+Listing = dict[str, tuple[int, int]]  # {entry: (byte size, mtime_ns in a folder, CRC in a zip)}
 
 
 def is_system_file(name: str) -> bool:
@@ -41,20 +43,20 @@ def is_system_file(name: str) -> bool:
     return any(p.startswith(".") or p.lower() in SYSTEM_NAMES for p in parts if p)
 
 
-def _listing(path: Path) -> dict[str, str]:
-    """{entry name: fingerprint} of every non-system file: "size:mtime_ns" in a directory,
-    "size:crc32" in a zip. Hidden folders are not walked."""
+def _listing(path: Path) -> Listing:
+    """{entry name: (size, mtime_ns)} of every non-system file in a directory, (size, CRC-32)
+    in a zip. Hidden folders are not walked."""
     if not path.exists():
         raise ConfigError(f"imagefolder path {path} does not exist")
     if path.is_dir():
-        found: dict[str, str] = {}
+        found: Listing = {}
         for folder, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not is_system_file(d))
             rel = Path(folder).relative_to(path)
             for f in files:
                 if not is_system_file(f):
                     st = os.stat(os.path.join(folder, f))
-                    found[(rel / f).as_posix()] = f"{st.st_size}:{st.st_mtime_ns}"
+                    found[(rel / f).as_posix()] = (st.st_size, st.st_mtime_ns)
         return found
     if zipfile.is_zipfile(path):
         st = path.stat()
@@ -63,12 +65,12 @@ def _listing(path: Path) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _zip_listing(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...]:
+def _zip_listing(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, tuple[int, int]], ...]:
     """A zip's listing, read once per process per (path, size, mtime): a grid resolves every
     cell of a 60,000-image zip, and each read of its central directory takes ~0.5 s."""
     with zipfile.ZipFile(path) as z:
         return tuple(
-            (i.filename, f"{i.file_size}:{i.CRC}")
+            (i.filename, (i.file_size, i.CRC))
             for i in z.infolist()
             if not i.is_dir() and not is_system_file(i.filename)
         )
@@ -206,14 +208,33 @@ def describe(arg: str | None, cfg: dict[str, Any]) -> tuple[int, int]:
     return len(index["train"]), _size(path, index, cfg)
 
 
-def cache_key(path: Path, index: Index, listing: dict[str, str], size: int) -> str:
+def _images(index: Index) -> list[str]:
+    """Every image entry of the index, train then test, classes and entries in name order."""
+    return [n for split in ("train", "test") for names in index[split].values() for n in names]
+
+
+def cache_key(path: Path, index: Index, listing: Listing, size: int) -> str:
     """Changes whenever any image's name, size or mtime (zip: CRC) or the image size does."""
     h = hashlib.sha1(f"{path}|{size}".encode())
-    for split in ("train", "test"):
-        for names in index[split].values():
-            for name in names:
-                h.update(f"\n{name}|{listing[name]}".encode())
+    for name in _images(index):
+        h.update(f"\n{name}|{listing[name][0]}:{listing[name][1]}".encode())
     return h.hexdigest()[:16]
+
+
+def identity(arg: str | None) -> str:
+    """`imagefolder@<16 hex digits>`: SHA-1 of every image's entry name (`train/<class>/<file>`)
+    and byte size. Not where the folder or zip is, nor what it is called, so a moved or renamed
+    dataset (or the same images zipped) keeps its cell keys, while an image added, removed,
+    renamed or rewritten to another size changes them. Names and sizes come from the listing the
+    load reads anyway (one stat per file, a zip's central directory); hashing the bytes would
+    read the whole dataset for every cell a grid resolves. A same-size rewrite is left to the
+    data hash (`base.data_digest`), which the trainer records."""
+    path = Path(str(arg)).expanduser()
+    listing = _listing(path)
+    h = hashlib.sha1()
+    for name in _images(_index(path, list(listing))):
+        h.update(f"{name}|{listing[name][0]}\n".encode())
+    return f"imagefolder@{h.hexdigest()[:16]}"
 
 
 def train_size(arg: str | None, cfg: dict[str, Any]) -> int:
@@ -246,5 +267,6 @@ register_dataset(
         "train/<class>/*, test/<class>/* in a dir or .zip",
         needs_arg=True,
         train_size=train_size,
+        identity=identity,
     )
 )

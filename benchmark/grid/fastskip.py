@@ -6,9 +6,12 @@ The cache entry is written by a `grid run` that ended with every cell finished. 
 hash of everything the cell keys depend on: the grid file's bytes and path, its best-params
 file (`method_params.from_study`), the command line's settings and `--only`, the current
 directory (relative paths), `FLEXBENCH_*` variables and flexbench's own source files (size and
-mtime). Any change there, a tracking store other than a SQLite file, or a cell not finished in
-that store (a run deleted in the UI, a new database) falls back to the full run, which
-validates and plans as usual. The cache never decides that a cell is finished: the store does.
+mtime). The entry also holds a stamp of the file-backed datasets' files (path, size, mtime of
+each): cell keys know such data by its images' names and sizes (`benchmark.data.identity`), so
+an image changed in place changes keys that no input above shows. Any change there, a tracking
+store other than a SQLite file, or a cell not finished in that store (a run deleted in the UI, a
+new database) falls back to the full run, which validates and plans as usual. The cache never
+decides that a cell is finished: the store does.
 """
 
 from __future__ import annotations
@@ -84,13 +87,36 @@ def fingerprint(grid: str | Path, sets: dict[str, Any], only: list[str], uri: st
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def remember(name: str | None, experiment: str, keys: list[str]) -> None:
-    """Record that the grid of cache name `name` (its `fingerprint`) has these cells."""
+def _files(root: Path) -> list[Path]:
+    """Every file under a folder (hidden ones too), or the file itself."""
+    if not root.is_dir():
+        return [root]
+    return sorted(Path(folder) / f for folder, _, files in os.walk(root) for f in files)
+
+
+def data_stamp(datasets: list[str]) -> str:
+    """SHA-1 of the path, size and mtime of every file of the file-backed datasets among
+    `datasets` (`kind:<path>`; `cifar10`, `synthetic` have none). It changes whenever their cell
+    keys can (an image's name or size) and more often (a touched file); OSError when a path is
+    gone."""
+    h = hashlib.sha1()
+    for name in sorted(set(datasets)):
+        arg = name.partition(":")[2]
+        for path in _files(Path(arg).expanduser()) if arg else []:
+            st = path.stat()
+            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def remember(name: str | None, experiment: str, keys: list[str], datasets: list[str]) -> None:
+    """Record that the grid of cache name `name` (its `fingerprint`) has these cells, whose
+    data are `datasets` (the cells' `data.name`)."""
     if name is None:
         return
-    entry = json.dumps({"experiment": experiment, "keys": sorted(keys)})
-    with contextlib.suppress(WriteError):  # a full or read-only home only costs the fast path
-        write_text(_cache_dir() / f"{name}.json", entry, "")
+    entry = {"experiment": experiment, "keys": sorted(keys), "datasets": sorted(set(datasets))}
+    with contextlib.suppress(WriteError, OSError):  # a full or read-only home: no fast path
+        entry["data_stamp"] = data_stamp(datasets)
+        write_text(_cache_dir() / f"{name}.json", json.dumps(entry), "")
 
 
 _FINISHED = """
@@ -111,7 +137,7 @@ def all_finished(name: str | None, uri: str) -> tuple[str, int] | None:
     try:
         entry = json.loads((_cache_dir() / f"{name}.json").read_text())
         db = sqlite_path(absolute_sqlite(uri))
-        if db is None or not db.is_file():
+        if db is None or not db.is_file() or data_stamp(entry["datasets"]) != entry["data_stamp"]:
             return None
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
             query = (schema.CELL, schema.STATUS, schema.TEST_EVALUATED, entry["experiment"])

@@ -224,6 +224,13 @@ def _precheck(opts: RunOptions) -> None:
         raise ConfigError(f"unknown executor {opts.executor!r}; valid: local, ray")
 
 
+def _remember_finished(opts: RunOptions, spec: GridSpec) -> None:
+    """Every cell finished: the fast skip may answer the next identical command (its keys, and
+    the data files they identify)."""
+    data = [c.cfg["data"]["name"] for c in spec.cells]
+    fastskip.remember(opts.skip_cache, spec.name, [c.key for c in spec.cells], data)
+
+
 def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = None) -> int:
     """Run the cells of the grid that are not finished yet (see the module docstring for the
     order); returns the exit code: 0 when every cell of the grid has finished."""
@@ -248,7 +255,7 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
         if not todo:
             code = _nothing_to_train(spec, plan, out)
             if code == 0:
-                fastskip.remember(opts.skip_cache, spec.name, [c.key for c in spec.cells])
+                _remember_finished(opts, spec)
             return code
         # builds the model of every cell to train: arch settings fail here, before any work
         estimate(spec, [p.cell for p in todo])
@@ -261,7 +268,7 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
             return code
     code = _summary(spec, uri, plan, todo, progress, time.monotonic() - t0, out)
     if code == 0:
-        fastskip.remember(opts.skip_cache, spec.name, [c.key for c in spec.cells])
+        _remember_finished(opts, spec)
     return code
 
 

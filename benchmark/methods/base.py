@@ -7,6 +7,7 @@ into the teacher from a student's KD term).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -48,22 +49,23 @@ def _log_ratio_terms(
     D_alpha = 1/(alpha (alpha-1)) sum_c q_c (t_c^alpha - 1); alpha -> 0 gives KL(q || p),
     alpha -> 1 gives KL(p || q). Its gradient is -sum_c q_c rho_c d(log q_c) with
     rho = t^alpha / alpha + 1/(alpha (alpha-1)) (rho = log t - 1 at 0, rho = t at 1), and
-    t^alpha (t at alpha = 0) clipped to at most `clip` in value and gradient alike."""
-    q = log_q.detach().exp()
+    t^alpha (t at alpha = 0) clipped to at most `clip` in value and gradient alike.
+
+    Computed in log space: t itself overflows float32 where log p - log q > 88, so the clip is
+    applied to log t, and at alpha = 1 the product q t is p (value sum p log t, the KL)."""
     log_t = log_p - log_q.detach()
+    q = log_q.detach().exp()
     if abs(alpha) < 1e-3:
-        t = log_t.exp().clamp(max=clip)
-        f, rho = -t.log(), t.log() - 1.0
+        log_tc = log_t.clamp(max=math.log(clip))
+        q_f, q_rho = -q * log_tc, q * (log_tc - 1.0)
     elif abs(alpha - 1.0) < 1e-3:
-        t = log_t.exp()
-        f, rho = t * log_t, t
+        p = (log_q.detach() + log_t).exp()
+        q_f, q_rho = p * log_t, p
     else:
         base = 1.0 / (alpha * (alpha - 1.0))
-        t_a = (alpha * log_t).exp().clamp(max=clip)
-        f, rho = (t_a - 1.0) * base, t_a / alpha + base
-    value = (q * f).sum(1)
-    surrogate = -(q * rho * log_q).sum(1)
-    return value, surrogate
+        t_a = (alpha * log_t).clamp(max=math.log(clip)).exp()
+        q_f, q_rho = q * (t_a - 1.0) * base, q * (t_a / alpha + base)
+    return q_f.sum(1), -(q_rho * log_q).sum(1)
 
 
 def alpha_kd_loss(
