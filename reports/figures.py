@@ -135,15 +135,26 @@ def acc_vs_cost(
             ax.set_xscale("log")
         ax.set_xlabel(X_LABEL[axis])
         ax.set_ylabel("test top-1 (%)")
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(xs_all, labels=subs["key"].tolist(), fontsize=6)
-        top.tick_params(length=2, pad=1)
-        if log:
-            top.minorticks_off()
+        _sub_model_axis(ax, xs_all, subs["key"].tolist(), log)
         fig.legend(frameon=False, loc="outside lower center", ncol=2)
         ax.set_title(panel_title(panel), pad=14)
         stem = f"figures/acc_vs_{axis}_{panel_slug(panel)}"
         files = save(fig, out, stem)
+    cap = _acc_caption(summary, panel, axis, spectrum is not None and not spectrum.empty)
+    return Figure(stem, f"Accuracy vs {unit} — {panel_title(panel)}", cap, files)
+
+
+def _sub_model_axis(ax, xs, names: list[str], log: bool) -> None:
+    """The sub-model names on a top axis at their costs."""
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(xs, labels=names, fontsize=6)
+    top.tick_params(length=2, pad=1)
+    if log:
+        top.minorticks_off()
+
+
+def _acc_caption(summary: pd.DataFrame, panel, axis: str, spectrum: bool) -> str:
+    """The caption of `acc_vs_cost`: what is averaged over how many seeds, what the bars are."""
     ns = sorted(set(int(n) for n in summary["n"]))
     n_text = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
     cap = (
@@ -153,13 +164,36 @@ def acc_vs_cost(
         f"(none with n = 1); sub-model names on the top axis. Points are dodged sideways "
         f"slightly so that error bars do not hide each other."
     )
-    if spectrum is not None and not spectrum.empty:
+    if spectrum:
         cap += (
             " Lines without markers: width spectra of universally slimmable networks (mean "
             "over seeds per width, each width after BN recalibration, band ±1 std); markers "
             "on them: the fixed evaluation widths."
         )
-    return Figure(stem, f"Accuracy vs {unit} — {panel_title(panel)}", cap, files)
+    return cap
+
+
+def _gain_bars(ax, x, h: pd.DataFrame, m: str, style: dict, width: float) -> None:
+    """One method's bars of paired gains (`h`: its rows by sub-model) with 95% CI bars and the
+    significance marks above (or below) them."""
+    y = h["diff_mean"].to_numpy(dtype=float)
+    err = h["diff_ci95"].to_numpy(dtype=float)
+    n = int(h["n"].max()) if h["n"].notna().any() else 0
+    ax.bar(
+        x,
+        np.nan_to_num(y),
+        width * 0.9,
+        color=style["color"],
+        alpha=0.85,
+        label=f"{m}, n={n} pair{'s' if n != 1 else ''}",
+        yerr=None if np.all(np.isnan(err)) else np.nan_to_num(err),
+        error_kw={"elinewidth": 0.8, "capsize": 2},
+    )
+    for xi, yi, ei, mk in zip(x, y, err, h["mark"].fillna("")):
+        if mk and not math.isnan(yi):
+            off = (0 if math.isnan(ei) else ei) * np.sign(yi or 1)
+            va = "bottom" if yi >= 0 else "top"
+            ax.annotate(mk, (xi, yi + off), ha="center", va=va, fontsize=8)
 
 
 def gain(pairs: pd.DataFrame, summary: pd.DataFrame, ctx: PanelPlot) -> Figure | None:
@@ -183,30 +217,7 @@ def gain(pairs: pd.DataFrame, summary: pd.DataFrame, ctx: PanelPlot) -> Figure |
         for i, m in enumerate(methods):
             h = pairs[pairs["method"] == m].set_index("key").reindex(keys)
             x = np.arange(len(keys)) + (i - (len(methods) - 1) / 2) * width
-            y = h["diff_mean"].to_numpy(dtype=float)
-            err = h["diff_ci95"].to_numpy(dtype=float)
-            st = styles[m]
-            n = int(h["n"].max()) if h["n"].notna().any() else 0
-            ax.bar(
-                x,
-                np.nan_to_num(y),
-                width * 0.9,
-                color=st["color"],
-                alpha=0.85,
-                label=f"{m}, n={n} pair{'s' if n != 1 else ''}",
-                yerr=None if np.all(np.isnan(err)) else np.nan_to_num(err),
-                error_kw={"elinewidth": 0.8, "capsize": 2},
-            )
-            for xi, yi, ei, mk in zip(x, y, err, h["mark"].fillna("")):
-                if mk and not math.isnan(yi):
-                    off = (0 if math.isnan(ei) else ei) * np.sign(yi or 1)
-                    ax.annotate(
-                        mk,
-                        (xi, yi + off),
-                        ha="center",
-                        va="bottom" if yi >= 0 else "top",
-                        fontsize=8,
-                    )
+            _gain_bars(ax, x, h, m, styles[m], width)
         ax.axhline(0, color="black", linewidth=0.8)
         summaries = [i for i, k in enumerate(keys) if k in (MEAN, AUC)]
         if summaries and summaries[0] > 0:
@@ -247,27 +258,9 @@ def curves(hist: pd.DataFrame, cells: pd.DataFrame, ctx: PanelPlot) -> Figure | 
             k = h[h["key"] == key]
             for m in [m for m in order if m in set(k["method"])]:
                 km = k[k["method"] == m]
-                g = km.groupby("step")["value"].agg(["mean", "std", "count"])
-                x = g.index.to_numpy() + 1
-                st = styles[m]
-                ax.plot(
-                    x,
-                    g["mean"],
-                    color=st["color"],
-                    marker=st["marker"],
-                    markevery=_every(x),
-                    label=_legend_label(m, int(km["run_id"].nunique()), baseline),
-                )
-                band = (g["count"] > 1).to_numpy()
-                if band.any():
-                    ax.fill_between(
-                        x[band],
-                        (g["mean"] - g["std"])[band],
-                        (g["mean"] + g["std"])[band],
-                        color=st["color"],
-                        alpha=0.15,
-                        linewidth=0,
-                    )
+                g = band(km, "step")
+                label = _legend_label(m, int(km["run_id"].nunique()), baseline)
+                draw_band_line(ax, g.index.to_numpy() + 1, g, styles[m], label)
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -295,3 +288,19 @@ def curves(hist: pd.DataFrame, cells: pd.DataFrame, ctx: PanelPlot) -> Figure | 
 
 def _every(x) -> int:
     return max(1, len(x) // 12)
+
+
+def band(values: pd.DataFrame, by: str) -> pd.DataFrame:
+    """mean, sample std (ddof = 1) and count of `value` per `by` (e.g. epoch), over seeds."""
+    return values.groupby(by)["value"].agg(["mean", "std", "count"])
+
+
+def draw_band_line(ax, x, g: pd.DataFrame, style: dict, label: str | None) -> None:
+    """A method's mean line over `x` with a ±1 std band where more than one seed counts."""
+    ax.plot(
+        x, g["mean"], color=style["color"], marker=style["marker"], markevery=_every(x), label=label
+    )
+    ok = (g["count"] > 1).to_numpy()
+    if ok.any():
+        lo, hi = (g["mean"] - g["std"]).to_numpy(), (g["mean"] + g["std"]).to_numpy()
+        ax.fill_between(x[ok], lo[ok], hi[ok], color=style["color"], alpha=0.15, linewidth=0)

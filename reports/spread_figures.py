@@ -13,27 +13,20 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from reports.figures import Figure, PanelPlot, _every, _legend_label, plt, save
+from reports.figures import (
+    Figure,
+    PanelPlot,
+    _legend_label,
+    band,
+    draw_band_line,
+    plt,
+    save,
+)
 from reports.style import COLUMN_WIDTH, PAGE_WIDTH, RC
 from reports.tables import panel_slug, panel_title
 
 VAL_PREFIX = "val/top1/"
 BUDGETED = ("budgeted/top1", "budgeted/mflops")
-
-
-def band(values: pd.DataFrame, by: str) -> pd.DataFrame:
-    """mean, sample std (ddof = 1) and count of `value` per `by` (e.g. epoch), over seeds."""
-    return values.groupby(by)["value"].agg(["mean", "std", "count"])
-
-
-def _draw(ax, x, g: pd.DataFrame, style: dict, label: str | None) -> None:
-    ax.plot(
-        x, g["mean"], color=style["color"], marker=style["marker"], markevery=_every(x), label=label
-    )
-    ok = (g["count"] > 1).to_numpy()
-    if ok.any():
-        lo, hi = (g["mean"] - g["std"]).to_numpy(), (g["mean"] + g["std"]).to_numpy()
-        ax.fill_between(x[ok], lo[ok], hi[ok], color=style["color"], alpha=0.15, linewidth=0)
 
 
 def submodel_curves(
@@ -66,7 +59,7 @@ def submodel_curves(
                 g = band(km, "step")
                 label = _legend_label(m, int(km["run_id"].nunique()), None)
                 first = ax is axes.flat[0]
-                _draw(ax, g.index.to_numpy() + 1, g, styles[m], label if first else None)
+                draw_band_line(ax, g.index.to_numpy() + 1, g, styles[m], label if first else None)
             ax.set_title(sub)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -108,7 +101,9 @@ def budgeted_curves(hist: pd.DataFrame, cells: pd.DataFrame, ctx: PanelPlot) -> 
             x = w.groupby("step")["budgeted/mflops"].mean().reindex(g.index).to_numpy()
             idx = np.argsort(x, kind="stable")
             g = g.iloc[idx]
-            _draw(ax, x[idx], g, styles[m], _legend_label(m, int(w["run_id"].nunique()), None))
+            draw_band_line(
+                ax, x[idx], g, styles[m], _legend_label(m, int(w["run_id"].nunique()), None)
+            )
         ax.set_xlabel("expected MFLOPs per image (budgeted batch)")
         ax.set_ylabel("test top-1 (%)")
         ax.legend(frameon=False, loc="lower right")
