@@ -285,7 +285,7 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
     cell of a grid starts."""
     from benchmark.models import build_on_meta
 
-    num_classes, image_size = datasets.describe(cfg["data"]["name"], cfg["data"])
+    num_classes, image_size = datasets.describe(*datasets.cell_source(cfg))
     key = json.dumps([cfg["arch"], num_classes, image_size], sort_keys=True)
     model = _META_MODELS.get(key)
     if model is None:  # a grid resolves many cells of one architecture config: build it once

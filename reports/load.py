@@ -384,13 +384,7 @@ def dataset_names(datasets: Iterable[str]) -> dict[str, str]:
     (`imagefolder:/any/dir/cifar10-jpeg.zip` -> `imagefolder:cifar10-jpeg.zip`), so that a
     report rerun on another machine has the same panels and file names; the full name where
     two different paths share a file name."""
-    full = set(datasets)
-    short = {}
-    for name in full:
-        kind, sep, path = name.partition(":")
-        short[name] = (
-            f"{kind}:{os.path.basename(path.rstrip('/'))}" if sep and "/" in path else name
-        )
+    short = {name: schema.short_dataset(name) for name in set(datasets)}
     uses = Counter(short.values())
     return {name: name if uses[s] > 1 else s for name, s in short.items()}
 

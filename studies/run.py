@@ -221,7 +221,7 @@ def _validate(spec: StudySpec, run_sets: dict[str, Any]) -> dict[str, Any]:
             spec.arch, spec.dataset, spec.method, spec.seed, spec.profile,
             {**spec.sets, **run_sets, **probe},
         )  # fmt: skip
-    datasets.check(cfg["data"]["name"], cfg["data"])
+    datasets.check(*datasets.cell_source(cfg))
     _check_calibration(space, cfg)
     return cfg
 

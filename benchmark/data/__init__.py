@@ -30,6 +30,12 @@ def parse_name(name: str) -> tuple[DatasetSpec, str | None]:
     return spec, arg or None
 
 
+def cell_source(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(dataset name, data settings) of a resolved cell config: the arguments `describe`,
+    `check`, `train_size` and `load_splits` take, e.g. `describe(*cell_source(cfg))`."""
+    return cfg["data"]["name"], cfg["data"]
+
+
 def describe(name: str, cfg: dict[str, Any]) -> tuple[int, int]:
     """(num_classes, image_size) without decoding; raises ConfigError on a bad source."""
     spec, arg = parse_name(name)
@@ -79,6 +85,7 @@ discover(__name__, __path__)  # importing each module registers its dataset kind
 
 __all__ = [
     "DATASETS",
+    "cell_source",
     "DatasetSpec",
     "ImageData",
     "Splits",

@@ -38,6 +38,7 @@ from benchmark.errors import ConfigError, IncompatibleError, got
 from benchmark.files import check_name
 from benchmark.methods import METHODS
 from benchmark.models import ARCHS
+from benchmark.record import schema
 
 TOP_KEYS = {
     "name": "MLflow experiment of the grid (letters, digits, . _ -)",
@@ -76,8 +77,7 @@ class GridCell:
 
     @property
     def label(self) -> str:
-        kind, _, arg = self.dataset.partition(":")
-        ds = f"{kind}:{Path(arg).name}" if arg else kind
+        ds = schema.short_dataset(self.dataset)
         return f"{self.arch}/{ds}/{self.method}/s{self.seed}"
 
     def axis(self, name: str) -> Any:
@@ -492,13 +492,6 @@ def _absolute_paths(cfg: dict[str, Any]) -> None:
         cfg["data"]["root"] = str(Path(cfg["data"]["root"]).expanduser().resolve())
 
 
-def _data_file(dataset: str) -> str:
-    """`kind:<file name>` of a file-backed dataset (`imagefolder:../data/x.zip` ->
-    `imagefolder:x.zip`), else the name as written."""
-    kind, _, arg = dataset.partition(":")
-    return f"{kind}:{Path(arg).name}" if arg else dataset
-
-
 def _study_entry(best: dict[str, dict], combo: dict[str, Any]) -> dict | None:
     """The from_study entry of a cell: `arch/dataset/method` with the dataset as the grid file
     writes it; else, for a file-backed dataset, the one entry whose dataset names the same file
@@ -512,7 +505,7 @@ def _study_entry(best: dict[str, dict], combo: dict[str, Any]) -> dict | None:
         if k.count("/") >= 2
         and k.split("/", 1)[0] == arch
         and k.rsplit("/", 1)[1] == method
-        and _data_file(k.split("/", 1)[1].rsplit("/", 1)[0]) == _data_file(ds)
+        and schema.short_dataset(k.split("/", 1)[1].rsplit("/", 1)[0]) == schema.short_dataset(ds)
         and ":" in ds
     ]
     return same[0] if len(same) == 1 else None
@@ -641,8 +634,8 @@ def _check_data(where: str, cells: list[GridCell]) -> None:
             continue
         done.add(blob)
         try:
-            datasets.describe(c.cfg["data"]["name"], c.cfg["data"])
-            datasets.check(c.cfg["data"]["name"], c.cfg["data"])
+            datasets.describe(*datasets.cell_source(c.cfg))
+            datasets.check(*datasets.cell_source(c.cfg))
         except ConfigError as exc:
             raise _err(f"{where}: dataset {c.dataset}", str(exc)) from None
 

@@ -207,6 +207,14 @@ TOP1_AUC = "{split}/top1_auc"
 BESTVAL_EPOCH = "bestval_epoch"
 
 
+def short_dataset(name: str) -> str:
+    """A dataset's short name, as grid labels and reports show it: a file-backed dataset by
+    its file name (`imagefolder:/any/dir/cifar10-jpeg.zip` -> `imagefolder:cifar10-jpeg.zip`),
+    so that runs elsewhere read the same; any other name as written."""
+    kind, sep, path = name.partition(":")
+    return f"{kind}:{Path(path.rstrip('/')).name}" if sep and path else name
+
+
 def submodel_row(measured: Measurement) -> dict[str, Any]:
     """The trainer's row of one sub-model: every field of `SUBMODEL_FIELDS`, read from what was
     measured (the one place rows are built, for fixed sub-models and spectrum points alike)."""

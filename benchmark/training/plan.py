@@ -90,7 +90,7 @@ def plan_cell(cfg: dict[str, Any]) -> CellPlan:
     """The plan of a resolved cell before anything is built (the grid's estimate, the
     studies): describes the data and builds the model on CPU once per architecture config and
     process; only the method (cheap) is made per call, for its stages."""
-    described = datasets.describe(cfg["data"]["name"], cfg["data"])
+    described = datasets.describe(*datasets.cell_source(cfg))
     separate = METHODS.get(cfg["method"]["name"]).separate_networks
     key = json.dumps([cfg["arch"], *described, separate], sort_keys=True)
     if key not in _MODEL_FACTS:

@@ -140,9 +140,9 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
     cell's, fit its modules and come from the same data (`_resume_record`)."""
     experiment = opts.experiment or tracking.DEFAULT_EXPERIMENT
     key = cell_key(cfg)
-    datasets.check(cfg["data"]["name"], cfg["data"])
+    datasets.check(*datasets.cell_source(cfg))
     device = pick_device(str(cfg["runtime"]["device"]))
-    described = datasets.describe(cfg["data"]["name"], cfg["data"])
+    described = datasets.describe(*datasets.cell_source(cfg))
     model = make_model(cfg, *described)
     method = make_method(cfg, model.num_submodels)
     plan = plan_of(cfg, model, method, described)
@@ -277,7 +277,7 @@ def _resume_into(cell: PreparedCell, state: dict[str, Any], changes: str) -> Non
 def _load_data(
     cfg: dict[str, Any], device: torch.device, fast: speed.Speed, sealed: bool
 ) -> tuple[Splits, TrainBatches, Normalizer]:
-    splits = datasets.load_splits(cfg["data"]["name"], cfg["data"])
+    splits = datasets.load_splits(*datasets.cell_source(cfg))
     splits.sealed = sealed
     norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
     t = cfg["train"]
