@@ -292,6 +292,10 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
         params = {k: v for k, v in cfg["arch"].items() if k != "name"}
         model = build_on_meta(cfg["arch"]["name"], params, num_classes, image_size)
         _META_MODELS[key] = model
+    if not model.submodels:
+        raise ConfigError(
+            f"architecture {cfg['arch']['name']} built no sub-models; check its arch.* settings"
+        )
     METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
     bcb = cfg["train"]["bn_calib_batches"]
     if model.caps.bn_recalibration and bcb < 1:

@@ -44,11 +44,30 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec) -> ModuleType:
         new = MOVED[spec.name]
-        warnings.warn(f"{spec.name} moved to {new}", DeprecationWarning, stacklevel=3)
+        _warn_at_importer(f"{spec.name} moved to {new}; import it from there")
         return importlib.import_module(new)
 
     def exec_module(self, module: ModuleType) -> None:
         """The module is already executed at its new path."""
+
+
+def _warn_at_importer(message: str) -> None:
+    """The DeprecationWarning attributed to the line that imports (the first frame outside
+    the import machinery and this file), so Python's default filters show it in a script."""
+    frame = sys._getframe(1)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith("<frozen importlib")
+        or frame.f_code.co_filename == __file__
+    ):
+        frame = frame.f_back
+    if frame is None:
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return
+    module = frame.f_globals.get("__name__", "")
+    warnings.warn_explicit(
+        message, DeprecationWarning, frame.f_code.co_filename, frame.f_lineno, module,
+        registry=frame.f_globals.setdefault("__warningregistry__", {}),
+    )  # fmt: skip
 
 
 def install() -> None:

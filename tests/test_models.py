@@ -176,3 +176,34 @@ def test_submodels_are_ordered_smallest_first_by_cost():
         assert [c.name for c in costs] == [s.name for s in model.submodels]
         assert all(a.mmacs < b.mmacs for a, b in zip(costs, costs[1:]))
         assert all(a.params_m < b.params_m for a, b in zip(costs, costs[1:]))
+
+
+@pytest.mark.parametrize(
+    ("listed", "error"),
+    [
+        ((1.0, 0.5), "strictly increasing"),
+        ((0.1, 1.0), r"outside the network's range \[0.25, 1.0\]"),
+        ((), "non-empty list of numbers"),
+        ((0.5, "x"), "non-empty list of numbers"),
+    ],
+)
+def test_a_width_range_refuses_listed_widths_no_model_could_run(listed, error):
+    """Any architecture declaring `caps.widths` gets its listed widths checked by the
+    contract (smallest first, inside the range), whatever its builder validates."""
+    from benchmark.errors import ConfigError
+    from benchmark.models import WidthRange
+
+    with pytest.raises(ConfigError, match=error):
+        WidthRange(0.25, 1.0, listed)
+
+
+def test_old_module_paths_import_with_a_warning_at_the_importing_line():
+    import subprocess
+    import sys
+
+    code = "import benchmark.flops\nfrom benchmark import schema\nprint(schema.PREFIX)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "flexbench."
+    assert "<string>:1: DeprecationWarning: benchmark.flops moved to benchmark.costs.flops" in (
+        out.stderr
+    )

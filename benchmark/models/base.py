@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from benchmark.errors import ConfigError
+
 # What sub-models can differ in (`Capabilities.axes`), in the field's terms.
 AXES = ("exit", "width", "depth", "bits", "channels", "heads", "ffn", "resolution")
 
@@ -41,6 +43,21 @@ class WidthRange:
     high: float
     listed: tuple[float, ...]
     spectrum_step: float = 0.0
+
+    def __post_init__(self) -> None:
+        """ConfigError (before any work: models are built on the meta device when a cell is
+        resolved) unless the listed widths are numbers, strictly increasing, inside the range."""
+        w = self.listed
+        if not w or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in w):
+            raise ConfigError(f"widths must be a non-empty list of numbers, got {list(w)!r}")
+        if any(b <= a for a, b in zip(w, w[1:])):
+            raise ConfigError(f"widths must be strictly increasing (smallest first), got {list(w)}")
+        outside = [v for v in w if not self.contains(v)]
+        if outside:
+            raise ConfigError(
+                f"widths {outside} are outside the network's range [{self.low}, {self.high}]; "
+                f"valid widths are in [{self.low}, {self.high}]"
+            )
 
     def contains(self, w: float) -> bool:
         return self.low - 1e-9 <= w <= self.high + 1e-9
