@@ -545,17 +545,16 @@ def test_finished_grid_is_skipped_without_torch_and_the_store_decides(
 
 
 def test_a_grid_whose_data_moved_skips_its_finished_cells(schema_db, tmp_path, monkeypatch):
-    """Cell keys know an image folder by its images' names and sizes, not its path: after the
+    """A grid worker decodes a cold image folder with a process pool of its own (it is no daemon).
+    Cell keys know an image folder by its images' names and sizes, not its path: after the
     folder (and the grid file beside it) moved, the grid finds its cell finished. An image
     rewritten in place changes the key; the fast skip, whose cache holds the old key, sees it
     (its data stamp) and leaves the decision to the full run, which plans the cell anew."""
-    from benchmark.data import imagefolder
     from benchmark.grid import fastskip
 
     db, uri = fresh_db(schema_db, tmp_path)
     monkeypatch.chdir(tmp_path)
-    images = image_folder(tmp_path / "old" / "data" / "tiny")
-    imagefolder.load(str(images), {})  # decoded here: a grid worker (a daemon) cannot fork more
+    image_folder(tmp_path / "old" / "data" / "tiny")  # decoded by the grid worker's own pool
     sets = {**yaml.safe_load(TINY.read_text())["set"], "train.batch_size": 2}
     sets["data"] = {"train_subset": None, "val_size": 2, "test_subset": None}
     grid = {"archs": ["msdnet"], "methods": ["joint"], "datasets": ["imagefolder:data/tiny"]}

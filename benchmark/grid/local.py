@@ -132,7 +132,11 @@ class LocalExecutor:
                 os.getpid(),
             ),
             name=f"flexbench-grid-{slot.label}",
-            daemon=True,
+            # not a daemon: a cell may start processes of its own (the image-folder decoder's
+            # pool, DataLoader workers, torch.distributed ranks), which daemons cannot. An orphan
+            # is still impossible: the worker dies with this process (`_die_with_parent`) and
+            # `_stop` ends every worker.
+            daemon=False,
         )
         proc.start()
         child.close()
