@@ -20,10 +20,11 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 
 def parse_name(name: str) -> tuple[DatasetSpec, str | None]:
-    """`imagefolder:/data/x.zip` -> (imagefolder spec, '/data/x.zip')."""
+    """`imagefolder:/data/x.zip` -> (imagefolder spec, '/data/x.zip'); a kind declaring
+    `shape_without_path` may come without its path (arg None: only `describe` answers)."""
     key, _, arg = name.partition(":")
     spec = DATASETS.get(key)
-    if spec.needs_arg and not arg:
+    if spec.needs_arg and not arg and not spec.shape_without_path:
         raise ConfigError(f"dataset {key} needs a path: {key}:<dir or .zip>")
     if arg and not spec.needs_arg:
         raise ConfigError(f"dataset {key} takes no ':' argument (got {name!r})")
