@@ -164,8 +164,10 @@ def test_tiny_imagenet_bad_layouts_fail_in_one_line_before_work(how, tmp_path):
 def test_tiny_imagenet_refuses_images_that_are_not_64px_and_other_sizes(tmp_path):
     root = write_tiny(tmp_path / "t")
     (root / "train/n01/images/n01_2.JPEG").write_bytes(jpeg(0, 0, size=32))
+    (root / "val/images/val_1.JPEG").write_bytes(b"not a JPEG")
     msg = one_line_error(f"tiny_imagenet:{root}", load=True)
-    assert "1 image(s) cannot be used" in msg and "n01_2.JPEG (32x32, not 64x64)" in msg
+    assert "2 image(s) cannot be used" in msg and "n01_2.JPEG (32x32, not 64x64)" in msg
+    assert "val_1.JPEG (cannot decode" in msg
     msg = one_line_error("tiny_imagenet")
     assert "tiny_imagenet needs its path here: tiny_imagenet:<path> holding" in msg
     with pytest.raises(ConfigError, match="data.image_size must be 64 or null for tiny_imagenet"):
@@ -290,3 +292,17 @@ def test_smoke_cell_trains(kind, tiny, npz32, tracking_uri, client, tmp_path):
     assert result.key == cell_key(cfg) and "test/top1_mean" in result.metrics
     (run,) = [r for r in all_runs(client) if r.info.run_id == result.run_id]
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("kind,shape", [("tiny_imagenet", "200 classes, 64px"),
+                                        ("imagenet32", "1000 classes, 32px")])  # fmt: skip
+def test_info_needs_no_files_but_train_needs_the_path(kind, shape, tmp_path, capsys):
+    args = ["--arch", "slimmable_mobilenet_v1", "--dataset", kind, "--profile", "smoke"]
+    assert cli.main(["info", *args, "--repeats", "1", "--set", "arch.widths=[1.0]"]) == 0
+    assert f"for {kind} ({shape}), profile smoke" in capsys.readouterr().out
+    db = tmp_path / "mlflow.db"
+    train = ["train", *args, "--method", "joint", "--tracking-uri", f"sqlite:///{db}"]
+    assert cli.main([*train, "--set", f"runtime.workdir={tmp_path}/runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"flexbench: error: dataset {kind} needs its path here: {kind}:<path>")
+    assert not db.exists() and not (tmp_path / "runs").exists()

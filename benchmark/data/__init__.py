@@ -1,4 +1,5 @@
-"""Dataset registry: `cifar10`, `cifar100`, `imagefolder:<dir or .zip>`, `synthetic`.
+"""Dataset registry: `cifar10`, `cifar100`, `imagefolder:<dir or .zip>`, `synthetic`,
+`tiny_imagenet:<dir or .zip>`, `imagenet32:<dir>`, `imagenet64:<dir>`.
 
 Importing this package imports every module in it (`benchmark.registry.discover`): a new
 dataset kind is one file that calls `register_dataset(DatasetSpec(...))`.

@@ -41,6 +41,7 @@ NUM_CLASSES = 1000
 TRAIN_FILES = tuple(f"train_data_batch_{i}.npz" for i in range(1, 11))
 TEST_FILE = "val_data.npz"
 FILES = (*TRAIN_FILES, TEST_FILE)
+SIZES = (32, 64)  # the kinds imagenet32, imagenet64
 
 
 def _layout(kind: str) -> str:
@@ -87,8 +88,11 @@ def _header(file: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _labels(file: Path) -> np.ndarray:
-    with np.load(file) as z:
-        return np.asarray(z["labels"])
+    try:
+        with np.load(file) as z:
+            return np.asarray(z["labels"])
+    except (KeyError, ValueError, OSError) as exc:  # ValueError: an object (pickled) array
+        raise ConfigError(f"{file}: no integer 'labels' array ({exc})") from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,7 +103,7 @@ def _validated(kind: str, size: int, files: tuple[Path, ...], stamps: tuple) -> 
     for file in files:
         shape, dtype = _header(file, "data")
         if len(shape) != 2 or shape[1] != 3 * size * size or dtype != np.uint8:
-            other = {3 * s * s: s for s in (8, 16, 32, 64)}.get(shape[-1] if shape else -1)
+            other = {3 * s * s: s for s in SIZES}.get(shape[-1] if shape else -1)
             hint = f" (a {other}-px file: use imagenet{other}:)" if other and other != size else ""
             raise ConfigError(
                 f"{file}: data is {dtype} {tuple(shape)}, expected uint8 (N, {3 * size * size}) "
@@ -205,5 +209,5 @@ def _spec(size: int) -> DatasetSpec:
     )
 
 
-register_dataset(_spec(32))
-register_dataset(_spec(64))
+for _size in SIZES:
+    register_dataset(_spec(_size))

@@ -18,6 +18,8 @@ system files are skipped as in `imagefolder`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import zipfile
 from dataclasses import dataclass
@@ -63,7 +65,7 @@ def fixed_image_size(kind: str, size: int, cfg: dict[str, Any]) -> None:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layout:
     """The indexed dataset: entries relative to the source, `root` their common prefix."""
 
@@ -86,10 +88,15 @@ def _root(path: Path, listing: Listing) -> str:
 
 
 def _read_text(source: Path, entry: str) -> str:
-    if source.is_dir():
-        return (source / entry).read_text(encoding="utf-8")
-    with zipfile.ZipFile(source) as z:
-        return z.read(entry).decode("utf-8")
+    try:
+        if source.is_dir():
+            return (source / entry).read_text(encoding="utf-8")
+        with zipfile.ZipFile(source) as z:
+            return z.read(entry).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source}: {entry} is not UTF-8 text ({exc}); expected {LAYOUT}"
+        ) from None
 
 
 def _wnids(source: Path, root: str) -> list[str]:
@@ -169,8 +176,22 @@ def _test(path: Path, root: str, wnids: list[str], listing: Listing) -> list[tup
 def layout(arg: str | None) -> Layout:
     """Index and validate the layout (file names and the two text files; nothing decoded)."""
     path = require_path(KIND, arg, LAYOUT)
-    if not path.is_dir() and not zipfile.is_zipfile(path):
+    if path.is_dir():
+        return _layout(path)
+    if not zipfile.is_zipfile(path):
         raise ConfigError(f"{KIND} path {path} is neither a folder nor a .zip; expected {LAYOUT}")
+    st = path.stat()
+    return _zip_layout(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _zip_layout(path: str, size: int, mtime_ns: int) -> Layout:
+    """A zip's layout, read once per process per (path, size, mtime): each read of the
+    110,000-entry central directory takes about a second, and a grid resolves every cell."""
+    return _layout(Path(path))
+
+
+def _layout(path: Path) -> Layout:
     listing = _listing(path)
     root = _root(path, listing)
     wnids = _wnids(path, root)
@@ -207,32 +228,42 @@ def train_size(arg: str | None, cfg: dict[str, Any]) -> int:
     return len(layout(arg).train)
 
 
-def _decode(source: Path, items: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 3, 64, 64) uint8, labels (N,) int64); ConfigError naming the images that
-    cannot be decoded or are not 64x64 (grey JPEGs become RGB)."""
+def _image(name: str, raw: bytes, failed: list[str]) -> torch.Tensor | None:
+    """One decoded (3, 64, 64) uint8 image, or None with the reason appended to `failed`."""
     from torchvision.io import ImageReadMode, decode_image
 
+    try:
+        img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), ImageReadMode.RGB)
+    except RuntimeError as exc:
+        failed.append(f"{name} (cannot decode: {str(exc).splitlines()[0]})")
+        return None
+    if img.shape[1:] != (SIZE, SIZE):
+        failed.append(f"{name} ({img.shape[2]}x{img.shape[1]}, not {SIZE}x{SIZE})")
+        return None
+    return img
+
+
+def _decode(
+    source: Path, items: list[tuple[str, int]], failed: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 3, 64, 64) uint8, labels (N,) int64); grey JPEGs become RGB. The images that
+    cannot be decoded or are not 64x64 are appended to `failed` (see `_failure`)."""
     x = torch.empty((len(items), 3, SIZE, SIZE), dtype=torch.uint8)
-    failed: list[str] = []
-    zf = None if source.is_dir() else zipfile.ZipFile(source)
-    for i, (name, _) in enumerate(items):
-        raw = zf.read(name) if zf else (source / name).read_bytes()
-        try:
-            encoded = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            img = decode_image(encoded, ImageReadMode.RGB)
-        except RuntimeError as exc:
-            failed.append(f"{name} (cannot decode: {str(exc).splitlines()[0]})")
-            continue
-        if img.shape[1:] != (SIZE, SIZE):
-            failed.append(f"{name} ({img.shape[2]}x{img.shape[1]}, not {SIZE}x{SIZE})")
-            continue
-        x[i] = img
-    if failed:
-        raise ConfigError(
-            f"{source}: {len(failed)} image(s) cannot be used, e.g. "
-            f"{'; '.join(failed[:MAX_NAMED])}; every {KIND} image is a {SIZE}x{SIZE} JPEG"
-        )
+    with contextlib.ExitStack() as stack:
+        zf = None if source.is_dir() else stack.enter_context(zipfile.ZipFile(source))
+        raws = (zf.read(n) if zf else (source / n).read_bytes() for n, _ in items)
+        for i, ((name, _), raw) in enumerate(zip(items, raws)):
+            img = _image(name, raw, failed)
+            if img is not None:
+                x[i] = img
     return x, torch.tensor([k for _, k in items], dtype=torch.int64)
+
+
+def _failure(source: Path, failed: list[str]) -> ConfigError:
+    return ConfigError(
+        f"{source}: {len(failed)} image(s) cannot be used, e.g. "
+        f"{'; '.join(failed[:MAX_NAMED])}; every {KIND} image is a {SIZE}x{SIZE} JPEG"
+    )
 
 
 def load(arg: str | None, cfg: dict[str, Any]) -> ImageData:
@@ -243,8 +274,11 @@ def load(arg: str | None, cfg: dict[str, Any]) -> ImageData:
         h.update(f"\n{name}|{lay.listing[name][0]}:{lay.listing[name][1]}".encode())
 
     def build() -> ImageData:
-        trx, try_ = _decode(lay.source, lay.train)
-        tex, tey = _decode(lay.source, lay.test)
+        failed: list[str] = []
+        trx, try_ = _decode(lay.source, lay.train, failed)
+        tex, tey = _decode(lay.source, lay.test, failed)
+        if failed:  # nothing is cached
+            raise _failure(lay.source, failed)
         return ImageData(trx, try_, tex, tey, list(lay.wnids), MEAN, STD)
 
     return cached(f"{KIND}-{h.hexdigest()[:16]}", build)
