@@ -1,4 +1,5 @@
-"""Dataset registry: `cifar10`, `cifar100`, `imagefolder:<dir or .zip>`, `synthetic`.
+"""Dataset registry: `cifar10`, `cifar100`, `imagefolder:<dir or .zip>`, `synthetic`,
+`tiny_imagenet:<dir or .zip>`, `imagenet32:<dir>`, `imagenet64:<dir>`.
 
 Importing this package imports every module in it (`benchmark.registry.discover`): a new
 dataset kind is one file that calls `register_dataset(DatasetSpec(...))`.
@@ -20,10 +21,11 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 
 def parse_name(name: str) -> tuple[DatasetSpec, str | None]:
-    """`imagefolder:/data/x.zip` -> (imagefolder spec, '/data/x.zip')."""
+    """`imagefolder:/data/x.zip` -> (imagefolder spec, '/data/x.zip'); a kind declaring
+    `shape_without_path` may come without its path (arg None: only `describe` answers)."""
     key, _, arg = name.partition(":")
     spec = DATASETS.get(key)
-    if spec.needs_arg and not arg:
+    if spec.needs_arg and not arg and not spec.shape_without_path:
         raise ConfigError(f"dataset {key} needs a path: {key}:<dir or .zip>")
     if arg and not spec.needs_arg:
         raise ConfigError(f"dataset {key} takes no ':' argument (got {name!r})")

@@ -162,7 +162,10 @@ class DatasetSpec:
     number of images of the training split (before the validation split and subsets), without
     decoding, or None where unknown; the grid uses it to estimate a cell's compute. `identity`:
     what the cell key knows a file-backed dataset by instead of its path (what the data is, not
-    where); None keeps the name (`cifar10`, `synthetic`).
+    where); None keeps the name (`cifar10`, `synthetic`). `shape_without_path`: a kind whose
+    shape is fixed (`tiny_imagenet`, `imagenet32`) may be named without its path, and then only
+    `describe` answers (`flexbench info --dataset tiny_imagenet`); its other callables get
+    `arg=None` and raise ConfigError naming the layout they expect.
     """
 
     name: str
@@ -173,6 +176,7 @@ class DatasetSpec:
     check: Callable[[str | None, dict[str, Any]], None] | None = None
     train_size: Callable[[str | None, dict[str, Any]], int | None] | None = None
     identity: Callable[[str | None], str] | None = None
+    shape_without_path: bool = False
 
 
 def cache_dir() -> Path:

@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import zipfile
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -231,10 +232,16 @@ def identity(arg: str | None) -> str:
     data hash (`base.data_digest`), which the trainer records."""
     path = Path(str(arg)).expanduser()
     listing = _listing(path)
+    return names_and_sizes("imagefolder", listing, _images(_index(path, list(listing))))
+
+
+def names_and_sizes(kind: str, listing: Listing, names: Iterable[str]) -> str:
+    """`<kind>@<16 hex digits>`: SHA-1 over `names` (in the order given) with their byte sizes
+    from `listing`; the identity of a file-backed dataset (see `identity`)."""
     h = hashlib.sha1()
-    for name in _images(_index(path, list(listing))):
+    for name in names:
         h.update(f"{name}|{listing[name][0]}\n".encode())
-    return f"imagefolder@{h.hexdigest()[:16]}"
+    return f"{kind}@{h.hexdigest()[:16]}"
 
 
 def train_size(arg: str | None, cfg: dict[str, Any]) -> int:
