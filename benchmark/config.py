@@ -105,9 +105,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "runtime": {"latency_warmup": 1, "latency_repeats": 3, "log_every": 5},
     },
     "imagenet": {
-        "description": "ImageNet-size networks (each architecture's ImageNet variant) with the "
-        "torchvision reference recipe, unless the architecture names its paper's; 50000 "
-        "training images held out for validation",
+        "description": "ImageNet-size networks (224 px), each paper's ImageNet schedule, else "
+        "torchvision's reference recipe; 50000 training images held out for validation",
         # torchvision references/classification (train.py defaults, the ResNet recipe): 90
         # epochs, batch 256 (8 GPUs x 32), SGD 0.1 momentum 0.9, wd 1e-4, lr x0.1 every 30
         # epochs; MSDNet's ImageNet run is the same (kalviny/MSDNet-PyTorch README, main.py).

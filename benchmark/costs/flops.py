@@ -20,7 +20,7 @@ Conventions (named in the metric keys):
 Counting uses a copy of the model on CPU with batch 1, in eval mode, under no_grad (the counter's
 backward counts are wrong for grouped convolutions, so only forwards are counted). A model built
 on the meta device (`benchmark.models.build_on_meta`) is counted there: the same numbers from
-shapes alone, without memory or compute (an ImageNet MSDNet's table in a second, not ~30 s).
+shapes alone, without parameter memory or arithmetic (how the tests count ImageNet-size tables).
 """
 
 from __future__ import annotations

@@ -376,7 +376,8 @@ IMAGENET_STEP7 = {**_IMAGENET, "base": 7, "step": 7}
     "exits from one forward pass",
 )
 def build_msdnet(num_classes: int, image_size: int, **p) -> MSDNet:
-    variant = check_variant("msdnet", p["variant"], image_size, 1)
+    # the image size is checked exactly by _check_head_size below
+    variant = check_variant("msdnet", p["variant"], image_size, min_size=1)
     if p["step_mode"] not in ("even", "lin_grow"):
         raise ConfigError(f"msdnet step_mode {p['step_mode']!r}; valid: even, lin_grow")
     for key in ("n_blocks", "base", "step", "n_channels", "growth_rate"):
