@@ -23,7 +23,7 @@ def _add_cell_args(p: argparse.ArgumentParser) -> None:
         default="cifar10",
         help="dataset (see `flexbench ls`), e.g. cifar10 or imagefolder:<dir or .zip>",
     )
-    p.add_argument("--profile", default="smoke", help="smoke | mini | paper")
+    p.add_argument("--profile", default="smoke", help="smoke | mini | paper | imagenet")
     add_override_args(p, "override a setting, e.g. --set method.T=4 --set train.epochs=10")
 
 

@@ -77,6 +77,8 @@ KEY_NEUTRAL: dict[tuple[str, str], Any] = {
     ("train", "bn_calib_batches"): 0,
     ("arch", "ge"): False,  # msdnet's IMTA options, off: the MSDNet cells had before them
     ("arch", "isc"): False,
+    ("arch", "variant"): "cifar",  # the ImageNet-size networks' switch (issue 22)
+    ("arch", "block"): "basic",  # ddnn_resnet's ImageNet block; the CIFAR one is basic
     **{("method", name): spec.default for name, spec in DIVERGENCE.items()},
 }
 
@@ -102,9 +104,32 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data": {"val_size": 100, "train_subset": 640, "test_subset": 200},
         "runtime": {"latency_warmup": 1, "latency_repeats": 3, "log_every": 5},
     },
+    "imagenet": {
+        "description": "ImageNet-size networks (224 px), each paper's ImageNet schedule, else "
+        "torchvision's reference recipe; 50000 training images held out for validation",
+        # torchvision references/classification (train.py defaults, the ResNet recipe): 90
+        # epochs, batch 256 (8 GPUs x 32), SGD 0.1 momentum 0.9, wd 1e-4, lr x0.1 every 30
+        # epochs; MSDNet's ImageNet run is the same (kalviny/MSDNet-PyTorch README, main.py).
+        "train": {
+            "epochs": 90,
+            "batch_size": 256,
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "schedule": "multistep",
+            "milestones": [1 / 3, 2 / 3],
+            "gamma": 0.1,
+            "eval_batch_size": 250,
+        },
+        # MSDNet holds out 50000 ImageNet training images (research/papers.md §3, --use-valid)
+        "data": {"val_size": 50000},
+        "runtime": {"latency_warmup": 5, "latency_repeats": 20, "log_every": 100},
+    },
 }
 
 SECTIONS = ("arch", "method", "train", "data", "runtime")
+# learning-rate schedules after the warm-up (benchmark.training.build.lr_at)
+SCHEDULES = ("multistep", "cosine", "exp", "linear")
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -192,8 +217,8 @@ def validate_train(t: dict[str, Any]) -> None:
     check("momentum", _is_num(t["momentum"]) and 0 <= t["momentum"] < 1, "in [0, 1)")
     check("nesterov", isinstance(t["nesterov"], bool), "true or false")
     check("weight_decay", _is_num(t["weight_decay"]) and t["weight_decay"] >= 0, ">= 0")
-    if t["schedule"] not in ("multistep", "cosine"):
-        raise ConfigError(f"train.schedule {t['schedule']!r}; valid: multistep, cosine")
+    if t["schedule"] not in SCHEDULES:
+        raise ConfigError(f"train.schedule {t['schedule']!r}; valid: {', '.join(SCHEDULES)}")
     ms = t["milestones"]
     check(
         "milestones",

@@ -298,7 +298,7 @@ def test_an_architecture_entry_for_an_unknown_profile_is_refused():
         with pytest.raises(
             ConfigError,
             match="tmp_typo_arch declares profiles for unknown "
-            "profile.s. smoek; valid profiles: paper, mini, smoke",
+            "profile.s. smoek; valid profiles: paper, mini, smoke, imagenet",
         ):
             resolve("tmp_typo_arch", "synthetic", "joint", 0, "smoke")
     finally:

@@ -18,7 +18,9 @@ Conventions (named in the metric keys):
   processes falls on all sub-models alike instead of on whichever was being timed.
   `latency_iqr_ms` is the spread (interquartile range) of the same samples.
 Counting uses a copy of the model on CPU with batch 1, in eval mode, under no_grad (the counter's
-backward counts are wrong for grouped convolutions, so only forwards are counted).
+backward counts are wrong for grouped convolutions, so only forwards are counted). A model built
+on the meta device (`benchmark.models.build_on_meta`) is counted there: the same numbers from
+shapes alone, without parameter memory or arithmetic (how the tests count ImageNet-size tables).
 """
 
 from __future__ import annotations
@@ -63,8 +65,7 @@ def count_costs(
     """MACs/FLOPs/params per sub-model (cached per architecture config)."""
     if cache_key is not None and cache_key in _CACHE:
         return copy.deepcopy(_CACHE[cache_key])
-    m = copy.deepcopy(model).cpu().float().eval()
-    x = torch.zeros(1, 3, image_size, image_size)
+    m, x = _counting_copy(model, image_size)
     costs = [_cost(m, lambda k=sub.index: m.cost_forward(x, k), sub.name) for sub in m.submodels]
     if cache_key is not None:
         _CACHE[cache_key] = copy.deepcopy(costs)
@@ -76,9 +77,18 @@ def width_costs(
 ) -> list[SubCost]:
     """Costs of arbitrary widths of a universally slimmable model (`forward_width`), counted
     like `count_costs` (the width spectrum's points)."""
-    m = copy.deepcopy(model).cpu().float().eval()
-    x = torch.zeros(1, 3, image_size, image_size)
+    m, x = _counting_copy(model, image_size)
     return [_cost(m, lambda w=w: m.forward_width(x, w), n) for w, n in zip(widths, names)]
+
+
+def _counting_copy(model: FlexibleModel, image_size: int) -> tuple[FlexibleModel, torch.Tensor]:
+    """A float32 eval-mode copy on CPU (or on meta, for a meta model) and a zero image batch of
+    one, (1, 3, image_size, image_size), on the same device."""
+    m = copy.deepcopy(model)
+    meta = any(p.is_meta for p in m.parameters())
+    m = (m if meta else m.cpu()).float().eval()
+    x = torch.zeros(1, 3, image_size, image_size, device="meta" if meta else "cpu")
+    return m, x
 
 
 def _cost(m: FlexibleModel, run: Callable[[], object], name: str) -> SubCost:

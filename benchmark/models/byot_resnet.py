@@ -1,4 +1,4 @@
-"""Multi-exit CIFAR ResNet of BYOT (Zhang et al., "Be Your Own Teacher", ICCV 2019).
+"""Multi-exit ResNet of BYOT (Zhang et al., "Be Your Own Teacher", ICCV 2019), CIFAR or ImageNet.
 
 A CIFAR ResNet-18 (basic blocks [2, 2, 2, 2]) or ResNet-50 (bottleneck blocks [3, 4, 6, 3]):
 3x3 stride-1 stem with 64 channels, no max-pool, four stages of 64/128/256/512 (x4 for
@@ -17,6 +17,12 @@ k x k conv with stride k (k = 2^(3-i), down to the deepest stage's resolution), 
 linear layer. Our choice: no bias in those convs (BN follows). The pooled (B, C_K, 1, 1) output
 is the exit feature; the deepest exit's is the pooled last-stage output.
 
+`variant: imagenet` (the imagenet profile): the same network with torchvision's ImageNet stem
+(7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max-pool; `imagenet_resnet.py`) instead of the 3x3
+stride-1 one, so the stages run at 56/28/14/7 px of a 224 px image and the heads keep their
+construction (k = 8/4/2). Exit 4 is then exactly torchvision's resnet18 / resnet50 (1.81 / 4.09
+GMACs, 11.69 / 25.56 M parameters at 1000 classes).
+
 Costs: exit i's anytime cost is the trunk up to stage i plus every head up to i (MSDNet's
 convention); `forward_sub(x, 4)` alone is exactly a plain CIFAR ResNet (no shallow head runs).
 """
@@ -29,6 +35,7 @@ from torch.nn import functional as F
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
 from benchmark.models.base import EarlyExitModel, SubModel
+from benchmark.models.imagenet_resnet import MIN_IMAGENET_SIZE, check_variant, imagenet_stem
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
@@ -106,15 +113,18 @@ class _FinalHead(nn.Module):
 
 
 class ByotResNet(EarlyExitModel):
-    """BYOT (Zhang et al., ICCV 2019) CIFAR ResNet-18/50 with an exit after each of the four
-    stages; see `_run` for what each exit reads."""
+    """BYOT (Zhang et al., ICCV 2019) ResNet-18/50 (CIFAR or ImageNet stem) with an exit after
+    each of the four stages; see `_run` for what each exit reads."""
 
-    def __init__(self, num_classes: int, depth: int, width: float) -> None:
+    def __init__(self, num_classes: int, depth: int, width: float, variant: str = "cifar") -> None:
         super().__init__()
         kind, blocks = DEPTHS[depth]
         block = _Basic if kind == "basic" else _Bottleneck
         widths = [max(1, round(c * width)) for c in STAGE_WIDTHS]
-        self.stem = nn.Sequential(*_conv_bn(3, widths[0], 3, 1, 1), nn.ReLU(inplace=True))
+        if variant == "imagenet":
+            self.stem = imagenet_stem(widths[0], nn.BatchNorm2d(widths[0]))
+        else:
+            self.stem = nn.Sequential(*_conv_bn(3, widths[0], 3, 1, 1), nn.ReLU(inplace=True))
         self.blocks = nn.ModuleList()
         c_in, outs = widths[0], []
         for s, (planes, n) in enumerate(zip(widths, blocks)):
@@ -152,9 +162,14 @@ class ByotResNet(EarlyExitModel):
 
 @register_arch(
     "byot_resnet",
-    defaults={"depth": 18, "width": 1.0},
-    description="BYOT multi-exit CIFAR ResNet-18/50: an exit after each of the 4 stages",
-    profiles={"smoke": {"width": 0.0625}, "mini": {"width": 0.125}},
+    defaults={"depth": 18, "width": 1.0, "variant": "cifar"},
+    description="BYOT multi-exit ResNet-18/50 (CIFAR or ImageNet stem): an exit after each of "
+    "the 4 stages",
+    profiles={
+        "smoke": {"width": 0.0625},
+        "mini": {"width": 0.125},
+        "imagenet": {"variant": "imagenet"},
+    },
     # channels_last crashed natively (segfault / double free in backward) on torch 2.14.1's CPU
     # kernels at the smoke width (4..32 channels); NCHW trains it.
     memory_format="contiguous",
@@ -167,7 +182,9 @@ class ByotResNet(EarlyExitModel):
             "batch_size": 128,
             "weight_decay": 5e-4,
             "milestones": [0.375, 0.65, 0.9],
-        }
+        },
+        # ImageNet: no BYOT ImageNet schedule was read (research/papers.md has none), so the
+        # imagenet profile's torchvision reference recipe applies.
     },
 )
 def build_byot_resnet(num_classes: int, image_size: int, **p) -> ByotResNet:
@@ -178,9 +195,11 @@ def build_byot_resnet(num_classes: int, image_size: int, **p) -> ByotResNet:
     width = p["width"]
     if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
         raise ConfigError(f"byot_resnet width must be a positive number, got {width!r}")
-    if image_size < 8 or image_size % 8:
+    variant = check_variant("byot_resnet", p["variant"], image_size, MIN_IMAGENET_SIZE)
+    stride = 8 if variant == "cifar" else 32  # three stride-2 stages (and the ImageNet stem's 4)
+    if image_size < stride or image_size % stride:
         raise ConfigError(
-            f"byot_resnet needs an image size divisible by 8 (three stride-2 stages), got "
-            f"{image_size}"
+            f"byot_resnet variant {variant} needs an image size divisible by {stride} (total "
+            f"stride of its stages), got {image_size}"
         )
-    return ByotResNet(num_classes, p["depth"], float(width))
+    return ByotResNet(num_classes, p["depth"], float(width), variant)

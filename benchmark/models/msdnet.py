@@ -1,11 +1,22 @@
-"""MSDNet for CIFAR (Huang et al., ICLR 2018), following the reference PyTorch implementation.
+"""MSDNet for CIFAR and ImageNet (Huang et al., ICLR 2018), following the reference PyTorch
+implementation (kalviny/MSDNet-PyTorch, `models/msdnet.py`).
 
-Structure, channel arithmetic, "max" scale pruning, transition layers and the CIFAR exit heads
-match the reference MSDNet-PyTorch CIFAR model, so per-exit multiply-adds and parameter counts
-match its op counter. One deliberate note on initialisation: the reference defines a custom
-initialiser but applies it only to the direct children of each block (never to a Conv2d,
-BatchNorm2d or Linear), so its networks train from PyTorch's default initialisation; we do the
-same instead of the initialiser it never ran.
+Structure, channel arithmetic, "max" scale pruning, transition layers and the exit heads match
+the reference model, so per-exit multiply-adds and parameter counts match its op counter
+(`op_counter.py`: its conv and linear terms). `variant: imagenet` is the reference's
+`--data ImageNet` network: the first layer is a 7x7 stride-2 conv (with a bias, as there), BN,
+ReLU and a 3x3 stride-2 max-pool, then the stride-2 3x3 convs of the coarser scales; each exit
+head is two stride-2 3x3 ConvBNReLU as wide as its input (`_build_classifier_imagenet`: nIn ->
+nIn -> nIn), AvgPool(2) and a linear layer. The imagenet profile builds the README's network
+(5 blocks, 4 scales, grFactor / bnFactor 1-2-4-4, nChannels 32, growthRate 16, base = step = 4,
+stepmode even: preset `imagenet_step4`); preset `imagenet_step7` is `run_imagenet.sh`'s (base =
+step = 7). Per-exit costs at 224 px: tests/test_imagenet_archs.py (step 4: 337 / 682 / 1004 /
+1250 / 1356 MMACs cumulative, 4.24 / 8.77 / 13.07 / 16.75 / 23.96 M parameters).
+
+One deliberate note on initialisation: the reference defines a custom initialiser but applies
+it only to the direct children of each block (never to a Conv2d, BatchNorm2d or Linear), so its
+networks train from PyTorch's default initialisation; we do the same instead of the initialiser
+it never ran.
 
 IMTA (Li et al., "Improved Techniques for Training Adaptive Deep Networks", ICCV 2019; code
 kalviny/IMTA) adds two switchable parts: `ge` (gradient equilibrium, see `MSDNet._run`) and `isc`
@@ -25,6 +36,7 @@ from torch import Tensor, nn
 from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
 from benchmark.models.base import EarlyExitModel, SubModel
+from benchmark.models.imagenet_resnet import check_variant, imagenet_stem
 
 
 def _conv_bn_relu(n_in: int, n_out: int, kernel: int, stride: int) -> nn.Sequential:
@@ -70,13 +82,20 @@ class _Normal(nn.Module):
 
 
 class _Stem(nn.Module):
-    """CIFAR stem: a stride-1 3x3 conv, then one stride-2 3x3 conv per coarser scale."""
+    """First layer: CIFAR a stride-1 3x3 conv, ImageNet a 7x7/2 conv + 3x3/2 max-pool; then one
+    stride-2 3x3 conv per coarser scale."""
 
-    def __init__(self, n_channels: int, gr_factor: list[int]):
+    def __init__(self, n_channels: int, gr_factor: list[int], imagenet: bool = False):
         super().__init__()
-        layers, n_in = [], 3
-        for i, g in enumerate(gr_factor):
-            layers.append(_conv_bn_relu(n_in, n_channels * g, 3, 1 if i == 0 else 2))
+        c = n_channels * gr_factor[0]
+        first = (
+            imagenet_stem(c, nn.BatchNorm2d(c), bias=True)
+            if imagenet
+            else _conv_bn_relu(3, c, 3, 1)
+        )
+        layers, n_in = [first], c
+        for g in gr_factor[1:]:
+            layers.append(_conv_bn_relu(n_in, n_channels * g, 3, 2))
             n_in = n_channels * g
         self.layers = nn.ModuleList(layers)
 
@@ -142,7 +161,8 @@ class _Transition(nn.Module):
 
 
 class _Head(nn.Module):
-    """CIFAR exit: two stride-2 3x3 ConvBNReLU (head_channels), AvgPool(2), Linear.
+    """Exit: two stride-2 3x3 ConvBNReLU (head_channels wide: 128 in the CIFAR reference, the
+    input width in the ImageNet one), AvgPool(2), Linear.
 
     With ISC (`side_width` > 0) the linear layer also reads a side input of that width (the
     projected prediction of the previous exit), concatenated after the pooled features."""
@@ -195,9 +215,11 @@ def block_steps(n_blocks: int, base: int, step: int, step_mode: str) -> list[int
 
 @dataclass(frozen=True)
 class MSDNetConfig:
-    """The knobs of a CIFAR MSDNet, named as in the reference code's arguments (kalviny/
+    """The knobs of an MSDNet, named as in the reference code's arguments (kalviny/
     MSDNet-PyTorch `args`: nBlocks, base, step, stepmode, nChannels, growthRate, grFactor,
-    bnFactor, reduction, bottleneck) plus the exit heads' width and IMTA's two options."""
+    bnFactor, reduction, bottleneck, data: cifar or ImageNet as `variant`) plus the exit heads'
+    width (None: as wide as the head's input, the reference ImageNet heads) and IMTA's two
+    options."""
 
     n_blocks: int
     base: int
@@ -209,14 +231,16 @@ class MSDNetConfig:
     bn_factor: list[int]
     reduction: float
     bottleneck: bool
-    head_channels: int
+    head_channels: int | None
     ge: bool = False
     isc: bool = False
+    variant: str = "cifar"
 
 
 class MSDNet(EarlyExitModel):
-    """CIFAR MSDNet; `ge` and `isc` switch on IMTA's gradient equilibrium and inline subnetwork
-    collaboration (Li et al., ICCV 2019), each on its own (see `_run`)."""
+    """MSDNet (CIFAR or ImageNet first layer); `ge` and `isc` switch on IMTA's gradient
+    equilibrium and inline subnetwork collaboration (Li et al., ICCV 2019), each on its own (see
+    `_run`)."""
 
     def __init__(self, num_classes: int, c: MSDNetConfig):
         super().__init__()
@@ -234,7 +258,8 @@ class MSDNet(EarlyExitModel):
         self.heads = nn.ModuleList()
         n_in, layer_idx = n_channels, 0
         for b in range(n_blocks):
-            mods: list[nn.Module] = [_Stem(n_channels, gr)] if b == 0 else []
+            stem = _Stem(n_channels, gr, c.variant == "imagenet")
+            mods: list[nn.Module] = [stem] if b == 0 else []
             for _ in range(steps[b]):
                 layer_idx += 1
                 in_scales = n_scales - math.floor(max(0, layer_idx - 2) / interval)
@@ -247,7 +272,8 @@ class MSDNet(EarlyExitModel):
                     n_in = n_out
             self.blocks.append(nn.Sequential(*mods))
             side = head_channels if isc and b > 0 else 0
-            self.heads.append(_Head(n_in * gr[-1], head_channels, num_classes, side))
+            width = head_channels or n_in * gr[-1]
+            self.heads.append(_Head(n_in * gr[-1], width, num_classes, side))
         # ISC module i projects exit i's logits into exit i+1's classifier.
         self.isc_modules = nn.ModuleList(
             _isc_projection(num_classes, head_channels) for _ in range(n_blocks - 1) if isc
@@ -288,6 +314,19 @@ class MSDNet(EarlyExitModel):
 
 ANYTIME = {"n_blocks": 7, "step_mode": "even", "step": 2, "base": 4}
 BUDGETED = {"n_blocks": 5, "step_mode": "lin_grow", "step": 1, "base": 1}
+# The reference README's ImageNet network (step 4) and run_imagenet.sh's (step 7).
+_IMAGENET = {
+    "variant": "imagenet",
+    "n_blocks": 5,
+    "step_mode": "even",
+    "n_channels": 32,
+    "growth_rate": 16,
+    "gr_factor": [1, 2, 4, 4],
+    "bn_factor": [1, 2, 4, 4],
+    "head_channels": None,
+}
+IMAGENET_STEP4 = {**_IMAGENET, "base": 4, "step": 4}
+IMAGENET_STEP7 = {**_IMAGENET, "base": 7, "step": 7}
 
 
 @register_arch(
@@ -304,6 +343,7 @@ BUDGETED = {"n_blocks": 5, "step_mode": "lin_grow", "step": 1, "base": 1}
         "head_channels": 128,
         "ge": False,
         "isc": False,
+        "variant": "cifar",
     },
     profiles={
         "smoke": {
@@ -322,27 +362,59 @@ BUDGETED = {"n_blocks": 5, "step_mode": "lin_grow", "step": 1, "base": 1}
             "growth_rate": 4,
             "head_channels": 32,
         },
+        "imagenet": {"preset": "imagenet_step4"},
     },
-    presets={"anytime": ANYTIME, "budgeted": BUDGETED},
-    description="MSDNet (CIFAR): one exit per block, all exits from one forward pass",
+    presets={
+        "anytime": ANYTIME,
+        "budgeted": BUDGETED,
+        "imagenet_step4": IMAGENET_STEP4,
+        "imagenet_step7": IMAGENET_STEP7,
+    },
+    # ImageNet schedule: the reference README / run_imagenet.sh (90 epochs, batch 256, SGD 0.1,
+    # wd 1e-4, lr x0.1 at epochs 30 and 60 in its main.py), the imagenet profile's own.
+    description="MSDNet (CIFAR, or the reference ImageNet network): one exit per block, all "
+    "exits from one forward pass",
 )
 def build_msdnet(num_classes: int, image_size: int, **p) -> MSDNet:
+    # the image size is checked exactly by _check_head_size below
+    variant = check_variant("msdnet", p["variant"], image_size, min_size=1)
     if p["step_mode"] not in ("even", "lin_grow"):
         raise ConfigError(f"msdnet step_mode {p['step_mode']!r}; valid: even, lin_grow")
-    for key in ("n_blocks", "base", "step", "n_channels", "growth_rate", "head_channels"):
+    for key in ("n_blocks", "base", "step", "n_channels", "growth_rate"):
         if not isinstance(p[key], int) or p[key] < 1:
             raise ConfigError(f"msdnet {key} must be an integer >= 1, {got(p[key])}")
+    hc = p["head_channels"]
+    if hc is not None and (isinstance(hc, bool) or not isinstance(hc, int) or hc < 1):
+        raise ConfigError(
+            f"msdnet head_channels must be an integer >= 1 or null (as wide as the head's "
+            f"input, the reference ImageNet heads), {got(hc)}"
+        )
     if len(p["gr_factor"]) != len(p["bn_factor"]) or not p["gr_factor"]:
         raise ConfigError("msdnet gr_factor and bn_factor must be non-empty and of equal length")
     for key in ("ge", "isc"):
         if not isinstance(p[key], bool):
             raise ConfigError(f"msdnet {key} must be true or false, got {p[key]!r}")
+    if p["isc"] and hc is None:
+        raise ConfigError(
+            "msdnet isc needs an integer head_channels (the width of the projected "
+            "prediction; 128 in IMTA's CIFAR setting), got null"
+        )
     if not 0 <= p["reduction"] < 1:
         raise ConfigError(f"msdnet reduction must be in [0, 1), {got(p['reduction'])}")
-    coarsest = image_size // 2 ** (len(p["gr_factor"]) - 1)
-    if coarsest < 8:
-        raise ConfigError(
-            f"msdnet with {len(p['gr_factor'])} scales needs images of at least "
-            f"{8 * 2 ** (len(p['gr_factor']) - 1)} px for its CIFAR exit heads, got {image_size}"
-        )
+    _check_head_size(variant, len(p["gr_factor"]), image_size)
     return MSDNet(num_classes, MSDNetConfig(**p))
+
+
+def _check_head_size(variant: str, n_scales: int, image_size: int) -> None:
+    """The exit heads (two stride-2 3x3 convs, AvgPool(2)) must pool the coarsest scale to 1x1:
+    that scale must be 5..12 px (CIFAR 32 px -> 8, ImageNet 224 px -> 7)."""
+    halvings = n_scales - 1 + (2 if variant == "imagenet" else 0)  # ImageNet stem: conv + pool
+    size = image_size
+    for _ in range(halvings):
+        size = -(-size // 2)  # a stride-2 conv or pool with padding: ceil(H / 2)
+    if not 5 <= size <= 12:
+        raise ConfigError(
+            f"msdnet variant {variant} with {n_scales} scales takes its exits at image_size / "
+            f"{2**halvings}, which must be 5..12 px for the exit heads to pool to 1x1 "
+            f"(CIFAR: 32 px, ImageNet: 224 px); got {image_size} px -> {size} px"
+        )

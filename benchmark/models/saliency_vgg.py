@@ -1,4 +1,5 @@
-"""CIFAR VGG with BatchNorm whose sub-models keep a chosen subset of every layer's channels.
+"""VGG with BatchNorm (CIFAR or ImageNet) whose sub-models keep a chosen subset of every layer's
+channels.
 
 From the literature: the VGG configurations (Simonyan & Zisserman, depths 11/13/16/19) in the
 common CIFAR form (3x3 conv-BN-ReLU, 2x2 max-pool after each group, global pool -> one Linear);
@@ -18,6 +19,15 @@ published in anything we could read, so everything below is our design:
 - `forward_gated` runs level k on its candidates (level k+1's channels) with a 0/1 gate after each
   BN+ReLU, with batch statistics and frozen running statistics, so the gradient w.r.t. the gates
   gives first-order Taylor saliencies of every candidate (Molchanov et al., ICLR 2017).
+
+`variant: imagenet` (the imagenet profile; HSD pruned VGG16 on ImageNet, research/papers.md §6):
+torchvision's `vgg16_bn` layout (`torchvision/models/vgg.py`): the same 13 convs and 5 max-pools,
+then a 7x7 adaptive average pool and the classifier 25088-4096-4096-classes with ReLU and
+dropout 0.5 (hidden widths x `width_mult`). A sub-model prunes the conv channels as above; the
+first linear layer reads the kept channels' 7x7 positions, and the two hidden layers stay whole
+(filter-level pruning of the conv layers). Full width: 15.47 GMACs at 224 px (torchvision's
+docs: 15.47 GFLOPS, which are MACs); 138.36 M parameters, torchvision's 138.37 M less the 4224
+conv biases it keeps in front of BatchNorm (ours have none, as in the CIFAR network).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from torch.nn import functional as F
 from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
 from benchmark.models.base import Capabilities, FlexibleModel, SubModel
+from benchmark.models.imagenet_resnet import MIN_IMAGENET_SIZE, check_variant
 from benchmark.models.switchable import Switch
 
 # Conv widths per layer, "M" = 2x2 max-pool (ends a group), as in the common CIFAR VGGs.
@@ -70,18 +81,45 @@ class PrunedConv2d(nn.Conv2d):
 
 
 class PrunedLinear(nn.Linear):
-    """Classifier reading only the kept channels of the last conv layer."""
+    """Linear layer reading only the kept channels of the last conv layer: its input is
+    (N, channels x `spatial`), channel-major (a flattened (N, C, H, W) map, `spatial` = H x W)."""
 
-    def __init__(self, c_in: int, num_classes: int) -> None:
-        super().__init__(c_in, num_classes)
+    def __init__(self, c_in: int, num_classes: int, spatial: int = 1) -> None:
+        super().__init__(c_in * spatial, num_classes)
+        self.spatial = spatial
         self.idx_in: Tensor | None = None
 
+    def _columns(self) -> Tensor | None:
+        if self.idx_in is None or self.spatial == 1:
+            return self.idx_in
+        pos = torch.arange(self.spatial, device=self.idx_in.device)
+        return (self.idx_in[:, None] * self.spatial + pos).flatten()
+
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight if self.idx_in is None else self.weight.index_select(1, self.idx_in)
+        cols = self._columns()
+        w = self.weight if cols is None else self.weight.index_select(1, cols)
         return F.linear(x, w, self.bias)
 
     def active_num_params(self) -> int:
-        return (_count(self.idx_in, self.in_features) + 1) * self.out_features
+        kept = _count(self.idx_in, self.in_features // self.spatial) * self.spatial
+        return (kept + 1) * self.out_features
+
+
+def imagenet_classifier(c_in: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """torchvision VGG's head: 7x7 adaptive average pool, flatten, Linear(c_in x 49, hidden),
+    ReLU, Dropout(0.5), Linear(hidden, hidden), ReLU, Dropout(0.5), Linear(hidden, classes);
+    (N, c_in, H, W) -> (N, classes). Its first linear layer (index 2) reads the kept channels."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(7),
+        nn.Flatten(1),
+        PrunedLinear(c_in, hidden, 49),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 class LevelBatchNorm2d(nn.Module, Switch):
@@ -150,7 +188,14 @@ class SaliencyVGG(FlexibleModel):
 
     caps = Capabilities(("channels",), reranks_channels=True)
 
-    def __init__(self, num_classes: int, depth: int, width_mult: float, keeps: list[float]):
+    def __init__(
+        self,
+        num_classes: int,
+        depth: int,
+        width_mult: float,
+        keeps: list[float],
+        variant: str = "cifar",
+    ):
         super().__init__()
         self.keeps = list(keeps)
         blocks: list[nn.Module] = []
@@ -164,7 +209,12 @@ class SaliencyVGG(FlexibleModel):
             c_in = c
         self.features = nn.Sequential(*blocks)
         self.layers = [m for m in blocks if isinstance(m, VGGLayer)]
-        self.classifier = PrunedLinear(c_in, num_classes)
+        self.imagenet = variant == "imagenet"
+        self.classifier: nn.Module = (
+            imagenet_classifier(c_in, scaled(width_mult, 4096), num_classes)
+            if self.imagenet
+            else PrunedLinear(c_in, num_classes)
+        )
         self.submodels = [SubModel(i, f"c{p}") for i, p in enumerate(self.keeps)]
         self._reset_parameters()
 
@@ -177,6 +227,11 @@ class SaliencyVGG(FlexibleModel):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    def _logits(self, x: Tensor) -> Tensor:
+        """Classifier on the last conv map (N, C, H, W): CIFAR global mean + linear, ImageNet
+        torchvision's head."""
+        return self.classifier(x) if self.imagenet else self.classifier(x.mean((2, 3)))
+
     def _route(self, k: int, over: int, probe: bool) -> None:
         """Run level k's BatchNorm entries on the channels of level `over` (k itself normally)."""
         idx_in = None  # all three image channels
@@ -185,11 +240,12 @@ class SaliencyVGG(FlexibleModel):
             layer.conv.idx_in, layer.conv.idx_out = idx_in, idx
             layer.bn.active, layer.bn.idx, layer.bn.probe = k, idx, probe
             idx_in = idx
-        self.classifier.idx_in = idx_in
+        first = self.classifier[2] if self.imagenet else self.classifier
+        first.idx_in = idx_in
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
         self._route(k, k, False)
-        return self.classifier(self.features(x).mean((2, 3)))
+        return self._logits(self.features(x))
 
     def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
         """Logits and the output of every conv group before its max-pool."""
@@ -199,7 +255,7 @@ class SaliencyVGG(FlexibleModel):
             if isinstance(m, nn.MaxPool2d):
                 feats.append(x)
             x = m(x)
-        return self.classifier(x.mean((2, 3))), feats
+        return self._logits(x), feats
 
     # --- saliency support (used by the hsd method) ----------------------------------------
     def _teacher(self, k: int) -> int:
@@ -233,7 +289,7 @@ class SaliencyVGG(FlexibleModel):
         (e.g. a teacher's logits as in training, without updating its statistics)."""
         if own:
             self._route(k, k, True)
-            return self.classifier(self.features(x).mean((2, 3)))
+            return self._logits(self.features(x))
         gates = self.gates(k) if gates is None else gates
         self._route(k, self._teacher(k), True)
         i = 0
@@ -242,7 +298,7 @@ class SaliencyVGG(FlexibleModel):
             if isinstance(m, VGGLayer):
                 x = x * gates[i][..., None, None]
                 i += 1
-        return self.classifier(x.mean((2, 3)))
+        return self._logits(x)
 
     @torch.no_grad()
     def rerank(self, k: int, scores: list[Tensor]) -> float:
@@ -288,17 +344,20 @@ def _validate_keeps(keeps) -> list[float]:
 
 @register_arch(
     "saliency_vgg",
-    defaults={"depth": 16, "width_mult": 1.0, "keeps": [0.25, 0.5, 0.75, 1.0]},
+    defaults={"depth": 16, "width_mult": 1.0, "keeps": [0.25, 0.5, 0.75, 1.0], "variant": "cifar"},
     profiles={
         "smoke": {"depth": 11, "width_mult": 0.125},
         "mini": {"depth": 11, "width_mult": 0.25},
+        "imagenet": {"variant": "imagenet", "depth": 16},
     },
     # A plain VGG sums four sub-models' gradients on its shared weights: at the mini profile's
     # lr 0.05 it learns slowly in 8 epochs (ipkd_ta 36-41% vs 39-49% at 0.02, real CIFAR-10
     # subset); smoke uses the same rate.
+    # ImageNet: the imagenet profile's torchvision reference recipe (its README lowers the lr to
+    # 0.01 only for the VGGs without BatchNorm; the *_bn ones train with the defaults).
     train={"smoke": {"lr": 0.02}, "mini": {"lr": 0.02}},
-    description="CIFAR VGG-BN, sub-models keep a nested subset of every layer's channels "
-    "(prefix unless the hsd method re-ranks them by saliency)",
+    description="VGG-BN (CIFAR, or torchvision's ImageNet vgg*_bn), sub-models keep a nested "
+    "subset of every layer's channels (prefix unless the hsd method re-ranks them by saliency)",
 )
 def build_saliency_vgg(num_classes: int, image_size: int, **p) -> SaliencyVGG:
     if p["depth"] not in CFGS:
@@ -306,8 +365,10 @@ def build_saliency_vgg(num_classes: int, image_size: int, **p) -> SaliencyVGG:
     w = p["width_mult"]
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
         raise ConfigError(f"width_mult must be a positive number, {got(w)}")
+    variant = check_variant("saliency_vgg", p["variant"], image_size, MIN_IMAGENET_SIZE)
     if image_size < 32:
         raise ConfigError(
             f"saliency_vgg pools five times and needs images >= 32px, got {image_size}"
         )
-    return SaliencyVGG(num_classes, p["depth"], float(w), _validate_keeps(p["keeps"]))
+    keeps = _validate_keeps(p["keeps"])
+    return SaliencyVGG(num_classes, p["depth"], float(w), keeps, variant)

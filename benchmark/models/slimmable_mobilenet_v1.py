@@ -174,8 +174,24 @@ def _validate_widths(widths) -> list[float]:
     profiles={
         "smoke": {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1]},
         "mini": {"width_mult": 0.5, "stage_blocks": [1, 1, 1, 2, 1]},
+        "imagenet": {"stem_stride": 2},  # 41 / 149 / 325 / 569 MMACs at widths 0.25..1.0
     },
-    description="Slimmable MobileNet-V1 (CIFAR stem): one forward per width, switchable BN",
+    # S-MobileNet-V1 on ImageNet (JiahuiYu/slimmable_networks apps/s_mobilenet_v1_train_val.yml,
+    # its override settings): 480 epochs, batch 160, SGD lr 0.045 nesterov, momentum 0.9, wd 1e-4,
+    # lr x0.98 every epoch (exp_decaying); no warm-up, no label smoothing.
+    train={
+        "imagenet": {
+            "epochs": 480,
+            "batch_size": 160,
+            "lr": 0.045,
+            "nesterov": True,
+            "weight_decay": 1e-4,
+            "schedule": "exp",
+            "gamma": 0.98,
+        }
+    },
+    description="Slimmable MobileNet-V1 (CIFAR stem, or ImageNet's with stem_stride 2): one "
+    "forward per width, switchable BN",
 )
 def build_slimmable_mobilenet_v1(num_classes: int, image_size: int, **p) -> SlimmableMobileNetV1:
     widths = _validate_widths(p["widths"])

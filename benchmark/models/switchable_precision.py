@@ -1,4 +1,4 @@
-"""Bit-width-switchable CIFAR ResNet: one set of weights, one sub-model per bit-width.
+"""Bit-width-switchable ResNet (CIFAR or ImageNet): one set of weights, one sub-model per bit-width.
 
 Network: the CIFAR ResNet of He et al. 2016 (§4.2): a 3x3 stem conv, three stages of n BasicBlocks
 (16/32/64 channels x `width`, depth = 6n + 2, the first block of stages 2 and 3 has stride 2),
@@ -27,6 +27,13 @@ Every BatchNorm, the stem's included, is private per bit-width (SwitchableBatchN
 statistics of a 2-bit network differ from a 32-bit one, and the stem BN's affine sets the range
 that reaches the first clamp.
 
+`variant: imagenet` (the imagenet profile; CMT-KD's ImageNet setting, research/papers.md §7, is a
+low-bit ResNet-18): torchvision's ResNet-18 (`imagenet_resnet.py`; depth 18 or 34 = basic blocks
+[2, 2, 2, 2] / [3, 4, 6, 3]) with the same rules: the 7x7 stem conv and the classifier at full
+precision, every 3x3 conv quantized, private BN per bit-width; the projection shortcuts (1x1 conv +
+BN where the shape changes) stay full precision like the CIFAR shortcut path. Every sub-model runs
+ResNet-18's 1.81 GMACs; the bit-widths differ in `gbitops`.
+
 Differences from Any-Precision DNN's code (SHI-Labs, the reference for switchable bit-widths):
 it uses a pre-activation ResNet-20 with 5x channels and 1x1-conv shortcuts, scales quantized
 weights by mean|w|, and normalises weights by max|tanh(w)| also at 32 bits; we keep He et al.'s
@@ -45,6 +52,13 @@ from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
 from benchmark.models.base import Capabilities, FlexibleModel, SubModel
 from benchmark.models.cifar_resnet import STAGE_CHANNELS, option_a_shortcut
+from benchmark.models.imagenet_resnet import (
+    LAYOUTS,
+    MIN_IMAGENET_SIZE,
+    STAGE_PLANES,
+    check_variant,
+    imagenet_stem,
+)
 from benchmark.models.switchable import Switch, SwitchableBatchNorm2d, set_active
 
 FULL_PRECISION = 32
@@ -110,21 +124,50 @@ class BasicBlock(nn.Module):
         return F.relu(out + option_a_shortcut(x, self.stride, self.pad))
 
 
+class ImageNetBasicBlock(nn.Module):
+    """torchvision's BasicBlock with quantized 3x3 convs, private BN per bit-width and a
+    full-precision projection shortcut (1x1 conv + BN) where the shape changes."""
+
+    def __init__(self, bits: list[int], c_in: int, c_out: int, stride: int):
+        super().__init__()
+        k = len(bits)
+        self.conv1 = QuantConv2d(bits, c_in, c_out, stride)
+        self.bn1 = SwitchableBatchNorm2d([c_out] * k)
+        self.conv2 = QuantConv2d(bits, c_out, c_out, 1)
+        self.bn2 = SwitchableBatchNorm2d([c_out] * k)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            proj = nn.Conv2d(c_in, c_out, 1, stride, bias=False)  # full precision
+            self.shortcut = nn.Sequential(proj, SwitchableBatchNorm2d([c_out] * k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
 class SwitchablePrecisionResNet(FlexibleModel):
     caps = Capabilities(("bits",))
 
-    def __init__(self, num_classes: int, bits: list[int], depth: int, width: float):
+    def __init__(
+        self, num_classes: int, bits: list[int], depth: int, width: float, variant: str = "cifar"
+    ):
         super().__init__()
-        self.bits = list(bits)
-        k, n = len(bits), (depth - 2) // 6
-        chans = [max(1, round(c * width)) for c in STAGE_CHANNELS]
-        self.conv1 = nn.Conv2d(3, chans[0], 3, 1, 1, bias=False)  # full precision
-        self.bn1 = SwitchableBatchNorm2d([chans[0]] * k)
+        self.bits, self.imagenet = list(bits), variant == "imagenet"
+        k = len(bits)
+        if self.imagenet:
+            chans = [max(1, round(c * width)) for c in STAGE_PLANES]
+            self.stem = imagenet_stem(chans[0], SwitchableBatchNorm2d([chans[0]] * k))
+            block, counts = ImageNetBasicBlock, LAYOUTS[depth][1]
+        else:
+            chans = [max(1, round(c * width)) for c in STAGE_CHANNELS]
+            self.conv1 = nn.Conv2d(3, chans[0], 3, 1, 1, bias=False)  # full precision
+            self.bn1 = SwitchableBatchNorm2d([chans[0]] * k)
+            block, counts = BasicBlock, [(depth - 2) // 6] * len(chans)
         stages, c_in = [], chans[0]
-        for i, c in enumerate(chans):
+        for i, (c, n) in enumerate(zip(chans, counts)):
             blocks = []
             for j in range(n):
-                blocks.append(BasicBlock(bits, c_in, c, 2 if i > 0 and j == 0 else 1))
+                blocks.append(block(bits, c_in, c, 2 if i > 0 and j == 0 else 1))
                 c_in = c
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
@@ -137,7 +180,7 @@ class SwitchablePrecisionResNet(FlexibleModel):
 
     def _run(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
         set_active(self.switches, k)
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.stem(x) if self.imagenet else F.relu(self.bn1(self.conv1(x)))
         feats = []
         for stage in self.stages:
             x = stage(x)
@@ -148,7 +191,8 @@ class SwitchablePrecisionResNet(FlexibleModel):
         return self._run(x, k)[0]
 
     def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
-        """Logits and the three stage outputs (32, 16, 8 px at 32 px input)."""
+        """Logits and the stage outputs (CIFAR: 32, 16, 8 px at 32 px input; ImageNet: 56, 28,
+        14, 7 px at 224 px)."""
         return self._run(x, k)
 
 
@@ -172,20 +216,37 @@ def _validate_bits(bits) -> list[int]:
 
 @register_arch(
     "switchable_precision_resnet",
-    defaults={"bits": [2, 4, 8, 32], "depth": 20, "width": 1.0},
-    profiles={"smoke": {"depth": 8, "width": 0.25}, "mini": {"depth": 8, "width": 0.5}},
-    description="CIFAR ResNet (He et al.) at switchable bit-widths: shared weights, DoReFa "
-    "quantizer, private BN per bit-width, first conv and classifier full precision",
+    defaults={"bits": [2, 4, 8, 32], "depth": 20, "width": 1.0, "variant": "cifar"},
+    profiles={
+        "smoke": {"depth": 8, "width": 0.25},
+        "mini": {"depth": 8, "width": 0.5},
+        "imagenet": {"variant": "imagenet", "depth": 18},
+    },
+    # ImageNet schedule: CMT-KD's is not in research/papers.md (no code released), so the
+    # imagenet profile's torchvision reference recipe applies.
+    description="ResNet (He et al. CIFAR, or torchvision ImageNet-18/34) at switchable "
+    "bit-widths: shared weights, DoReFa quantizer, private BN per bit-width, first conv and "
+    "classifier full precision",
 )
 def build_switchable_precision_resnet(
     num_classes: int, image_size: int, **p
 ) -> SwitchablePrecisionResNet:
     bits = _validate_bits(p["bits"])
     depth, width = p["depth"], p["width"]
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    variant = check_variant(
+        "switchable_precision_resnet", p["variant"], image_size, MIN_IMAGENET_SIZE
+    )
+    if variant == "imagenet":
+        basic = sorted(d for d, (kind, _) in LAYOUTS.items() if kind == "basic")
+        if depth not in basic or isinstance(depth, bool):
+            raise ConfigError(
+                f"switchable_precision_resnet variant imagenet: depth must be one of "
+                f"{', '.join(map(str, basic))} (torchvision's basic-block ResNets), {got(depth)}"
+            )
+    elif isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ConfigError(
             f"depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), {got(depth)}"
         )
     if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
         raise ConfigError(f"width must be a positive number (channel multiplier), {got(width)}")
-    return SwitchablePrecisionResNet(num_classes, bits, depth, float(width))
+    return SwitchablePrecisionResNet(num_classes, bits, depth, float(width), variant)

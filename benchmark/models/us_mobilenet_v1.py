@@ -250,11 +250,26 @@ def _validate(p: dict) -> tuple[list[float], tuple[float, float]]:
     profiles={
         "smoke": {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1], "spectrum_step": 0.25},
         "mini": {"width_mult": 0.5, "stage_blocks": [1, 1, 1, 2, 1]},
+        "imagenet": {"stem_stride": 2},
     },
     train={
         "smoke": {"bn_calib_batches": 2},
         "mini": {"bn_calib_batches": 10},
         "paper": {"bn_calib_batches": 20},
+        # US-MobileNet-V1 on ImageNet (JiahuiYu/slimmable_networks
+        # apps/us_mobilenet_v1_train_val.yml, its override settings): 250 epochs, batch 1024
+        # (8 GPUs), SGD lr 0.5 nesterov, momentum 0.9, wd 1e-4, linear decay to 0 per step
+        # (linear_decaying), no warm-up or label smoothing (soft_target is the inplace
+        # distillation of the sandwich method); BN calibrated on bn_cal_batch_num 5 batches.
+        "imagenet": {
+            "epochs": 250,
+            "batch_size": 1024,
+            "lr": 0.5,
+            "nesterov": True,
+            "weight_decay": 1e-4,
+            "schedule": "linear",
+            "bn_calib_batches": 5,
+        },
     },
     description="Universally slimmable MobileNet-V1 (CIFAR stem): any width, shared BN, "
     "BN recalibration per evaluated width",

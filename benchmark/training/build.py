@@ -45,16 +45,23 @@ def make_method(cfg: dict[str, Any], num_submodels: int) -> Method:
 
 def lr_at(t: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
     """Learning rate at (epoch, step) of a stage: linear warm-up over `warmup_epochs` (from
-    lr/(warmup x steps) to lr), then multi-step decay (x gamma at each milestone fraction of the
-    epochs, MSDNet's CIFAR recipe) or cosine decay to 0 over the remaining epochs."""
+    lr/(warmup x steps) to lr), then over the remaining epochs one of: `multistep` (x gamma at
+    each milestone fraction of the epochs, MSDNet's CIFAR recipe), `cosine` (to 0), `exp` (x gamma
+    every epoch, S-MobileNet's ImageNet `exp_decaying`, JiahuiYu/slimmable_networks) or `linear`
+    (lowered by lr / remaining steps before every step, reaching 0 at the last one: US-Nets'
+    `linear_decaying`, same code)."""
     pos = epoch + step / steps_per_epoch
     warm = t["warmup_epochs"]
     if warm and pos < warm:
         return t["lr"] * (pos + 1 / steps_per_epoch) / warm
     if t["schedule"] == "multistep":
         return t["lr"] * t["gamma"] ** sum(epoch >= m * t["epochs"] for m in t["milestones"])
-    frac = (pos - warm) / max(t["epochs"] - warm, 1e-9)
-    return 0.5 * t["lr"] * (1 + math.cos(math.pi * frac))
+    if t["schedule"] == "exp":
+        return t["lr"] * t["gamma"] ** (epoch - warm)
+    remaining = max(t["epochs"] - warm, 1e-9)
+    if t["schedule"] == "linear":
+        return t["lr"] * max(0.0, 1 - (pos - warm + 1 / steps_per_epoch) / remaining)
+    return 0.5 * t["lr"] * (1 + math.cos(math.pi * (pos - warm) / remaining))
 
 
 def new_optimizer(model: FlexibleModel, method: Method, t: dict[str, Any]) -> torch.optim.SGD:
