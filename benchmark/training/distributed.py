@@ -279,6 +279,6 @@ def _outcome(path: Path, code: int) -> CellResult:
     errors = {"config": ConfigError, "training": TrainingError, "write": WriteError}
     if out["status"] == "finished":
         return CellResult(**out["result"])
-    if out["status"] == "interrupted":
-        raise RankLost(out["message"])
+    if out["status"] == "interrupted":  # a signal to the ranks, or a rank gone
+        raise RankLost(f"the cell's ranks stopped (rank 0: {out['message']})")
     raise errors.get(out["status"], RuntimeError)(out["message"])
