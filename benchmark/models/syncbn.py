@@ -7,9 +7,10 @@ per-sub-model BatchNorms of `SwitchableBatchNorm2d`), the sliced `USBatchNorm2d`
 `LevelBatchNorm2d`, which call `batch_norm` (the `F.batch_norm` signature) themselves.
 
 Inside a `synced()` block, a training-mode `batch_norm` takes the mean and variance of the global
-batch from one differentiable all-reduce of [sum, sum of squares, count] per channel
-(`torch.distributed.nn.functional.all_reduce`, whose backward all-reduces the gradient: the
-gradient of the global batch's statistics, as torch's SyncBatchNorm computes it). Outside such a
+batch from two differentiable all-reduces per layer, [sum, count] per channel and then the sum of
+squared deviations from the global mean (`torch.distributed.nn.functional.all_reduce`, whose
+backward all-reduces the gradient: the gradient of the global batch's statistics, as torch's
+SyncBatchNorm computes it). Outside such a
 block, or in eval mode, it is `F.batch_norm`: the papers compute BN per GPU, so the default
 (`train.sync_bn: false`) keeps per-rank statistics, and a single process is never affected.
 """
@@ -57,18 +58,20 @@ def batch_norm(
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     c = x.shape[1]
     dims = [0, *range(2, x.dim())]
+    shape = [1, c] + [1] * (x.dim() - 2)
     xf = x.float()
     count = torch.full((1,), x.numel() / c, device=x.device, dtype=torch.float32)
-    stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-    stats = sum_over_ranks(stats)  # differentiable: its backward sums the gradients
-    n = stats[-1]
-    mean = stats[:c] / n
-    var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+    # two passes, as one process computes them: the global mean, then the global sum of squared
+    # deviations from it (a sum of squares minus the squared mean loses the digits of a small
+    # variance under a large mean)
+    totals = sum_over_ranks(torch.cat([xf.sum(dims), count]))
+    n = totals[-1]
+    mean = totals[:c] / n
+    var = sum_over_ranks(((xf - mean.view(shape)) ** 2).sum(dims)) / n
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
             running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / (n - 1))
-    shape = [1, c] + [1] * (x.dim() - 2)
     out = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
     if weight is not None:
         out = out * weight.view(shape) + bias.view(shape)
