@@ -154,7 +154,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.arch, args.dataset, args.method, args.seed, args.profile, overrides_from_args(args)
     )
     opts = CellOptions(args.tracking_uri, args.experiment, args.resume, args.restart)
-    result = train_cell(cfg, opts)
+    if args.nproc_per_node is None:
+        result = train_cell(cfg, opts)
+    else:
+        from benchmark.training.distributed import launch_cell
+
+        result = launch_cell(
+            cfg, opts, args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr,
+            args.master_port,
+        )  # fmt: skip
     print(f"cell {result.key}: MLflow run {result.run_id}")
     for row in result.rows:  # width-spectrum points have no latency
         latency = "" if row.get("latency_ms") is None else f"  {row['latency_ms']:.2f} ms"
@@ -166,6 +174,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 RESUME_HINT = "the cell's checkpoint is kept; rerun with --resume to continue"
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    """torchrun's flags for one cell on several devices (docs/scaling.md)."""
+    g = p.add_argument_group("several devices (torch.distributed.run; docs/scaling.md)")
+    g.add_argument(
+        "--nproc-per-node", type=int, metavar="N", help="ranks on this machine (one per device)"
+    )
+    g.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines (default 1)")
+    g.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's rank")
+    g.add_argument("--master-addr", metavar="A", help="address of the machine of node rank 0")
+    g.add_argument("--master-port", type=int, metavar="P", help="its free port (default 29500)")
 
 
 # Other parts of flexbench add their sub-commands through `add_parser(subparsers)`.
@@ -206,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the cell's checkpoint")
     group.add_argument("--restart", action="store_true", help="discard the cell's checkpoint")
+    _add_launch_args(p)
     p.set_defaults(func=cmd_train, on_interrupt=RESUME_HINT)
 
     for module in SUBCOMMAND_MODULES:

@@ -43,6 +43,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # (`benchmark.training.bn_calib`): that many training batches; 0 = none. Width networks
         # with shared BN set their own (us_mobilenet_v1).
         "bn_calib_batches": 0,
+        # a distributed cell: BatchNorm statistics over the global batch (true) or per rank
+        # (false, as the papers compute BN per GPU; docs/scaling.md)
+        "sync_bn": False,
     },
     "data": {
         "root": "./data",
@@ -65,6 +68,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "log_every": 50,
         "workdir": "./flexbench_runs",
         "log_checkpoint": False,
+        # ranks the cell runs on: set by the launcher (--nproc-per-node x --nnodes)
+        "world_size": 1,
     },
 }
 
@@ -75,6 +80,7 @@ NON_SEMANTIC = {("data", "root"), ("data", "download")}
 # left out of the cell key at that value, so a finished cell keeps its key (and resumes).
 KEY_NEUTRAL: dict[tuple[str, str], Any] = {
     ("train", "bn_calib_batches"): 0,
+    ("train", "sync_bn"): False,
     ("arch", "ge"): False,  # msdnet's IMTA options, off: the MSDNet cells had before them
     ("arch", "isc"): False,
     ("arch", "variant"): "cifar",  # the ImageNet-size networks' switch (issue 22)
@@ -237,6 +243,7 @@ def validate_train(t: dict[str, Any]) -> None:
     check("eval_batch_size", _is_int(ebs) and ebs >= 1, "an integer >= 1")
     bcb = t["bn_calib_batches"]
     check("bn_calib_batches", _is_int(bcb) and bcb >= 0, "an integer >= 0 (0: no BN recalibration)")
+    check("sync_bn", isinstance(t["sync_bn"], bool), "true or false")
 
 
 def validate_runtime(r: dict[str, Any]) -> None:
@@ -251,7 +258,7 @@ def validate_runtime(r: dict[str, Any]) -> None:
     _check(fmt in formats, "runtime.memory_format", "auto, channels_last or contiguous", fmt)
     for key in ("threads", "latency_warmup"):
         _check(_is_int(r[key]) and r[key] >= 0, f"runtime.{key}", "an integer >= 0", r[key])
-    for key in ("latency_batch", "latency_repeats", "log_every"):
+    for key in ("latency_batch", "latency_repeats", "log_every", "world_size"):
         _check(_is_int(r[key]) and r[key] >= 1, f"runtime.{key}", "an integer >= 1", r[key])
 
 

@@ -60,9 +60,23 @@ class Normalizer:
         return x * self.scale + self.shift
 
 
+Shard = tuple[int, int]  # (rank, world size): this process's part of every batch or split
+
+
+def shard_slice(n: int, shard: Shard) -> slice:
+    """The rank-th contiguous 1/world part of n items (the first parts one shorter when world
+    does not divide n)."""
+    rank, world = shard
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
 class TrainBatches:
     """Shuffled, augmented training batches on the device (last partial batch dropped, so every
-    step has the same shape: BatchNorm never sees a batch of 1 and compiled graphs stay static)."""
+    step has the same shape: BatchNorm never sees a batch of 1 and compiled graphs stay static).
+
+    `shard=(rank, world)`: this rank's contiguous 1/world part of each global batch of
+    `batch_size` images (world must divide batch_size): order and augmentation are those of the
+    global batch, so the ranks together see exactly what one process sees."""
 
     def __init__(
         self,
@@ -72,23 +86,37 @@ class TrainBatches:
         norm: Normalizer,
         seed: int,
         device: torch.device,
+        shard: Shard = (0, 1),
     ) -> None:
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.norm, self.seed, self.device = batch_size, norm, seed, device
+        self.part = shard_slice(batch_size, shard)
 
     def __len__(self) -> int:
         return self.x.shape[0] // self.batch_size
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(images (b, 3, H, W) normalised float, labels (b,) int64) per step; b = batch_size
+        / world with a shard."""
         g = epoch_generator(self.seed, epoch, self.device)
         perm = torch.randperm(self.x.shape[0], generator=g, device=self.device)
         for i in range(len(self)):
             idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.norm(crop_flip(self.x[idx], g)), self.y[idx]
+            xb = crop_flip(self.x[idx], g)[self.part]  # the global batch's draws, then the part
+            yield self.norm(xb), self.y[idx][self.part]
 
 
 def eval_batches(
-    x: Tensor, y: Tensor, batch_size: int, norm: Normalizer, device: torch.device
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    norm: Normalizer,
+    device: torch.device,
+    shard: Shard = (0, 1),
 ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of `batch_size` over the split (x, y), or over its rank-th contiguous 1/world
+    part with `shard=(rank, world)`."""
+    part = shard_slice(x.shape[0], shard)
+    x, y = x[part], y[part]
     for i in range(0, x.shape[0], batch_size):
         yield norm(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)

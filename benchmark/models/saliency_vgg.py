@@ -41,6 +41,7 @@ from benchmark.models import register_arch
 from benchmark.models.base import Capabilities, FlexibleModel, SubModel
 from benchmark.models.imagenet_resnet import MIN_IMAGENET_SIZE, check_variant
 from benchmark.models.switchable import Switch
+from benchmark.models.syncbn import batch_norm
 
 # Conv widths per layer, "M" = 2x2 max-pool (ends a group), as in the common CIFAR VGGs.
 CFGS: dict[int, list[int | str]] = {
@@ -145,12 +146,12 @@ class LevelBatchNorm2d(nn.Module, Switch):
         if idx is not None:
             w, b, mean, var = w[idx], b[idx], mean[idx], var[idx]  # copies
         if self.probe:
-            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+            return batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         if not self.training:
             return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
         if idx is None:  # copies too: an in-place update of the shared buffers' views would
             mean, var = mean.clone(), var.clone()  # invalidate another level's saved tensors
-        out = F.batch_norm(x, mean, var, w, b, True, self.momentum, self.eps)  # updates mean/var
+        out = batch_norm(x, mean, var, w, b, True, self.momentum, self.eps)  # updates mean/var
         with torch.no_grad():
             if idx is None:
                 self.running_mean[k].copy_(mean)

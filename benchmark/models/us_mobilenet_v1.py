@@ -29,6 +29,7 @@ from benchmark.models.slimmable_mobilenet_v1 import (
     reset_parameters,
     stage_features,
 )
+from benchmark.models.syncbn import batch_norm
 
 
 class _USLayer:
@@ -98,7 +99,7 @@ class USBatchNorm2d(nn.BatchNorm2d):
             factor = (
                 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             )
-        return F.batch_norm(
+        return batch_norm(
             x,
             self.running_mean[:c],
             self.running_var[:c],

@@ -29,6 +29,7 @@ ERROR = PREFIX + "error"
 GIT_COMMIT = PREFIX + "git_commit"
 DEVICE = PREFIX + "device"
 TORCH = PREFIX + "torch"
+WORLD_SIZE = PREFIX + "world_size"  # ranks the cell trained on (`runtime.world_size`)
 GRID = PREFIX + "grid"
 EXECUTOR = PREFIX + "executor"
 GRID_CELLS = PREFIX + "grid_cells"  # on a grid's plan run (kind=grid): cells planned

@@ -381,6 +381,40 @@ class CellRun:
             db_log.disabled = was
 
 
+class SilentRun:
+    """The run object of the ranks other than 0 of a distributed cell: `CellRun`'s interface
+    for what the training loop calls, writing nothing (rank 0 alone writes the record)."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+
+    def start(
+        self,
+        cfg: dict[str, Any],
+        key: str,
+        params: dict[str, str],
+        tags: dict[str, str],
+        run_id: str | None = None,
+    ) -> str | None:
+        self.run_id = run_id
+        return run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Nothing: rank 0 logs the (rank-reduced) metrics."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Nothing: rank 0 sets the tags."""
+
+    def has_metric_at(self, key: str, step: int) -> bool:
+        """True: this rank has nothing pending to log."""
+        return True
+
+    @contextmanager
+    def status_on_exit(self) -> Iterator[None]:
+        """Rank 0 records how the run ended."""
+        yield
+
+
 def environment_tags(device: Any, threads: int) -> dict[str, str]:
     """Where a cell ran: device (GPU name or CPU thread count) and torch version."""
     import torch

@@ -9,6 +9,9 @@ layers that a sub-model's forward actually runs (found by a forward pre-hook, so
 network's other widths keep theirs) are reset on first use, their momentum set to None
 (cumulative average), and `n` training batches are forwarded in train mode without gradient.
 Only training batches are ever used: validation and test images never reach this module.
+In a distributed cell each rank forwards its part of every calibration batch and BatchNorm takes
+the statistics of the whole batch (`benchmark.models.syncbn.synced`): the exact combination of
+the ranks' means and variances, so every rank ends with one process's statistics.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.models.base import forward_hooks
+from benchmark.models.syncbn import synced
 
 # Calibration batches are drawn as the training batches of this virtual epoch (same augmentation
 # as training, a data order no training epoch uses): fixed per seed, identical for every width
@@ -49,7 +53,9 @@ def recalibrate_bn(
     was_training = model.training
     model.train()
     try:
-        with forward_hooks(bns, reset_on_first_use, pre=True), torch.no_grad():
+        # a distributed cell: each rank forwards its part of every calibration batch and the
+        # statistics are those of the whole batch (`syncbn.synced`), as in one process
+        with forward_hooks(bns, reset_on_first_use, pre=True), torch.no_grad(), synced():
             for x in islice(batches, n):
                 run(x)
     finally:

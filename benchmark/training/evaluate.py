@@ -15,6 +15,7 @@ from torch import Tensor
 from benchmark.costs.speed import Speed
 from benchmark.data.pipeline import Normalizer, eval_batches
 from benchmark.models import FlexibleModel
+from benchmark.training.distributed import SINGLE, Dist
 
 # forward(x) -> logits of the evaluated sub-models [(N, C), ...]
 Forward = Callable[[Tensor], list[Tensor]]
@@ -26,13 +27,17 @@ Calibrate = Callable[[Callable[[Tensor], object]], None]
 @dataclass(frozen=True)
 class EvalSpec:
     """How every evaluation of a cell runs (validation, test, spectrum alike): batch size,
-    normaliser (its device is the evaluation device), the cell's `Speed` (its autocast) and
-    its BN recalibration `calibrate(run)` (None: none, see `benchmark.training.bn_calib`)."""
+    normaliser (its device is the evaluation device), the cell's `Speed` (its autocast), its BN
+    recalibration `calibrate(run)` (None: none, see `benchmark.training.bn_calib`) and, in a
+    distributed cell, the rank's `Dist`: each rank evaluates its contiguous part of the split,
+    and the counts (and confidences) are reduced over the ranks, so every rank returns the
+    accuracy of the whole split."""
 
     batch: int
     norm: Normalizer
     speed: Speed = Speed()
     calibrate: Calibrate | None = None
+    dist: Dist = SINGLE
 
 
 @dataclass
@@ -57,7 +62,7 @@ def _accuracy(
     c1 = torch.zeros(k, device=device)
     c5 = torch.zeros(k, device=device)
     conf, hit1 = [], []
-    for xb, yb in eval_batches(x, y, spec.batch, spec.norm, device):
+    for xb, yb in eval_batches(x, y, spec.batch, spec.norm, device, spec.dist.shard):
         with spec.speed.autocast():
             outs = forward(xb)
         for i, z in enumerate(outs):
@@ -68,10 +73,13 @@ def _accuracy(
         if confidences:
             conf.append(torch.stack([z.float().softmax(1).amax(1) for z in outs]))
             hit1.append(torch.stack([z.argmax(1) == yb for z in outs]))
+    spec.dist.sum_(c1), spec.dist.sum_(c5)
     n = max(1, x.shape[0])
     acc = Accuracy((c1 * 100 / n).tolist(), (c5 * 100 / n).tolist())
-    if confidences:
-        acc.confidence, acc.correct = torch.cat(conf, 1).cpu(), torch.cat(hit1, 1).cpu()
+    if confidences:  # every rank's part, in rank order: the split's order
+        parts = spec.dist.gather((torch.cat(conf, 1).cpu(), torch.cat(hit1, 1).cpu()))
+        acc.confidence = torch.cat([c for c, _ in parts], 1)
+        acc.correct = torch.cat([h for _, h in parts], 1)
     return acc
 
 

@@ -113,10 +113,13 @@ def evaluate_final(cell: PreparedCell) -> FinalEvaluation:
         costs = [c.mflops for c in plan.costs]
         budgeted = budgeted_curve(val_acc.confidence, acc.confidence, acc.correct, costs)
     r = cell.cfg["runtime"]
-    lat = latency_profile(
-        cell.model, plan.image_size, cell.device,
-        r["latency_batch"], r["latency_warmup"], r["latency_repeats"],
-    )  # fmt: skip
+    lat = None  # measured by rank 0 alone (the other ranks wait for its numbers)
+    if cell.dist.main:
+        lat = latency_profile(
+            cell.model, plan.image_size, cell.device,
+            r["latency_batch"], r["latency_warmup"], r["latency_repeats"],
+        )  # fmt: skip
+    lat = cell.dist.from_main(lat)
     fixed = [
         Measurement(i, c.name, False, a1, a5, c, None, med, iqr)
         for i, (c, a1, a5, med, iqr) in enumerate(
@@ -133,11 +136,14 @@ def evaluate_final(cell: PreparedCell) -> FinalEvaluation:
 
 
 def finish(cell: PreparedCell) -> CellResult:
-    """Final evaluation -> rows -> record; returns the cell's result."""
+    """Final evaluation -> rows -> record; returns the cell's result (on every rank of a
+    distributed cell: the measurements are reduced over the ranks)."""
     final = evaluate_final(cell)
     rows = [schema.submodel_row(m) for m in final.measurements]
     metrics = record(cell, final, rows)
     fixed = rows[: len(final.fixed)]
+    if not cell.dist.main:
+        return CellResult(cell.key, cell.run.run_id, rows, metrics)
     print(
         f"[{cell.key}] finished: "
         + ", ".join(f"{r['name']} {r['top1']:.1f}% @ {r['mflops']:.2f} MFLOPs" for r in fixed)
@@ -159,6 +165,8 @@ def record(cell: PreparedCell, final: FinalEvaluation, rows: list[dict[str, Any]
     top1 = [r["top1"] for r in fixed]
     metrics[schema.TOP1_MEAN.format(split=split)] = sum(top1) / len(top1)
     metrics[schema.TOP1_AUC.format(split=split)] = auc_top1([r[axis] for r in fixed], top1)
+    if not cell.dist.main:  # rank 0 alone writes the record
+        return metrics
     cell.run.set_tags({schema.COST_AXIS: axis, **final.latency_tags})
     cfg = cell.cfg
     title = f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}"

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -75,24 +76,46 @@ class Step:
     """The step of one stage: `step(x, y, g) -> StepResult` with x (N, 3, H, W) normalised,
     y (N,) int64 and g the step's generator (`step_generator`; required by methods that draw
     widths, ignored by the others). `speed` gives the autocast and whether the model's forwards
-    are compiled (`torch.compile`). Raises ValueError when a drawing method gets no generator.
+    are compiled (`torch.compile`); `ddp` (a distributed cell) is the DDP-wrapped
+    `forward(mode, *args)` the trained forwards go through (`distributed.ddp_forwards`).
+    Raises ValueError when a drawing method gets no generator.
     """
 
     def __init__(
-        self, model: FlexibleModel, method: Method, stage: Stage, speed: Speed | None = None
+        self,
+        model: FlexibleModel,
+        method: Method,
+        stage: Stage,
+        speed: Speed | None = None,
+        ddp: Callable[..., Any] | None = None,
     ) -> None:
         self.model, self.method, self.stage = model, method, stage
         self.speed = speed or Speed()
         feats = method.uses_features
-        fwd_sub = model.forward_sub_features if feats else model.forward_sub
-        fwd_all = model.forward_all_features if feats else model.forward_all
-        fwd_width = model.forward_width
+        sub, every = (
+            ("forward_sub_features", "forward_all_features")
+            if feats
+            else ("forward_sub", "forward_all")
+        )
+        # trained forwards: the model's own, or (a distributed cell) through DDP's
+        # `forward(mode, *args)` (`benchmark.training.distributed.Forwards`)
+        if ddp is None:
+            fwd_sub, fwd_all, fwd_width = (
+                getattr(model, sub),
+                getattr(model, every),
+                model.forward_width,
+            )
+        else:
+            fwd_sub, fwd_all = partial(ddp, sub), partial(ddp, every)
+            fwd_width = partial(ddp, "forward_width")
         if self.speed.compile:
             fwd_sub, fwd_all = torch.compile(fwd_sub), torch.compile(fwd_all)
             fwd_width = torch.compile(fwd_width)
         self._sub: Callable = fwd_sub
         self._all: Callable = fwd_all
         self._width: Callable = fwd_width
+        # frozen teachers run without gradient, outside DDP
+        self._teacher: Callable = fwd_sub if ddp is None else getattr(model, sub)
         if method.draws_submodels and (model.caps.widths is None or feats):
             raise ValueError(f"method {method.name} draws widths: it needs caps.widths")
         # trained sub-models, largest first: a teacher's output exists before its student's
@@ -173,7 +196,7 @@ class Step:
     def _frozen_teachers(self, x: Tensor) -> dict[int, SubOut]:
         """Outputs of an offline stage's frozen teachers (TAKD), without gradient."""
         with torch.no_grad(), self.speed.autocast():
-            return {t: SubOut.of(self._sub(x, t)) for t in self.stage.frozen_teachers}
+            return {t: SubOut.of(self._teacher(x, t)) for t in self.stage.frozen_teachers}
 
     @staticmethod
     def _record(terms: dict[str, Tensor], tk: dict[str, Tensor], name: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from benchmark import data as datasets
@@ -31,6 +31,7 @@ from benchmark.data.pipeline import Normalizer, TrainBatches
 from benchmark.errors import ConfigError, TrainingError
 from benchmark.methods import EpochContext, Method
 from benchmark.models import FlexibleModel, IndependentModel
+from benchmark.models.syncbn import make_syncable, synced
 from benchmark.record import schema, tracking
 from benchmark.training import checkpoint
 from benchmark.training.bn_calib import calibrator
@@ -41,6 +42,14 @@ from benchmark.training.build import (
     new_optimizer,
     pick_device,
     set_lr,
+)
+from benchmark.training.distributed import (
+    SINGLE,
+    Dist,
+    average_bn_buffers,
+    average_grads,
+    ddp_forwards,
+    peers_lost_interrupt,
 )
 from benchmark.training.evaluate import EvalSpec, evaluate
 from benchmark.training.final import CellResult, finish
@@ -102,44 +111,58 @@ class PreparedCell:
     device: torch.device
     speed: speed.Speed
     eval: EvalSpec
-    run: tracking.CellRun
+    run: tracking.CellRun | tracking.SilentRun
     ckpt: Path
     start: int
     opts: CellOptions
+    dist: Dist = SINGLE
+    ddp: nn.Module | None = None  # the DDP-wrapped forwards of a distributed cell
     best: BestVal = field(default_factory=BestVal)
 
 
-def train_cell(cfg: dict[str, Any], opts: CellOptions | None = None) -> CellResult:
+def train_cell(
+    cfg: dict[str, Any], opts: CellOptions | None = None, dist: Dist = SINGLE
+) -> CellResult:
     """Train and evaluate one resolved cell; returns its per-sub-model results. Raises
-    ConfigError (before any work) for bad input and TrainingError for a diverging cell."""
+    ConfigError (before any work) for bad input and TrainingError for a diverging cell. `dist`:
+    this rank of a distributed cell (`benchmark.training.distributed`; every rank calls this)."""
     opts = opts or CellOptions()
-    cell = prepare(cfg, opts)
-    with cell.run.status_on_exit():
+    cell = prepare(cfg, opts, dist)
+    with cell.run.status_on_exit(), peers_lost_interrupt(dist):
         step = None
         for pos in cell.plan.positions(cell.start):
             if step is None or pos.epoch == 0:
-                step = Step(cell.model, cell.method, cell.plan.stages[pos.stage], cell.speed)
+                stage = cell.plan.stages[pos.stage]
+                step = Step(cell.model, cell.method, stage, cell.speed, cell.ddp)
             metrics = train_epoch(cell, step, pos)
             metrics.update(cell.method.epoch_end(_epoch_context(cell, pos)))
+            if not cfg["train"]["sync_bn"]:  # per-rank statistics: one network on every rank
+                average_bn_buffers(cell.model, dist)
             metrics.update(validate(cell))
             cell.best.update(pos.index, metrics[schema.TOP1_MEAN.format(split="val")], cell.model)
             if pos.last_of_stage and not pos.last:  # each stage of a chain starts fresh
                 cell.optimizer = new_optimizer(cell.model, cell.method, cfg["train"])
             save_checkpoint(cell, pos, metrics)
             cell.run.log_metrics(metrics, pos.index)
-            if opts.progress:
+            if opts.progress and dist.main:
                 _progress_line(_epoch_line(cell, pos, metrics))
             if opts.epoch_callback is not None:
                 opts.epoch_callback(pos.index, metrics)
         return finish(cell)
 
 
-def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
+def prepare(cfg: dict[str, Any], opts: CellOptions, dist: Dist = SINGLE) -> PreparedCell:
     """Validate, build and restore everything; nothing is discarded (`--restart`) or written
     until every check has passed and the MLflow run is open. A resumed checkpoint must be this
-    cell's, fit its modules and come from the same data (`_resume_record`)."""
+    cell's, fit its modules and come from the same data (`_resume_record`). In a distributed
+    cell every rank restores the checkpoint; rank 0 alone opens and writes the MLflow run."""
     experiment = opts.experiment or tracking.DEFAULT_EXPERIMENT
     key = cell_key(cfg)
+    if cfg["runtime"]["world_size"] != dist.world:
+        raise ConfigError(
+            f"runtime.world_size {cfg['runtime']['world_size']} is set by the launcher "
+            f"(--nproc-per-node x --nnodes); this process runs with world size {dist.world}"
+        )
     datasets.check(*datasets.cell_source(cfg))
     device = pick_device(str(cfg["runtime"]["device"]))
     described = datasets.describe(*datasets.cell_source(cfg))
@@ -149,10 +172,12 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
     uri = tracking.resolve_uri(opts.tracking_uri)
     ckpt = checkpoint.cell_dir(cfg, experiment, key) / "checkpoint.pt"
     state = _existing_checkpoint(ckpt, opts, key)
-    run = _open_run(uri, experiment, ckpt, state)
+    run = _open_run(uri, experiment, ckpt, state) if dist.main else tracking.SilentRun()
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(cfg["runtime"]["threads"])
     fast = speed.choose(cfg, device)
+    if dist.world > 1:  # BN recalibration (and train.sync_bn) take the global batch's statistics
+        make_syncable(model)
     model = model.to(device, memory_format=fast.torch_format)
     method = method.to(device)
     optimizer = new_optimizer(model, method, cfg["train"])
@@ -161,8 +186,8 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
         modules = {"model": model, "method": method, "optimizer": optimizer}
         stage, epoch = checkpoint.restore(state, modules, device, ckpt)
         start = plan.index_of(stage, epoch)
-    splits, batches, norm = _load_data(cfg, device, fast, sealed=not opts.evaluate_test)
-    changes = _resume_record(uri, ckpt, state, cfg, splits.data_hash, start)
+    splits, batches, norm = _load_data(cfg, device, fast, not opts.evaluate_test, dist)
+    changes = _resume_record(uri, ckpt, state, cfg, splits.data_hash, start) if dist.main else ""
     tags = {
         **tracking.environment_tags(device, torch.get_num_threads()),
         schema.SPLIT_SEED: str(cfg["data"]["split_seed"]),
@@ -172,14 +197,16 @@ def prepare(cfg: dict[str, Any], opts: CellOptions) -> PreparedCell:
         **fast.tags(),
         **opts.extra_tags,
     }
+    tags[schema.WORLD_SIZE] = str(dist.world)
     run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
+    run.run_id = dist.from_main(run.run_id)
     calibrate = calibrator(model, batches.epoch, cfg["train"]["bn_calib_batches"])
-    spec = EvalSpec(cfg["train"]["eval_batch_size"], norm, fast, calibrate)
+    spec = EvalSpec(cfg["train"]["eval_batch_size"], norm, fast, calibrate, dist)
     cell = PreparedCell(
         cfg, key, plan, model, method, optimizer, splits, batches, norm, device, fast, spec, run,
-        ckpt, start, opts,
+        ckpt, start, opts, dist, ddp_forwards(model, dist, device),
     )  # fmt: skip
-    if opts.restart:
+    if opts.restart and dist.main:
         ckpt.unlink(missing_ok=True)
     if state is not None:
         _resume_into(cell, state, changes)
@@ -265,7 +292,8 @@ def _resume_into(cell: PreparedCell, state: dict[str, Any], changes: str) -> Non
     cell.best = BestVal(**state["best"])
     _log_pending_metrics(cell.run, state)
     at = f"stage {state['stage'] + 1}, epoch {state['epoch'] + 1}"
-    _progress_line(f"resuming cell {cell.key} at {at}")
+    if cell.dist.main:
+        _progress_line(f"resuming cell {cell.key} at {at}")
     if changes:
         cell.run.set_tags({schema.RESUME_CHANGES: changes})
         _progress_line(
@@ -275,14 +303,14 @@ def _resume_into(cell: PreparedCell, state: dict[str, Any], changes: str) -> Non
 
 
 def _load_data(
-    cfg: dict[str, Any], device: torch.device, fast: speed.Speed, sealed: bool
+    cfg: dict[str, Any], device: torch.device, fast: speed.Speed, sealed: bool, dist: Dist
 ) -> tuple[Splits, TrainBatches, Normalizer]:
     splits = datasets.load_splits(*datasets.cell_source(cfg))
     splits.sealed = sealed
     norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
     t = cfg["train"]
     batches = TrainBatches(
-        splits.train_x, splits.train_y, t["batch_size"], norm, cfg["seed"], device
+        splits.train_x, splits.train_y, t["batch_size"], norm, cfg["seed"], device, dist.shard
     )
     if len(batches) == 0:
         raise ConfigError(
@@ -319,7 +347,7 @@ def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, floa
     correct = torch.zeros(cell.plan.num_submodels, device=cell.device)
     bar = tqdm(
         total=steps,
-        disable=not (cell.opts.progress and sys.stderr.isatty()),
+        disable=not (cell.opts.progress and cell.dist.main and sys.stderr.isatty()),
         desc=f"epoch {pos.index + 1}/{cell.plan.total_epochs}",
         leave=False,
     )
@@ -328,7 +356,9 @@ def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, floa
     for i, (xb, yb) in enumerate(cell.batches.epoch(pos.epoch)):
         lr = lr_at(cell.cfg["train"], pos.epoch, i, steps)
         set_lr(cell.optimizer, lr)
-        out = step(xb, yb, step_generator(cell.cfg["seed"], pos.index, i))
+        with synced(cell.cfg["train"]["sync_bn"]):
+            out = step(xb, yb, step_generator(cell.cfg["seed"], pos.index, i))
+        average_grads(cell.method.parameters(), cell.dist)  # the model's: DDP averaged them
         trained.update(out.logits)
         cell.optimizer.step()
         cell.optimizer.zero_grad(set_to_none=True)
@@ -342,6 +372,7 @@ def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, floa
             bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{lr:.3g}")
         bar.update()
     bar.close()
+    loss_sum, term_sums, correct = _over_ranks(cell.dist, loss_sum, term_sums, correct)
     metrics = {"train/loss": loss_sum.item() / steps, "lr": lr}
     _check_finite(metrics["train/loss"], pos, "")
     metrics.update({f"train/loss_terms/{n}": float(v) / steps for n, v in term_sums.items()})
@@ -350,6 +381,21 @@ def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, floa
         metrics[f"train/top1/{cell.plan.names[k]}"] = float(correct[k]) * 100 / seen
     metrics["time/epoch_s"] = time.perf_counter() - t0
     return metrics
+
+
+def _over_ranks(
+    d: Dist, loss: Tensor, terms: dict[str, Tensor], correct: Tensor
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """An epoch's sums over the ranks, in one all-reduce: the rank-mean of the loss sums and of
+    the loss terms (each rank's loss is the mean over its equal part of the batch, so their mean
+    is the global batch's loss) and the summed correct counts."""
+    if d.world == 1:
+        return loss, terms, correct
+    names = sorted(terms)
+    flat = torch.stack([loss, *(torch.as_tensor(terms[n], device=loss.device) for n in names)])
+    flat = d.sum_(torch.cat([flat / d.world, correct]))
+    k = len(names) + 1
+    return flat[0], dict(zip(names, flat[1:k])), flat[k:]
 
 
 def _check_finite(loss: float, pos: Position, where: str) -> None:
@@ -376,7 +422,10 @@ def validate(cell: PreparedCell) -> dict[str, float]:
 
 
 def save_checkpoint(cell: PreparedCell, pos: Position, metrics: dict[str, float]) -> None:
-    """Atomically save the state after `pos`, pointing at the next (stage, epoch)."""
+    """Atomically save the state after `pos`, pointing at the next (stage, epoch) (rank 0 of a
+    distributed cell; the ranks hold the same state)."""
+    if not cell.dist.main:
+        return
     nxt = pos.index + 1
     modules = {"model": cell.model, "method": cell.method, "optimizer": cell.optimizer}
     extra = {"run_id": cell.run.run_id, "key": cell.key, "metrics": metrics}
