@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from benchmark.costs.speed import Speed
-from benchmark.data.pipeline import Normalizer, eval_batches
+from benchmark.data.pipeline import NO_SHARD, ImageSet, Normalizer, Shard
 from benchmark.models import FlexibleModel
 
 # forward(x) -> logits of the evaluated sub-models [(N, C), ...]
@@ -26,13 +26,16 @@ Calibrate = Callable[[Callable[[Tensor], object]], None]
 @dataclass(frozen=True)
 class EvalSpec:
     """How every evaluation of a cell runs (validation, test, spectrum alike): batch size,
-    normaliser (its device is the evaluation device), the cell's `Speed` (its autocast) and
-    its BN recalibration `calibrate(run)` (None: none, see `benchmark.training.bn_calib`)."""
+    normaliser (its device is the evaluation device), the cell's `Speed` (its autocast), its BN
+    recalibration `calibrate(run)` (None: none, see `benchmark.training.bn_calib`) and the
+    shard (rank, world) this process evaluates (its contiguous part of each split; accuracies
+    are of that part, over `ImageSet.shard_len(shard)` images)."""
 
     batch: int
     norm: Normalizer
     speed: Speed = Speed()
     calibrate: Calibrate | None = None
+    shard: Shard = NO_SHARD
 
 
 @dataclass
@@ -49,15 +52,14 @@ class Accuracy:
 
 @torch.no_grad()
 def _accuracy(
-    forward: Forward, k: int, data: tuple[Tensor, Tensor], spec: EvalSpec, confidences: bool
+    forward: Forward, k: int, data: ImageSet, spec: EvalSpec, confidences: bool
 ) -> Accuracy:
     """Accuracy of the `k` outputs of `forward` over `data` (the model already in eval mode)."""
-    x, y = data
     device = spec.norm.scale.device
     c1 = torch.zeros(k, device=device)
     c5 = torch.zeros(k, device=device)
     conf, hit1 = [], []
-    for xb, yb in eval_batches(x, y, spec.batch, spec.norm, device):
+    for xb, yb in data.eval_batches(spec.batch, spec.norm, device, spec.shard):
         with spec.speed.autocast():
             outs = forward(xb)
         for i, z in enumerate(outs):
@@ -68,7 +70,7 @@ def _accuracy(
         if confidences:
             conf.append(torch.stack([z.float().softmax(1).amax(1) for z in outs]))
             hit1.append(torch.stack([z.argmax(1) == yb for z in outs]))
-    n = max(1, x.shape[0])
+    n = max(1, data.shard_len(spec.shard))
     acc = Accuracy((c1 * 100 / n).tolist(), (c5 * 100 / n).tolist())
     if confidences:
         acc.confidence, acc.correct = torch.cat(conf, 1).cpu(), torch.cat(hit1, 1).cpu()
@@ -84,10 +86,11 @@ def _concat(parts: list[Accuracy]) -> Accuracy:
 
 
 def evaluate(
-    model: FlexibleModel, data: tuple[Tensor, Tensor], spec: EvalSpec, confidences: bool = False
+    model: FlexibleModel, data: ImageSet, spec: EvalSpec, confidences: bool = False
 ) -> Accuracy:
-    """Evaluate every sub-model on `data` = (uint8 images (N,3,H,W), labels (N,)) in eval mode,
-    on the normaliser's device; the model's train/eval mode is restored afterwards.
+    """Evaluate every sub-model on the split `data` (`Splits.val`, `Splits.test()`; in memory
+    or streamed) in eval mode, on the normaliser's device; the model's train/eval mode is
+    restored afterwards.
 
     With `spec.calibrate`, sub-models are evaluated one at a time, each right after its BN
     recalibration; else all of them in one pass over the data.
@@ -103,7 +106,7 @@ def run_eval(
     model: FlexibleModel,
     forwards: list[Forward],
     outputs: list[int],
-    data: tuple[Tensor, Tensor],
+    data: ImageSet,
     spec: EvalSpec,
     confidences: bool = False,
 ) -> Accuracy:
