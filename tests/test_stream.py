@@ -40,7 +40,8 @@ def write_jpegs(root: Path, splits: dict[str, int], classes=("n01", "n02", "n03"
 
 def data_cfg(**over) -> dict:
     cfg = {"root": "./data", "download": False, "val_size": 6, "train_subset": None,
-           "test_subset": None, "split_seed": 0, "image_size": None, "in_memory": "auto"}  # fmt: skip
+           "test_subset": None, "split_seed": 0, "image_size": None,
+           "in_memory": "auto"}  # fmt: skip
     cfg.update(over)
     return cfg
 
@@ -130,7 +131,8 @@ def test_auto_streams_when_the_budget_is_small(folder, monkeypatch, capsys):
     assert not s.in_memory and isinstance(s.train, stream.EncodedSet)
     need = 3 * (14 + 5) * 3 * 16 * 16
     said = capsys.readouterr().err
-    assert f"streaming: data.in_memory=auto: decoded 57 x 3 x 16 x 16 = {need / 2**30:.2f} GiB >" in said
+    gib = f"{need / 2**30:.2f} GiB"
+    assert f"streaming: data.in_memory=auto: decoded 57 x 3 x 16 x 16 = {gib} >" in said
     monkeypatch.setattr(stream, "free_bytes", lambda device: 2 * need)
     s = splits_of(folder, "auto")
     assert s.in_memory and "in memory: data.in_memory=auto" in capsys.readouterr().err

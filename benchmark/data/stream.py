@@ -350,6 +350,10 @@ class EncodedSet:
         x = torch.stack(self.transform(imgs, epoch, span, geo.train, geo.seed))
         return x, y.to(device)
 
+    def close_eval(self) -> None:
+        """Drop the evaluation loaders (their worker processes end)."""
+        self._eval.clear()
+
     def train_batches(
         self, batch_size: int, norm: Normalizer, seed: int, device: torch.device,
         shard: Shard = NO_SHARD,
@@ -432,6 +436,7 @@ def train_stats(images: EncodedSet, key: str) -> tuple[tuple, tuple]:
         n += v.shape[1]
         s = [a + int(b) for a, b in zip(s, v.sum(1))]
         ss = [a + int(b) for a, b in zip(ss, (v * v).sum(1))]
+    images.close_eval()  # its workers are not needed again
     mean, std = _exact_stats((n, s, ss))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
