@@ -204,6 +204,15 @@ def test_bad_streaming_settings_fail_before_any_work(folder, tmp_path):
         stream.LoaderSettings.of({"decode": "cuda"}, CPU)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_undecodable_streamed_image_is_one_line_naming_it(folder, workers):
+    (folder / "train" / "n02" / "3.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(ConfigError) as err:  # the mean/std pass reads it, before training
+        splits_of(folder, False, workers, val_size=1)
+    assert str(err.value).startswith(f"cannot decode image {folder}/train/n02/3.JPEG (Not a JPEG")
+    assert "\n" not in str(err.value)
+
+
 def test_in_memory_setting_does_not_change_the_cell_key(folder):
     from benchmark.config import cell_key
 

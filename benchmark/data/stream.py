@@ -144,7 +144,9 @@ def decode(raw: Tensor, name: str, source: str) -> Tensor:
             return decode_jpeg(raw, mode=ImageReadMode.RGB)
         return decode_image(raw, mode=ImageReadMode.RGB)
     except RuntimeError as exc:
-        raise ConfigError(f"cannot decode image {source}:{name} ({exc})") from None
+        where = f"{source}/{name}" if Path(source).is_dir() else f"{source}:{name}"
+        why = str(exc).rsplit(", ", 1)[-1]  # torchvision: "<function>, <file:line>, <reason>"
+        raise ConfigError(f"cannot decode image {where} ({why})") from None
 
 
 def resize_to(img: Tensor, size: int) -> Tensor:
@@ -222,6 +224,16 @@ def decode_batch_cuda(raws: list[Tensor], names: list[str], device: torch.device
 
 
 # -- batches: a map-style dataset of whole batches, keyed by (epoch, batch index) ------------
+
+
+def _items(loader: DataLoader) -> Iterator[Any]:
+    """The loader's items; an image a worker could not decode is one ConfigError line naming it
+    (a worker's exception arrives wrapped in its traceback)."""
+    try:
+        yield from loader
+    except ConfigError as exc:
+        line = str(exc).strip().splitlines()[-1]
+        raise ConfigError(line.removeprefix(f"{ConfigError.__module__}.ConfigError: ")) from None
 
 
 class _Keys(Sampler):
@@ -371,7 +383,7 @@ class EncodedSet:
             self._eval[batch_size, shard] = (*self.loader_of(geo), geo)
         loader, keys, geo = self._eval[batch_size, shard]
         keys.keys = [(0, i) for i in range(math.ceil(self.shard_len(shard) / batch_size))]
-        for item in loader:
+        for item in _items(loader):
             x, y = self.on_device(item, device, 0, geo)
             yield norm(x), y
 
@@ -398,7 +410,7 @@ class StreamTrainBatches:
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         _, g = epoch_order(self.seed, epoch, len(self.images), self.device)  # g as in memory
         self.keys.keys = [(epoch, i) for i in range(len(self))]
-        for item in self.loader:
+        for item in _items(self.loader):
             x, y = self.images.on_device(item, self.device, epoch, self.geo)
             if self.images.augment == "pad":
                 params = tuple(p[self.part] for p in crop_flip_params(self.global_batch, g))
