@@ -5,7 +5,7 @@ Generates an ILSVRC-style layout of noise JPEGs at ImageNet's typical size (500 
 streaming path (`benchmark.data.stream`: DataLoader workers decoding with libjpeg-turbo,
 RandomResizedCrop + flip to `--size`) for each worker count, after one warm-up batch (worker
 start-up excluded). Prints one JSON line per worker count:
-{"workers", "prefetch", "images_per_s", "images_per_s_per_worker"}.
+{"decode", "workers", "prefetch", "images_per_s", "images_per_s_per_worker"}.
 
     python scripts/bench_loader.py --workers 0 1 2 --batches 20
 """
@@ -46,21 +46,27 @@ def make_layout(root: Path, classes: int, per_class: int, hw: tuple[int, int] = 
 
 
 def loader_throughput(
-    root: Path, workers: int, prefetch: int, batch: int, batches: int, size: int
-) -> dict[str, float]:
-    """Images/s of the streamed training batches of `imagenet:<root>` (CPU decode)."""
+    root: Path, workers: int, prefetch: int, batch: int, batches: int, size: int,
+    decode: str = "cpu", device: str = "cpu",
+) -> dict[str, float]:  # fmt: skip
+    """Images/s of the streamed training batches of `imagenet:<root>` on `device`, decoded by
+    CPU workers (`decode` "cpu") or by nvjpeg on a CUDA `device` ("cuda", the GPU check's
+    comparison); the device is synchronised before the clock stops."""
     cfg = {"val_size": 0, "train_subset": None, "test_subset": None, "split_seed": 0,
            "image_size": size, "in_memory": False}  # fmt: skip
-    runtime = {"loader_workers": workers, "prefetch": prefetch, "decode": "cpu"}
-    cpu = torch.device("cpu")
-    splits = datasets.load_splits(f"imagenet:{root}", cfg, runtime, cpu)
-    source = splits.train.train_batches(batch, Normalizer(IMAGENET_MEAN, IMAGENET_STD, cpu), 0, cpu)
-    it = source.epoch(0)
+    runtime = {"loader_workers": workers, "prefetch": prefetch, "decode": decode}
+    dev = torch.device(device)
+    splits = datasets.load_splits(f"imagenet:{root}", cfg, runtime, dev)
+    norm = Normalizer(IMAGENET_MEAN, IMAGENET_STD, dev)
+    it = splits.train.train_batches(batch, norm, 0, dev).epoch(0)
     next(it)  # workers started, first batch decoded
     t0 = time.perf_counter()
     n = sum(x.shape[0] for x, _ in (next(it) for _ in range(batches)))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     rate = n / (time.perf_counter() - t0)
-    return {"workers": workers, "prefetch": prefetch, "images_per_s": round(rate, 1),
+    return {"decode": decode, "workers": workers, "prefetch": prefetch,
+            "images_per_s": round(rate, 1),
             "images_per_s_per_worker": round(rate / max(1, workers), 1)}  # fmt: skip
 
 
@@ -71,13 +77,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--decode", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (--decode cuda needs cuda)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="flexbench-loader-") as tmp:
         per_class = (args.batches + 2) * args.batch // 4 + 1
         root = make_layout(Path(tmp), 4, per_class)
         for w in args.workers:
-            r = loader_throughput(root, w, args.prefetch, args.batch, args.batches, args.size)
+            r = loader_throughput(
+                root,
+                w,
+                args.prefetch,
+                args.batch,
+                args.batches,
+                args.size,
+                args.decode,
+                args.device,
+            )
             print(json.dumps(r), flush=True)
 
 
