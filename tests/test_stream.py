@@ -223,3 +223,31 @@ def test_in_memory_setting_does_not_change_the_cell_key(folder):
         for v in ("auto", True, False)
     }
     assert len(keys) == 1
+
+
+def test_a_streamed_cell_interrupted_after_an_epoch_resumes_to_the_uninterrupted_result(
+    tmp_path, tracking_uri, client
+):
+    path = write_jpegs(tmp_path / "pets", {"train": 12, "test": 4}, size=32)
+    over = {**FAST, "runtime.workdir": str(tmp_path / "runs"), "data.val_size": 6,
+            "data.train_subset": None, "data.test_subset": None, "train.batch_size": 10,
+            "train.epochs": 2, "data.in_memory": False, "runtime.loader_workers": 1}  # fmt: skip
+    cfg = resolve("msdnet", f"imagefolder:{path}", "joint", 0, "smoke", over)
+
+    def stop_after_first(epoch: int, metrics: dict) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    opts = {"tracking_uri": tracking_uri, "progress": False, "experiment": "killed"}
+    with pytest.raises(KeyboardInterrupt):
+        train_cell(cfg, CellOptions(**opts, epoch_callback=stop_after_first))
+    resumed = train_cell(cfg, CellOptions(**opts, resume=True))
+    reference = train_cell(cfg, CellOptions(tracking_uri=tracking_uri, experiment="reference",
+                                            progress=False))  # fmt: skip
+    final = {k: v for k, v in reference.metrics.items() if not k.startswith("latency_ms/")}
+    assert {k: resumed.metrics[k] for k in final} == final
+    losses = [  # the second epoch's training loss: the resumed cell saw the same batches
+        [m.value for m in client.get_metric_history(r.run_id, "train/loss") if m.step == 1]
+        for r in (resumed, reference)
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 1
