@@ -55,6 +55,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "test_subset": None,
         "split_seed": 0,
         "image_size": None,
+        # auto: in memory when the decoded data fits half the free memory, else streamed
+        # (benchmark.data.stream.choose_in_memory); true / false force it
+        "in_memory": "auto",
     },
     "runtime": {
         "device": "auto",
@@ -70,11 +73,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "log_checkpoint": False,
         # ranks the cell runs on: set by the launcher (--nproc-per-node x --nnodes)
         "world_size": 1,
+        # streamed data (benchmark.data.stream): DataLoader worker processes per process and
+        # batches each prefetches (docs/data.md: measured on this 2-core CPU), decode on cpu | cuda
+        "loader_workers": 2,
+        "prefetch": 2,
+        "decode": "cpu",
     },
 }
 
 # Where a cell's result does not depend on a key, it stays out of the cell key.
-NON_SEMANTIC = {("data", "root"), ("data", "download")}
+NON_SEMANTIC = {("data", "root"), ("data", "download"), ("data", "in_memory")}
 
 # Keys added after cells were recorded, at the value that reproduces the earlier behaviour:
 # left out of the cell key at that value, so a finished cell keeps its key (and resumes).
@@ -258,8 +266,16 @@ def validate_runtime(r: dict[str, Any]) -> None:
     _check(fmt in formats, "runtime.memory_format", "auto, channels_last or contiguous", fmt)
     for key in ("threads", "latency_warmup"):
         _check(_is_int(r[key]) and r[key] >= 0, f"runtime.{key}", "an integer >= 0", r[key])
-    for key in ("latency_batch", "latency_repeats", "log_every", "world_size"):
+    for key in ("latency_batch", "latency_repeats", "log_every", "world_size", "prefetch"):
         _check(_is_int(r[key]) and r[key] >= 1, f"runtime.{key}", "an integer >= 1", r[key])
+    lw = r["loader_workers"]
+    _check(_is_int(lw) and lw >= 0, "runtime.loader_workers", "an integer >= 0 (0: no workers)", lw)
+    _check(r["decode"] in ("cpu", "cuda"), "runtime.decode", "cpu or cuda", r["decode"])
+
+
+def validate_data(d: dict[str, Any]) -> None:
+    im = d["in_memory"]
+    _check(isinstance(im, bool) or im == "auto", "data.in_memory", "auto, true or false", im)
 
 
 def resolve(
@@ -296,6 +312,7 @@ def resolve(
     cfg["profile"] = profile
     validate_train(cfg["train"])
     validate_runtime(cfg["runtime"])
+    validate_data(cfg["data"])
     _validate_arch(cfg)
     return cfg
 

@@ -40,7 +40,7 @@ from benchmark import data as datasets  # noqa: E402
 from benchmark.config import parse_sets, resolve  # noqa: E402
 from benchmark.costs import speed  # noqa: E402
 from benchmark.costs.flops import count_costs  # noqa: E402
-from benchmark.data.pipeline import Normalizer, TrainBatches  # noqa: E402
+from benchmark.data.pipeline import Normalizer  # noqa: E402
 from benchmark.training.build import make_method, make_model, pick_device  # noqa: E402
 from benchmark.training.step import Step, step_generator  # noqa: E402
 
@@ -113,7 +113,7 @@ class FlexbenchRunner(Runner):
         self._step = Step(self.model, method, stage, fast)
         norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
         bs = cfg["train"]["batch_size"]
-        batches = TrainBatches(splits.train_x, splits.train_y, bs, norm, 0, device)
+        batches = splits.train.train_batches(bs, norm, 0, device)
         self.it = (b for e in range(10**9) for b in batches.epoch(e))
         self.log_every, self.i = cfg["runtime"]["log_every"], 0
         self.loss_sum = torch.zeros((), device=device)
@@ -140,7 +140,7 @@ class _LoaderRunner(Runner):
         self.method = make_method(cfg, self.model.num_submodels).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         loader = DataLoader(
-            PILDataset(splits.train_x, splits.train_y, splits.mean, splits.std),
+            PILDataset(splits.train.x, splits.train.y, splits.mean, splits.std),
             batch_size=cfg["train"]["batch_size"],
             shuffle=True,
             drop_last=True,

@@ -23,9 +23,14 @@ BAD_INPUTS = {
     "arch": (["--arch", "resnet"], ["unknown architecture 'resnet'", ", ".join(ARCHS.names())]),
     "method": (["--method", "kd"], ["unknown method 'kd'", ", ".join(METHODS.names())]),
     "dataset": (
-        ["--dataset", "imagenet"],
-        ["unknown dataset 'imagenet'", ", ".join(DATASETS.names())],
+        ["--dataset", "imagenet22k"],
+        ["unknown dataset 'imagenet22k'", ", ".join(DATASETS.names())],
     ),
+    "dataset_without_its_path": (
+        ["--dataset", "imagenet"],
+        ["dataset imagenet needs a path to read its files: imagenet:<dir or .zip>", "val/<wnid>"],
+    ),
+    "in_memory": (["--set", "data.in_memory=maybe"], ["data.in_memory must be auto, true or"]),
     "profile": (["--profile", "huge"], ["unknown profile 'huge'", ", ".join(PROFILES)]),
     "T_zero": (["--method", "ipkd", "--set", "method.T=0"], ["T must be > 0", "got 0"]),
     "T_negative": (["--method", "takd", "--set", "method.T=-2"], ["T must be > 0", "got -2"]),

@@ -72,8 +72,8 @@ def image_zip(image_tree) -> Path:
 
 
 def check_disjoint(splits, n_train_total: int) -> None:
-    train = [bytes(x.numpy().tobytes()) for x in splits.train_x]
-    val = [bytes(x.numpy().tobytes()) for x in splits.val_x]
+    train = [bytes(x.numpy().tobytes()) for x in splits.train.x]
+    val = [bytes(x.numpy().tobytes()) for x in splits.val.x]
     assert len(set(train)) == len(train) and len(set(val)) == len(val)
     assert not set(train) & set(val)
     assert len(train) + len(val) <= n_train_total
@@ -82,17 +82,17 @@ def check_disjoint(splits, n_train_total: int) -> None:
 def test_synthetic_split_is_disjoint_and_seeded():
     cfg = data_cfg(val_size=200, train_subset=500)
     a = datasets.load_splits("synthetic", cfg)
-    assert (a.val_x.shape[0], a.train_x.shape[0]) == (200, 500)
+    assert (a.val.x.shape[0], a.train.x.shape[0]) == (200, 500)
     check_disjoint(a, 2000)
     full = datasets.load_splits("synthetic", data_cfg(val_size=200))
-    assert full.train_x.shape[0] == 1800
+    assert full.train.x.shape[0] == 1800
     check_disjoint(full, 2000)
     b = datasets.load_splits("synthetic", cfg)
     assert a.val_hash == b.val_hash
-    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_x, b.train_x)
-    assert torch.equal(a.test()[0], b.test()[0])
+    assert torch.equal(a.val.x, b.val.x) and torch.equal(a.train.x, b.train.x)
+    assert torch.equal(a.test().x, b.test().x)
     c = datasets.load_splits("synthetic", data_cfg(val_size=200, train_subset=500, split_seed=1))
-    assert c.val_hash != a.val_hash and not torch.equal(c.val_x, a.val_x)
+    assert c.val_hash != a.val_hash and not torch.equal(c.val.x, a.val.x)
 
 
 @pytest.mark.parametrize("form", ["dir", "zip"])
@@ -102,34 +102,34 @@ def test_imagefolder_split_is_disjoint_and_seeded(form, image_tree, image_zip):
     assert datasets.describe(name, data_cfg()) == (3, 16)
     s = datasets.load_splits(name, data_cfg(val_size=9))
     assert s.classes == CLASSES
-    assert s.train_x.dtype == torch.uint8 and tuple(s.train_x.shape[1:]) == (3, 16, 16)
+    assert s.train.x.dtype == torch.uint8 and tuple(s.train.x.shape[1:]) == (3, 16, 16)
     n_train = len(CLASSES) * PER_CLASS["train"]
-    assert s.val_x.shape[0] == 9 and s.train_x.shape[0] == n_train - 9
-    train_ids, val_ids = image_ids(s.train_x), image_ids(s.val_x)
+    assert s.val.x.shape[0] == 9 and s.train.x.shape[0] == n_train - 9
+    train_ids, val_ids = image_ids(s.train.x), image_ids(s.val.x)
     assert not set(train_ids) & set(val_ids)
     assert sorted(train_ids + val_ids) == list(range(n_train))
-    test_x, test_y = s.test()
+    test_x, test_y = s.test().x, s.test().y
     assert sorted(image_ids(test_x)) == list(range(n_train, n_train + 3 * PER_CLASS["test"]))
-    for x, y in ((s.train_x, s.train_y), (s.val_x, s.val_y), (test_x, test_y)):
+    for x, y in ((s.train.x, s.train.y), (s.val.x, s.val.y), (test_x, test_y)):
         assert x[:, 2, 0, 0].tolist() == y.tolist()  # labels follow the class folders
     again = datasets.load_splits(name, data_cfg(val_size=9))
-    assert image_ids(again.val_x) == val_ids and again.val_hash == s.val_hash
+    assert image_ids(again.val.x) == val_ids and again.val_hash == s.val_hash
     other = datasets.load_splits(name, data_cfg(val_size=9, split_seed=5))
-    assert image_ids(other.val_x) != val_ids
+    assert image_ids(other.val.x) != val_ids
 
 
 def test_imagefolder_zip_and_dir_give_the_same_data(image_tree, image_zip):
     a = datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(val_size=6))
     b = datasets.load_splits(f"imagefolder:{image_zip}", data_cfg(val_size=6))
-    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.val_x, b.val_x)
-    assert torch.equal(a.test()[0], b.test()[0])
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.val.x, b.val.x)
+    assert torch.equal(a.test().x, b.test().x)
 
 
 def test_imagefolder_resizes_to_image_size(image_tree):
     name = f"imagefolder:{image_tree}"
     assert datasets.describe(name, data_cfg(image_size=24)) == (3, 24)
     s = datasets.load_splits(name, data_cfg(image_size=24))
-    assert tuple(s.train_x.shape[1:]) == (3, 24, 24)
+    assert tuple(s.train.x.shape[1:]) == (3, 24, 24)
 
 
 # --- what users' folders really hold: system files, broken images, changed data -----------
@@ -161,8 +161,8 @@ def test_hidden_and_system_files_are_skipped(form, image_tree, tmp_path):
     got = datasets.load_splits(name, data_cfg(val_size=6))
     clean = datasets.load_splits(f"imagefolder:{image_tree}", data_cfg(val_size=6))
     assert got.classes == CLASSES
-    assert torch.equal(got.train_x, clean.train_x) and torch.equal(got.val_x, clean.val_x)
-    assert torch.equal(got.test()[0], clean.test()[0])
+    assert torch.equal(got.train.x, clean.train.x) and torch.equal(got.val.x, clean.val.x)
+    assert torch.equal(got.test().x, clean.test().x)
     assert got.data_hash == clean.data_hash
 
 
@@ -201,20 +201,20 @@ def test_changed_image_folder_is_decoded_again(tmp_path, monkeypatch):
         img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
         Image.fromarray(img).save(root / f"train/cat/new{i}.png")
     after = datasets.load_splits(name, data_cfg(val_size=6))
-    assert after.train_x.shape[0] == before.train_x.shape[0] + 3
-    assert not torch.equal(after.test()[0], before.test()[0])
+    assert after.train.x.shape[0] == before.train.x.shape[0] + 3
+    assert not torch.equal(after.test().x, before.test().x)
     assert after.data_hash != before.data_hash
 
     monkeypatch.setenv("FLEXBENCH_CACHE", str(tmp_path / "fresh-cache"))
     fresh = datasets.load_splits(name, data_cfg(val_size=6))
-    assert torch.equal(after.test()[0], fresh.test()[0]) and after.data_hash == fresh.data_hash
+    assert torch.equal(after.test().x, fresh.test().x) and after.data_hash == fresh.data_hash
 
     def no_decoding(*args):
         raise AssertionError("an unchanged folder must be read from the cache")
 
     monkeypatch.setattr(imagefolder, "_load_split", no_decoding)
     again = datasets.load_splits(name, data_cfg(val_size=6))
-    assert again.data_hash == fresh.data_hash and torch.equal(again.train_x, fresh.train_x)
+    assert again.data_hash == fresh.data_hash and torch.equal(again.train.x, fresh.train.x)
 
 
 def test_cell_key_knows_an_image_folder_by_its_images_not_its_path(image_tree, tmp_path):
@@ -274,8 +274,8 @@ def spy_splits(monkeypatch):
     seen = []
     real = datasets.load_splits
 
-    def spy(name, cfg):
-        seen.append(real(name, cfg))
+    def spy(name, cfg, runtime=None, device=None):
+        seen.append(real(name, cfg, runtime, device))
         return seen[-1]
 
     monkeypatch.setattr(datasets, "load_splits", spy)

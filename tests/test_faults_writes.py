@@ -221,7 +221,7 @@ def test_a_full_or_read_only_cache_warns_once_and_the_data_still_loads(
     trees = [write_tree(tmp_path / name) for name in ("a", "b")]
     for tree in trees:  # two datasets, one warning
         splits = datasets.load_splits(f"imagefolder:{tree}", data_cfg(val_size=6))
-        assert splits.train_x.shape[0] == 30
+        assert len(splits.train) == 30
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = [ln for ln in err.splitlines() if "decoded-data cache" in ln]

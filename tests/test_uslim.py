@@ -283,9 +283,9 @@ SENTINEL = 255  # val and test images made all-white: a calibration batch must n
 def test_recalibration_sees_training_images_only(tracking_uri, tmp_path, monkeypatch):
     cfg = smoke_cfg("us_mobilenet_v1", "ipkd", tmp_path)
     cell = prepare(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
-    cell.splits.val_x.fill_(SENTINEL)
-    cell.splits._test_x.fill_(SENTINEL)  # without counting a test read
-    assert not (cell.splits.train_x == SENTINEL).flatten(1).all(1).any()
+    cell.splits.val.x.fill_(SENTINEL)
+    cell.splits._test.x.fill_(SENTINEL)  # without counting a test read
+    assert not (cell.splits.train.x == SENTINEL).flatten(1).all(1).any()
     white = cell.norm(torch.full((1, 3, 32, 32), SENTINEL, dtype=torch.uint8))
     seen: list[torch.Tensor] = []
     real = bn_calib.recalibrate_bn
@@ -319,7 +319,7 @@ def test_evaluation_without_recalibration_differs_on_the_us_network(tracking_uri
         with torch.no_grad():
             for w in (0.3, 0.9):
                 cell.model.forward_width(xb, w)
-    val = (cell.splits.val_x, cell.splits.val_y)
+    val = cell.splits.val
     plain = evaluate(cell.model, val, EvalSpec(64, cell.norm))
     calibrated = evaluate(cell.model, val, EvalSpec(64, cell.norm, calibrate=cell.eval.calibrate))
     assert plain.top1 != calibrated.top1 or plain.top5 != calibrated.top5

@@ -1,4 +1,5 @@
-"""Datasets as decoded uint8 tensors, a seeded train/val split, and a sealed test split."""
+"""Datasets as decoded uint8 tensors or encoded files, a seeded train/val split, and a sealed test
+split."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmark.data.pipeline import ImageSet, TensorSet
 from benchmark.errors import ConfigError, WriteError, got
 from benchmark.files import write_atomic
 
@@ -47,30 +49,58 @@ def data_digest(data: ImageData) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class EncodedData:
+    """A whole dataset as encoded image files, read and decoded per batch (streaming): the
+    folder or zip `source`, entry names and int64 labels of both splits, and how the images
+    become tensors: `image_size` S (every batch is (B, 3, S, S)) and `augment` ("pad": resize to
+    S, then the device pad-4 crop + flip of `pipeline.crop_flip`; "rrc": ImageNet-style, see
+    `benchmark.data.stream`). `digest` identifies the files without decoding them (the kind's
+    identity: entry names and byte sizes); `stats_key` names the cached mean/std when the kind
+    has none of its own (None: `mean`/`std` are given)."""
+
+    source: str
+    train_entries: list[str]
+    train_y: Tensor
+    test_entries: list[str]
+    test_y: Tensor
+    classes: list[str]
+    image_size: int
+    augment: str
+    digest: str
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    stats_key: str | None = None
+
+
 class TestSplitSealed(RuntimeError):
     """Raised when something reads the test split where only validation is allowed."""
 
 
 @dataclass
 class Splits:
-    """train/val carved from the training set; test only through `test()`.
+    """train/val carved from the training set; test only through `test()`. Each split is an
+    `ImageSet` (`pipeline.TensorSet` in memory, `stream.EncodedSet` streamed): `len()`,
+    `labels`, `train_batches(...)`, `eval_batches(...)`.
 
     `test()` counts reads and refuses them when sealed (studies seal it), so "test is used only
     for the final evaluation" is enforced by code, not convention. `data_hash` identifies the
-    decoded dataset (the trainer tags it), `val_hash` the validation indices within it.
+    data (the trainer tags it): the decoded dataset in memory (`data_digest`), the files'
+    names and sizes when streamed (`EncodedData.digest`); `val_hash` the validation indices.
+    `in_memory` / `memory_note`: which path the data took and why (`stream.choose_in_memory`).
     """
 
-    train_x: Tensor
-    train_y: Tensor
-    val_x: Tensor
-    val_y: Tensor
+    train: ImageSet
+    val: ImageSet
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     val_hash: str
-    data_hash: str  # `data_digest` of the whole decoded dataset, before splitting
-    _test_x: Tensor = field(repr=False)
-    _test_y: Tensor = field(repr=False)
+    data_hash: str
+    image_size: int
+    _test: ImageSet = field(repr=False)
+    in_memory: bool = True
+    memory_note: str = "always in memory"
     sealed: bool = False
     test_reads: int = 0
 
@@ -78,15 +108,11 @@ class Splits:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.train_x.shape[-1])
-
-    def test(self) -> tuple[Tensor, Tensor]:
+    def test(self) -> ImageSet:
         if self.sealed:
             raise TestSplitSealed("the test split is sealed here (validation only)")
         self.test_reads += 1
-        return self._test_x, self._test_y
+        return self._test
 
 
 def _subset(n: int, size: int | float | None, what: str) -> int:
@@ -111,15 +137,27 @@ def _subset(n: int, size: int | float | None, what: str) -> int:
     raise ConfigError(f"{what} must be a positive integer or a fraction in (0, 1], {got(size)}")
 
 
-def make_splits(
-    data: ImageData,
+@dataclass(frozen=True)
+class SplitIndices:
+    """Sorted indices of the train and val images (into the training set) and of the test
+    images kept (into the test set), and the validation split's hash."""
+
+    train: Tensor
+    val: Tensor
+    test: Tensor
+    val_hash: str
+
+
+def split_indices(
+    n: int,
+    n_test: int,
     val_size: int | float,
     train_subset: int | float | None = None,
     test_subset: int | float | None = None,
     split_seed: int = 0,
-) -> Splits:
-    """Deterministic split: a permutation from `split_seed`; val first, then train (subset)."""
-    n = data.train_x.shape[0]
+) -> SplitIndices:
+    """Deterministic split: a permutation from `split_seed`; val first, then train (subset);
+    a seeded test subset from `split_seed + 1`."""
     n_val = _subset(n, val_size, "data.val_size") if val_size else 0
     if n_val >= n:
         raise ConfigError(f"data.val_size {val_size} leaves no training images (of {n})")
@@ -128,27 +166,39 @@ def make_splits(
     val_idx = perm[:n_val].sort().values
     rest = perm[n_val:]
     train_idx = rest[: _subset(rest.numel(), train_subset, "data.train_subset")].sort().values
-    n_test = data.test_x.shape[0]
     test_perm = torch.randperm(n_test, generator=torch.Generator().manual_seed(split_seed + 1))
     test_idx = test_perm[: _subset(n_test, test_subset, "data.test_subset")].sort().values
-    train_x = data.train_x[train_idx]
+    val_hash = hashlib.sha1(val_idx.numpy().tobytes()).hexdigest()[:12]
+    return SplitIndices(train_idx, val_idx, test_idx, val_hash)
+
+
+def make_splits(
+    data: ImageData,
+    val_size: int | float,
+    train_subset: int | float | None = None,
+    test_subset: int | float | None = None,
+    split_seed: int = 0,
+) -> Splits:
+    """The in-memory splits of a decoded dataset (`split_indices`); mean/std from the training
+    split's pixels where the dataset has none of its own."""
+    n, n_test = data.train_x.shape[0], data.test_x.shape[0]
+    idx = split_indices(n, n_test, val_size, train_subset, test_subset, split_seed)
+    train_x = data.train_x[idx.train]
     mean, std = data.mean, data.std
     if mean is None or std is None:
         flat = train_x.transpose(0, 1).reshape(3, -1).double() / 255
         mean = tuple(flat.mean(1).tolist())
         std = tuple(flat.std(1).tolist())
     return Splits(
-        train_x=train_x,
-        train_y=data.train_y[train_idx],
-        val_x=data.train_x[val_idx],
-        val_y=data.train_y[val_idx],
+        train=TensorSet(train_x, data.train_y[idx.train]),
+        val=TensorSet(data.train_x[idx.val], data.train_y[idx.val]),
         classes=data.classes,
         mean=mean,
         std=std,
-        val_hash=hashlib.sha1(val_idx.numpy().tobytes()).hexdigest()[:12],
+        val_hash=idx.val_hash,
         data_hash=data.digest or data_digest(data),
-        _test_x=data.test_x[test_idx],
-        _test_y=data.test_y[test_idx],
+        image_size=int(data.train_x.shape[-1]),
+        _test=TensorSet(data.test_x[idx.test], data.test_y[idx.test]),
     )
 
 
@@ -162,10 +212,10 @@ class DatasetSpec:
     number of images of the training split (before the validation split and subsets), without
     decoding, or None where unknown; the grid uses it to estimate a cell's compute. `identity`:
     what the cell key knows a file-backed dataset by instead of its path (what the data is, not
-    where); None keeps the name (`cifar10`, `synthetic`). `shape_without_path`: a kind whose
-    shape is fixed (`tiny_imagenet`, `imagenet32`) may be named without its path, and then only
-    `describe` answers (`flexbench info --dataset tiny_imagenet`); its other callables get
-    `arg=None` and raise ConfigError naming the layout they expect.
+    where); None keeps the name (`cifar10`, `synthetic`). `load_encoded`: the files without
+    decoding them, for streaming (None: the kind is always in memory); `in_memory_ok` False: the
+    kind only streams (`load` is never called). `describe_bare`: the kind may be named without
+    its path for `describe` (a fixed shape, e.g. `imagenet` -> (1000, 224)).
     """
 
     name: str
@@ -176,7 +226,9 @@ class DatasetSpec:
     check: Callable[[str | None, dict[str, Any]], None] | None = None
     train_size: Callable[[str | None, dict[str, Any]], int | None] | None = None
     identity: Callable[[str | None], str] | None = None
-    shape_without_path: bool = False
+    load_encoded: Callable[[str | None, dict[str, Any]], EncodedData] | None = None
+    in_memory_ok: bool = True
+    describe_bare: bool = False
 
 
 def cache_dir() -> Path:

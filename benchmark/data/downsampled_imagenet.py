@@ -205,7 +205,7 @@ def _spec(size: int) -> DatasetSpec:
         check=check,
         train_size=train_size,
         identity=identity,
-        shape_without_path=True,
+        describe_bare=True,
     )
 
 

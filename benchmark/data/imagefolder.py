@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmark.data import register_dataset
-from benchmark.data.base import DatasetSpec, ImageData, cached
+from benchmark.data.base import DatasetSpec, EncodedData, ImageData, cached
 from benchmark.errors import ConfigError, got
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -77,25 +77,37 @@ def _zip_listing(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, tuple[
         )
 
 
-def _index(path: Path, names: list[str]) -> Index:
-    """Group `names` into train/test classes (entries sorted); ConfigError on a bad layout."""
-    index: Index = {"train": {}, "test": {}}
+def _index(path: Path, names: list[str], splits: tuple[str, str] = ("train", "test")) -> Index:
+    """Group `names` into `splits[0]`/`splits[1]` classes (entries sorted), keyed by those split
+    names; ConfigError on a bad layout (a split without class folders, classes that differ)."""
+    index: Index = {s: {} for s in splits}
     for name in names:
         parts = name.replace("\\", "/").split("/")
         if len(parts) == 3 and parts[0] in index and name.lower().endswith(IMAGE_EXT):
             index[parts[0]].setdefault(parts[1], []).append(name)
-    for split in ("train", "test"):
+    a, b = splits
+    for split in splits:
         if not index[split]:
             raise ConfigError(
-                f"{path} has no {split}/<class>/<image> files; expected train/ and test/ "
+                f"{path} has no {split}/<class>/<image> files; expected {a}/ and {b}/ "
                 f"folders with one sub-folder per class"
             )
-    if set(index["train"]) != set(index["test"]):
+    if set(index[a]) != set(index[b]):
+        only_a = sorted(set(index[a]) - set(index[b]))
+        only_b = sorted(set(index[b]) - set(index[a]))
         raise ConfigError(
-            f"{path}: train/ and test/ have different classes "
-            f"({sorted(index['train'])} vs {sorted(index['test'])})"
+            f"{path}: {a}/ and {b}/ have different classes (only in {a}/: "
+            f"{_few(only_a)}; only in {b}/: {_few(only_b)})"
         )
     return {s: {c: sorted(v) for c, v in sorted(d.items())} for s, d in index.items()}
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    """Up to `n` names, then how many more: `a, b, c (+12 more)`; `none` when empty."""
+    if not names:
+        return "none"
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 def _open(source: Path, name: str, zf: zipfile.ZipFile | None):
@@ -210,8 +222,23 @@ def describe(arg: str | None, cfg: dict[str, Any]) -> tuple[int, int]:
 
 
 def _images(index: Index) -> list[str]:
-    """Every image entry of the index, train then test, classes and entries in name order."""
-    return [n for split in ("train", "test") for names in index[split].values() for n in names]
+    """Every image entry of the index, its splits in order, classes and entries in name order."""
+    return [n for split in index.values() for names in split.values() for n in names]
+
+
+def encoded(
+    path: Path, index: Index, size: int, augment: str, digest: str, **extra: Any
+) -> EncodedData:
+    """The index as `EncodedData` (streaming): its two splits' entries and labels (class order
+    = the first split's sorted class folders); `extra`: mean/std or stats_key."""
+    first, second = index.values()
+
+    def flat(split: dict[str, list[str]]) -> tuple[list[str], torch.Tensor]:
+        items = [(n, label) for label, names in enumerate(split.values()) for n in names]
+        return [n for n, _ in items], torch.tensor([lab for _, lab in items], dtype=torch.int64)
+
+    (tr, try_), (te, tey) = flat(first), flat(second)
+    return EncodedData(str(path), tr, try_, te, tey, list(first), size, augment, digest, **extra)
 
 
 def cache_key(path: Path, index: Index, listing: Listing, size: int) -> str:
@@ -266,6 +293,25 @@ def load(arg: str | None, cfg: dict[str, Any]) -> ImageData:
     return cached(f"imagefolder-{cache_key(path, index, listing, size)}", build)
 
 
+def load_encoded(arg: str | None, cfg: dict[str, Any]) -> EncodedData:
+    """The folder or zip for streaming: entries resized to `data.image_size` (default: the first
+    image's side), CIFAR-style pad-4 crop + flip; mean/std of the training split, computed once
+    by a streamed pass and cached (`stream.train_stats`)."""
+    path = Path(arg).expanduser().resolve()
+    listing = _listing(path)
+    index = _index(path, list(listing))
+    size = _size(path, index, cfg)
+    key = f"imagefolder-{cache_key(path, index, listing, size)}"
+    return encoded(
+        path,
+        index,
+        size,
+        "pad",
+        names_and_sizes("imagefolder", listing, _images(index)),
+        stats_key=key,
+    )
+
+
 register_dataset(
     DatasetSpec(
         "imagefolder",
@@ -275,5 +321,6 @@ register_dataset(
         needs_arg=True,
         train_size=train_size,
         identity=identity,
+        load_encoded=load_encoded,
     )
 )

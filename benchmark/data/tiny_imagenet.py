@@ -46,7 +46,7 @@ MAX_NAMED = 5
 
 def require_path(kind: str, arg: str | None, layout: str) -> Path:
     """The dataset path of `kind:<path>`; ConfigError naming the layout when it was left out
-    (a kind with `shape_without_path` is described without it) or does not exist."""
+    (a kind with `describe_bare` is described without it) or does not exist."""
     if not arg:
         raise ConfigError(f"dataset {kind} needs its path here: {kind}:<path> holding {layout}")
     path = Path(arg).expanduser()
@@ -294,6 +294,6 @@ register_dataset(
         check=check,
         train_size=train_size,
         identity=identity,
-        shape_without_path=True,
+        describe_bare=True,
     )
 )

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from benchmark.costs.speed import Speed
-from benchmark.data.pipeline import Normalizer, eval_batches
+from benchmark.data.pipeline import ImageSet, Normalizer
 from benchmark.models import FlexibleModel
 from benchmark.training.distributed import SINGLE, Dist
 
@@ -54,15 +54,14 @@ class Accuracy:
 
 @torch.no_grad()
 def _accuracy(
-    forward: Forward, k: int, data: tuple[Tensor, Tensor], spec: EvalSpec, confidences: bool
+    forward: Forward, k: int, data: ImageSet, spec: EvalSpec, confidences: bool
 ) -> Accuracy:
     """Accuracy of the `k` outputs of `forward` over `data` (the model already in eval mode)."""
-    x, y = data
     device = spec.norm.scale.device
     c1 = torch.zeros(k, device=device)
     c5 = torch.zeros(k, device=device)
     conf, hit1 = [], []
-    for xb, yb in eval_batches(x, y, spec.batch, spec.norm, device, spec.dist.shard):
+    for xb, yb in data.eval_batches(spec.batch, spec.norm, device, spec.dist.shard):
         with spec.speed.autocast():
             outs = forward(xb)
         for i, z in enumerate(outs):
@@ -74,7 +73,7 @@ def _accuracy(
             conf.append(torch.stack([z.float().softmax(1).amax(1) for z in outs]))
             hit1.append(torch.stack([z.argmax(1) == yb for z in outs]))
     spec.dist.sum_(c1), spec.dist.sum_(c5)
-    n = max(1, x.shape[0])
+    n = max(1, len(data))
     acc = Accuracy((c1 * 100 / n).tolist(), (c5 * 100 / n).tolist())
     if confidences:  # every rank's part, in rank order: the split's order
         parts = spec.dist.gather((torch.cat(conf, 1).cpu(), torch.cat(hit1, 1).cpu()))
@@ -92,10 +91,11 @@ def _concat(parts: list[Accuracy]) -> Accuracy:
 
 
 def evaluate(
-    model: FlexibleModel, data: tuple[Tensor, Tensor], spec: EvalSpec, confidences: bool = False
+    model: FlexibleModel, data: ImageSet, spec: EvalSpec, confidences: bool = False
 ) -> Accuracy:
-    """Evaluate every sub-model on `data` = (uint8 images (N,3,H,W), labels (N,)) in eval mode,
-    on the normaliser's device; the model's train/eval mode is restored afterwards.
+    """Evaluate every sub-model on the split `data` (`Splits.val`, `Splits.test()`; in memory
+    or streamed) in eval mode, on the normaliser's device; the model's train/eval mode is
+    restored afterwards.
 
     With `spec.calibrate`, sub-models are evaluated one at a time, each right after its BN
     recalibration; else all of them in one pass over the data.
@@ -111,7 +111,7 @@ def run_eval(
     model: FlexibleModel,
     forwards: list[Forward],
     outputs: list[int],
-    data: tuple[Tensor, Tensor],
+    data: ImageSet,
     spec: EvalSpec,
     confidences: bool = False,
 ) -> Accuracy:

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from torch import Tensor
 
 from benchmark.costs.axis import auc_top1, cost_axis
 from benchmark.costs.flops import latency_profile
+from benchmark.data.pipeline import ImageSet
 from benchmark.files import disk_errors
 from benchmark.record import schema
 from benchmark.record.schema import Measurement
@@ -94,11 +94,11 @@ class FinalEvaluation:
         return self.fixed + self.spectrum
 
 
-def _final_data(cell: PreparedCell) -> tuple[str, tuple[Tensor, Tensor]]:
+def _final_data(cell: PreparedCell) -> tuple[str, ImageSet]:
     """The split the final numbers are on: test, or val when the study sealed test."""
     if cell.opts.evaluate_test:
         return "test", cell.splits.test()
-    return "val", (cell.splits.val_x, cell.splits.val_y)
+    return "val", cell.splits.val
 
 
 def evaluate_final(cell: PreparedCell) -> FinalEvaluation:
@@ -109,7 +109,7 @@ def evaluate_final(cell: PreparedCell) -> FinalEvaluation:
     acc = evaluate(cell.model, data, spec, confidences=True)
     budgeted = []
     if cell.model.caps.early_exit and split == "test":
-        val_acc = evaluate(cell.model, (cell.splits.val_x, cell.splits.val_y), spec, True)
+        val_acc = evaluate(cell.model, cell.splits.val, spec, True)
         costs = [c.mflops for c in plan.costs]
         budgeted = budgeted_curve(val_acc.confidence, acc.confidence, acc.correct, costs)
     r = cell.cfg["runtime"]

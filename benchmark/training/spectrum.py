@@ -10,9 +10,8 @@ MLflow record, `submodels.csv` and the reports carry it as a curve beside the fi
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from benchmark.costs.flops import width_costs
+from benchmark.data.pipeline import ImageSet
 from benchmark.models import FlexibleModel
 from benchmark.record.schema import SPECTRUM_NAME_PREFIX, Measurement
 from benchmark.training.evaluate import EvalSpec, run_eval
@@ -24,7 +23,7 @@ def spectrum_widths(model: FlexibleModel) -> list[float]:
 
 
 def measure_spectrum(
-    model: FlexibleModel, data: tuple[Tensor, Tensor], spec: EvalSpec, image_size: int, start: int
+    model: FlexibleModel, data: ImageSet, spec: EvalSpec, image_size: int, start: int
 ) -> list[Measurement]:
     """One measurement per spectrum width (no latency), indices from `start`. `spec.calibrate`
     recalibrates each width before its pass (required: shared BN statistics belong to no width

@@ -27,7 +27,7 @@ from benchmark import data as datasets
 from benchmark.config import cell_key, flatten
 from benchmark.costs import speed
 from benchmark.data.base import Splits
-from benchmark.data.pipeline import Normalizer, TrainBatches
+from benchmark.data.pipeline import Normalizer, TrainSource
 from benchmark.errors import ConfigError, TrainingError
 from benchmark.methods import EpochContext, Method
 from benchmark.models import FlexibleModel, IndependentModel
@@ -106,7 +106,7 @@ class PreparedCell:
     method: Method
     optimizer: torch.optim.Optimizer
     splits: Splits
-    batches: TrainBatches
+    batches: TrainSource
     norm: Normalizer
     device: torch.device
     speed: speed.Speed
@@ -193,6 +193,8 @@ def prepare(cfg: dict[str, Any], opts: CellOptions, dist: Dist = SINGLE) -> Prep
         schema.SPLIT_SEED: str(cfg["data"]["split_seed"]),
         schema.VAL_HASH: splits.val_hash,
         schema.DATA_HASH: splits.data_hash,
+        schema.DATA_IN_MEMORY: str(splits.in_memory).lower(),
+        schema.DATA_MEMORY_NOTE: splits.memory_note,
         schema.TEST_EVALUATED: str(opts.evaluate_test).lower(),
         **fast.tags(),
         **opts.extra_tags,
@@ -304,18 +306,15 @@ def _resume_into(cell: PreparedCell, state: dict[str, Any], changes: str) -> Non
 
 def _load_data(
     cfg: dict[str, Any], device: torch.device, fast: speed.Speed, sealed: bool, dist: Dist
-) -> tuple[Splits, TrainBatches, Normalizer]:
-    splits = datasets.load_splits(*datasets.cell_source(cfg))
+) -> tuple[Splits, TrainSource, Normalizer]:
+    splits = datasets.load_splits(*datasets.cell_source(cfg), cfg["runtime"], device)
     splits.sealed = sealed
     norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
     t = cfg["train"]
-    batches = TrainBatches(
-        splits.train_x, splits.train_y, t["batch_size"], norm, cfg["seed"], device, dist.shard
-    )
+    batches = splits.train.train_batches(t["batch_size"], norm, cfg["seed"], device, dist.shard)
     if len(batches) == 0:
         raise ConfigError(
-            f"train.batch_size {t['batch_size']} exceeds the {splits.train_x.shape[0]} "
-            f"training images"
+            f"train.batch_size {t['batch_size']} exceeds the {len(splits.train)} training images"
         )
     if t["bn_calib_batches"] > len(batches):
         raise ConfigError(
@@ -414,7 +413,7 @@ def _epoch_context(cell: PreparedCell, pos: Position) -> EpochContext:
 
 def validate(cell: PreparedCell) -> dict[str, float]:
     """`val/top1/<sub>` of every sub-model and their mean, on the validation split."""
-    acc = evaluate(cell.model, (cell.splits.val_x, cell.splits.val_y), cell.eval)
+    acc = evaluate(cell.model, cell.splits.val, cell.eval)
     top1 = schema.FIELDS["top1"]
     metrics = {top1.parent_key(n, "val"): v for n, v in zip(cell.plan.names, acc.top1)}
     metrics[schema.TOP1_MEAN.format(split="val")] = sum(acc.top1) / len(acc.top1)
