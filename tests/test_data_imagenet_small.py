@@ -98,14 +98,14 @@ def test_tiny_imagenet_labels_classes_and_test_split(tiny, tmp_path):
     assert datasets.train_size(name, data_cfg()) == 12
     s = datasets.load_splits(name, data_cfg())
     assert s.classes == sorted(WNIDS) and (s.mean, s.std) == (tiny_imagenet.MEAN, tiny_imagenet.STD)
-    assert s.train_x.dtype == torch.uint8 and tuple(s.train_x.shape[1:]) == (3, 64, 64)
-    assert (s.train_x.shape[0], s.val_x.shape[0]) == (9, 3)
-    test_x, test_y = s.test()
+    assert s.train.x.dtype == torch.uint8 and tuple(s.train.x.shape[1:]) == (3, 64, 64)
+    assert (s.train.x.shape[0], s.val.x.shape[0]) == (9, 3)
+    test_x, test_y = s.test().x, s.test().y
     assert test_x.shape[0] == 6  # the labelled val images; test/images is ignored
     assert test_y.tolist() == [sorted(WNIDS).index(WNIDS[i % 3]) for i in range(6)]  # val_0..5
-    for x, y in ((s.train_x, s.train_y), (s.val_x, s.val_y), (test_x, test_y)):
+    for x, y in ((s.train.x, s.train.y), (s.val.x, s.val.y), (test_x, test_y)):
         assert labels_of(x) == y.tolist()
-    ids = sorted(round(int(v) / 8) for v in torch.cat([s.train_x, s.val_x])[:, 1, 32, 32])
+    ids = sorted(round(int(v) / 8) for v in torch.cat([s.train.x, s.val.x])[:, 1, 32, 32])
     assert ids == list(range(12))
     for top in ("tiny-imagenet-200/", ""):  # the official zip has a top folder
         other = f"tiny_imagenet:{write_zip(tiny, tmp_path / f'{len(top)}.zip', top)}"
@@ -124,7 +124,7 @@ def test_tiny_imagenet_decodes_once(tiny, monkeypatch):
 
     monkeypatch.setattr(tiny_imagenet, "_decode", no_decoding)
     again = datasets.load_splits(name, data_cfg())
-    assert again.data_hash == first.data_hash and torch.equal(again.train_x, first.train_x)
+    assert again.data_hash == first.data_hash and torch.equal(again.train.x, first.train.x)
 
 
 def break_tiny(root: Path, how: str) -> None:
@@ -170,7 +170,7 @@ def test_tiny_imagenet_refuses_images_that_are_not_64px_and_other_sizes(tmp_path
     assert "2 image(s) cannot be used" in msg and "n01_2.JPEG (32x32, not 64x64)" in msg
     assert "val_1.JPEG (cannot decode" in msg
     msg = one_line_error("tiny_imagenet")
-    assert "tiny_imagenet needs its path here: tiny_imagenet:<path> holding" in msg
+    assert "dataset tiny_imagenet needs a path to read its files: tiny_imagenet:<dir or .zip>" in msg
     with pytest.raises(ConfigError, match="data.image_size must be 64 or null for tiny_imagenet"):
         datasets.describe("tiny_imagenet", data_cfg(image_size=32))
 
@@ -226,7 +226,7 @@ def test_imagenet32_images_labels_and_test_split(npz32, monkeypatch):
     flat = torch.from_numpy(x[:30]).transpose(0, 1).reshape(3, -1).double() / 255
     assert np.allclose(data.mean, flat.mean(1)) and np.allclose(data.std, flat.std(1))
     s = datasets.load_splits(name, data_cfg())
-    assert (s.train_x.shape[0], s.val_x.shape[0], s.test()[0].shape[0]) == (27, 3, 10)
+    assert (s.train.x.shape[0], s.val.x.shape[0], len(s.test())) == (27, 3, 10)
 
     def no_reading(*args):
         raise AssertionError("unchanged npz files must be read from the cache")
@@ -305,5 +305,5 @@ def test_info_needs_no_files_but_train_needs_the_path(kind, shape, tmp_path, cap
     train = ["train", *args, "--method", "joint", "--tracking-uri", f"sqlite:///{db}"]
     assert cli.main([*train, "--set", f"runtime.workdir={tmp_path}/runs"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"flexbench: error: dataset {kind} needs its path here: {kind}:<path>")
+    assert err.startswith(f"flexbench: error: dataset {kind} needs a path to read its files: {kind}:<")
     assert not db.exists() and not (tmp_path / "runs").exists()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import all_runs, smoke_cfg
 
-from benchmark.data.pipeline import Normalizer, shard_slice
+from benchmark.data.pipeline import Normalizer, TensorSet, shard_slice
 from benchmark.errors import ConfigError
 from benchmark.models.syncbn import make_syncable, synced
 from benchmark.training.build import make_method, make_model
@@ -55,7 +55,7 @@ def _evaluation(model: torch.nn.Module, d: Dist) -> dict:
     x = torch.randint(0, 256, (11, 3, 32, 32), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 10, (11,), generator=g)
     norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
-    acc = evaluate(model, (x, y), EvalSpec(4, norm, dist=d), confidences=True)
+    acc = evaluate(model, TensorSet(x, y), EvalSpec(4, norm, dist=d), confidences=True)
     return {"top1": acc.top1, "top5": acc.top5, "confidence": acc.confidence}
 
 

@@ -307,7 +307,7 @@ def load_encoded(arg: str | None, cfg: dict[str, Any]) -> EncodedData:
         index,
         size,
         "pad",
-        names_and_sizes("imagefolder", listing, _images(index)),
+        names_and_sizes("imagefolder", listing, _images(index)).partition("@")[2],  # 16 hex
         stats_key=key,
     )
 

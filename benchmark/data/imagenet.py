@@ -72,7 +72,7 @@ def describe(arg: str | None, cfg: dict[str, Any]) -> tuple[int, int]:
 
 def load_encoded(arg: str | None, cfg: dict[str, Any]) -> EncodedData:
     path, listing, index = _layout(arg)
-    digest = names_and_sizes("imagenet", listing, _images(index))
+    digest = names_and_sizes("imagenet", listing, _images(index)).partition("@")[2]  # 16 hex
     return encoded(
         path.resolve(), index, _size(cfg), "rrc", digest, mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
