@@ -120,29 +120,25 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + option_a_shortcut(x, self.stride, self.pad))
+        return F.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+    def skip(self, x: Tensor) -> Tensor:
+        return option_a_shortcut(x, self.stride, self.pad)
 
 
-class ImageNetBasicBlock(nn.Module):
+class ImageNetBasicBlock(BasicBlock):
     """torchvision's BasicBlock with quantized 3x3 convs, private BN per bit-width and a
     full-precision projection shortcut (1x1 conv + BN) where the shape changes."""
 
     def __init__(self, bits: list[int], c_in: int, c_out: int, stride: int):
-        super().__init__()
-        k = len(bits)
-        self.conv1 = QuantConv2d(bits, c_in, c_out, stride)
-        self.bn1 = SwitchableBatchNorm2d([c_out] * k)
-        self.conv2 = QuantConv2d(bits, c_out, c_out, 1)
-        self.bn2 = SwitchableBatchNorm2d([c_out] * k)
+        super().__init__(bits, c_in, c_out, stride)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             proj = nn.Conv2d(c_in, c_out, 1, stride, bias=False)  # full precision
-            self.shortcut = nn.Sequential(proj, SwitchableBatchNorm2d([c_out] * k))
+            self.shortcut = nn.Sequential(proj, SwitchableBatchNorm2d([c_out] * len(bits)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+    def skip(self, x: Tensor) -> Tensor:
+        return self.shortcut(x)
 
 
 class SwitchablePrecisionResNet(FlexibleModel):
