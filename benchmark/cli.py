@@ -147,9 +147,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from benchmark import data as datasets
     from benchmark.config import resolve
     from benchmark.training.train import CellOptions, train_cell
 
+    datasets.needs_path(*datasets.parse_name(args.dataset))  # before what its size implies
     cfg = resolve(
         args.arch, args.dataset, args.method, args.seed, args.profile, overrides_from_args(args)
     )
