@@ -221,6 +221,12 @@ def _validate(spec: StudySpec, run_sets: dict[str, Any]) -> dict[str, Any]:
             spec.arch, spec.dataset, spec.method, spec.seed, spec.profile,
             {**spec.sets, **run_sets, **probe},
         )  # fmt: skip
+    if cfg["runtime"]["world_size"] != 1:
+        raise ConfigError(
+            f"a study trains each trial in one process on one device: runtime.world_size must "
+            f"stay 1 (valid: 1), got {cfg['runtime']['world_size']}; to give cells several "
+            f"devices use `flexbench train --nproc-per-node N` or a grid's devices_per_cell"
+        )
     datasets.check(*datasets.cell_source(cfg))
     _check_calibration(space, cfg)
     return cfg

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from benchmark.cli import add_command_group, add_override_args, options_from_args
+from benchmark.errors import ConfigError
 
 PATH_KEYS = ("data.root", "runtime.workdir")
 
@@ -51,7 +52,7 @@ def _load(args: argparse.Namespace):
     for key in PATH_KEYS:  # relative to the current directory, as the shell user means them
         if isinstance(sets.get(key), str):
             sets[key] = str(Path(sets[key]).expanduser().resolve())
-    spec = load_grid(args.config, sets)
+    spec = load_grid(args.config, sets, getattr(args, "devices_per_cell", None))
     return spec, tracking_uri(args.tracking_uri)
 
 
@@ -59,6 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.grid import fastskip  # imports neither torch nor MLflow
 
     skip_cache = None
+    n = args.devices_per_cell
+    if n is not None and n < 1:  # before the fast skip, which loads no grid
+        raise ConfigError(f"--devices-per-cell must be an integer >= 1 (devices per cell), got {n}")
     if not (args.dry_run or args.rerun_failed):
         given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         inputs = {"sets": args.sets, "data_root": getattr(args, "data_root", None)}
@@ -123,11 +127,23 @@ def add_parser(subparsers) -> None:
         help="cpu, or cuda:0,cuda:1,... (workers round-robin over them); default auto: every "
         "GPU, else cpu",
     )
+    r.add_argument(
+        "--devices-per-cell",
+        type=int,
+        metavar="N",
+        help="devices (torch.distributed ranks) per cell, overriding the grid file's "
+        "devices_per_cell: a local worker holds N of --devices (on CPU its ranks share its "
+        "threads); a Ray task asks for N GPUs (or N x --cpus-per-cell)",
+    )
     r.add_argument("--executor", choices=("local", "ray"), default="local")
     r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS)")
-    r.add_argument("--cpus-per-cell", type=float, help="ray: CPUs per cell task (default 1)")
     r.add_argument(
-        "--gpus-per-cell", type=float, help="ray: GPUs per cell task (default 1 if any GPU)"
+        "--cpus-per-cell", type=float, help="ray: CPUs per cell task and device (default 1)"
+    )
+    r.add_argument(
+        "--gpus-per-cell",
+        type=float,
+        help="ray: GPUs per cell task (default 1 if any GPU; a cell of N devices: N)",
     )
     r.add_argument(
         "--rerun-failed",

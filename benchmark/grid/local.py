@@ -28,9 +28,16 @@ Event = Callable[[tuple], None]
 
 @dataclass
 class Slot:
+    """A worker's place: its devices (one, or a cell's devices_per_cell GPUs) and CPU threads."""
+
     index: int
-    device: str
+    devices: tuple[str, ...]
     threads: int
+
+    @property
+    def device(self) -> str:
+        """The devices as `--devices` writes them: `cuda:0`, `cuda:0,cuda:1`, `cpu`."""
+        return ",".join(self.devices)
 
     @property
     def label(self) -> str:
@@ -77,16 +84,35 @@ def parse_devices(devices: str | None) -> list[str]:
     return out
 
 
-def make_slots(workers: int | None, devices: str | None, n_tasks: int) -> list[Slot]:
-    """One worker per device by default (one in total on CPU); several workers on CPU split
-    the cores between them (runtime.threads = cores // workers)."""
-    devs = parse_devices(devices)
+def device_groups(devs: list[str], per_cell: int) -> list[tuple[str, ...]]:
+    """The parsed `--devices` cut into groups of `per_cell` GPUs (in the order given; devices
+    left over are not used), or the CPU once: a CPU slot runs a cell's ranks on its threads.
+    ConfigError when fewer GPUs are given than one cell needs."""
+    if devs == ["cpu"]:
+        return [("cpu",)]
+    if per_cell > len(devs):
+        raise ConfigError(
+            f"--devices-per-cell {per_cell} exceeds the {len(devs)} device(s) given with "
+            f"--devices ({','.join(devs)}); valid: 1..{len(devs)}"
+        )
+    usable = len(devs) - len(devs) % per_cell
+    return [tuple(devs[i : i + per_cell]) for i in range(0, usable, per_cell)]
+
+
+def make_slots(
+    workers: int | None, devices: str | None, n_tasks: int, devices_per_cell: int = 1
+) -> list[Slot]:
+    """One worker per device (per group of `devices_per_cell` GPUs) by default, one in total on
+    CPU; more workers than groups share them round-robin. The cores are split between the
+    workers (runtime.threads = cores // workers), and a worker's cell of N ranks splits its
+    share again (`worker.run_cell`)."""
+    groups = device_groups(parse_devices(devices), devices_per_cell)
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    n = workers or (1 if devs == ["cpu"] else len(devs))
+    n = workers or len(groups)
     n = max(1, min(n, n_tasks))
     threads = max(1, cpu_count() // n)
-    return [Slot(i, devs[i % len(devs)], threads) for i in range(n)]
+    return [Slot(i, groups[i % len(groups)], threads) for i in range(n)]
 
 
 @dataclass

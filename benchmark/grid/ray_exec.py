@@ -1,6 +1,8 @@
 """Ray executor: the same cell function as Ray tasks on an existing cluster (`--ray-address`).
 
-Each cell is one task with `num_gpus` / `num_cpus` resources; Ray places them on the nodes.
+Each cell is one task with `num_gpus` / `num_cpus` resources; Ray places them on the nodes. A
+cell of N devices (`devices_per_cell`) asks for N GPUs (or N x the CPUs of one device) and runs
+its N ranks under `launch_cell` inside its task, on one node.
 Progress events travel through a `ray.util.queue.Queue` actor. Tasks are not retried
 (`max_retries=0`): a task whose worker dies is a failed cell, as with the local executor.
 Every node must see the tracking URI (use an MLflow server beyond one machine), the dataset
@@ -24,13 +26,16 @@ FORWARD_ENV = ("MLFLOW_", "FLEXBENCH_")
 
 
 def _cell_task(task: dict[str, Any], queue: Any, cpus: float, gpus: float) -> dict:
-    """Runs inside a Ray worker process (Ray sets CUDA_VISIBLE_DEVICES for num_gpus)."""
+    """Runs inside a Ray worker process (Ray sets CUDA_VISIBLE_DEVICES for num_gpus); `cpus`,
+    `gpus`: the task's whole request (`RayExecutor.task_resources`). A cell of N devices runs
+    its N ranks under `launch_cell` here, on the task's GPUs (or CPUs)."""
     import ray
 
     from benchmark.grid.worker import run_cell
 
     where = f"ray {ray.util.get_node_ip_address()} pid {os.getpid()}"
-    device = "cuda:0" if gpus > 0 else "cpu"
+    n = task["devices"]
+    device = ",".join(f"cuda:{i}" for i in range(n)) if gpus > 0 else "cpu"
 
     def emit(msg: tuple) -> None:
         queue.put_nowait((msg[0], where, *msg[1:]))
@@ -43,8 +48,14 @@ class RayExecutor:
     name = "ray"
 
     def __init__(
-        self, address: str | None, cpus_per_cell: float | None, gpus_per_cell: float | None
+        self,
+        address: str | None,
+        cpus_per_cell: float | None,
+        gpus_per_cell: float | None,
+        devices_per_cell: int = 1,
     ) -> None:
+        """`cpus_per_cell` / `gpus_per_cell`: one device's share (a cell of N devices asks N
+        times as much, `task_resources`); `devices_per_cell`: the most any cell asks for."""
         address = address or os.environ.get("RAY_ADDRESS")
         if not address:
             raise ConfigError(
@@ -58,7 +69,14 @@ class RayExecutor:
         self.address = address
         self.cpus = cpus_per_cell
         self.gpus = gpus_per_cell
+        self.per_cell = devices_per_cell
         self._ray: Any = None
+
+    def task_resources(self, n: int) -> dict[str, float]:
+        """Ray resources of a cell of `n` devices: n x the CPUs of one, and n whole GPUs (one
+        per rank) when the cells use GPUs, else none: `num_cpus` = n x threads on CPU."""
+        gpus = float(n) if n > 1 and self.gpus else (self.gpus or 0.0)
+        return {"num_cpus": n * (self.cpus or 1.0), "num_gpus": gpus}
 
     def check_reachable(self) -> None:
         """ray.init retries an unreachable address for minutes: fail fast on HOST:PORT."""
@@ -102,11 +120,13 @@ class RayExecutor:
         if self.cpus is None:
             cpus, gpus = res.get("CPU", 1), res.get("GPU", 0)
             self.cpus = float(max(1, int(cpus // gpus))) if self.gpus and gpus else 1.0
-        if self.gpus > res.get("GPU", 0) or self.cpus > res.get("CPU", 0):
+        need = self.task_resources(self.per_cell)
+        if need["num_gpus"] > res.get("GPU", 0) or need["num_cpus"] > res.get("CPU", 0):
             raise ConfigError(
-                f"a cell asks for {self.cpus:g} CPU / {self.gpus:g} GPU but the cluster has "
-                f"{res.get('CPU', 0):g} CPU / {res.get('GPU', 0):g} GPU; "
-                f"set --cpus-per-cell / --gpus-per-cell"
+                f"a cell asks for {need['num_cpus']:g} CPU / {need['num_gpus']:g} GPU "
+                f"(devices_per_cell {self.per_cell}) but the cluster has {res.get('CPU', 0):g} "
+                f"CPU / {res.get('GPU', 0):g} GPU; set --cpus-per-cell / --gpus-per-cell "
+                f"(per device) or a smaller devices_per_cell"
             )
         self._ray = ray
 
@@ -125,10 +145,14 @@ class RayExecutor:
         from ray.util.queue import Empty, Queue
 
         queue = Queue()
-        remote = ray.remote(_cell_task).options(
-            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0
-        )
-        refs = {remote.remote(t, queue, self.cpus, self.gpus): t for t in tasks}
+        remote = ray.remote(_cell_task)
+        refs = {}
+        for t in tasks:
+            need = self.task_resources(t["devices"])
+            ref = remote.options(max_retries=0, **need).remote(
+                t, queue, need["num_cpus"], need["num_gpus"]
+            )
+            refs[ref] = t
         where: dict[str, str] = {}
 
         def drain() -> list[tuple]:

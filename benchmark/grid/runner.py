@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -187,41 +188,67 @@ def print_status(spec: GridSpec, uri: str, out: TextIO | None = None) -> int:
     return 0
 
 
-def _executor(opts: RunOptions, spec: GridSpec, n_tasks: int):
+def _executor(opts: RunOptions, spec: GridSpec, n_tasks: int, per_cell: int):
+    """The executor and its number of cells at once; `per_cell`: the most devices a cell to
+    train asks for (local slots hold that many; Ray sizes each task by its own cell's)."""
     if opts.executor == "local":
         from benchmark.grid.local import LocalExecutor, make_slots
 
-        slots = make_slots(opts.workers, opts.devices, n_tasks)
+        slots = make_slots(opts.workers, opts.devices, n_tasks, per_cell)
         log_dir = Path(spec.workdirs[0]) / spec.name / "logs"
         return LocalExecutor(slots, log_dir), len(slots)
     if opts.executor == "ray":
         from benchmark.grid.ray_exec import RayExecutor
 
-        ex = RayExecutor(opts.ray_address, opts.cpus_per_cell, opts.gpus_per_cell)
+        ex = RayExecutor(opts.ray_address, opts.cpus_per_cell, opts.gpus_per_cell, per_cell)
         ex.connect()
         import ray
 
-        slots = int(
-            ray.cluster_resources().get("GPU" if ex.gpus else "CPU", 1) // (ex.gpus or ex.cpus)
-        )
-        return ex, max(1, slots)
+        need = ex.task_resources(per_cell)
+        have = ray.cluster_resources().get("GPU" if ex.gpus else "CPU", 1)
+        return ex, max(1, int(have // (need["num_gpus"] or need["num_cpus"])))
     raise ConfigError(f"unknown executor {opts.executor!r}; valid: local, ray")
 
 
-def _precheck(opts: RunOptions) -> None:
-    """Executor options are checked before the store is touched."""
+def _precheck(opts: RunOptions, cells: list[GridCell]) -> None:
+    """Executor options, and the cells' devices_per_cell against them, are checked before the
+    store is touched."""
+    per_cell = max(c.devices for c in cells)
     if opts.executor == "local":
-        from benchmark.grid.local import parse_devices
+        from benchmark.grid.local import device_groups, parse_devices
 
-        parse_devices(opts.devices)
+        devs = parse_devices(opts.devices)
+        device_groups(devs, per_cell)
         if opts.workers is not None and opts.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
+        _check_world_sizes(cells, "cpu" if devs == ["cpu"] else "cuda")
     elif opts.executor == "ray":
         from benchmark.grid.ray_exec import RayExecutor
 
-        RayExecutor(opts.ray_address, opts.cpus_per_cell, opts.gpus_per_cell).check_reachable()
+        ex = RayExecutor(opts.ray_address, opts.cpus_per_cell, opts.gpus_per_cell, per_cell)
+        ex.check_reachable()
+        with warnings.catch_warnings():  # a task of N ranks gets N x its CPUs (task_resources):
+            warnings.simplefilter("ignore")  # this machine's core count says nothing of them
+            _check_world_sizes(cells, "cpu")
     else:
         raise ConfigError(f"unknown executor {opts.executor!r}; valid: local, ray")
+
+
+def _check_world_sizes(cells: list[GridCell], device: str) -> None:
+    """`distributed.check_world` for every cell of several devices on `device` (cpu / cuda):
+    a batch size the devices do not divide is a ConfigError; on CPU more ranks than cores only
+    warn, as `flexbench train --nproc-per-node` does."""
+    from benchmark.training.distributed import check_world
+
+    for c in cells:
+        if c.devices > 1:
+            cfg = {**c.cfg, "runtime": {**c.cfg["runtime"], "device": device}}
+            try:
+                check_world(cfg, c.devices)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"grid cell {c.label} with devices_per_cell {c.devices}: {exc}"
+                ) from None
 
 
 def _remember_finished(opts: RunOptions, spec: GridSpec) -> None:
@@ -236,8 +263,8 @@ def run_grid(spec: GridSpec, uri: str, opts: RunOptions, out: TextIO | None = No
     order); returns the exit code: 0 when every cell of the grid has finished."""
     out = out or sys.stdout
     t0 = time.monotonic()
-    _precheck(opts)
     chosen = select_cells(spec, opts.only)
+    _precheck(opts, chosen.cells)
     tracking.prepare_store(uri, spec.name)
     with GridLock(spec):
         tracking.record_grid_plan(uri, spec.name, plan_record(spec))  # what the report expects
@@ -322,6 +349,7 @@ def _tasks(spec: GridSpec, uri: str, opts: RunOptions, todo: list[Planned]) -> l
             "experiment": spec.name,
             "mode": p.action,
             "executor": opts.executor,
+            "devices": p.cell.devices,  # devices_per_cell: ranks under launch_cell when > 1
         }
         for p in todo
     ]
@@ -332,7 +360,8 @@ def _execute(
 ) -> tuple[Progress, int | None]:
     """Run the tasks on the executor with the live progress view; a failed cell's run is
     marked failed in MLflow. Returns the progress and, after Ctrl-C, the exit code."""
-    executor, slots = _executor(opts, spec, len(tasks))
+    per_cell = max(t["devices"] for t in tasks)
+    executor, slots = _executor(opts, spec, len(tasks), per_cell)
     print(executor.describe(), file=out)
     out.flush()
     cells = {c.key: c for c in spec.cells}

@@ -10,6 +10,11 @@ error naming the `exclude` entry that skips it.
 Settings precedence, lowest first: profile < `set` < `per_dataset` < `per_arch` <
 `per_method` < `method_params.from_study` < `per_cell` < `--set` on the command line.
 
+`devices_per_cell: N` (top level, default 1) gives every cell N devices (one torch.distributed
+rank each, `benchmark.training.distributed.launch_cell`); a `per_cell` rule may give its cells
+another N (`{arch: msdnet, devices_per_cell: 2}`), and `--devices-per-cell` overrides both.
+`runtime.world_size` is the launcher's and cannot be set in a grid.
+
 A `method.X` / `arch.X` setting given at a scope that covers several methods / archs (e.g. the
 grid-wide `set`) applies only to the cells whose method / arch has that parameter; it is an
 error when it applies to none of them. Relative paths written in the grid file (a dataset's
@@ -55,10 +60,12 @@ TOP_KEYS = {
     "per_cell": "[{arch/dataset/method/seed: value(s), set: settings}]",
     "exclude": "[{arch/dataset/method/seed: value(s)}]",
     "method_params": "{from_study: best-params YAML}",
+    "devices_per_cell": "devices (torch.distributed ranks) per cell, an integer >= 1",
 }
 AXES = {"arch": "archs", "dataset": "datasets", "method": "methods", "seed": "seeds"}
 ALL = "all"  # `archs: all` / `methods: all`: every registered name
 PATH_SETTINGS = ("data.root", "runtime.workdir")
+PER_CELL_EXTRA = ("set", "devices_per_cell")  # a per_cell rule's keys besides the axes
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -72,6 +79,7 @@ class GridCell:
     seed: int
     cfg: dict[str, Any]
     key: str
+    devices: int = 1  # devices_per_cell: the ranks the cell trains on
     total_epochs: int = 0  # epochs x stages (TAKD trains one stage per sub-model)
     gflops: float | None = None  # estimated training compute
 
@@ -296,8 +304,11 @@ def _load_from_study(raw: Any, where: str, base: Path) -> tuple[Path, dict[str, 
     return path, {str(k): v for k, v in best.items()}
 
 
-def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridSpec:
-    """Read, validate and expand a grid file. Raises ConfigError before any work."""
+def load_grid(
+    path: str | Path, cli_sets: dict[str, Any] | None = None, devices_per_cell: int | None = None
+) -> GridSpec:
+    """Read, validate and expand a grid file; `devices_per_cell` (`--devices-per-cell`), when
+    given, overrides the file's for every cell. Raises ConfigError before any work."""
     path = Path(path)
     where = f"grid {path}"
     raw = _read_grid_file(path, where)
@@ -308,6 +319,9 @@ def load_grid(path: str | Path, cli_sets: dict[str, Any] | None = None) -> GridS
         raise _err(where, f"profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
     axes = _read_axes(raw, where)
     scopes = _read_scopes(raw, where, axes, base, cli_sets)
+    if devices_per_cell is not None:
+        scopes.devices = _devices_value(devices_per_cell, "--devices-per-cell")
+        scopes.device_rules = []
     auto_exclude = ALL in (raw.get("archs"), raw.get("methods"))
     out = _Expansion(where, profile, base, auto_exclude, scopes)
     out.run(axes)
@@ -412,6 +426,31 @@ class _Scopes:
     excludes: list[dict[str, set]]
     study_path: Path | None  # method_params.from_study
     best: dict[str, dict]  # its 'arch/dataset/method' -> {param: value}
+    devices: int = 1  # devices_per_cell at the top (or --devices-per-cell)
+    device_rules: list[tuple[dict[str, set], int]] = field(default_factory=list)  # per_cell's
+
+    def devices_of(self, combo: dict[str, Any]) -> int:
+        """The cell's devices_per_cell: the last per_cell rule selecting it that gives one,
+        else the grid's."""
+        given = [n for match, n in self.device_rules if _matches(match, combo)]
+        return given[-1] if given else self.devices
+
+
+def _devices_value(v: Any, where: str) -> int:
+    if not (_is_int(v) and v >= 1):
+        raise ConfigError(f"{where} must be an integer >= 1 (devices per cell), {got(v)}")
+    return v
+
+
+def _refuse_world_size(layers: list[Layer]) -> None:
+    """`runtime.world_size` follows from a cell's devices, which the grid sets."""
+    for scope, _, sets in layers:
+        if "runtime.world_size" in sets:
+            raise ConfigError(
+                f"{scope}: runtime.world_size is set by the launcher; give the grid "
+                f"devices_per_cell: N (or a per_cell rule's devices_per_cell, or "
+                f"--devices-per-cell N), got runtime.world_size {sets['runtime.world_size']!r}"
+            )
 
 
 def _read_scopes(
@@ -436,7 +475,10 @@ def _read_scopes(
         )
     ex_matchers = [_matcher(r, f"{where}: exclude[{i}]", axes) for i, r in enumerate(excludes)]
     cli_layer = ("--set", None, dict(cli_sets or {}))
-    return _Scopes(layers, cell_layers, cli_layer, ex_matchers, study_path, best)
+    _refuse_world_size([*layers, *cell_layers, cli_layer])
+    devices = _devices_value(raw.get("devices_per_cell", 1), f"{where}: devices_per_cell")
+    rules = _per_cell_devices(raw, where, axes)
+    return _Scopes(layers, cell_layers, cli_layer, ex_matchers, study_path, best, devices, rules)
 
 
 def _axis_layers(raw: dict[str, Any], where: str, axes: dict[str, list], base: Path) -> list[Layer]:
@@ -471,11 +513,27 @@ def _per_cell_layers(
     cell_layers: list[Layer] = []
     for i, rule in enumerate(rules):
         w = f"{where}: per_cell[{i}]"
-        match = _matcher(rule, w, axes, extra=("set",))
-        if "set" not in rule:
-            raise _err(w, "missing `set:` (the settings for the selected cells)")
-        cell_layers.append((f"per_cell[{i}]", match, settings(rule["set"], w, base)))
+        match = _matcher(rule, w, axes, extra=PER_CELL_EXTRA)
+        if not any(k in rule for k in PER_CELL_EXTRA):
+            raise _err(
+                w, "missing `set:` (the settings for the selected cells) or `devices_per_cell:`"
+            )
+        if "set" in rule:
+            cell_layers.append((f"per_cell[{i}]", match, settings(rule["set"], w, base)))
     return cell_layers
+
+
+def _per_cell_devices(
+    raw: dict[str, Any], where: str, axes: dict[str, list]
+) -> list[tuple[dict[str, set], int]]:
+    """The per_cell rules that give their cells a devices_per_cell (already checked rules)."""
+    out = []
+    for i, rule in enumerate(raw.get("per_cell") or []):
+        if "devices_per_cell" in rule:
+            w = f"{where}: per_cell[{i}]"
+            match = _matcher(rule, w, axes, extra=PER_CELL_EXTRA)
+            out.append((match, _devices_value(rule["devices_per_cell"], f"{w}: devices_per_cell")))
+    return out
 
 
 def _resolved_dataset(name: str, base: Path) -> str:
@@ -589,7 +647,8 @@ class _Expansion:
         if wants_study and entry is None:
             self.missing_study.append(f"{arch}/{ds}/{method}")
         _absolute_paths(cfg)
-        self.cells.append(GridCell(arch, ds, method, seed, cfg, cell_key(cfg)))
+        n = self.scopes.devices_of(combo)
+        self.cells.append(GridCell(arch, ds, method, seed, cfg, cell_key(cfg), devices=n))
 
 
 def _check_expansion(out: _Expansion, axes: dict[str, list]) -> None:

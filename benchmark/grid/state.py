@@ -176,9 +176,12 @@ def ensure_failed(cell: GridCell, uri: str, experiment: str, reason: str, since:
         return
     since_ms = int(since * 1000) - 2000
     if any(
-        r.data.tags.get(STATUS) == "failed" and (r.info.end_time or 0) >= since_ms for r in runs
+        r.data.tags.get(STATUS) in ("failed", "interrupted") and (r.info.end_time or 0) >= since_ms
+        for r in runs
     ):
-        return  # the worker recorded it
+        # the worker recorded it; or, for a cell of several devices, its rank 0 marked the run
+        # interrupted as torchrun stopped the ranks with the dead worker: the next run resumes it
+        return
     tags = {schema.GRID: experiment}
     run.start(cell.cfg, cell.key, flatten(cell.cfg), tags)
     run.fail(reason)

@@ -28,7 +28,7 @@ class CannotResume(ConfigError):
     a checkpoint whose run is gone (a grid has no one to ask)."""
 
     def __init__(self, path: Path | str, why: str, other_fix: str = "") -> None:
-        self.path, self.why = path, why
+        self.path, self.why, self.other_fix = path, why, other_fix
         super().__init__(
             f"cannot resume {path}: {why}; {other_fix}pass --restart to train the cell from "
             f"scratch (the checkpoint is kept until then)"

@@ -3,7 +3,8 @@
 Started by `torch.distributed.run` (see `benchmark.training.distributed.launch_cell`), never by
 hand. The JSON file holds the resolved cell config, its `CellOptions` and the path of the
 outcome file, which each node's local rank 0 writes: `{"status": "finished", "result": ...}`,
-or the status `interrupted` / `config` / `training` / `write` / `failed` with the message.
+or the status `interrupted` / `config` / `training` / `write` / `failed` with the message
+(`cannot_resume` also with the checkpoint's path and why, for `checkpoint.CannotResume`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from benchmark.record import signals
 
 def run(spec_path: str) -> int:
     """Train the cell of `spec_path` as this rank; returns the process exit code."""
+    from benchmark.training.checkpoint import CannotResume
     from benchmark.training.distributed import init_rank
     from benchmark.training.train import CellOptions, train_cell
 
@@ -35,6 +37,10 @@ def run(spec_path: str) -> int:
         outcome = {"status": "finished", "result": asdict(result)}
     except KeyboardInterrupt as exc:  # a signal, or another rank gone (RankLost)
         code, outcome = signals.exit_code(exc), _failure("interrupted", exc)
+    except CannotResume as exc:  # the launcher raises it again (a grid then starts over)
+        code = 2
+        outcome = {**_failure("cannot_resume", exc), "path": str(exc.path), "why": exc.why}
+        outcome["other_fix"] = exc.other_fix
     except (ConfigError, TrainingError, WriteError) as exc:
         kind = {ConfigError: "config", TrainingError: "training", WriteError: "write"}
         status = next(v for k, v in kind.items() if isinstance(exc, k))

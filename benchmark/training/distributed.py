@@ -25,7 +25,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -258,10 +258,22 @@ def _rank_env(cfg: dict[str, Any], nproc: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
+def _term_with_parent() -> None:
+    """In torchrun's process before it starts (Linux): the kernel sends it SIGTERM when the
+    calling process dies, even by SIGKILL (a grid worker killed, a shell gone); torchrun then
+    stops its ranks with SIGTERM and rank 0 marks the run `interrupted`, so no rank outlives
+    its launcher."""
+    import ctypes
+
+    with suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> int:
     """Run torchrun; an interruption here (Ctrl-C, SIGTERM) is passed on to it as SIGTERM and
     waited for, so that rank 0 marks the run `interrupted` before this call raises."""
-    proc = subprocess.Popen(cmd, env=env)
+    linux = sys.platform.startswith("linux")
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_term_with_parent if linux else None)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -277,6 +289,10 @@ def _outcome(path: Path, code: int) -> CellResult:
         raise RankLost(f"rank 0 ended without a result (torchrun exit code {code})")
     out = json.loads(path.read_text())
     errors = {"config": ConfigError, "training": TrainingError, "write": WriteError}
+    if out["status"] == "cannot_resume":
+        from benchmark.training.checkpoint import CannotResume
+
+        raise CannotResume(out["path"], out["why"], out["other_fix"])
     if out["status"] == "finished":
         return CellResult(**out["result"])
     if out["status"] == "interrupted":  # a signal to the ranks, or a rank gone
