@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flexbench-installed
 
-.PHONY: venv sysdeps demo test test-all lint bench results clean
+.PHONY: venv sysdeps demo test test-all lint bench bench-imagenet results clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,13 @@ lint: venv
 bench: venv
 	$(PY) scripts/bench_throughput.py --arch msdnet --method joint --profile paper
 	$(PY) scripts/bench_throughput.py --arch slimmable_mobilenet_v1 --method ipkd_ta --profile paper
+
+# ImageNet size: the streamed loader vs torchvision ImageFolder + PIL transforms (224 px crops of
+# generated 500 x 375 JPEGs), and the ResNet-50 / MobileNet-V1 training steps vs the torchvision
+# reference loop, alternating rounds in one process; sizes: --batch, --steps, --rounds (CPU-small
+# defaults). See docs/performance.md.
+bench-imagenet: venv
+	$(PY) scripts/bench_imagenet.py
 
 # docs/results/: the real-data grid (mini profile, real CIFAR-10, 3 seeds), the ipkd/ipkd_ta
 # studies and the tuned grid, then the report; resumes after any stop (hours on 2 CPU cores).

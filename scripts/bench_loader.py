@@ -13,10 +13,12 @@ start-up excluded). Prints one JSON line per worker count:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +47,24 @@ def make_layout(root: Path, classes: int, per_class: int, hw: tuple[int, int] = 
     return root
 
 
+def streamed_batches(
+    root: Path, workers: int, prefetch: int, batch: int, size: int, decode: str = "cpu",
+    device: str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Endless training batches of `imagenet:<root>` through flexbench's streaming path:
+    (normalised images (batch, 3, size, size) float32, labels (batch,) int64) on `device`,
+    epoch after epoch (seed 0), decoded by `workers` CPU DataLoader workers (`decode` "cpu") or
+    by nvjpeg on a CUDA `device` ("cuda"). Raises ConfigError for decode "cuda" off CUDA."""
+    cfg = {"val_size": 0, "train_subset": None, "test_subset": None, "split_seed": 0,
+           "image_size": size, "in_memory": False}  # fmt: skip
+    runtime = {"loader_workers": workers, "prefetch": prefetch, "decode": decode}
+    dev = torch.device(device)
+    splits = datasets.load_splits(f"imagenet:{root}", cfg, runtime, dev)
+    norm = Normalizer(IMAGENET_MEAN, IMAGENET_STD, dev)
+    batches = splits.train.train_batches(batch, norm, 0, dev)
+    return (b for e in itertools.count() for b in batches.epoch(e))
+
+
 def loader_throughput(
     root: Path, workers: int, prefetch: int, batch: int, batches: int, size: int,
     decode: str = "cpu", device: str = "cpu",
@@ -52,13 +72,8 @@ def loader_throughput(
     """Images/s of the streamed training batches of `imagenet:<root>` on `device`, decoded by
     CPU workers (`decode` "cpu") or by nvjpeg on a CUDA `device` ("cuda", the GPU check's
     comparison); the device is synchronised before the clock stops."""
-    cfg = {"val_size": 0, "train_subset": None, "test_subset": None, "split_seed": 0,
-           "image_size": size, "in_memory": False}  # fmt: skip
-    runtime = {"loader_workers": workers, "prefetch": prefetch, "decode": decode}
     dev = torch.device(device)
-    splits = datasets.load_splits(f"imagenet:{root}", cfg, runtime, dev)
-    norm = Normalizer(IMAGENET_MEAN, IMAGENET_STD, dev)
-    it = splits.train.train_batches(batch, norm, 0, dev).epoch(0)
+    it = streamed_batches(root, workers, prefetch, batch, size, decode, device)
     next(it)  # workers started, first batch decoded
     t0 = time.perf_counter()
     n = sum(x.shape[0] for x, _ in (next(it) for _ in range(batches)))

@@ -42,6 +42,7 @@ from benchmark.costs import speed  # noqa: E402
 from benchmark.costs.flops import count_costs  # noqa: E402
 from benchmark.data.pipeline import Normalizer  # noqa: E402
 from benchmark.training.build import make_method, make_model, pick_device  # noqa: E402
+from benchmark.training.distributed import SINGLE, Dist, average_grads, ddp_forwards  # noqa: E402
 from benchmark.training.step import Step, step_generator  # noqa: E402
 
 
@@ -104,17 +105,26 @@ class FlexbenchRunner(Runner):
     name = "flexbench"
 
     def __init__(self, cfg, splits, device, fast: speed.Speed) -> None:
-        self.device, self.fast = device, fast
-        self.model = make_model(cfg, splits.num_classes, splits.image_size)
-        self.model = self.model.to(device, memory_format=fast.torch_format)
-        method = make_method(cfg, self.model.num_submodels).to(device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        stage = method.stages(self.model.num_submodels)[0]
-        self._step = Step(self.model, method, stage, fast)
+        self.build(cfg, splits.num_classes, splits.image_size, device, fast)
         norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
         bs = cfg["train"]["batch_size"]
         batches = splits.train.train_batches(bs, norm, 0, device)
         self.it = (b for e in range(10**9) for b in batches.epoch(e))
+
+    def build(
+        self, cfg, num_classes: int, image_size: int, device, fast: speed.Speed, d: Dist = SINGLE
+    ) -> None:
+        """The cell's model (in the settings' memory format), method, first stage's Step (its
+        forwards through DDP when `d` is a rank of several) and an SGD optimizer (lr 0.01,
+        momentum 0.9); the batches (`self.it`) are the caller's."""
+        self.device, self.fast, self.dist = device, fast, d
+        self.model = make_model(cfg, num_classes, image_size)
+        self.model = self.model.to(device, memory_format=fast.torch_format)
+        self.method = make_method(cfg, self.model.num_submodels).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        stage = self.method.stages(self.model.num_submodels)[0]
+        ddp = ddp_forwards(self.model, d, device)
+        self._step = Step(self.model, self.method, stage, fast, ddp)
         self.log_every, self.i = cfg["runtime"]["log_every"], 0
         self.loss_sum = torch.zeros((), device=device)
         self.model.train()
@@ -122,6 +132,7 @@ class FlexbenchRunner(Runner):
     def step(self) -> int:
         xb, yb = next(self.it)
         self.loss_sum += self._step(xb, yb, step_generator(0, 0, self.i)).loss
+        average_grads(self.method.parameters(), self.dist)  # the model's: DDP averaged them
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.i += 1
@@ -210,6 +221,23 @@ class ReferenceRunner(_LoaderRunner):
         return yb.shape[0]
 
 
+def alternate(
+    runners: list[Runner], rounds: int, steps: int, warmup: int
+) -> tuple[dict[str, float], dict[str, list[float]], float]:
+    """`warmup` untimed steps of every runner (with compile: the compilation), then `rounds`
+    rounds of `steps` timed steps of each in turn, so that load from other processes hits
+    them alike. Returns (median items/s per runner, every round's items/s, warm-up seconds)."""
+    t0 = time.perf_counter()
+    for r in runners:
+        r.run(warmup)
+    warm_s = time.perf_counter() - t0
+    rates: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(rounds):
+        for r in runners:
+            rates[r.name].append(r.run(steps))
+    return {k: statistics.median(v) for k, v in rates.items()}, rates, warm_s
+
+
 def matmul_peak_gflops(device: torch.device, n: int = 1024, reps: int = 10) -> float:
     """Best-of-3 fp32 matmul rate (GFLOP/s) in this process: the step's arithmetic ceiling."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -259,16 +287,8 @@ def build_runners(args, cfg, splits, device, fast) -> list[Runner]:
 def measure(args, cfg, splits, device, fast) -> dict:
     """Alternating rounds of every runner; returns the result record (also printed)."""
     runners = build_runners(args, cfg, splits, device, fast)
-    t0 = time.perf_counter()
-    for r in runners:  # warm-up (and, with compile, the compilation)
-        r.run(args.warmup)
-    warm_s = time.perf_counter() - t0
-    rates: dict[str, list[float]] = {r.name: [] for r in runners}
-    for _ in range(args.rounds):
-        for r in runners:
-            rates[r.name].append(r.run(args.steps))
+    med, rates, warm_s = alternate(runners, args.rounds, args.steps, args.warmup)
     peak = matmul_peak_gflops(device)
-    med = {k: statistics.median(v) for k, v in rates.items()}
     gflop_img = train_gflop_per_image(runners[0].model, splits.image_size)
     rec = {
         "arch": args.arch,

@@ -235,7 +235,10 @@ def test_grid_without_gpus_runs_on_cpu_and_names_the_fix(monkeypatch):
 
 def test_gpu_check_dry_run_writes_its_json_and_summary(tmp_path):
     """scripts/gpu_check.sh --dry-run runs every stage of the GPU check at toy size on this
-    machine's CPU, so the script cannot rot between GPU machines."""
+    machine's CPU, so the script cannot rot between GPU machines: the families' throughput,
+    concurrent workers, CPU-worker JPEG decoding, the ResNet-50 step in bf16 + channels_last
+    beside torchvision's, a 2-rank gloo DDP step whose ranks end with the same weights, the
+    real-data cell."""
     out = tmp_path / "gpu"
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts/gpu_check.sh"), "--dry-run", "--out", str(out)],
@@ -253,6 +256,16 @@ def test_gpu_check_dry_run_writes_its_json_and_summary(tmp_path):
     assert {f["arch"] for f in rec["throughput"]} == {a for a, _ in FAMILIES}
     assert all(f["images_per_s"]["flexbench"] > 0 for f in rec["throughput"])
     assert [w["workers"] for w in rec["concurrency"]] == [1, 2]
+    assert [r["decode"] for r in rec["decode"]["runs"]] == ["cpu"]  # nvjpeg only on CUDA
+    assert rec["decode"]["runs"][0]["images_per_s"] > 0
+    step = rec["imagenet_step"]
+    assert step["settings"]["flexbench.amp"] == "bf16"
+    assert step["settings"]["flexbench.memory_format"] == "channels_last"
+    assert step["parameters"] == {"flexbench": 25_557_032, "torchvision": 25_557_032}
+    assert all(v > 0 for v in step["images_per_s"].values())
+    ddp = rec["ddp"]  # 2 gloo ranks (CPU here; one shared GPU on a 1-GPU machine)
+    assert (ddp["rc"], ddp["world"], ddp["backend"]) == (0, 2, "gloo")
+    assert ddp["ranks_agree"] is True and ddp["images_per_s"] > 0
     assert rec["real_data"]["learned"] in (True, False)
     assert "summary" in (out / "gpu_check.txt").read_text()
 

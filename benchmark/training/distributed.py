@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from benchmark.training.final import CellResult
     from benchmark.training.train import CellOptions
 
+BACKENDS = ("nccl", "gloo")  # torch.distributed backends a rank may be asked for (init_rank)
 MODES = ("forward_sub", "forward_sub_features", "forward_all", "forward_all_features")
 
 
@@ -159,16 +160,24 @@ def peers_lost_interrupt(d: Dist) -> Iterator[None]:
         raise
 
 
-def init_rank(device_spec: str) -> tuple[Dist, str]:
+def init_rank(device_spec: str, backend: str | None = None) -> tuple[Dist, str]:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*): NCCL with
-    cuda:LOCAL_RANK on CUDA, gloo on CPU; returns the rank's Dist and its device string."""
+    cuda:LOCAL_RANK on CUDA, gloo on CPU; returns the rank's Dist and its device string.
+    `backend` "gloo" on CUDA lets several ranks share a GPU (NCCL refuses two ranks on one
+    device; gloo reduces CUDA tensors through the host): the rank runs on cuda:(LOCAL_RANK mod
+    the device count), as scripts/gpu_check.py's one-GPU DDP check does. Raises ConfigError
+    for a backend other than nccl or gloo."""
+    if backend not in (None, *BACKENDS):
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, {got(backend)}")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
-    device = f"cuda:{local}" if cuda else "cpu"
+    index = local % torch.cuda.device_count() if cuda and backend == "gloo" else local
+    device = f"cuda:{index}" if cuda else "cpu"
     if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        torch.cuda.set_device(index)
+    default = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend or default, rank=rank, world_size=world)
     return Dist(rank, world, local), device
 
 
