@@ -81,10 +81,12 @@ class _ImageNetBlock(nn.Module):
         self.shortcut = _conv_sbn(c_in, out, 1, stride, n_bn) if proj else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        # in place, as torchvision's blocks: BN's backward reads its input, not its output
         y = x
         for i, conv in enumerate(self.convs):
-            y = conv(y) if i == len(self.convs) - 1 else F.relu(conv(y))
-        return F.relu(y + self.shortcut(x))
+            y = conv(y) if i == len(self.convs) - 1 else F.relu(conv(y), inplace=True)
+        y += self.shortcut(x)
+        return F.relu(y, inplace=True)
 
 
 class DDNNResNet(FlexibleModel):
