@@ -375,21 +375,14 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
 
 
 def _check_early_exit(cfg: dict[str, Any], model: Any) -> None:
-    """Thresholds (`runtime.early_exit_q` set) need sub-models that are exits of one pass: an
-    early-exit architecture trained as one network (not `separate_networks` copies)."""
+    """Thresholds (`runtime.early_exit_q` set) need sub-models that are exits of one pass."""
     q = cfg["runtime"]["early_exit_q"]
-    separate = METHODS.get(cfg["method"]["name"]).separate_networks
-    if q == "auto" or (model.caps.early_exit and not separate):
+    if q == "auto" or model.caps.early_exit:
         return
-    why = (
-        f"method {cfg['method']['name']} trains separate networks, not exits of one pass"
-        if model.caps.early_exit
-        else f"architecture {cfg['arch']['name']} has no exits of one pass"
-    )
     raise ConfigError(
-        f"runtime.early_exit_q asks for early-exit thresholds, but {why}; valid: auto, or a "
-        f"number > 0 with architecture {' or '.join(archs_having('early_exit'))} and a "
-        f"weight-sharing method, {got(q)}"
+        f"runtime.early_exit_q asks for early-exit thresholds, but architecture "
+        f"{cfg['arch']['name']} has no exits of one pass; valid: auto, or a number > 0 with "
+        f"architecture {' or '.join(archs_having('early_exit'))}, {got(q)}"
     )
 
 

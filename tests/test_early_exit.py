@@ -36,7 +36,7 @@ def _smoke_model(arch: str, **params) -> torch.nn.Module:
 
 def test_msdnet_and_byot_resnet_stop_at_an_exit():
     assert {"msdnet", "byot_resnet"} <= set(STOPPING)
-    assert not IndependentModel(_smoke_model("msdnet")).caps.early_exit  # copies, not exits
+    assert not IndependentModel(_smoke_model("msdnet")).caps.stops_at_exit  # separate copies
 
 
 @pytest.mark.parametrize("arch,params", [(a, {}) for a in STOPPING] + [("msdnet", {"isc": True})])
@@ -168,7 +168,6 @@ def test_a_model_that_cannot_stop_at_an_exit_skips_the_timing(
             1.0,
             "architecture slimmable_mobilenet_v1 has no exits",
         ),
-        ("msdnet", "independent", 0.5, "method independent trains separate networks"),
         ("msdnet", "joint", 0, "runtime.early_exit_q must be auto or a number > 0, got 0"),
         ("msdnet", "joint", "high", "runtime.early_exit_q must be auto or a number > 0"),
     ],
@@ -184,3 +183,19 @@ def test_thresholds_on_a_model_without_exits_are_refused(arch, method, value, sh
 def test_bad_timing_image_count_is_refused():
     with pytest.raises(ConfigError, match="runtime.early_exit_images must be an integer >= 0"):
         resolve("msdnet", "synthetic", "joint", 0, "smoke", {"runtime.early_exit_images": -1})
+
+
+def test_l2w_reference_rows_name_the_exits_of_the_step4_imagenet_msdnet():
+    """The README's step-4 rows match cells of msdnet's imagenet profile (preset
+    imagenet_step4, 5 exits); its other schedules have no counterpart (matched by arch only)."""
+    from benchmark.models import ARCHS, build_on_meta
+    from reports.references import load_references
+
+    refs = {r.id: r for r in load_references()}
+    step4, other = refs["l2w-msdnet-step4-imagenet"], refs["l2w-msdnet-imagenet-other-schedules"]
+    params = ARCHS.get("msdnet").resolve({"preset": "imagenet_step4"})
+    names = [s.name for s in build_on_meta("msdnet", params, 1000, 224).submodels]
+    assert [e["submodel"] for e in step4.entries] == names == [f"exit{i}" for i in range(1, 6)]
+    assert [e["value"] for e in step4.entries] == [59.54, 67.22, 71.03, 72.33, 73.93]
+    assert step4.flexbench["method"] == "l2w" and other.flexbench is None
+    assert len(other.entries) == 25  # 5 more README rows x 5 exits

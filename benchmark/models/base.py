@@ -263,11 +263,11 @@ class IndependentModel(FlexibleModel):
         super().__init__()
         self.submodels = list(shared.submodels)
         # each copy runs its own sub-model: one pass per sub-model, no drawn widths, no shared
-        # exit features, no re-ranking across copies, and no early exiting (the copies are not
-        # exits of one trunk: copy k does not continue copy k-1's computation)
+        # exit features, no re-ranking across copies, and no stopping at an exit (copy k does
+        # not continue copy k-1's computation); the budgeted curve is kept (architectures.md)
         self.caps = replace(
             shared.caps, single_pass=False, exit_features=False, widths=None,
-            reranks_channels=False, early_exit=False, stops_at_exit=False,
+            reranks_channels=False, stops_at_exit=False,
         )  # fmt: skip
         self.members = nn.ModuleList(copy.deepcopy(shared) for _ in shared.submodels)
 

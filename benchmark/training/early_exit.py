@@ -212,8 +212,9 @@ def evaluate_early_exit(cell: PreparedCell, test_data: ImageSet, test: Accuracy)
     auc = budgeted_auc(points, test.correct, costs)
     if not model.caps.stops_at_exit:
         note = (
-            f"not measured: architecture {cell.cfg['arch']['name']} cannot stop at an exit "
-            f"(its model declares no stops_at_exit / forward_exits)"
+            f"not measured: architecture {cell.cfg['arch']['name']} as trained by "
+            f"{cell.cfg['method']['name']} ({type(model).__name__}) cannot stop at an exit "
+            f"(declares no stops_at_exit / forward_exits)"
         )
         return EarlyExitResult(points, auc, None, note)
     if r["early_exit_images"] == 0:
