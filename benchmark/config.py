@@ -21,7 +21,7 @@ from benchmark import data as datasets
 from benchmark.errors import ConfigError, got
 from benchmark.methods import METHODS
 from benchmark.methods.base import DIVERGENCE
-from benchmark.models import ARCHS, ArchSpec
+from benchmark.models import ARCHS, ArchSpec, archs_having
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     # MSDNet's CIFAR recipe (reference code): SGD 0.1, momentum 0.9, wd 1e-4, batch 64,
@@ -68,6 +68,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "latency_batch": 1,
         "latency_warmup": 10,
         "latency_repeats": 50,
+        # early-exit architectures (benchmark.training.early_exit): real early exiting at
+        # batch 1 is timed over this many test images (0: not timed), at the thresholds fitted
+        # on val for exit distribution q (auto: 1.0, the same share of samples at every exit)
+        "early_exit_images": 1000,
+        "early_exit_q": "auto",
         "log_every": 50,
         "workdir": "./flexbench_runs",
         "log_checkpoint": False,
@@ -110,13 +115,23 @@ PROFILES: dict[str, dict[str, Any]] = {
             "eval_batch_size": 500,
         },
         "data": {"val_size": 1000, "train_subset": 10000},
-        "runtime": {"latency_warmup": 3, "latency_repeats": 10, "log_every": 20},
+        "runtime": {
+            "latency_warmup": 3,
+            "latency_repeats": 10,
+            "log_every": 20,
+            "early_exit_images": 200,
+        },  # fmt: skip
     },
     "smoke": {
         "description": "seconds per cell on CPU: tiny models and data, for tests and demos",
         "train": {"epochs": 3, "batch_size": 32, "lr": 0.1, "eval_batch_size": 256},
         "data": {"val_size": 100, "train_subset": 640, "test_subset": 200},
-        "runtime": {"latency_warmup": 1, "latency_repeats": 3, "log_every": 5},
+        "runtime": {
+            "latency_warmup": 1,
+            "latency_repeats": 3,
+            "log_every": 5,
+            "early_exit_images": 20,
+        },  # fmt: skip
     },
     "imagenet": {
         "description": "ImageNet-size networks (224 px), each paper's ImageNet schedule, else "
@@ -268,6 +283,10 @@ def validate_runtime(r: dict[str, Any]) -> None:
         _check(_is_int(r[key]) and r[key] >= 0, f"runtime.{key}", "an integer >= 0", r[key])
     for key in ("latency_batch", "latency_repeats", "log_every", "world_size", "prefetch"):
         _check(_is_int(r[key]) and r[key] >= 1, f"runtime.{key}", "an integer >= 1", r[key])
+    ee = r["early_exit_images"]
+    _check(_is_int(ee) and ee >= 0, "runtime.early_exit_images", "an integer >= 0 (0: none)", ee)
+    q = r["early_exit_q"]
+    _check(q == "auto" or (_is_num(q) and q > 0), "runtime.early_exit_q", "auto or a number > 0", q)
     lw = r["loader_workers"]
     _check(_is_int(lw) and lw >= 0, "runtime.loader_workers", "an integer >= 0 (0: no workers)", lw)
     _check(r["decode"] in ("cpu", "cuda"), "runtime.decode", "cpu or cuda", r["decode"])
@@ -346,12 +365,25 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
             f"architecture {cfg['arch']['name']} built no sub-models; check its arch.* settings"
         )
     METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
+    _check_early_exit(cfg, model)
     bcb = cfg["train"]["bn_calib_batches"]
     if model.caps.bn_recalibration and bcb < 1:
         raise ConfigError(
             f"architecture {cfg['arch']['name']} shares BatchNorm statistics across widths and "
             f"is evaluated after BN recalibration: train.bn_calib_batches must be >= 1, {got(bcb)}"
         )
+
+
+def _check_early_exit(cfg: dict[str, Any], model: Any) -> None:
+    """Thresholds (`runtime.early_exit_q` set) need sub-models that are exits of one pass."""
+    q = cfg["runtime"]["early_exit_q"]
+    if q == "auto" or model.caps.early_exit:
+        return
+    raise ConfigError(
+        f"runtime.early_exit_q asks for early-exit thresholds, but architecture "
+        f"{cfg['arch']['name']} has no exits of one pass; valid: auto, or a number > 0 with "
+        f"architecture {' or '.join(archs_having('early_exit'))}, {got(q)}"
+    )
 
 
 # arch config -> its model on the meta device (no memory): `check_model` only reads structure

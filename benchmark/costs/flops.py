@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -173,6 +174,20 @@ class LatencyProfile:
         }
 
 
+@contextmanager
+def timing_threads(device: torch.device, threads: int | None = 1) -> Iterator[int]:
+    """While the block runs, CPU operators use `threads` intra-op threads (None: the current
+    setting; no change on other devices); yields the thread count in effect. One thread is the
+    default of every timing: see `latency_profile`."""
+    prev = torch.get_num_threads()
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(prev)
+
+
 def latency_profile(
     model: FlexibleModel,
     image_size: int,
@@ -192,9 +207,7 @@ def latency_profile(
     several threads, one thread descheduled by another process stalls every operator, which
     on a busy 2-core machine inflated batch-1 latencies ~10-100x and erratically.
     """
-    prev_threads, was_training = torch.get_num_threads(), model.training
-    if threads and device.type == "cpu":
-        torch.set_num_threads(threads)
+    was_training = model.training
     model.eval()
     conv_w = next((p for p in model.parameters() if p.dim() == 4), None)
     nhwc = conv_w is not None and conv_w.is_contiguous(memory_format=torch.channels_last)
@@ -204,7 +217,7 @@ def latency_profile(
     subs = [s.index for s in model.submodels]
     samples: dict[int, list[float]] = {k: [] for k in subs}
     try:
-        with torch.no_grad():
+        with timing_threads(device, threads) as used_threads, torch.no_grad():
             for r in range(-warmup, repeats):  # r < 0: warm-up rounds, not recorded
                 shift = r % len(subs)
                 for k in subs[shift:] + subs[:shift]:
@@ -214,9 +227,7 @@ def latency_profile(
                         torch.cuda.synchronize(device)
                     if r >= 0:
                         samples[k].append((time.perf_counter() - t0) * 1e3)
-        used_threads = torch.get_num_threads()
     finally:
-        torch.set_num_threads(prev_threads)
         model.train(was_training)
     q1, med, q3 = np.percentile([samples[k] for k in subs], [25, 50, 75], axis=1).tolist()
     return LatencyProfile(

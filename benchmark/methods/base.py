@@ -40,6 +40,12 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float) -> Tensor:
     )
 
 
+def max_softmax(logits: list[Tensor]) -> Tensor:
+    """Softmax (N, C) of the last of the exits' logits given: MSDNet's max-probability exit rule
+    (`Method.exit_probabilities`' default; kalviny/MSDNet-PyTorch `adaptive_inference.py`)."""
+    return logits[-1].float().softmax(1)
+
+
 def _log_ratio_terms(
     log_q: Tensor, log_p: Tensor, alpha: float, clip: float
 ) -> tuple[Tensor, Tensor]:
@@ -325,6 +331,17 @@ class Method(nn.Module):
         k's stage features (with gradient) and `feats[j]` of its teachers are detached.
         """
         raise NotImplementedError
+
+    def exit_probabilities(self, logits: list[Tensor]) -> Tensor:
+        """The class probabilities (N, C) on which early exiting decides at exit k, from the
+        logits (N, C) of exits 0..k (`logits`, in order, k = len(logits) - 1): a sample leaves
+        at exit k when their maximum passes exit k's threshold and is then predicted as their
+        argmax (`benchmark.training.early_exit`). Default: softmax of exit k alone, MSDNet's
+        max-probability rule (Huang et al., ICLR 2018, §5.2; kalviny/MSDNet-PyTorch
+        `adaptive_inference.py`). A method with its own rule (e.g. ZTW's ensemble of the
+        heads so far) overrides this; it may read only the exits it is given, so that the rule
+        can be applied while the network runs."""
+        return max_softmax(logits)
 
     def epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Called after every training epoch, before validation and the checkpoint; methods that

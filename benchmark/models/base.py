@@ -94,6 +94,8 @@ class Capabilities:
       >= 1 is required).
     - `widths`: sub-models can be drawn from a continuous width range (`forward_width`).
     - `reranks_channels`: `rerank(k, scores)` re-chooses sub-model k's channels (hsd).
+    - `stops_at_exit`: `forward_exits(x)` yields the exits' logits in turn and runs the trunk
+      only as far as the exits consumed (real early exiting, timed at batch 1).
     """
 
     axes: tuple[str, ...]
@@ -103,6 +105,7 @@ class Capabilities:
     bn_recalibration: bool = False
     widths: WidthRange | None = None
     reranks_channels: bool = False
+    stops_at_exit: bool = False
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.axes if a not in AXES]
@@ -178,6 +181,12 @@ class FlexibleModel(nn.Module):
         """The computation whose cost is reported for sub-model k (see benchmark.costs.flops)."""
         return self.forward_sub(x, k)
 
+    def forward_exits(self, x: Tensor) -> Iterator[Tensor]:
+        """Logits (N, num_classes) of exit 0, 1, ..., K-1 in turn (models declaring
+        `stops_at_exit`): the trunk past exit k runs only when exit k+1 is asked for, so a
+        consumer that stops after exit k has run exactly the anytime computation of exit k."""
+        raise NotImplementedError(f"{type(self).__name__} declares no stopping at an exit")
+
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.forward_all(x)
 
@@ -186,21 +195,39 @@ class FlexibleModel(nn.Module):
         return len(self.submodels)
 
 
+ExitOutput = Tensor | tuple[Tensor, list[Tensor]]  # logits, or (logits, features)
+
+
 class EarlyExitModel(FlexibleModel):
     """A trunk with exits: one forward yields every requested exit (MSDNet, BYOT's ResNet).
 
     Subclasses implement `_run(x, upto, heads, features)`: the trunk up to exit `upto` and the
-    heads in `heads`, returning {exit: logits} (or {exit: (logits, features)}). The reported
+    heads in `heads`, returning {exit: logits} (or {exit: (logits, features)}); or, to stop at
+    an exit (`caps.stops_at_exit`), `_walk`, the same computation yielding each head's output
+    as soon as its block has run, from which `_run` and `forward_exits` follow. The reported
     cost of exit k is the anytime cost: the trunk up to k plus every head up to k, as the
     MSDNet reference op counter counts it.
     """
 
     caps = Capabilities(("exit",), single_pass=True, early_exit=True, exit_features=True)
 
+    def _walk(
+        self, x: Tensor, upto: int, heads: set[int], features: bool = False
+    ) -> Iterator[tuple[int, ExitOutput]]:
+        """(exit i, its output) for each i in `heads` up to `upto`, in order, each yielded
+        right after trunk block i (the blocks past it run only when the next item is asked
+        for)."""
+        raise NotImplementedError(f"{type(self).__name__} implements no exit-by-exit walk")
+
     def _run(
         self, x: Tensor, upto: int, heads: set[int], features: bool = False
-    ) -> dict[int, Tensor | tuple[Tensor, list[Tensor]]]:
-        raise NotImplementedError
+    ) -> dict[int, ExitOutput]:
+        return dict(self._walk(x, upto, heads, features))
+
+    def forward_exits(self, x: Tensor) -> Iterator[Tensor]:
+        last = self.num_submodels - 1
+        for _, z in self._walk(x, last, set(range(last + 1))):
+            yield z
 
     def forward_all(self, x: Tensor, which: list[int] | None = None) -> list[Tensor]:
         which = list(range(len(self.submodels))) if which is None else which
@@ -236,10 +263,11 @@ class IndependentModel(FlexibleModel):
         super().__init__()
         self.submodels = list(shared.submodels)
         # each copy runs its own sub-model: one pass per sub-model, no drawn widths, no shared
-        # exit features, no re-ranking across copies
+        # exit features, no re-ranking across copies, and no stopping at an exit (copy k does
+        # not continue copy k-1's computation); the budgeted curve is kept (architectures.md)
         self.caps = replace(
             shared.caps, single_pass=False, exit_features=False, widths=None,
-            reranks_channels=False,
+            reranks_channels=False, stops_at_exit=False,
         )  # fmt: skip
         self.members = nn.ModuleList(copy.deepcopy(shared) for _ in shared.submodels)
 

@@ -29,12 +29,15 @@ convention); `forward_sub(x, 4)` alone is exactly a plain CIFAR ResNet (no shall
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
-from benchmark.models.base import EarlyExitModel, SubModel
+from benchmark.models.base import EarlyExitModel, ExitOutput, SubModel
 from benchmark.models.imagenet_resnet import MIN_IMAGENET_SIZE, check_variant, imagenet_stem
 
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -114,7 +117,10 @@ class _FinalHead(nn.Module):
 
 class ByotResNet(EarlyExitModel):
     """BYOT (Zhang et al., ICCV 2019) ResNet-18/50 (CIFAR or ImageNet stem) with an exit after
-    each of the four stages; see `_run` for what each exit reads."""
+    each of the four stages; see `_walk` for what each exit reads. Exits can be stopped at
+    (`forward_exits`, real early exiting)."""
+
+    caps = replace(EarlyExitModel.caps, stops_at_exit=True)
 
     def __init__(self, num_classes: int, depth: int, width: float, variant: str = "cifar") -> None:
         super().__init__()
@@ -144,20 +150,19 @@ class ByotResNet(EarlyExitModel):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _run(
+    def _walk(
         self, x: Tensor, upto: int, heads: set[int], features: bool = False
-    ) -> dict[int, Tensor | tuple[Tensor, list[Tensor]]]:
-        """Stages 0..upto and the heads in `heads`. Features of exit i: [its pooled exit
-        feature (B, C_K, 1, 1), stage 0 output, ..., stage i output]."""
-        out: dict[int, Tensor | tuple[Tensor, list[Tensor]]] = {}
+    ) -> Iterator[tuple[int, ExitOutput]]:
+        """Stages 0..upto and the heads in `heads`, each head's output yielded right after its
+        stage. Features of exit i: [its pooled exit feature (B, C_K, 1, 1), stage 0 output,
+        ..., stage i output]."""
         h, stages = self.stem(x), []
         for i in range(upto + 1):
             h = self.blocks[i](h)
             stages.append(h)
             if i in heads:
                 z, feat = self.heads[i](h)
-                out[i] = (z, [feat, *stages]) if features else z
-        return out
+                yield i, ((z, [feat, *stages]) if features else z)
 
 
 @register_arch(

@@ -28,14 +28,15 @@ then needs every earlier head, so its cost includes them and the ISC transforms)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
-from benchmark.models.base import EarlyExitModel, SubModel
+from benchmark.models.base import EarlyExitModel, ExitOutput, SubModel
 from benchmark.models.imagenet_resnet import check_variant, imagenet_stem
 
 
@@ -240,7 +241,9 @@ class MSDNetConfig:
 class MSDNet(EarlyExitModel):
     """MSDNet (CIFAR or ImageNet first layer); `ge` and `isc` switch on IMTA's gradient
     equilibrium and inline subnetwork collaboration (Li et al., ICCV 2019), each on its own (see
-    `_run`)."""
+    `_walk`). Exits can be stopped at (`forward_exits`, real early exiting)."""
+
+    caps = replace(EarlyExitModel.caps, stops_at_exit=True)
 
     def __init__(self, num_classes: int, c: MSDNetConfig):
         super().__init__()
@@ -280,11 +283,12 @@ class MSDNet(EarlyExitModel):
         )
         self.submodels = [SubModel(i, f"exit{i + 1}") for i in range(n_blocks)]
 
-    def _run(
+    def _walk(
         self, x: Tensor, upto: int, heads: set[int], features: bool = False
-    ) -> dict[int, Tensor | tuple[Tensor, list[Tensor]]]:
+    ) -> Iterator[tuple[int, ExitOutput]]:
         """Trunk blocks 0..upto and the exit heads in `heads` (with ISC, every head up to the
-        deepest requested one: exit i reads exit i-1's prediction).
+        deepest requested one: exit i reads exit i-1's prediction), each head's output yielded
+        right after its block.
 
         GE (kalviny/IMTA `msdnet_ge.py`): the coarsest-scale output of block i, the map exit i
         reads and the only path from block i's coarsest scale to deeper blocks, gets two
@@ -296,7 +300,6 @@ class MSDNet(EarlyExitModel):
         Features of exit i: [pooled exit feature (B, head_channels, 1, 1), coarsest map]."""
         if self.isc:
             heads = set(range(max(heads) + 1))
-        out: dict[int, Tensor | tuple[Tensor, list[Tensor]]] = {}
         h, prev, n = x, None, len(self.blocks)
         for i in range(upto + 1):
             h = list(self.blocks[i](h))
@@ -306,10 +309,9 @@ class MSDNet(EarlyExitModel):
                 side = self.isc_modules[i - 1](prev) if self.isc and i > 0 else None
                 z, feat = self.heads[i](h[-1], side)
                 prev = z
-                out[i] = (z, [feat, h[-1]]) if features else z
+                yield i, ((z, [feat, h[-1]]) if features else z)
             if self.ge and i < upto:
                 h[-1] = _GradientRescale.apply(h[-1], float(n - i - 1))
-        return out
 
 
 ANYTIME = {"n_blocks": 7, "step_mode": "even", "step": 2, "base": 4}

@@ -44,6 +44,8 @@ DATA_HASH = PREFIX + "data_hash"  # hash of the decoded images, labels and class
 RESUME_CHANGES = PREFIX + "resume_changes"  # settings a resume changed: `epoch N: k a -> b; ...`
 LATENCY_METHOD = PREFIX + "latency_method"  # how latency was measured, in words
 LATENCY_THREADS = PREFIX + "latency_threads"
+# early-exit architectures: how real early exiting was timed, or why it was not
+EARLY_EXIT_TIMING = PREFIX + "early_exit_timing"
 TEST_EVALUATED = PREFIX + "test_evaluated"
 COST_AXIS = PREFIX + "cost_axis"
 AMP = PREFIX + "amp"  # bf16 | fp32: the autocast a cell trained and evaluated with
@@ -208,6 +210,10 @@ TOP1_MEAN = "{split}/top1_mean"
 TOP1_AUC = "{split}/top1_auc"
 # The epoch (0-based, the step of the per-epoch metrics) whose weights give top1_bestval.
 BESTVAL_EPOCH = "bestval_epoch"
+# Early-exit architectures (benchmark.training.early_exit): the budgeted-batch curve's
+# normalised area, and real early exiting at batch 1 (`early_exit/ms_per_image`, ...).
+BUDGETED_AUC = "test/budgeted_auc"
+EARLY_EXIT = "early_exit/{name}"
 
 
 def short_dataset(name: str) -> str:

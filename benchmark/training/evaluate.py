@@ -14,11 +14,15 @@ from torch import Tensor
 
 from benchmark.costs.speed import Speed
 from benchmark.data.pipeline import ImageSet, Normalizer
+from benchmark.methods.base import max_softmax
 from benchmark.models import FlexibleModel
 from benchmark.training.distributed import SINGLE, Dist
 
 # forward(x) -> logits of the evaluated sub-models [(N, C), ...]
 Forward = Callable[[Tensor], list[Tensor]]
+# rule(logits of exits 0..k) -> the class probabilities (N, C) exit k decides on
+# (`Method.exit_probabilities`)
+ExitRule = Callable[[list[Tensor]], Tensor]
 
 
 Calibrate = Callable[[Callable[[Tensor], object]], None]
@@ -43,8 +47,9 @@ class EvalSpec:
 @dataclass
 class Accuracy:
     """Top-1/top-5 in % per sub-model (smallest first). With confidences: the per-sample
-    max-softmax confidence and top-1 correctness of every sub-model, (K, N) each, on CPU, for
-    budgeted-batch evaluation (MSDNet, Huang et al. 2018, §5.2)."""
+    confidence (the maximum of the exit rule's probabilities; max softmax by default) and the
+    rule's top-1 correctness of every sub-model, (K, N) each, on CPU, for budgeted-batch
+    evaluation (MSDNet, Huang et al. 2018, §5.2)."""
 
     top1: list[float]
     top5: list[float]
@@ -54,9 +59,10 @@ class Accuracy:
 
 @torch.no_grad()
 def _accuracy(
-    forward: Forward, k: int, data: ImageSet, spec: EvalSpec, confidences: bool
+    forward: Forward, k: int, data: ImageSet, spec: EvalSpec, confidences: bool, rule: ExitRule
 ) -> Accuracy:
-    """Accuracy of the `k` outputs of `forward` over `data` (the model already in eval mode)."""
+    """Accuracy of the `k` outputs of `forward` over `data` (the model already in eval mode);
+    output i's confidences come from `rule(outputs[: i + 1])`."""
     device = spec.norm.scale.device
     c1 = torch.zeros(k, device=device)
     c5 = torch.zeros(k, device=device)
@@ -70,8 +76,9 @@ def _accuracy(
             c1[i] += hit[:, 0].sum()
             c5[i] += hit.any(1).sum()
         if confidences:
-            conf.append(torch.stack([z.float().softmax(1).amax(1) for z in outs]))
-            hit1.append(torch.stack([z.argmax(1) == yb for z in outs]))
+            probs = [rule(outs[: i + 1]) for i in range(len(outs))]
+            conf.append(torch.stack([p.amax(1) for p in probs]))
+            hit1.append(torch.stack([p.argmax(1) == yb for p in probs]))
     spec.dist.sum_(c1), spec.dist.sum_(c5)
     n = max(1, len(data))
     acc = Accuracy((c1 * 100 / n).tolist(), (c5 * 100 / n).tolist())
@@ -91,20 +98,27 @@ def _concat(parts: list[Accuracy]) -> Accuracy:
 
 
 def evaluate(
-    model: FlexibleModel, data: ImageSet, spec: EvalSpec, confidences: bool = False
+    model: FlexibleModel,
+    data: ImageSet,
+    spec: EvalSpec,
+    confidences: bool = False,
+    rule: ExitRule = max_softmax,
 ) -> Accuracy:
     """Evaluate every sub-model on the split `data` (`Splits.val`, `Splits.test()`; in memory
     or streamed) in eval mode, on the normaliser's device; the model's train/eval mode is
-    restored afterwards.
+    restored afterwards. With `confidences`, also each sample's confidence and correctness
+    under the exit `rule` (`Method.exit_probabilities`).
 
     With `spec.calibrate`, sub-models are evaluated one at a time, each right after its BN
-    recalibration; else all of them in one pass over the data.
+    recalibration (the rule then sees each sub-model's logits alone); else all of them in one
+    pass over the data.
     """
     k = model.num_submodels
     if spec.calibrate is None:
-        return run_eval(model, [lambda x: model.forward_all(x)], [k], data, spec, confidences)
+        fwd = [lambda x: model.forward_all(x)]
+        return run_eval(model, fwd, [k], data, spec, confidences, rule)
     forwards = [lambda x, j=j: [model.forward_sub(x, j)] for j in range(k)]
-    return run_eval(model, forwards, [1] * k, data, spec, confidences)
+    return run_eval(model, forwards, [1] * k, data, spec, confidences, rule)
 
 
 def run_eval(
@@ -114,6 +128,7 @@ def run_eval(
     data: ImageSet,
     spec: EvalSpec,
     confidences: bool = False,
+    rule: ExitRule = max_softmax,
 ) -> Accuracy:
     """Accuracy of each forward's outputs (`outputs[i]` logits from `forwards[i]`), in order;
     with `spec.calibrate`, forward i's BN statistics are recalibrated right before its pass."""
@@ -124,7 +139,7 @@ def run_eval(
             if spec.calibrate is not None:
                 spec.calibrate(fwd)
             model.eval()
-            parts.append(_accuracy(fwd, n, data, spec, confidences))
+            parts.append(_accuracy(fwd, n, data, spec, confidences, rule))
     finally:
         model.train(was_training)
     return _concat(parts)

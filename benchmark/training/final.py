@@ -1,10 +1,11 @@
 """The end of a cell, in three steps: final evaluation -> rows -> record.
 
 1. `evaluate_final`: every sub-model once on the final split (test; val when a study seals
-   test) with the last weights, the budgeted-batch curve of early-exit models (thresholds
-   fitted on val, applied to test), the width spectrum, latency, and the best-val weights'
-   accuracy (selected on val, reported on test), as one `Measurement` per sub-model and
-   spectrum width.
+   test) with the last weights, the early-exit evaluation of early-exit models (budgeted-batch
+   curve with thresholds fitted on val and applied to test, its area, real early exiting at
+   batch 1: `benchmark.training.early_exit`), the width spectrum, latency, and the best-val
+   weights' accuracy (selected on val, reported on test), as one `Measurement` per sub-model
+   and spectrum width.
 2. `schema.submodel_row`: one row per measurement, every field of the schema table.
 3. `record`: the parent run's final metrics and summaries, the child runs and the artifacts
    (resolved config, `submodels.csv`, budgeted points, the checkpoint on request, and whatever
@@ -35,7 +36,7 @@ from benchmark.data.pipeline import ImageSet
 from benchmark.files import disk_errors
 from benchmark.record import schema
 from benchmark.record.schema import Measurement
-from benchmark.training.budgeted import budgeted_curve
+from benchmark.training.early_exit import EarlyExitResult, evaluate_early_exit
 from benchmark.training.evaluate import evaluate
 from benchmark.training.spectrum import measure_spectrum
 
@@ -81,17 +82,23 @@ def artifact_hooks() -> tuple[ArtifactHook, ...]:
 @dataclass
 class FinalEvaluation:
     """What `evaluate_final` measured: the split, one measurement per sub-model (`fixed`) and
-    per spectrum width, the budgeted-batch points, and the latency tags."""
+    per spectrum width, the early-exit evaluation (None: not an early-exit model, or test
+    sealed), and the latency tags."""
 
     split: str
     fixed: list[Measurement]
     spectrum: list[Measurement]
-    budgeted: list[dict[str, float]]
+    early_exit: EarlyExitResult | None
     latency_tags: dict[str, str]
 
     @property
     def measurements(self) -> list[Measurement]:
         return self.fixed + self.spectrum
+
+    @property
+    def budgeted(self) -> list[dict[str, float]]:
+        """The budgeted-batch points (early-exit models on test; else empty)."""
+        return self.early_exit.points if self.early_exit else []
 
 
 def _final_data(cell: PreparedCell) -> tuple[str, ImageSet]:
@@ -106,12 +113,10 @@ def evaluate_final(cell: PreparedCell) -> FinalEvaluation:
     best-val weights are loaded last, when every measurement of the last weights is done."""
     split, data = _final_data(cell)
     plan, spec = cell.plan, cell.eval
-    acc = evaluate(cell.model, data, spec, confidences=True)
-    budgeted = []
+    acc = evaluate(cell.model, data, spec, True, cell.method.exit_probabilities)
+    early = None
     if cell.model.caps.early_exit and split == "test":
-        val_acc = evaluate(cell.model, cell.splits.val, spec, True)
-        costs = [c.mflops for c in plan.costs]
-        budgeted = budgeted_curve(val_acc.confidence, acc.confidence, acc.correct, costs)
+        early = evaluate_early_exit(cell, data, acc)
     r = cell.cfg["runtime"]
     lat = None  # measured by rank 0 alone (the other ranks wait for its numbers)
     if cell.dist.main:
@@ -132,7 +137,7 @@ def evaluate_final(cell: PreparedCell) -> FinalEvaluation:
         best = evaluate(cell.model, data, spec)
         for m, a1 in zip(fixed, best.top1):
             m.top1_bestval = a1
-    return FinalEvaluation(split, fixed, spectrum, budgeted, lat.tags())
+    return FinalEvaluation(split, fixed, spectrum, early, lat.tags())
 
 
 def finish(cell: PreparedCell) -> CellResult:
@@ -165,9 +170,13 @@ def record(cell: PreparedCell, final: FinalEvaluation, rows: list[dict[str, Any]
     top1 = [r["top1"] for r in fixed]
     metrics[schema.TOP1_MEAN.format(split=split)] = sum(top1) / len(top1)
     metrics[schema.TOP1_AUC.format(split=split)] = auc_top1([r[axis] for r in fixed], top1)
+    tags = {schema.COST_AXIS: axis, **final.latency_tags}
+    if final.early_exit is not None:
+        metrics.update(final.early_exit.metrics())
+        tags[schema.EARLY_EXIT_TIMING] = final.early_exit.timing_note
     if not cell.dist.main:  # rank 0 alone writes the record
         return metrics
-    cell.run.set_tags({schema.COST_AXIS: axis, **final.latency_tags})
+    cell.run.set_tags(tags)
     cfg = cell.cfg
     title = f"{cfg['arch']['name']} / {cfg['method']['name']} / seed {cfg['seed']}"
     summary = CellSummary(title, rows, axis, split, final.budgeted)
