@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from benchmark import data as datasets
+from benchmark.data.autoaugment import check_policy
 from benchmark.errors import ConfigError, got
 from benchmark.methods import METHODS
 from benchmark.methods.base import DIVERGENCE
@@ -46,6 +47,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # a distributed cell: BatchNorm statistics over the global batch (true) or per rank
         # (false, as the papers compute BN per GPU; docs/scaling.md)
         "sync_bn": False,
+        # the optimizer (`benchmark.training.build.new_optimizer`): sgd (momentum, nesterov),
+        # adam (L2 weight decay in the gradient: ViT-CIFAR's torch.optim.Adam) or adamw
+        # (decoupled weight decay: DeiT's); betas for adam/adamw (torch's defaults, ViT-CIFAR's)
+        "optimizer": "sgd",
+        "betas": [0.9, 0.999],
+        # which parameters weight decay applies to: all, or "matrices" (none on 1-D parameters:
+        # norm weights and biases, nor on the model's `no_weight_decay()` names such as
+        # pos-embed / cls-token: timm's `param_groups_weight_decay`, as DeiT trains)
+        "weight_decay_on": "all",
+        # an augmentation policy after the crop/flip, on the device (`benchmark.data.autoaugment`):
+        # none | autoaugment_cifar10 (ViT-CIFAR's CIFAR10Policy)
+        "augment_policy": "none",
     },
     "data": {
         "root": "./data",
@@ -94,6 +107,10 @@ NON_SEMANTIC = {("data", "root"), ("data", "download"), ("data", "in_memory")}
 KEY_NEUTRAL: dict[tuple[str, str], Any] = {
     ("train", "bn_calib_batches"): 0,
     ("train", "sync_bn"): False,
+    ("train", "optimizer"): "sgd",  # the ViT-on-CIFAR recipe's settings (issue 24)
+    ("train", "betas"): [0.9, 0.999],
+    ("train", "weight_decay_on"): "all",
+    ("train", "augment_policy"): "none",
     ("arch", "ge"): False,  # msdnet's IMTA options, off: the MSDNet cells had before them
     ("arch", "isc"): False,
     ("arch", "variant"): "cifar",  # the ImageNet-size networks' switch (issue 22)
@@ -159,6 +176,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 SECTIONS = ("arch", "method", "train", "data", "runtime")
 # learning-rate schedules after the warm-up (benchmark.training.build.lr_at)
 SCHEDULES = ("multistep", "cosine", "exp", "linear")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # benchmark.training.build.new_optimizer
+WEIGHT_DECAY_ON = ("all", "matrices")
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -267,6 +286,28 @@ def validate_train(t: dict[str, Any]) -> None:
     bcb = t["bn_calib_batches"]
     check("bn_calib_batches", _is_int(bcb) and bcb >= 0, "an integer >= 0 (0: no BN recalibration)")
     check("sync_bn", isinstance(t["sync_bn"], bool), "true or false")
+    _validate_optimizer(t)
+    check_policy(t["augment_policy"])
+
+
+def _validate_optimizer(t: dict[str, Any]) -> None:
+    """train.optimizer, train.betas, train.weight_decay_on; nesterov only with sgd."""
+    opt, betas, on = t["optimizer"], t["betas"], t["weight_decay_on"]
+    _check(opt in OPTIMIZERS, "train.optimizer", f"one of {', '.join(OPTIMIZERS)}", opt)
+    pair = isinstance(betas, list) and len(betas) == 2
+    _check(
+        pair and all(_is_num(b) and 0 <= b < 1 for b in betas),
+        "train.betas",
+        "two numbers in [0, 1), e.g. [0.9, 0.999]",
+        betas,
+    )
+    valid_on = ", ".join(WEIGHT_DECAY_ON)
+    _check(on in WEIGHT_DECAY_ON, "train.weight_decay_on", f"one of {valid_on}", on)
+    if t["nesterov"] and opt != "sgd":
+        raise ConfigError(
+            f"train.nesterov applies to train.optimizer sgd only, got optimizer {opt!r} with "
+            f"nesterov true; valid: nesterov false, or optimizer sgd"
+        )
 
 
 def validate_runtime(r: dict[str, Any]) -> None:

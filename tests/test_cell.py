@@ -44,7 +44,8 @@ def test_method_parameters_get_their_own_lr_scale_and_no_weight_decay(tmp_path):
     set_lr(opt, 0.4)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4, 0.04])
     plain = new_optimizer(model, make_method(smoke_cfg("msdnet", "joint", tmp_path), 3), T | {
-        "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4})  # fmt: skip
+        "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "optimizer": "sgd",
+        "weight_decay_on": "all"})  # fmt: skip
     assert len(plain.param_groups) == 1  # a method without parameters adds no group
     assert isinstance(plain, torch.optim.SGD)
 

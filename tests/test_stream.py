@@ -94,6 +94,19 @@ def test_a_resumed_loader_sees_the_batches_it_missed(folder):
         assert_same(batches(resumed, e), uninterrupted[e])
 
 
+def test_streamed_policy_batches_equal_the_in_memory_ones(folder):
+    """train.augment_policy runs on the device after the crop/flip in both paths, with the same
+    draws: streamed batches (whole and sharded) equal the in-memory ones."""
+    mem, streamed = splits_of(folder, True), splits_of(folder, False, 1)
+    for shard in ((0, 1), (1, 2)):
+        a = mem.train.train_batches(8, NORM, 3, CPU, shard, "autoaugment_cifar10")
+        b = streamed.train.train_batches(8, NORM, 3, CPU, shard, "autoaugment_cifar10")
+        for epoch in (0, 1):
+            assert_same(batches(a, epoch), batches(b, epoch))
+    plain = batches(streamed.train.train_batches(8, NORM, 3, CPU, (1, 2)), 0)
+    assert not torch.equal(plain[0][0], batches(b, 0)[0][0])  # the policy did apply
+
+
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_shards_concatenate_to_the_unsharded_batches(folder, in_memory):
     s = splits_of(folder, in_memory)

@@ -1,9 +1,11 @@
 """Batched, on-device data pipeline: uint8 tensors in, normalised channels_last floats out.
 
 No PIL, no DataLoader workers, no per-sample Python: the dataset lives on the training device;
-each epoch is a seeded permutation, and pad-4 random crop + horizontal flip are one gather.
-The streamed counterpart (encoded images decoded per batch) is `benchmark.data.stream`; both
-give the same batches for the same cell (same permutation, same crop and flip draws).
+each epoch is a seeded permutation, and pad-4 random crop + horizontal flip are one gather,
+optionally followed by an augmentation policy (`benchmark.data.autoaugment`,
+`train.augment_policy`) drawn from the same generator. The streamed counterpart (encoded images
+decoded per batch) is `benchmark.data.stream`; both give the same batches for the same cell
+(same permutation, same crop, flip and policy draws).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from benchmark.data.autoaugment import augment_policy, check_policy
 from benchmark.errors import ConfigError
 
 Shard = tuple[int, int]  # (rank, world): this process's part of every batch / split
@@ -138,7 +141,7 @@ class ImageSet(Protocol):
 
     def train_batches(
         self, batch_size: int, norm: Normalizer, seed: int, device: torch.device,
-        shard: Shard = NO_SHARD,
+        shard: Shard = NO_SHARD, policy: str = "none",
     ) -> TrainSource: ...  # fmt: skip
 
     def eval_batches(
@@ -154,7 +157,8 @@ class TrainBatches:
 
     With `shard` = (rank, world), each global batch of `batch_size` images is drawn (order and
     crop/flip draws) exactly as without sharding, and this rank gets its contiguous r-th part of
-    `batch_size // world` images; ConfigError when world does not divide batch_size."""
+    `batch_size // world` images; ConfigError when world does not divide batch_size. `policy`
+    (`autoaugment.POLICIES`) follows the crop/flip, its draws from the same generator."""
 
     def __init__(
         self,
@@ -165,11 +169,13 @@ class TrainBatches:
         seed: int,
         device: torch.device,
         shard: Shard = NO_SHARD,
+        policy: str = "none",
     ) -> None:
         check_shard(shard, batch_size)
+        check_policy(policy)
         self.x, self.y = x.to(device), y.to(device)
         self.global_batch, self.norm, self.seed, self.device = batch_size, norm, seed, device
-        self.part = shard_slice(batch_size, shard)
+        self.part, self.policy = shard_slice(batch_size, shard), policy
         self.batch_size = self.part.stop - self.part.start
 
     def __len__(self) -> int:
@@ -182,7 +188,8 @@ class TrainBatches:
         for i in range(len(self)):
             idx = perm[i * b : (i + 1) * b][self.part]
             params = tuple(p[self.part] for p in crop_flip_params(b, g))
-            yield self.norm(apply_crop_flip(self.x[idx], params)), self.y[idx]
+            x = augment_policy(apply_crop_flip(self.x[idx], params), g, b, self.part, self.policy)
+            yield self.norm(x), self.y[idx]
 
 
 class TensorSet:
@@ -204,9 +211,9 @@ class TensorSet:
 
     def train_batches(
         self, batch_size: int, norm: Normalizer, seed: int, device: torch.device,
-        shard: Shard = NO_SHARD,
+        shard: Shard = NO_SHARD, policy: str = "none",
     ) -> TrainBatches:  # fmt: skip
-        return TrainBatches(self.x, self.y, batch_size, norm, seed, device, shard)
+        return TrainBatches(self.x, self.y, batch_size, norm, seed, device, shard, policy)
 
     def eval_batches(
         self, batch_size: int, norm: Normalizer, device: torch.device, shard: Shard = NO_SHARD

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from benchmark.data.autoaugment import augment_policy, check_policy
 from benchmark.data.base import EncodedData, Splits, cache_dir, split_indices
 from benchmark.data.pipeline import (
     NO_SHARD,
@@ -368,9 +369,9 @@ class EncodedSet:
 
     def train_batches(
         self, batch_size: int, norm: Normalizer, seed: int, device: torch.device,
-        shard: Shard = NO_SHARD,
+        shard: Shard = NO_SHARD, policy: str = "none",
     ) -> StreamTrainBatches:  # fmt: skip
-        return StreamTrainBatches(self, batch_size, norm, seed, device, shard)
+        return StreamTrainBatches(self, batch_size, norm, seed, device, shard, policy)
 
     def eval_batches(
         self, batch_size: int, norm: Normalizer, device: torch.device, shard: Shard = NO_SHARD
@@ -391,13 +392,17 @@ class EncodedSet:
 class StreamTrainBatches:
     """Streamed training batches (a `TrainSource`): the global batch i of epoch e is the
     in-memory path's batch i (same permutation; "pad": same crop/flip draws, on the device),
-    this shard's contiguous part of `batch_size // world` images; last partial batch dropped."""
+    this shard's contiguous part of `batch_size // world` images; last partial batch dropped.
+    `policy` follows on the device as in memory (after "pad"'s crop/flip draws, or first on the
+    epoch's generator after "rrc"'s per-image crops)."""
 
     def __init__(
         self, images: EncodedSet, batch_size: int, norm: Normalizer, seed: int,
-        device: torch.device, shard: Shard = NO_SHARD,
+        device: torch.device, shard: Shard = NO_SHARD, policy: str = "none",
     ) -> None:  # fmt: skip
         check_shard(shard, batch_size)
+        check_policy(policy)
+        self.policy = policy
         self.images, self.global_batch, self.norm, self.seed = images, batch_size, norm, seed
         self.device, self.part = device, shard_slice(batch_size, shard)
         self.batch_size = self.part.stop - self.part.start
@@ -415,6 +420,7 @@ class StreamTrainBatches:
             if self.images.augment == "pad":
                 params = tuple(p[self.part] for p in crop_flip_params(self.global_batch, g))
                 x = apply_crop_flip(x, params)
+            x = augment_policy(x, g, self.global_batch, self.part, self.policy)
             yield self.norm(x), y
 
 

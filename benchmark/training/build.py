@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from benchmark.errors import ConfigError
 from benchmark.methods import METHODS, Method
@@ -64,21 +65,54 @@ def lr_at(t: dict[str, Any], epoch: int, step: int, steps_per_epoch: int) -> flo
     return 0.5 * t["lr"] * (1 + math.cos(math.pi * (pos - warm) / remaining))
 
 
-def new_optimizer(model: FlexibleModel, method: Method, t: dict[str, Any]) -> torch.optim.SGD:
-    """SGD over the model's weights and, in a second group, the method's own learned parameters
-    (e.g. multi_teacher's teacher importance) at `param_lr_scale` x lr without weight decay.
-    Each group carries `lr_scale`; the trainer sets lr = lr_at(...) x lr_scale every step."""
-    groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that any submodule lists in its `no_weight_decay()` (timm's
+    convention, e.g. {"pos_embed", "cls_token"} on a ViT), prefixed by that submodule's path."""
+    names: set[str] = set()
+    for path, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names.update(f"{path}.{n}" if path else n for n in listed())
+    return names
+
+
+def weight_groups(model: nn.Module, t: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model's parameter groups, each with `lr_scale` 1. `train.weight_decay_on` = "all":
+    one group (every parameter decays: SGD's and ViT-CIFAR's `torch.optim.Adam` use);
+    "matrices": the decayed group, then (weight_decay 0) 1-D parameters (norm weights, biases)
+    and those named by `no_decay_names`: timm `optim._param_groups.param_groups_weight_decay`,
+    the rule DeiT's `create_optimizer` applies."""
+    if t["weight_decay_on"] == "all":
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    skip = no_decay_names(model)
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        (plain if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    groups = [{"params": decay, "lr_scale": 1.0}]
+    if plain:
+        groups.append({"params": plain, "lr_scale": 1.0, "weight_decay": 0.0})
+    return groups
+
+
+def new_optimizer(model: FlexibleModel, method: Method, t: dict[str, Any]) -> torch.optim.Optimizer:
+    """`train.optimizer` over the model's weights (`weight_groups`) and, in a last group, the
+    method's own learned parameters (e.g. multi_teacher's teacher importance) at
+    `param_lr_scale` x lr without weight decay. Each group carries `lr_scale`; the trainer sets
+    lr = lr_at(...) x lr_scale every step. sgd: momentum, nesterov, L2 weight decay (MSDNet's
+    recipe); adam: `torch.optim.Adam`, weight decay added to the gradient (ViT-CIFAR `main.py`
+    `configure_optimizers`: Adam, lr 1e-3, betas (0.9, 0.999), wd 5e-5); adamw:
+    `torch.optim.AdamW`, decoupled weight decay (Loshchilov & Hutter; DeiT's optimizer)."""
+    groups = weight_groups(model, t)
     own = list(method.parameters())
     if own:
         groups.append({"params": own, "lr_scale": method.param_lr_scale, "weight_decay": 0.0})
-    return torch.optim.SGD(
-        groups,
-        lr=t["lr"],
-        momentum=t["momentum"],
-        nesterov=t["nesterov"],
-        weight_decay=t["weight_decay"],
-    )
+    wd = t["weight_decay"]
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            groups, lr=t["lr"], momentum=t["momentum"], nesterov=t["nesterov"], weight_decay=wd
+        )
+    adam = torch.optim.Adam if t["optimizer"] == "adam" else torch.optim.AdamW
+    return adam(groups, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=wd)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

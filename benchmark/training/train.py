@@ -311,7 +311,9 @@ def _load_data(
     splits.sealed = sealed
     norm = Normalizer(splits.mean, splits.std, device, fast.torch_format)
     t = cfg["train"]
-    batches = splits.train.train_batches(t["batch_size"], norm, cfg["seed"], device, dist.shard)
+    batches = splits.train.train_batches(
+        t["batch_size"], norm, cfg["seed"], device, dist.shard, t["augment_policy"]
+    )
     if len(batches) == 0:
         raise ConfigError(
             f"train.batch_size {t['batch_size']} exceeds the {len(splits.train)} training images"
