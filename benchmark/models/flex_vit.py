@@ -105,29 +105,39 @@ class PrefixLayerNorm(nn.LayerNorm):
         return 2 * getattr(self, "_d", self.normalized_shape[0])
 
 
-class PatchTokens(nn.Module):
-    """Patch embedding (a patch x patch, stride patch convolution), class token and position
-    embedding, all sliced to the first d channels: (B, 3, H, W) -> (B, 1 + (H/patch)^2, d)."""
+class PrefixPatchConv(nn.Conv2d):
+    """Patch embedding: a patch x patch convolution of stride patch with the first d output
+    channels: (B, 3, H, W) -> (B, d, H/patch, W/patch)."""
 
-    def __init__(self, dim: int, patch: int, num_patches: int) -> None:
-        super().__init__()
-        self.patch = patch
-        self.weight = nn.Parameter(torch.empty(dim, 3, patch, patch))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__(3, dim, patch, patch)
         self._d = dim
 
     def forward(self, x: Tensor, d: int) -> Tensor:
         self._d = d
-        p = self.patch
-        tokens = F.conv2d(x, self.weight[:d], self.bias[:d], stride=p).flatten(2).transpose(1, 2)
-        cls = self.cls_token[:, :, :d].expand(x.shape[0], -1, -1)
+        return F.conv2d(x, self.weight[:d], self.bias[:d], self.stride)
+
+    def active_num_params(self) -> int:
+        return self._d * (self.weight[0].numel() + 1)
+
+
+class ClassAndPosition(nn.Module):
+    """Prepends the class token and adds the position embedding, both sliced to the tokens' d
+    channels: patch tokens (B, N, d) -> (B, 1 + N, d)."""
+
+    def __init__(self, dim: int, num_patches: int) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))
+        self._d = dim
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        d = self._d = tokens.shape[-1]
+        cls = self.cls_token[:, :, :d].expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed[:, :, :d]
 
     def active_num_params(self) -> int:
-        d, p = self._d, self.patch
-        return d * 3 * p * p + d + d + self.pos_embed.shape[1] * d
+        return self._d * (1 + self.pos_embed.shape[1])
 
 
 class Block(nn.Module):
@@ -168,13 +178,14 @@ class Trunk(nn.Module):
 
     def __init__(self, dim: int, depth: int, hidden: int, patch: int, num_patches: int) -> None:
         super().__init__()
-        self.embed = PatchTokens(dim, patch, num_patches)
+        self.patch_embed = PrefixPatchConv(dim, patch)
+        self.tokens = ClassAndPosition(dim, num_patches)
         self.blocks = nn.ModuleList(Block(dim, hidden) for _ in range(depth))
 
     def forward(self, x: Tensor, shape: SubShape, d_head: int, taps: set[int]) -> dict[int, Tensor]:
         """Tokens (B, N, d) after each layer in `taps` (1-based), running shape.depth layers."""
         out: dict[int, Tensor] = {}
-        t = self.embed(x, shape.heads * d_head)
+        t = self.tokens(self.patch_embed(x, shape.heads * d_head).flatten(2).transpose(1, 2))
         for i, block in enumerate(self.blocks[: shape.depth], start=1):
             t = block(t, shape.heads, shape.hidden)
             if i in taps:
@@ -205,7 +216,7 @@ class FlexViT(FlexibleModel):
         )
         grid = image_size // arch.patch
         self.features = Trunk(arch.dim, arch.depth, arch.hidden, arch.patch, grid * grid)
-        self.heads = nn.ModuleList(ExitHead(arch.dim, num_classes) for _ in self.exit_layers)
+        self.classifiers = nn.ModuleList(ExitHead(arch.dim, num_classes) for _ in self.exit_layers)
         _init_weights(self)
 
     def _run(self, x: Tensor, shape: SubShape, exits: list[int]) -> dict[int, tuple]:
@@ -215,7 +226,7 @@ class FlexViT(FlexibleModel):
         out = {}
         for layer in exits:
             t = tokens[layer]
-            logits, cls = self.heads[self.exit_layers.index(layer)](t)
+            logits, cls = self.classifiers[self.exit_layers.index(layer)](t)
             g = math.isqrt(t.shape[1] - 1)
             patches = t[:, 1:].transpose(1, 2).reshape(t.shape[0], t.shape[2], g, g)
             out[layer] = (logits, [cls[:, :, None, None], patches])
@@ -305,13 +316,12 @@ def _name(s: SubShape, axes: tuple[str, ...], arch: ViTShape) -> str:
 def _init_weights(model: nn.Module) -> None:
     """timm `VisionTransformer.init_weights` (default mode): trunc-normal(0.02) linear weights
     and position embedding, zero biases, class token N(0, 1e-6), LayerNorm (1, 0); the patch
-    embedding keeps a conv's default (PyTorch's kaiming-uniform), as timm's does."""
+    embedding keeps a conv's default initialisation, as timm's does."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, PatchTokens):
-            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+        elif isinstance(m, ClassAndPosition):
             nn.init.trunc_normal_(m.pos_embed, std=0.02)
             nn.init.normal_(m.cls_token, std=1e-6)
 
@@ -472,6 +482,30 @@ DEIT_B_SHAPE = {"patch": 16, "dim": 768, "depth": 12, "num_heads": 12, "mlp_rati
         },
         "imagenet": {**DEIT_B_SHAPE, "exits": [3, 6, 9, 12]},
     },  # fmt: skip
+    # ViT-CIFAR's recipe (README): 200 epochs, batch 128, 5 warm-up epochs, cosine, label
+    # smoothing 0.1 (its Adam at lr 1e-3, wd 5e-5 and AutoAugment wait for the trainer's AdamW
+    # and batched augmentations: here SGD at the profile's lr); DeiT's ImageNet schedule (300
+    # epochs, batch 1024, 5 warm-up epochs, cosine, label smoothing 0.1; its AdamW lr 1e-3,
+    # wd 0.05 and RandAugment / mixup likewise wait)
+    train={
+        "smoke": {"warmup_epochs": 1, "label_smoothing": 0.1},
+        "mini": {"warmup_epochs": 1, "label_smoothing": 0.1},
+        "paper": {
+            "epochs": 200,
+            "batch_size": 128,
+            "schedule": "cosine",
+            "warmup_epochs": 5,
+            "label_smoothing": 0.1,
+            "weight_decay": 5e-5,
+        },
+        "imagenet": {
+            "epochs": 300,
+            "batch_size": 1024,
+            "schedule": "cosine",
+            "warmup_epochs": 5,
+            "label_smoothing": 0.1,
+        },
+    },
     memory_format="contiguous",
     description="ViT with nested heads + embedding (HydraViT), nested FFN (MatFormer) and "
     "class-token exits; LayerNorm, no BN recalibration",
