@@ -162,6 +162,7 @@ def fake_imagenet(root: Path, size: int = 224) -> Path:
 IMAGENET_SELECTION = {
     "byot_resnet": {"variant": "imagenet", "depth": 18},
     "ddnn_resnet": {"variant": "imagenet", "block": "basic"},
+    "flex_vit": {"patch": 16, "dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
     "msdnet": {"preset": "imagenet_step4", "variant": "imagenet", "n_blocks": 5, "step": 4},
     "saliency_vgg": {"variant": "imagenet", "depth": 16},
     "slimmable_mobilenet_v1": {"stem_stride": 2},

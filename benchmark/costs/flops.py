@@ -4,6 +4,9 @@ Conventions (named in the metric keys):
 - `mmacs`: millions of multiply-accumulates of convolutions and linear layers (bias, BN,
   activations and pooling not counted); this is what the MSDNet and slimmable papers call "FLOPs".
 - `mflops`: `torch.utils.flop_counter.FlopCounterMode` on the forward pass = 2 x mmacs.
+  Attention (`F.scaled_dot_product_attention`) counts QK^T and AV: 2 N^2 d MACs per layer for N
+  tokens and d channels (torch's `sdpa_flop_count`, here also for the CPU kernel, which the
+  counter leaves out: `_count_cpu_attention`); softmax and scaling are not counted.
 - For early-exit models the cost of exit k is cumulative: the trunk up to exit k plus every exit
   head up to k (the anytime-inference cost, as counted by the MSDNet reference op counter).
 - `gbitops`: billions of bit-operations, sum over layers of MACs x weight bits x activation bits;
@@ -33,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.models.base import (
@@ -42,6 +46,20 @@ from benchmark.models.base import (
     forward_hooks,
 )
 from benchmark.record import schema
+
+
+def _count_cpu_attention() -> None:
+    """Count the CPU flash-attention kernel as torch counts the GPU ones (QK^T and AV): without
+    it a transformer's attention costs nothing on CPU, where every cost table is counted."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(op)
+        def _attention(q_shape, k_shape, v_shape, *_args, out_shape=None, **_kwargs) -> int:
+            return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+_count_cpu_attention()
 
 
 @dataclass

@@ -36,6 +36,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("switchable_precision_resnet", "multi_teacher"),
     ("saliency_vgg", "hsd"),
     ("byot_resnet", "byot"),
+    ("flex_vit", "ipkd_ta"),  # attention through scaled_dot_product_attention (fused on GPU)
 )
 
 
