@@ -260,3 +260,29 @@ def test_smoke_and_mini_sizes_resolve_with_every_preset():
     names = [s.name for s in vit(preset="heads_ffn", axes=["heads", "ffn", "exit"]).submodels]
     assert names == ["h1-f0.25-exit1", "h2-f0.5-exit2", "h4-f1-exit3"]
     assert re.fullmatch(r"[\w.-]+", "".join(names))
+
+
+def test_the_recipe_keeps_class_token_and_position_embedding_out_of_weight_decay():
+    """DeiT's AdamW (the imagenet profile) decays matrices only: not the class token, the
+    position embedding, norms or biases (timm's param_groups_weight_decay)."""
+    from benchmark.config import resolve
+    from benchmark.models import build_model
+    from benchmark.training.build import weight_groups
+
+    cfg = resolve(
+        "flex_vit", "synthetic", "joint", 0, "smoke", {"train.weight_decay_on": "matrices"}
+    )
+    params = {k: v for k, v in cfg["arch"].items() if k != "name"}
+    model = build_model("flex_vit", params, 10, 32)
+    decay, plain = weight_groups(model, cfg["train"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert {n for n in plain_names if n.endswith(("cls_token", "pos_embed"))}, plain_names
+    assert plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert not any(names[id(p)].endswith(("cls_token", "pos_embed")) for p in decay["params"])
+    imagenet = resolve("flex_vit", "imagenet", "joint", 0, "imagenet")
+    assert (imagenet["train"]["optimizer"], imagenet["train"]["weight_decay_on"]) == (
+        "adamw",
+        "matrices",
+    )
