@@ -134,7 +134,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             f" {c.params_m:11.4f} {ms:11.2f} {iqr:8.2f}"
         )
     print(
-        "MMACs: conv+linear multiply-adds; MFLOPs: FlopCounterMode (2 x MACs); GBitOps: MACs x"
+        "MMACs: conv, linear and attention-matmul multiply-adds; MFLOPs: FlopCounterMode (2 x MACs); GBitOps: MACs x"
         " weight bits x activation bits (32 x 32 unless quantized); exits are cumulative incl."
         f" earlier heads; latency: {lat.method()}"
     )
