@@ -134,9 +134,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             f" {c.params_m:11.4f} {ms:11.2f} {iqr:8.2f}"
         )
     print(
-        "MMACs: conv, linear and attention-matmul multiply-adds; MFLOPs: FlopCounterMode (2 x MACs); GBitOps: MACs x"
-        " weight bits x activation bits (32 x 32 unless quantized); exits are cumulative incl."
-        f" earlier heads; latency: {lat.method()}"
+        "MMACs: conv, linear and attention-matmul multiply-adds; MFLOPs: FlopCounterMode"
+        " (2 x MACs); GBitOps: MACs x weight bits x activation bits (32 x 32 unless quantized);"
+        f" exits are cumulative incl. earlier heads; latency: {lat.method()}"
     )
     if lat.relative_spread() > 0.25:
         print(
