@@ -25,16 +25,21 @@ GMACs, 11.69 / 25.56 M parameters at 1000 classes).
 
 Costs: exit i's anytime cost is the trunk up to stage i plus every head up to i (MSDNet's
 convention); `forward_sub(x, 4)` alone is exactly a plain CIFAR ResNet (no shallow head runs).
+
+`cascade` (Zero-Time-Waste, Wojcik et al., NeurIPS 2021): exit i also reads exit i-1's detached
+logits (`benchmark.models.base.CascadeLinks`); then every exit needs the heads before it.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
-from benchmark.models.base import EarlyExitModel, SubModel
+from benchmark.models.base import Capabilities, EarlyExitModel, SubModel
 from benchmark.models.imagenet_resnet import MIN_IMAGENET_SIZE, check_variant, imagenet_stem
 
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -114,9 +119,15 @@ class _FinalHead(nn.Module):
 
 class ByotResNet(EarlyExitModel):
     """BYOT (Zhang et al., ICCV 2019) ResNet-18/50 (CIFAR or ImageNet stem) with an exit after
-    each of the four stages; see `_run` for what each exit reads."""
+    each of the four stages; see `_run` for what each exit reads (and `cascade`, the module
+    docstring)."""
 
-    def __init__(self, num_classes: int, depth: int, width: float, variant: str = "cifar") -> None:
+    caps: Capabilities = replace(EarlyExitModel.caps, cascade=True)
+
+    def __init__(
+        self, num_classes: int, depth: int, width: float, variant: str = "cifar",
+        cascade: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         kind, blocks = DEPTHS[depth]
         block = _Basic if kind == "basic" else _Bottleneck
@@ -140,6 +151,7 @@ class ByotResNet(EarlyExitModel):
             + [_FinalHead(deep, num_classes)]
         )
         self.submodels = [SubModel(i, f"exit{i + 1}") for i in range(4)]
+        self.init_cascade(cascade, num_classes)
         for m in self.modules():  # He-normal convs, unit BN (torchvision and the BYOT code)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -162,7 +174,7 @@ class ByotResNet(EarlyExitModel):
 
 @register_arch(
     "byot_resnet",
-    defaults={"depth": 18, "width": 1.0, "variant": "cifar"},
+    defaults={"depth": 18, "width": 1.0, "variant": "cifar", "cascade": False},
     description="BYOT multi-exit ResNet-18/50 (CIFAR or ImageNet stem): an exit after each of "
     "the 4 stages",
     profiles={
@@ -202,4 +214,6 @@ def build_byot_resnet(num_classes: int, image_size: int, **p) -> ByotResNet:
             f"byot_resnet variant {variant} needs an image size divisible by {stride} (total "
             f"stride of its stages), got {image_size}"
         )
-    return ByotResNet(num_classes, p["depth"], float(width), variant)
+    if not isinstance(p["cascade"], bool):
+        raise ConfigError(f"byot_resnet cascade must be true or false, got {p['cascade']!r}")
+    return ByotResNet(num_classes, p["depth"], float(width), variant, p["cascade"])
