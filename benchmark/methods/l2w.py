@@ -126,22 +126,33 @@ class L2W(Method):
         m = self.net(losses.detach())
         return 1 + self.params["eps"] * (m - m.mean(1, keepdim=True))
 
-    def meta_step(self, model: nn.Module, x1: Tensor, y1: Tensor, x2: Tensor, y2: Tensor,
-                  lr: float) -> Tensor:  # fmt: skip
-        """One look-ahead meta update of the meta-network; returns the meta loss (detached)."""
+    def meta_loss(self, model: nn.Module, x1: Tensor, y1: Tensor, x2: Tensor, y2: Tensor,
+                  lr: float, weights: Tensor | None = None) -> Tensor:  # fmt: skip
+        """The held-out loss of the look-ahead network theta - lr grad L(theta) on (x2, y2),
+        differentiable in the sample weights of half 1 (`weights` (N1, K), default: the
+        meta-network's, so differentiable in its parameters)."""
         params = dict(model.named_parameters())
         # copies: the look-ahead passes leave the network's BN running statistics unchanged
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        ahead_in = functional_call(model, {**params, **buffers}, (x1,))
-        losses = sample_losses(ahead_in, y1, self.label_smoothing)
-        pseudo = (self.weights(losses) * losses).mean(0).sum()
+        outs = functional_call(model, {**params, **buffers}, (x1,))
+        losses = sample_losses(outs, y1, self.label_smoothing)
+        w = self.weights(losses) if weights is None else weights
         grads = torch.autograd.grad(
-            pseudo, list(params.values()), create_graph=True, allow_unused=True
-        )  # parameters no exit reads (e.g. MSDNet's unused finest-scale layers) stay as they are
+            (w * losses).mean(0).sum(),
+            list(params.values()),
+            create_graph=True,
+            allow_unused=True,
+        )  # fmt: skip  (parameters no exit reads, e.g. MSDNet's pruned scales, stay as they are)
         ahead = {n: p if g is None else p - lr * g for (n, p), g in zip(params.items(), grads)}
         out = functional_call(model, {**ahead, **buffers}, (x2,))
         picks = exit_assignment(out, target_probs(len(out), self.params["p"]))
-        meta = sum(F.cross_entropy(z[i].float(), y2[i]) for z, i in zip(out, picks) if len(i))
+        return sum(F.cross_entropy(z[i].float(), y2[i]) for z, i in zip(out, picks) if len(i))
+
+    def meta_step(self, model: nn.Module, x1: Tensor, y1: Tensor, x2: Tensor, y2: Tensor,
+                  lr: float) -> Tensor:  # fmt: skip
+        """One Adam step of the meta-network on `meta_loss`; returns that loss (detached). The
+        network's parameters get no gradient from it."""
+        meta = self.meta_loss(model, x1, y1, x2, y2, lr)
         meta_params = list(self.net.parameters())
         for p, g in zip(meta_params, torch.autograd.grad(meta, meta_params)):
             p.grad = g

@@ -239,7 +239,10 @@ class EarlyExitModel(FlexibleModel):
     """
 
     caps = Capabilities(("exit",), single_pass=True, early_exit=True, exit_features=True)
-    cascade: CascadeLinks | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cascade: CascadeLinks | None = None
 
     def init_cascade(self, on: bool, num_classes: int) -> None:
         """Build the cascade links (after `submodels` is set) when `on`."""
