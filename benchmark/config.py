@@ -115,6 +115,7 @@ KEY_NEUTRAL: dict[tuple[str, str], Any] = {
     ("arch", "isc"): False,
     ("arch", "variant"): "cifar",  # the ImageNet-size networks' switch (issue 22)
     ("arch", "block"): "basic",  # ddnn_resnet's ImageNet block; the CIFAR one is basic
+    ("arch", "cascade"): False,  # Zero-Time-Waste's cascade (msdnet, byot_resnet), off
     **{("method", name): spec.default for name, spec in DIVERGENCE.items()},
 }
 

@@ -71,6 +71,35 @@ def _ensemble(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(logits).sum(0).float().softmax(1)
 
 
+def test_real_early_exiting_decides_on_the_methods_exit_outputs():
+    """boosted's exits predict with the sums of the earlier exits (`exit_outputs`): real early
+    exiting decides on those sums too, so it takes the exits and reaches the top-1 the
+    simulation on the evaluated outputs predicts."""
+    from benchmark.training.build import make_method
+
+    model = _smoke_model("msdnet")
+    method = make_method(resolve("msdnet", "synthetic", "boosted", 0, "smoke"), 3)
+    g = torch.Generator().manual_seed(1)
+    sets = [
+        TensorSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                  torch.randint(0, 10, (n,), generator=g))
+        for n in (60, 40)
+    ]  # fmt: skip
+    norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
+    spec = EvalSpec(16, norm, outputs=method.exit_outputs)
+    val, test = (evaluate(model, s, spec, True) for s in sets)
+    raw = evaluate(model, sets[1], EvalSpec(16, norm), True)
+    assert not torch.allclose(raw.confidence[1:], test.confidence[1:])  # the sums differ
+    thresholds = fit_thresholds(val.confidence, exit_proportions(1.0, 3))
+    costs = [1.0, 2.0, 4.0]
+    rule = early_exit._on_outputs(max_softmax, method.exit_outputs)
+    timing = early_exit.time_early_exit(
+        model, sets[1], norm, Speed(), rule, thresholds, costs, 1.0, 40, 1
+    )
+    acc, cost = apply_thresholds(test.confidence, test.correct, thresholds, costs)
+    assert timing.top1 == pytest.approx(acc) and timing.mflops == pytest.approx(cost)
+
+
 @pytest.mark.parametrize("rule", [max_softmax, _ensemble])
 def test_real_early_exiting_takes_the_exits_the_budgeted_simulation_predicts(rule):
     model = _smoke_model("msdnet")

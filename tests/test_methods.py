@@ -107,7 +107,8 @@ def run_losses(
 ) -> dict[int, float]:
     """Loss of every sub-model over all stages, with teachers as benchmark.training.step provides
     them: frozen teachers' logits (and stage features) plus the larger sub-models of the same
-    step, detached."""
+    step, detached (and, for methods that read earlier exits, every exit of the one pass)."""
+    torch.manual_seed(0)  # methods with learned parts (l2w's meta-network) start alike
     method = METHODS.get(name)(params)
     method.bind(len(logits))
     z = [torch.tensor(v, dtype=torch.float64) for v in logits]
@@ -116,6 +117,8 @@ def run_losses(
     out: dict[int, float] = {}
     for stage in method.stages(len(z)):
         teachers = {t: z[t] for t in stage.frozen_teachers}
+        if method.reads_earlier_exits:
+            teachers.update({j: z[j].detach() for j in stage.train})
         for k in sorted(stage.train, reverse=True):
             fk = None
             if method.uses_features:

@@ -95,12 +95,12 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
     method = make_method(cfg, model.num_submodels)
     k_all = model.num_submodels
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    stages = method.stages(k_all)
+    stages = [s for s in method.stages(k_all) if not s.fit]  # fitting stages take no step
     for stage in stages:
         log = ForwardLog(model)
         step = Step(model, method, stage)
         before = [p.detach().clone() for p in model.parameters()]
-        out = step(x, y, step_generator(0, 0, 0))
+        out = step(x, y, step_generator(0, 0, 0), 0.1)
         loss, outs = out.loss, out.logits
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         model.zero_grad(set_to_none=True)
@@ -113,6 +113,10 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
             assert sorted(outs) == [0, k_all - 1]  # w_min and w_max are evaluation widths
             continue
         assert sorted(outs) == sorted(stage.train)
+        if method.owns_step:  # l2w: look-ahead passes on both halves, then the update on half 1
+            assert log.calls == [("forward_all", None, True)] * 3
+            assert log.parts == {f"{p}.{i}": 3 for p in ("blocks", "heads") for i in range(k_all)}
+            continue
         trained = sorted(stage.train, reverse=True)
         teachers = [("forward_sub", t, False) for t in stage.frozen_teachers]
         if isinstance(model, IndependentModel):

@@ -186,10 +186,16 @@ DIVERGENCE: dict[str, ParamSpec] = {
 
 @dataclass(frozen=True)
 class Stage:
-    """Sub-models trained in one stage and frozen teachers they distill from (offline KD)."""
+    """Sub-models trained in one stage and frozen teachers they distill from (offline KD).
+
+    `epochs`: the stage's length (None: the cell's `train.epochs`). `fit`: a fitting stage,
+    which trains no sub-model: each of its epochs hands the frozen network's exit logits on the
+    validation split to `Method.fit` (ZTW's ensemble; the test split is never read)."""
 
     train: tuple[int, ...]
     frozen_teachers: tuple[int, ...] = ()
+    epochs: int | None = None
+    fit: bool = False
 
 
 class Method(nn.Module):
@@ -216,6 +222,13 @@ class Method(nn.Module):
     plot_slot: ClassVar[int | None] = None
     # True for methods that draw each step's widths (`draw_submodels`, e.g. the sandwich rule)
     draws_submodels: ClassVar[bool] = False
+    # True for methods whose loss(k) reads the detached logits of the earlier exits of the
+    # same step (`teachers[j]`, j < k; boosted): their `check_model` requires `single_pass`,
+    # where the step hands every exit of its one forward to every loss
+    reads_earlier_exits: ClassVar[bool] = False
+    # True for methods that run the whole training step themselves (`train_step`; l2w's
+    # look-ahead on a held-out half batch); the step then needs the step's learning rate
+    owns_step: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any] | None = None, label_smoothing: float = 0.0):
         super().__init__()
@@ -342,6 +355,29 @@ class Method(nn.Module):
         heads so far) overrides this; it may read only the exits it is given, so that the rule
         can be applied while the network runs."""
         return max_softmax(logits)
+
+    def train_step(
+        self, model: nn.Module, x: Tensor, y: Tensor, lr: float
+    ) -> tuple[Tensor, dict[int, dict[str, Tensor]], dict[int, Tensor]]:
+        """The whole training step of a method with `owns_step`, on a batch x (N, 3, H, W),
+        y (N,) at learning rate `lr`: leaves the model's gradients in `.grad` (the trainer
+        steps the optimizer) and returns the detached total loss, the named loss terms per
+        sub-model index and the logits (N', C) of every trained sub-model, detached."""
+        raise NotImplementedError(f"method {self.name} does not run its own step")
+
+    def exit_outputs(self, logits: list[Tensor]) -> list[Tensor]:
+        """The predictions evaluated for every exit (validation, test, early exiting), from the
+        logits [(N, C), ...] of all exits of one pass, smallest first. Default: the logits
+        themselves; methods whose exits predict with a combination of exits (boosted's sums,
+        ZTW's fitted ensembles) override it, and need an early-exit model (one pass, no BN
+        recalibration)."""
+        return logits
+
+    def fit(self, logits: Tensor, labels: Tensor, seed: int) -> dict[str, float]:
+        """One epoch of a fitting stage (`Stage.fit`): fit the method's own state on the exit
+        logits (K, N, C) of the validation split and its labels (N,), the network frozen;
+        `seed` is the cell's. Returns metrics; `loss` is logged as the epoch's train/loss."""
+        raise NotImplementedError(f"method {self.name} has no fitting stage")
 
     def epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Called after every training epoch, before validation and the checkpoint; methods that

@@ -96,6 +96,9 @@ class Capabilities:
     - `reranks_channels`: `rerank(k, scores)` re-chooses sub-model k's channels (hsd).
     - `stops_at_exit`: `forward_exits(x)` yields the exits' logits in turn and runs the trunk
       only as far as the exits consumed (real early exiting, timed at batch 1).
+    - `cascade`: an early-exit model whose architecture has the bool option `cascade`: built
+      with it on, exit k's logits also read exit k-1's detached logits (`CascadeLinks`,
+      Zero-Time-Waste's cascade connection).
     """
 
     axes: tuple[str, ...]
@@ -106,6 +109,7 @@ class Capabilities:
     widths: WidthRange | None = None
     reranks_channels: bool = False
     stops_at_exit: bool = False
+    cascade: bool = False
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.axes if a not in AXES]
@@ -195,7 +199,48 @@ class FlexibleModel(nn.Module):
         return len(self.submodels)
 
 
-ExitOutput = Tensor | tuple[Tensor, list[Tensor]]  # logits, or (logits, features)
+# one exit's output: logits (N, C), or (logits, its features)
+ExitOutput = Tensor | tuple[Tensor, list[Tensor]]
+
+
+class CascadeLinks(nn.Module):
+    """Zero-Time-Waste's cascade connections (Wojcik et al., NeurIPS 2021; gmum/Zero-Time-Waste
+    `ztw_cv/architectures/early_exits/heads.py`, `ConvCascadingHead`): exit k's logits (N, C)
+    become z_k = head_k(h_k) + W_k LayerNorm(sg[z_{k-1}]) for k >= 1, z_{k-1} being the previous
+    exit's cascaded logits, detached. The reference concatenates LayerNorm(sg[z_{k-1}]) to the
+    head's pooled features before its last linear layer; W_k (C x C, no bias) is that layer's
+    block for the extra inputs, so the function class is the same (only the initialisation of
+    W_k differs: PyTorch's default for fan-in C instead of fan-in features + C)."""
+
+    def __init__(self, num_exits: int, num_classes: int) -> None:
+        super().__init__()
+        self.links = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(num_classes), nn.Linear(num_classes, num_classes, False))
+            for _ in range(num_exits - 1)
+        )
+
+    def link(self, k: int, raw: ExitOutput, prev: Tensor | None) -> ExitOutput:
+        """Exit k's output with its logits cascaded from `prev`, exit k-1's cascaded logits
+        (None for exit 0, which has no link)."""
+        if k == 0:
+            return raw
+        if prev is None:
+            raise ValueError(f"a cascade needs exit {k - 1} before exit {k}")
+        z = raw[0] if isinstance(raw, tuple) else raw
+        z = z + self.links[k - 1](prev.detach())
+        return (z, raw[1]) if isinstance(raw, tuple) else z
+
+    def forward(self, out: dict[int, ExitOutput]) -> dict[int, ExitOutput]:
+        """`out` holds every exit 0..max (logits, or (logits, features)), in exit order."""
+        prev: Tensor | None = None
+        for k in sorted(out):
+            out[k] = self.link(k, out[k], prev)
+            prev = logits_of(out[k])
+        return out
+
+
+def logits_of(out: ExitOutput) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
 class EarlyExitModel(FlexibleModel):
@@ -207,9 +252,22 @@ class EarlyExitModel(FlexibleModel):
     as soon as its block has run, from which `_run` and `forward_exits` follow. The reported
     cost of exit k is the anytime cost: the trunk up to k plus every head up to k, as the
     MSDNet reference op counter counts it.
+
+    A family that offers the cascade (`caps.cascade`) calls `init_cascade(on, num_classes)` in
+    its constructor; with it on, every exit up to the deepest requested one runs and
+    `CascadeLinks` feeds exit k-1's detached logits into exit k (its cost then includes the
+    links, and exit k alone needs every earlier head).
     """
 
     caps = Capabilities(("exit",), single_pass=True, early_exit=True, exit_features=True)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cascade: CascadeLinks | None = None
+
+    def init_cascade(self, on: bool, num_classes: int) -> None:
+        """Build the cascade links (after `submodels` is set) when `on`."""
+        self.cascade = CascadeLinks(len(self.submodels), num_classes) if on else None
 
     def _walk(
         self, x: Tensor, upto: int, heads: set[int], features: bool = False
@@ -226,29 +284,40 @@ class EarlyExitModel(FlexibleModel):
 
     def forward_exits(self, x: Tensor) -> Iterator[Tensor]:
         last = self.num_submodels - 1
-        for _, z in self._walk(x, last, set(range(last + 1))):
+        prev: Tensor | None = None
+        for k, z in self._walk(x, last, set(range(last + 1))):
+            if self.cascade is not None:
+                z = prev = self.cascade.link(k, z, prev)
             yield z
+
+    def _exits(
+        self, x: Tensor, upto: int, heads: set[int], features: bool = False
+    ) -> dict[int, ExitOutput]:
+        """`_run`, through the cascade links when the model has them."""
+        if self.cascade is None:
+            return self._run(x, upto, heads, features)
+        return self.cascade(self._run(x, upto, set(range(upto + 1)), features))
 
     def forward_all(self, x: Tensor, which: list[int] | None = None) -> list[Tensor]:
         which = list(range(len(self.submodels))) if which is None else which
-        out = self._run(x, max(which), set(which))
+        out = self._exits(x, max(which), set(which))
         return [out[k] for k in which]
 
     def forward_all_features(
         self, x: Tensor, which: list[int] | None = None
     ) -> list[tuple[Tensor, list[Tensor]]]:
         which = list(range(len(self.submodels))) if which is None else which
-        out = self._run(x, max(which), set(which), features=True)
+        out = self._exits(x, max(which), set(which), features=True)
         return [out[k] for k in which]
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
-        return self._run(x, k, {k})[k]
+        return self._exits(x, k, {k})[k]
 
     def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
-        return self._run(x, k, {k}, features=True)[k]
+        return self._exits(x, k, {k}, features=True)[k]
 
     def cost_forward(self, x: Tensor, k: int) -> Tensor:
-        return self._run(x, k, set(range(k + 1)))[k]
+        return self._exits(x, k, set(range(k + 1)))[k]
 
 
 class IndependentModel(FlexibleModel):
@@ -267,7 +336,7 @@ class IndependentModel(FlexibleModel):
         # not continue copy k-1's computation); the budgeted curve is kept (architectures.md)
         self.caps = replace(
             shared.caps, single_pass=False, exit_features=False, widths=None,
-            reranks_channels=False, stops_at_exit=False,
+            reranks_channels=False, stops_at_exit=False, cascade=False,
         )  # fmt: skip
         self.members = nn.ModuleList(copy.deepcopy(shared) for _ in shared.submodels)
 

@@ -25,6 +25,9 @@ GMACs, 11.69 / 25.56 M parameters at 1000 classes).
 
 Costs: exit i's anytime cost is the trunk up to stage i plus every head up to i (MSDNet's
 convention); `forward_sub(x, 4)` alone is exactly a plain CIFAR ResNet (no shallow head runs).
+
+`cascade` (Zero-Time-Waste, Wojcik et al., NeurIPS 2021): exit i also reads exit i-1's detached
+logits (`benchmark.models.base.CascadeLinks`); then every exit needs the heads before it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch.nn import functional as F
 
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
-from benchmark.models.base import EarlyExitModel, ExitOutput, SubModel
+from benchmark.models.base import Capabilities, EarlyExitModel, ExitOutput, SubModel
 from benchmark.models.imagenet_resnet import MIN_IMAGENET_SIZE, check_variant, imagenet_stem
 
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -117,12 +120,15 @@ class _FinalHead(nn.Module):
 
 class ByotResNet(EarlyExitModel):
     """BYOT (Zhang et al., ICCV 2019) ResNet-18/50 (CIFAR or ImageNet stem) with an exit after
-    each of the four stages; see `_walk` for what each exit reads. Exits can be stopped at
-    (`forward_exits`, real early exiting)."""
+    each of the four stages; see `_walk` for what each exit reads (and `cascade`, the module
+    docstring). Exits can be stopped at (`forward_exits`, real early exiting)."""
 
-    caps = replace(EarlyExitModel.caps, stops_at_exit=True)
+    caps: Capabilities = replace(EarlyExitModel.caps, stops_at_exit=True, cascade=True)
 
-    def __init__(self, num_classes: int, depth: int, width: float, variant: str = "cifar") -> None:
+    def __init__(
+        self, num_classes: int, depth: int, width: float, variant: str = "cifar",
+        cascade: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         kind, blocks = DEPTHS[depth]
         block = _Basic if kind == "basic" else _Bottleneck
@@ -146,6 +152,7 @@ class ByotResNet(EarlyExitModel):
             + [_FinalHead(deep, num_classes)]
         )
         self.submodels = [SubModel(i, f"exit{i + 1}") for i in range(4)]
+        self.init_cascade(cascade, num_classes)
         for m in self.modules():  # He-normal convs, unit BN (torchvision and the BYOT code)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -167,7 +174,7 @@ class ByotResNet(EarlyExitModel):
 
 @register_arch(
     "byot_resnet",
-    defaults={"depth": 18, "width": 1.0, "variant": "cifar"},
+    defaults={"depth": 18, "width": 1.0, "variant": "cifar", "cascade": False},
     description="BYOT multi-exit ResNet-18/50 (CIFAR or ImageNet stem): an exit after each of "
     "the 4 stages",
     profiles={
@@ -207,4 +214,6 @@ def build_byot_resnet(num_classes: int, image_size: int, **p) -> ByotResNet:
             f"byot_resnet variant {variant} needs an image size divisible by {stride} (total "
             f"stride of its stages), got {image_size}"
         )
-    return ByotResNet(num_classes, p["depth"], float(width), variant)
+    if not isinstance(p["cascade"], bool):
+        raise ConfigError(f"byot_resnet cascade must be true or false, got {p['cascade']!r}")
+    return ByotResNet(num_classes, p["depth"], float(width), variant, p["cascade"])

@@ -23,6 +23,10 @@ kalviny/IMTA) adds two switchable parts: `ge` (gradient equilibrium, see `MSDNet
 (inline subnetwork collaboration: exit i's linear classifier also reads exit i-1's logits through
 Linear -> BatchNorm1d -> ReLU of width head_channels, 128 in the reference CIFAR setting; exit i
 then needs every earlier head, so its cost includes them and the ISC transforms).
+
+`cascade` (Zero-Time-Waste, Wojcik et al., NeurIPS 2021): exit i also reads exit i-1's detached
+logits (`benchmark.models.base.CascadeLinks`); ISC already feeds the previous prediction into
+each exit, so the two options exclude each other.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch import Tensor, nn
 
 from benchmark.errors import ConfigError, got
 from benchmark.models import register_arch
-from benchmark.models.base import EarlyExitModel, ExitOutput, SubModel
+from benchmark.models.base import Capabilities, EarlyExitModel, ExitOutput, SubModel
 from benchmark.models.imagenet_resnet import check_variant, imagenet_stem
 
 
@@ -220,7 +224,7 @@ class MSDNetConfig:
     MSDNet-PyTorch `args`: nBlocks, base, step, stepmode, nChannels, growthRate, grFactor,
     bnFactor, reduction, bottleneck, data: cifar or ImageNet as `variant`) plus the exit heads'
     width (None: as wide as the head's input, the reference ImageNet heads) and IMTA's two
-    options."""
+    options and Zero-Time-Waste's cascade."""
 
     n_blocks: int
     base: int
@@ -236,14 +240,16 @@ class MSDNetConfig:
     ge: bool = False
     isc: bool = False
     variant: str = "cifar"
+    cascade: bool = False
 
 
 class MSDNet(EarlyExitModel):
     """MSDNet (CIFAR or ImageNet first layer); `ge` and `isc` switch on IMTA's gradient
     equilibrium and inline subnetwork collaboration (Li et al., ICCV 2019), each on its own (see
-    `_walk`). Exits can be stopped at (`forward_exits`, real early exiting)."""
+    `_walk`); `cascade` switches on Zero-Time-Waste's cascade connections. Exits can be
+    stopped at (`forward_exits`, real early exiting)."""
 
-    caps = replace(EarlyExitModel.caps, stops_at_exit=True)
+    caps: Capabilities = replace(EarlyExitModel.caps, stops_at_exit=True, cascade=True)
 
     def __init__(self, num_classes: int, c: MSDNetConfig):
         super().__init__()
@@ -282,6 +288,7 @@ class MSDNet(EarlyExitModel):
             _isc_projection(num_classes, head_channels) for _ in range(n_blocks - 1) if isc
         )
         self.submodels = [SubModel(i, f"exit{i + 1}") for i in range(n_blocks)]
+        self.init_cascade(c.cascade, num_classes)
 
     def _walk(
         self, x: Tensor, upto: int, heads: set[int], features: bool = False
@@ -346,6 +353,7 @@ IMAGENET_STEP7 = {**_IMAGENET, "base": 7, "step": 7}
         "ge": False,
         "isc": False,
         "variant": "cifar",
+        "cascade": False,
     },
     profiles={
         "smoke": {
@@ -393,13 +401,18 @@ def build_msdnet(num_classes: int, image_size: int, **p) -> MSDNet:
         )
     if len(p["gr_factor"]) != len(p["bn_factor"]) or not p["gr_factor"]:
         raise ConfigError("msdnet gr_factor and bn_factor must be non-empty and of equal length")
-    for key in ("ge", "isc"):
+    for key in ("ge", "isc", "cascade"):
         if not isinstance(p[key], bool):
             raise ConfigError(f"msdnet {key} must be true or false, got {p[key]!r}")
     if p["isc"] and hc is None:
         raise ConfigError(
             "msdnet isc needs an integer head_channels (the width of the projected "
             "prediction; 128 in IMTA's CIFAR setting), got null"
+        )
+    if p["isc"] and p["cascade"]:
+        raise ConfigError(
+            "msdnet isc and cascade both feed the previous exit's prediction into the next exit; "
+            "set one of them, got isc=true and cascade=true"
         )
     if not 0 <= p["reduction"] < 1:
         raise ConfigError(f"msdnet reduction must be in [0, 1), {got(p['reduction'])}")

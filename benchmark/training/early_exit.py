@@ -28,7 +28,7 @@ capabilities, never by its name.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -199,6 +199,15 @@ class EarlyExitResult:
         return {**out, **(self.timing.metrics() if self.timing else {})}
 
 
+def _on_outputs(rule: ExitRule, outputs: Callable[[list[Tensor]], list[Tensor]] | None) -> ExitRule:
+    """The exit rule over the raw logits of the exits run so far, when evaluation reads the
+    method's `exit_outputs` of them (boosted's sums, ZTW's ensembles: each exit's output
+    depends only on the exits up to it, so the outputs of a prefix are the prefix's)."""
+    if outputs is None:
+        return rule
+    return lambda seen: rule(outputs(seen))
+
+
 def evaluate_early_exit(cell: PreparedCell, test_data: ImageSet, test: Accuracy) -> EarlyExitResult:
     """The early-exit evaluation of a trained cell (see the module docstring): `test` holds the
     test split's confidences under the method's exit rule (`evaluate(..., confidences=True,
@@ -224,7 +233,8 @@ def evaluate_early_exit(cell: PreparedCell, test_data: ImageSet, test: Accuracy)
     if cell.dist.main:
         thresholds = fit_thresholds(val.confidence, exit_proportions(q, len(costs)))
         timing = time_early_exit(
-            model, test_data, cell.eval.norm, cell.speed, rule, thresholds, costs, q,
+            model, test_data, cell.eval.norm, cell.speed, _on_outputs(rule, cell.eval.outputs),
+            thresholds, costs, q,
             r["early_exit_images"], r["latency_warmup"],
         )  # fmt: skip
     timing = cell.dist.from_main(timing)

@@ -35,13 +35,16 @@ class EvalSpec:
     recalibration `calibrate(run)` (None: none, see `benchmark.training.bn_calib`) and, in a
     distributed cell, the rank's `Dist`: each rank evaluates its contiguous part of the split,
     and the counts (and confidences) are reduced over the ranks, so every rank returns the
-    accuracy of the whole split."""
+    accuracy of the whole split. `outputs`: the method's `exit_outputs`, which turns the logits
+    of all exits of one pass into the predictions evaluated (None: the logits; applied where
+    every sub-model comes from one pass, i.e. without BN recalibration)."""
 
     batch: int
     norm: Normalizer
     speed: Speed = Speed()
     calibrate: Calibrate | None = None
     dist: Dist = SINGLE
+    outputs: Callable[[list[Tensor]], list[Tensor]] | None = None
 
 
 @dataclass
@@ -115,7 +118,8 @@ def evaluate(
     """
     k = model.num_submodels
     if spec.calibrate is None:
-        fwd = [lambda x: model.forward_all(x)]
+        post = spec.outputs or (lambda outs: outs)
+        fwd = [lambda x: post(model.forward_all(x))]
         return run_eval(model, fwd, [k], data, spec, confidences, rule)
     forwards = [lambda x, j=j: [model.forward_sub(x, j)] for j in range(k)]
     return run_eval(model, forwards, [1] * k, data, spec, confidences, rule)
@@ -143,3 +147,27 @@ def run_eval(
     finally:
         model.train(was_training)
     return _concat(parts)
+
+
+@torch.no_grad()
+def exit_logits(model: FlexibleModel, data: ImageSet, spec: EvalSpec) -> tuple[Tensor, Tensor]:
+    """The raw logits (K, N, C) float32 of every exit (one pass per batch, eval mode, no
+    `spec.outputs`) and the labels (N,) of the split `data`, on the normaliser's device, in the
+    split's order (a distributed cell gathers every rank's part). Raises ValueError for a model
+    evaluated after BN recalibration (its sub-models do not come from one pass)."""
+    if spec.calibrate is not None:
+        raise ValueError("exit logits come from one pass: the model needs no BN recalibration")
+    device = spec.norm.scale.device
+    was_training = model.training
+    model.eval()
+    zs, ys = [], []
+    try:
+        for xb, yb in data.eval_batches(spec.batch, spec.norm, device, spec.dist.shard):
+            with spec.speed.autocast():
+                zs.append(torch.stack([z.float() for z in model.forward_all(xb)]))
+            ys.append(yb)
+    finally:
+        model.train(was_training)
+    parts = spec.dist.gather((torch.cat(zs, 1).cpu(), torch.cat(ys).cpu()))
+    logits = torch.cat([z for z, _ in parts], 1).to(device)
+    return logits, torch.cat([y for _, y in parts]).to(device)

@@ -28,7 +28,8 @@ class Position:
 @dataclass
 class CellPlan:
     """How a cell runs: sub-model names (smallest first), the method's stages, epochs per stage
-    and the cost of every sub-model (MACs, FLOPs, params, bit-ops; counted once per arch)."""
+    (`epochs`, unless a stage sets its own `Stage.epochs`) and the cost of every sub-model
+    (MACs, FLOPs, params, bit-ops; counted once per arch)."""
 
     names: list[str]
     stages: list[Stage]
@@ -41,23 +42,35 @@ class CellPlan:
     def num_submodels(self) -> int:
         return len(self.names)
 
+    def stage_epochs(self, stage: int) -> int:
+        """Number of epochs of stage `stage`."""
+        own = self.stages[stage].epochs
+        return self.epochs if own is None else own
+
     @property
     def total_epochs(self) -> int:
-        return self.epochs * len(self.stages)
+        return sum(self.stage_epochs(s) for s in range(len(self.stages)))
 
     def index_of(self, stage: int, epoch: int) -> int:
         """The flat index (global epoch) of (stage, epoch)."""
-        return stage * self.epochs + epoch
+        return sum(self.stage_epochs(s) for s in range(stage)) + epoch
 
     def stage_epoch(self, index: int) -> tuple[int, int]:
-        """(stage, epoch) of the flat index `index` (the inverse of `index_of`)."""
-        return divmod(index, self.epochs)
+        """(stage, epoch) of the flat index `index` (the inverse of `index_of`); the index
+        after the last epoch is (number of stages, 0)."""
+        for stage in range(len(self.stages)):
+            n = self.stage_epochs(stage)
+            if index < n:
+                return stage, index
+            index -= n
+        return len(self.stages), index
 
     def positions(self, start: int = 0) -> list[Position]:
         """The epochs still to run, from global epoch `start` (a resumed checkpoint's)."""
-        out, n, last = [], self.epochs, self.total_epochs - 1
+        out, last = [], self.total_epochs - 1
         for g in range(start, self.total_epochs):
             stage, epoch = self.stage_epoch(g)
+            n = self.stage_epochs(stage)
             out.append(Position(g, stage, epoch, epoch == n - 1, g == last))
         return out
 

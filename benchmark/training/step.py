@@ -7,7 +7,10 @@ A step runs in one of three shapes, picked when it is built:
   largest first, each back-propagated at once so memory holds one sub-model's graph;
 - drawn widths (`method.draws_submodels`, e.g. the sandwich rule): the method draws this step's
   widths from the step's generator (`step_generator`, seeded by seed, epoch and step only) and
-  each runs through `model.forward_width`, largest first, like the per-sub-model shape.
+  each runs through `model.forward_width`, largest first, like the per-sub-model shape;
+- the method's own (`method.owns_step`, l2w): `Method.train_step` runs the whole step (its
+  look-ahead needs the step's learning rate), with the model's own forwards (no DDP, no
+  compile).
 
 Every shape builds the same `SubOut`s and calls `Method.loss` the same way: teachers are this
 step's outputs of larger sub-models (or of a stage's frozen teachers), detached, never
@@ -118,10 +121,21 @@ class Step:
         self._teacher: Callable = fwd_sub if ddp is None else getattr(model, sub)
         if method.draws_submodels and (model.caps.widths is None or feats):
             raise ValueError(f"method {method.name} draws widths: it needs caps.widths")
+        if method.reads_earlier_exits and not model.caps.single_pass:
+            raise ValueError(f"method {method.name} reads earlier exits: it needs one pass")
+        if method.owns_step and (ddp is not None or self.speed.compile):
+            raise ValueError(f"method {method.name} runs its own step: no DDP, no compile")
         # trained sub-models, largest first: a teacher's output exists before its student's
         self.order = sorted(stage.train, reverse=True)
 
-    def __call__(self, x: Tensor, y: Tensor, g: torch.Generator | None = None) -> StepResult:
+    def __call__(
+        self, x: Tensor, y: Tensor, g: torch.Generator | None = None, lr: float | None = None
+    ) -> StepResult:
+        """`lr`: the step's learning rate, required by methods that run their own step."""
+        if self.method.owns_step:
+            if lr is None:
+                raise ValueError(f"method {self.method.name} runs its own step: pass lr")
+            return self._owned(x, y, lr)
         if self.method.draws_submodels:
             if g is None:
                 raise ValueError(f"method {self.method.name} draws widths: pass the generator")
@@ -180,6 +194,15 @@ class Step:
             if (k := rng.submodel_of(widths[i])) is not None:
                 logits[k] = teachers[i].logits
         return StepResult(total, terms, logits)
+
+    def _owned(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
+        """The method's own step (`Method.train_step`), its terms named like the others'."""
+        with self.speed.autocast():
+            total, per_sub, logits = self.method.train_step(self.model, x, y, lr)
+        terms: dict[str, Tensor] = {}
+        for k, tk in per_sub.items():
+            self._record(terms, tk, self.model.submodels[k].name)
+        return StepResult(total.detach(), terms, {k: z.detach() for k, z in logits.items()})
 
     def _loss(
         self, k: int, out: SubOut, teachers: dict[int, SubOut], y: Tensor, num: int | None = None

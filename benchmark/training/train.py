@@ -51,7 +51,7 @@ from benchmark.training.distributed import (
     ddp_forwards,
     peers_lost_interrupt,
 )
-from benchmark.training.evaluate import EvalSpec, evaluate
+from benchmark.training.evaluate import EvalSpec, evaluate, exit_logits
 from benchmark.training.final import CellResult, finish
 from benchmark.training.plan import CellPlan, Position, plan_of
 from benchmark.training.step import Step, step_generator
@@ -134,7 +134,7 @@ def train_cell(
             if step is None or pos.epoch == 0:
                 stage = cell.plan.stages[pos.stage]
                 step = Step(cell.model, cell.method, stage, cell.speed, cell.ddp)
-            metrics = train_epoch(cell, step, pos)
+            metrics = fit_epoch(cell) if stage.fit else train_epoch(cell, step, pos)
             metrics.update(cell.method.epoch_end(_epoch_context(cell, pos)))
             if not cfg["train"]["sync_bn"]:  # per-rank statistics: one network on every rank
                 average_bn_buffers(cell.model, dist)
@@ -203,7 +203,9 @@ def prepare(cfg: dict[str, Any], opts: CellOptions, dist: Dist = SINGLE) -> Prep
     run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
     run.run_id = dist.from_main(run.run_id)
     calibrate = calibrator(model, batches.epoch, cfg["train"]["bn_calib_batches"])
-    spec = EvalSpec(cfg["train"]["eval_batch_size"], norm, fast, calibrate, dist)
+    spec = EvalSpec(
+        cfg["train"]["eval_batch_size"], norm, fast, calibrate, dist, method.exit_outputs
+    )
     cell = PreparedCell(
         cfg, key, plan, model, method, optimizer, splits, batches, norm, device, fast, spec, run,
         ckpt, start, opts, dist, ddp_forwards(model, dist, device),
@@ -353,21 +355,23 @@ def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, floa
         leave=False,
     )
     lr = cell.cfg["train"]["lr"]
-    trained: set[int] = set()  # sub-models this epoch's steps trained (drawn widths: a subset)
+    # sub-models this epoch's steps trained (drawn widths: a subset), each with the fraction of
+    # the batch its logits cover (the leading rows: l2w trains on the first half of each batch)
+    trained: dict[int, float] = {}
     for i, (xb, yb) in enumerate(cell.batches.epoch(pos.epoch)):
         lr = lr_at(cell.cfg["train"], pos.epoch, i, steps)
         set_lr(cell.optimizer, lr)
         with synced(cell.cfg["train"]["sync_bn"]):
-            out = step(xb, yb, step_generator(cell.cfg["seed"], pos.index, i))
+            out = step(xb, yb, step_generator(cell.cfg["seed"], pos.index, i), lr)
         average_grads(cell.method.parameters(), cell.dist)  # the model's: DDP averaged them
-        trained.update(out.logits)
+        trained.update({k: len(z) / len(yb) for k, z in out.logits.items()})
         cell.optimizer.step()
         cell.optimizer.zero_grad(set_to_none=True)
         loss_sum += out.loss
         for name, v in out.terms.items():
             term_sums[name] = term_sums.get(name, 0) + v
         for k, z in out.logits.items():
-            correct[k] += (z.argmax(1) == yb).sum()
+            correct[k] += (z.argmax(1) == yb[: len(z)]).sum()
         if (i + 1) % log_every == 0:
             _check_finite(loss_sum.item() / (i + 1), pos, f", step {i + 1}")
             bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", lr=f"{lr:.3g}")
@@ -379,7 +383,20 @@ def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, floa
     metrics.update({f"train/loss_terms/{n}": float(v) / steps for n, v in term_sums.items()})
     seen = steps * cell.batches.batch_size
     for k in sorted(trained):
-        metrics[f"train/top1/{cell.plan.names[k]}"] = float(correct[k]) * 100 / seen
+        metrics[f"train/top1/{cell.plan.names[k]}"] = float(correct[k]) * 100 / (seen * trained[k])
+    metrics["time/epoch_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def fit_epoch(cell: PreparedCell) -> dict[str, float]:
+    """One epoch of a fitting stage (`Stage.fit`): the method fits its own state on the exit
+    logits of the validation split (the network frozen, in eval mode; no training or test
+    image is read); the fit's final loss is the epoch's train/loss."""
+    t0 = time.perf_counter()
+    logits, labels = exit_logits(cell.model, cell.splits.val, cell.eval)
+    fitted = cell.method.fit(logits, labels, cell.cfg["seed"])
+    metrics = {"train/loss": fitted["loss"], "lr": 0.0}
+    metrics.update({f"method/{k}": v for k, v in fitted.items()})
     metrics["time/epoch_s"] = time.perf_counter() - t0
     return metrics
 
@@ -409,8 +426,9 @@ def _check_finite(loss: float, pos: Position, where: str) -> None:
 def _epoch_context(cell: PreparedCell, pos: Position) -> EpochContext:
     stage = cell.plan.stages[pos.stage]
     return EpochContext(
-        cell.model, stage, pos.epoch, cell.plan.epochs, cell.batches.epoch, cell.speed.autocast
-    )
+        cell.model, stage, pos.epoch, cell.plan.stage_epochs(pos.stage), cell.batches.epoch,
+        cell.speed.autocast,
+    )  # fmt: skip
 
 
 def validate(cell: PreparedCell) -> dict[str, float]:
