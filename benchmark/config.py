@@ -345,7 +345,9 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
         raise ConfigError(
             f"architecture {cfg['arch']['name']} built no sub-models; check its arch.* settings"
         )
-    METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
+    method_cls = METHODS.get(cfg["method"]["name"])
+    method_cls.check_model(model, cfg["arch"]["name"])
+    method_cls.check_params(model, cfg["arch"]["name"], cfg["method"])
     bcb = cfg["train"]["bn_calib_batches"]
     if model.caps.bn_recalibration and bcb < 1:
         raise ConfigError(

@@ -164,6 +164,7 @@ IMAGENET_SELECTION = {
     "ddnn_resnet": {"variant": "imagenet", "block": "basic"},
     "msdnet": {"preset": "imagenet_step4", "variant": "imagenet", "n_blocks": 5, "step": 4},
     "saliency_vgg": {"variant": "imagenet", "depth": 16},
+    "sdn": {"backbone": "vgg16_bn"},
     "slimmable_mobilenet_v1": {"stem_stride": 2},
     "switchable_precision_resnet": {"variant": "imagenet", "depth": 18},
     "us_mobilenet_v1": {"stem_stride": 2},

@@ -295,6 +295,11 @@ class Method(nn.Module):
         """Raise ConfigError when this method cannot train `model` (checked before any work)."""
 
     @classmethod
+    def check_params(cls, model: nn.Module, arch: str, params: dict[str, Any]) -> None:
+        """Like `check_model`, for what only some parameter values cannot train (sdn's
+        IC-only training needs an SDN); `params` are the resolved method parameters."""
+
+    @classmethod
     def require(cls, model: FlexibleModel, arch: str, capability: str, need: str) -> None:
         """Raise IncompatibleError unless `model` declares `capability` (a `Capabilities`
         field), naming what the method needs and the architectures that have it."""
@@ -325,6 +330,12 @@ class Method(nn.Module):
         k's stage features (with gradient) and `feats[j]` of its teachers are detached.
         """
         raise NotImplementedError
+
+    def epoch_start(self, ctx: EpochContext) -> None:
+        """Called before every training epoch, also the first one after a resume; methods whose
+        loss follows the position in training (sdn's IC weights) or whose stage freezes part of
+        the model (sdn's IC-only stage) set it here, from `ctx` alone, so a resume needs no
+        state of theirs."""
 
     def epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Called after every training epoch, before validation and the checkpoint; methods that
