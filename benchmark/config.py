@@ -115,7 +115,7 @@ KEY_NEUTRAL: dict[tuple[str, str], Any] = {
     ("arch", "isc"): False,
     ("arch", "variant"): "cifar",  # the ImageNet-size networks' switch (issue 22)
     ("arch", "block"): "basic",  # ddnn_resnet's ImageNet block; the CIFAR one is basic
-    ("arch", "cascade"): False,  # Zero-Time-Waste's cascade (msdnet, byot_resnet), off
+    ("arch", "cascade"): False,  # Zero-Time-Waste's cascade (msdnet, byot_resnet, sdn), off
     **{("method", name): spec.default for name, spec in DIVERGENCE.items()},
 }
 
@@ -406,7 +406,9 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
         raise ConfigError(
             f"architecture {cfg['arch']['name']} built no sub-models; check its arch.* settings"
         )
-    METHODS.get(cfg["method"]["name"]).check_model(model, cfg["arch"]["name"])
+    method_cls = METHODS.get(cfg["method"]["name"])
+    method_cls.check_model(model, cfg["arch"]["name"])
+    method_cls.check_params(model, cfg["arch"]["name"], cfg["method"])
     _check_early_exit(cfg, model)
     bcb = cfg["train"]["bn_calib_batches"]
     if model.caps.bn_recalibration and bcb < 1:

@@ -104,7 +104,10 @@ def test_worked_example_method_is_everywhere_once_registered(my_kd, tmp_path):
     styles = method_styles(METHODS.names())
     assert styles["my_kd"] == slot_style(cls.plot_slot)
     assert {m: s for m, s in styles.items() if m != "my_kd"} == before
-    assert method_order(METHODS.names(), "joint")[-1] == "my_kd"
+    # its place in tables: after the baseline and every method of a lower slot
+    order = method_order(METHODS.names(), "joint")
+    lower = [m for m in order[1:] if m != "my_kd" and METHODS.get(m).plot_slot < cls.plot_slot]
+    assert order[: len(lower) + 2] == ["joint", *lower, "my_kd"]
     # grids with `methods: all` get it; the loss trains the model
     grid = tmp_path / "g.yaml"
     doc = {"name": "ext", "profile": "smoke", "archs": ["slimmable_mobilenet_v1"]}
@@ -112,8 +115,8 @@ def test_worked_example_method_is_everywhere_once_registered(my_kd, tmp_path):
     grid.write_text(yaml.safe_dump(doc))
     spec = load_grid(grid)
     # hsd needs re-rankable channels, sandwich a width range, imta an MSDNet, byot exit
-    # features, ztw / boosted / l2w early exits: left out of this grid
-    left_out = ("hsd", "sandwich", "imta", "byot", "ztw", "boosted", "l2w")
+    # features, ztw / boosted / l2w / sdn / pl_distill early exits: left out of this grid
+    left_out = ("hsd", "sandwich", "imta", "byot", "ztw", "boosted", "l2w", "sdn", "pl_distill")
     assert [c.method for c in spec.cells] == [m for m in METHODS.names() if m not in left_out]
     cfg = next(c.cfg for c in spec.cells if c.method == "my_kd")
     assert cfg["method"] == {"name": "my_kd", "T": 4.0, "a": 0.5}

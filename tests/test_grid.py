@@ -114,7 +114,7 @@ def fresh_db(schema_db: Path, folder: Path) -> tuple[Path, str]:
 BAD = [
     (
         {"archs": ["msdnet", "resnet"]},
-        ["unknown architecture 'resnet'", "msdnet, saliency_vgg, slimmable"],
+        ["unknown architecture 'resnet'", "msdnet, saliency_vgg, sdn, slimmable"],
     ),
     ({"methods": ["joint", "kd"]}, ["unknown method 'kd'", "independent, ipkd"]),
     ({"datasets": ["cifar11"]}, ["unknown dataset 'cifar11'", "cifar10, cifar100"]),
@@ -294,7 +294,11 @@ def test_shipped_configs_are_valid():
     } - bad
     (imta,) = [c for c in smoke.cells if c.method == "imta"]  # GE + ISC turned on by imta
     assert imta.arch == "msdnet" and imta.cfg["arch"]["ge"] and imta.cfg["arch"]["isc"]
-    assert not any(c.cfg["arch"].get("ge") for c in smoke.cells if c.method != "imta")
+    # boosted turns on GE alone (BoostNet trains MSDNet with IMTA's gradient equilibrium)
+    (boosted,) = [c for c in smoke.cells if c.method == "boosted" and c.arch == "msdnet"]
+    assert boosted.cfg["arch"]["ge"] and not boosted.cfg["arch"]["isc"]
+    ge = {c.method for c in smoke.cells if c.cfg["arch"].get("ge")}
+    assert ge == {"imta", "boosted"}, ge
     estimate(smoke)
     assert all(c.total_epochs >= 2 and c.gflops > 0 for c in smoke.cells)
     mini = REPO / "benchmark" / "configs" / "mini.yaml"

@@ -165,6 +165,7 @@ IMAGENET_SELECTION = {
     "flex_vit": {"patch": 16, "dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
     "msdnet": {"preset": "imagenet_step4", "variant": "imagenet", "n_blocks": 5, "step": 4},
     "saliency_vgg": {"variant": "imagenet", "depth": 16},
+    "sdn": {"backbone": "vgg16_bn"},
     "slimmable_mobilenet_v1": {"stem_stride": 2},
     "switchable_precision_resnet": {"variant": "imagenet", "depth": 18},
     "us_mobilenet_v1": {"stem_stride": 2},

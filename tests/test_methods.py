@@ -186,6 +186,42 @@ def test_ekd_compares_only_same_resolution_maps_and_detaches_the_full_net():
     assert z[0].grad.abs().sum() > 0 and f[0][0].grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("position", [None, (1, 10), (4, 10), (10, 10)])
+def test_sdn_loss_matches_hand_computed(position):
+    """tau_i CE_i for the ICs, C_i = 0.9 i / (K - 1), tau_i = min(C_i, 0.01 + e C_i / E); the
+    final exit: CE. Before any epoch_start (None) tau = C."""
+    method = METHODS.get("sdn")({})
+    if position is not None:
+        method.position = position
+    e, E = position or (1, 1)
+    z, y = [torch.tensor(v, dtype=torch.float64) for v in LOGITS], torch.tensor(LABELS)
+    for k in range(K):
+        got, terms = method.loss(k, z[k], {}, y, K)
+        c = 0.9 * (k + 1) / (K - 1)
+        w = 1.0 if k == K - 1 else min(c, 0.01 + e * c / E)
+        assert got.item() == pytest.approx(w * ref_ce(LOGITS[k], LABELS), rel=1e-12), k
+
+
+def test_sdn_ic_only_trains_the_final_exit_then_the_ics_on_plain_ce():
+    method = METHODS.get("sdn")({"training": "ic_only"})
+    assert method.stages(K) == [Stage((K - 1,)), Stage(tuple(range(K - 1)))]
+    got = run_losses("sdn", {"training": "ic_only"}, LOGITS, LABELS)
+    assert [got[k] for k in range(K)] == pytest.approx([ref_ce(z, LABELS) for z in LOGITS])
+
+
+@pytest.mark.parametrize("T,a", CASES)
+def test_pl_distill_loss_matches_hand_computed(T, a):
+    """(1 - a) CE for the last exit; (1 - a) CE + a KD(z_k, z_K; T) for the others, at the
+    step's T (the initial T on the first step)."""
+    got = run_losses("pl_distill", {"T": T, "a": a}, LOGITS, LABELS)
+    last = K - 1
+    for k in range(K):
+        want = (1 - a) * ref_ce(LOGITS[k], LABELS)
+        if k < last:
+            want += a * ref_kd(LOGITS[k], LOGITS[last], T)
+        assert got[k] == pytest.approx(want, rel=1e-10), k
+
+
 def test_kd_is_batchmean_kl_times_t_squared():
     from benchmark.methods import kd_loss
 

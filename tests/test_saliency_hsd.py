@@ -311,8 +311,9 @@ def test_hsd_needs_rerankable_channels_and_other_methods_run_on_saliency_vgg(tmp
     )
     assert msg in str(err.value)
     over = {f"arch.{k}": v for k, v in TINY.items()}
-    # imta needs an MSDNet, byot exit features (tests/test_exits.py), sandwich a width range
-    other_families = {"imta", "byot", "sandwich"}
+    # imta needs an MSDNet, byot exit features (tests/test_exits.py), sandwich a width range,
+    # sdn and pl_distill exits of one trunk (tests/test_sdn.py)
+    other_families = {"imta", "byot", "sandwich", "sdn", "pl_distill"}
     for name in sorted(set(METHODS.names()) - other_families):
         assert (
             resolve("saliency_vgg", "synthetic", name, 0, "smoke", over)["method"]["name"] == name

@@ -737,9 +737,10 @@ def estimate(spec: GridSpec, cells: list[GridCell] | None = None) -> None:
             c.gflops = None
             continue
         mflops = [s.mflops for s in plan.costs]
-        per_image = 0.0
-        for st in plan.stages:
-            trained = [mflops[k] for k in st.train]
+        per_image_epochs = 0.0  # a fitting stage (ZTW's ensembles) trains no sub-model
+        for i, st in enumerate(plan.stages):
+            trained = [mflops[k] for k in st.train] or [0.0]
             fwd = max(trained) if plan.single_pass else sum(trained)
-            per_image += 3 * fwd + sum(mflops[k] for k in st.frozen_teachers)
-        c.gflops = per_image * n * plan.epochs / 1e3
+            per_epoch = 3 * fwd + sum(mflops[k] for k in st.frozen_teachers)
+            per_image_epochs += per_epoch * plan.stage_epochs(i)
+        c.gflops = per_image_epochs * n / 1e3

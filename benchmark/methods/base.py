@@ -314,6 +314,11 @@ class Method(nn.Module):
         """Raise ConfigError when this method cannot train `model` (checked before any work)."""
 
     @classmethod
+    def check_params(cls, model: nn.Module, arch: str, params: dict[str, Any]) -> None:
+        """Like `check_model`, for what only some parameter values cannot train (sdn's
+        IC-only training needs an SDN); `params` are the resolved method parameters."""
+
+    @classmethod
     def require(cls, model: FlexibleModel, arch: str, capability: str, need: str) -> None:
         """Raise IncompatibleError unless `model` declares `capability` (a `Capabilities`
         field), naming what the method needs and the architectures that have it."""
@@ -347,13 +352,13 @@ class Method(nn.Module):
 
     def exit_probabilities(self, logits: list[Tensor]) -> Tensor:
         """The class probabilities (N, C) on which early exiting decides at exit k, from the
-        logits (N, C) of exits 0..k (`logits`, in order, k = len(logits) - 1): a sample leaves
+        outputs (N, C) of exits 0..k (`logits`, in order, k = len(logits) - 1; the method's
+        `exit_outputs` of the exits' logits, which evaluation reads): a sample leaves
         at exit k when their maximum passes exit k's threshold and is then predicted as their
         argmax (`benchmark.training.early_exit`). Default: softmax of exit k alone, MSDNet's
         max-probability rule (Huang et al., ICLR 2018, §5.2; kalviny/MSDNet-PyTorch
-        `adaptive_inference.py`). A method with its own rule (e.g. ZTW's ensemble of the
-        heads so far) overrides this; it may read only the exits it is given, so that the rule
-        can be applied while the network runs."""
+        `adaptive_inference.py`). A method with another rule overrides this; it may read only
+        the exits it is given, so that the rule can be applied while the network runs."""
         return max_softmax(logits)
 
     def train_step(
@@ -378,6 +383,12 @@ class Method(nn.Module):
         logits (K, N, C) of the validation split and its labels (N,), the network frozen;
         `seed` is the cell's. Returns metrics; `loss` is logged as the epoch's train/loss."""
         raise NotImplementedError(f"method {self.name} has no fitting stage")
+
+    def epoch_start(self, ctx: EpochContext) -> None:
+        """Called before every training epoch, also the first one after a resume; methods whose
+        loss follows the position in training (sdn's IC weights) or whose stage freezes part of
+        the model (sdn's IC-only stage) set it here, from `ctx` alone, so a resume needs no
+        state of theirs."""
 
     def epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Called after every training epoch, before validation and the checkpoint; methods that

@@ -67,7 +67,7 @@ class ZTW(Method):
         ),
         "fit_batch": replace(integer(512, "fit_batch"), active_if=_ON),
     }
-    ARCH_SETTINGS = {"msdnet": {"cascade": True}, "byot_resnet": {"cascade": True}}
+    ARCH_SETTINGS = {name: {"cascade": True} for name in ("msdnet", "byot_resnet", "sdn")}
 
     def __init__(self, params: dict[str, Any] | None = None, label_smoothing: float = 0.0):
         super().__init__(params, label_smoothing)

@@ -31,6 +31,7 @@ def make_model(cfg: dict[str, Any], num_classes: int, image_size: int) -> Flexib
     model = build_model(cfg["arch"]["name"], arch, num_classes, image_size)
     method_cls = METHODS.get(cfg["method"]["name"])
     method_cls.check_model(model, cfg["arch"]["name"])
+    method_cls.check_params(model, cfg["arch"]["name"], cfg["method"])
     if method_cls.separate_networks:
         model = IndependentModel(model)
     return model

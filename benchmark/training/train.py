@@ -134,6 +134,7 @@ def train_cell(
             if step is None or pos.epoch == 0:
                 stage = cell.plan.stages[pos.stage]
                 step = Step(cell.model, cell.method, stage, cell.speed, cell.ddp)
+            cell.method.epoch_start(_epoch_context(cell, pos))
             metrics = fit_epoch(cell) if stage.fit else train_epoch(cell, step, pos)
             metrics.update(cell.method.epoch_end(_epoch_context(cell, pos)))
             if not cfg["train"]["sync_bn"]:  # per-rank statistics: one network on every rank
