@@ -44,8 +44,8 @@ bench: venv
 # generated 500 x 375 JPEGs), and the ResNet-50 / MobileNet-V1 training steps vs the torchvision
 # reference loop, alternating rounds in one process; sizes: --batch, --steps, --rounds (CPU-small
 # defaults). See docs/performance.md.
-bench-imagenet: venv
-	$(PY) scripts/bench_imagenet.py
+bench-imagenet: venv  # flags: make bench-imagenet ARGS="--rounds 5 --batch 8"
+	$(PY) scripts/bench_imagenet.py $(ARGS)
 
 # docs/results/: the real-data grid (mini profile, real CIFAR-10, 3 seeds), the ipkd/ipkd_ta
 # studies and the tuned grid, then the report; resumes after any stop (hours on 2 CPU cores).

@@ -157,6 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     opts = CellOptions(args.tracking_uri, args.experiment, args.resume, args.restart)
     if args.nproc_per_node is None:
+        _refuse_launch_args_without_ranks(args)
         result = train_cell(cfg, opts)
     else:
         from benchmark.training.distributed import launch_cell
@@ -176,6 +177,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 RESUME_HINT = "the cell's checkpoint is kept; rerun with --resume to continue"
+
+
+def _refuse_launch_args_without_ranks(args: argparse.Namespace) -> None:
+    """`--nnodes`, `--node-rank`, `--master-addr` and `--master-port` describe the ranks of
+    `--nproc-per-node`: without it they would be ignored, so they are an error."""
+    given = [
+        flag
+        for flag, value, default in (
+            ("--nnodes", args.nnodes, 1),
+            ("--node-rank", args.node_rank, 0),
+            ("--master-addr", args.master_addr, None),
+            ("--master-port", args.master_port, None),
+        )  # fmt: skip
+        if value != default
+    ]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} describe the ranks of a distributed cell and need "
+            f"--nproc-per-node N (ranks on this machine); got no --nproc-per-node"
+        )
 
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:

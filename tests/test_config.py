@@ -72,6 +72,10 @@ BAD_INPUTS = {
         ["unknown preset 'huge' for arch msdnet", "anytime, budgeted"],
     ),
     "path_missing": (["--dataset", "imagefolder:{tmp}/nowhere"], ["nowhere", "does not exist"]),
+    "imagenet_path_missing": (
+        ["--dataset", "imagenet:{tmp}/nowhere"],
+        ["imagenet path {tmp}/nowhere does not exist"],
+    ),
     "path_not_given": (["--dataset", "imagefolder"], ["imagefolder needs a path"]),
     "folder_no_classes": (
         ["--dataset", "imagefolder:{tmp}/empty"],

@@ -233,6 +233,16 @@ def test_bad_world_sizes_are_refused_before_any_work(tmp_path, capsys, monkeypat
     assert "--node-rank must be in 0..1, got 2 (int)" in capsys.readouterr().err
     assert cli.main([*base, "--nproc-per-node", "2", "--nnodes", "2"]) == 2
     assert "--nnodes 2 needs --master-addr" in capsys.readouterr().err
+    port = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", "99999"]
+    assert cli.main([*base, "--nproc-per-node", "2", *port]) == 2
+    assert "--master-port must be a TCP port in 1..65535, got 99999 (int)" in (
+        capsys.readouterr().err
+    )
+    for alone in (["--node-rank", "1"], ["--nnodes", "0"], ["--master-port", "29501"]):
+        assert cli.main([*base, *alone]) == 2  # without --nproc-per-node they would be ignored
+        assert f"{alone[0]} describe the ranks of a distributed cell and need --nproc-per-node" in (
+            capsys.readouterr().err
+        )
     assert not any(tmp_path.iterdir())  # nothing started
 
 

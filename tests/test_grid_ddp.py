@@ -201,7 +201,7 @@ def test_more_ranks_than_cores_warn_like_train(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     spec = load_grid(write(tmp_path), devices_per_cell=4)
-    with pytest.warns(UserWarning, match="--nproc-per-node 4 on CPU oversubscribes the 2 cores"):
+    with pytest.warns(UserWarning, match="devices_per_cell 4 on CPU oversubscribes the 2 cores"):
         _precheck(RunOptions(devices="cpu"), spec.cells)
 
 

@@ -44,11 +44,11 @@ def is_system_file(name: str) -> bool:
     return any(p.startswith(".") or p.lower() in SYSTEM_NAMES for p in parts if p)
 
 
-def _listing(path: Path) -> Listing:
+def _listing(path: Path, kind: str = "imagefolder") -> Listing:
     """{entry name: (size, mtime_ns)} of every non-system file in a directory, (size, CRC-32)
-    in a zip. Hidden folders are not walked."""
+    in a zip. Hidden folders are not walked. `kind`: the dataset kind a missing path names."""
     if not path.exists():
-        raise ConfigError(f"imagefolder path {path} does not exist")
+        raise ConfigError(f"{kind} path {path} does not exist")
     if path.is_dir():
         found: Listing = {}
         for folder, dirs, files in os.walk(path):

@@ -43,7 +43,7 @@ def _layout(arg: str | None) -> tuple[Path, dict[str, tuple[int, int]], Index]:
     """(path, listing, {train, val} index); ConfigError for a missing split, differing classes
     or a flat (devkit) val folder."""
     path = Path(str(arg)).expanduser()
-    listing = _listing(path)
+    listing = _listing(path, "imagenet")
     flat = [n for n in listing if n.count("/") == 1 and n.startswith("val/")]
     flat = [n for n in flat if n.lower().endswith(IMAGE_EXT)]
     if flat:

@@ -244,7 +244,7 @@ def _check_world_sizes(cells: list[GridCell], device: str) -> None:
         if c.devices > 1:
             cfg = {**c.cfg, "runtime": {**c.cfg["runtime"], "device": device}}
             try:
-                check_world(cfg, c.devices)
+                check_world(cfg, c.devices, flag="devices_per_cell")
             except ConfigError as exc:
                 raise ConfigError(
                     f"grid cell {c.label} with devices_per_cell {c.devices}: {exc}"

@@ -420,6 +420,9 @@ def build_msdnet(num_classes: int, image_size: int, **p) -> MSDNet:
     return MSDNet(num_classes, MSDNetConfig(**p))
 
 
+IMAGENET_HINT = "; at ImageNet size use --profile imagenet (or --set arch.preset=imagenet_step4)"
+
+
 def _check_head_size(variant: str, n_scales: int, image_size: int) -> None:
     """The exit heads (two stride-2 3x3 convs, AvgPool(2)) must pool the coarsest scale to 1x1:
     that scale must be 5..12 px (CIFAR 32 px -> 8, ImageNet 224 px -> 7)."""
@@ -432,4 +435,5 @@ def _check_head_size(variant: str, n_scales: int, image_size: int) -> None:
             f"msdnet variant {variant} with {n_scales} scales takes its exits at image_size / "
             f"{2**halvings}, which must be 5..12 px for the exit heads to pool to 1x1 "
             f"(CIFAR: 32 px, ImageNet: 224 px); got {image_size} px -> {size} px"
+            + (IMAGENET_HINT if variant == "cifar" and image_size >= 160 else "")
         )

@@ -181,32 +181,34 @@ def init_rank(device_spec: str, backend: str | None = None) -> tuple[Dist, str]:
     return Dist(rank, world, local), device
 
 
-def check_world(cfg: dict[str, Any], nproc: int, nnodes: int = 1) -> int:
+def check_world(
+    cfg: dict[str, Any], nproc: int, nnodes: int = 1, flag: str = "--nproc-per-node"
+) -> int:
     """The cell's world size nproc x nnodes, checked against the devices and the global batch
-    (ConfigError); on CPU more ranks than cores only warn (they oversubscribe the cores)."""
-    for name, v in (("--nproc-per-node", nproc), ("--nnodes", nnodes)):
+    (ConfigError); on CPU more ranks than cores only warn (they oversubscribe the cores).
+    `flag`: how the user gave nproc (`--nproc-per-node`, a grid's `devices_per_cell`)."""
+    for name, v in ((flag, nproc), ("--nnodes", nnodes)):
         if not (isinstance(v, int) and v >= 1):
             raise ConfigError(f"{name} must be an integer >= 1, {got(v)}")
     world = nproc * nnodes
+    batch = cfg["train"]["batch_size"]
+    if batch % world:
+        valid = ", ".join(str(w) for w in range(1, batch + 1) if batch % w == 0)
+        given = "--nproc-per-node x --nnodes" if flag == "--nproc-per-node" else flag
+        raise ConfigError(
+            f"train.batch_size {batch} is not divisible by the world size {world} "
+            f"({given}); valid world sizes: {valid}"
+        )
     dev = str(cfg["runtime"]["device"])
     cuda = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
     if cuda and nproc > torch.cuda.device_count():
         raise ConfigError(
-            f"--nproc-per-node {nproc} exceeds the {torch.cuda.device_count()} CUDA devices "
+            f"{flag} {nproc} exceeds the {torch.cuda.device_count()} CUDA devices "
             f"here; valid: 1..{torch.cuda.device_count()}"
         )
     cores = os.cpu_count() or 1
     if not cuda and nproc > cores:
-        warnings.warn(
-            f"--nproc-per-node {nproc} on CPU oversubscribes the {cores} cores", stacklevel=2
-        )
-    batch = cfg["train"]["batch_size"]
-    if batch % world:
-        valid = ", ".join(str(w) for w in range(1, batch + 1) if batch % w == 0)
-        raise ConfigError(
-            f"train.batch_size {batch} is not divisible by the world size {world} "
-            f"(--nproc-per-node x --nnodes); valid world sizes: {valid}"
-        )
+        warnings.warn(f"{flag} {nproc} on CPU oversubscribes the {cores} cores", stacklevel=2)
     return world
 
 
@@ -231,6 +233,8 @@ def launch_cell(
         raise ConfigError(f"--nnodes {nnodes} needs --master-addr (the machine of node rank 0)")
     if not 0 <= node_rank < nnodes:
         raise ConfigError(f"--node-rank must be in 0..{nnodes - 1}, {got(node_rank)}")
+    if master_port is not None and not 1 <= master_port <= 65535:
+        raise ConfigError(f"--master-port must be a TCP port in 1..65535, {got(master_port)}")
     datasets.check(*datasets.cell_source(cfg))
     cfg = {**cfg, "runtime": {**cfg["runtime"], "world_size": world}}
     with tempfile.TemporaryDirectory(prefix="flexbench-ddp-") as tmp:
