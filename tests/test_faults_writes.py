@@ -137,6 +137,27 @@ def test_a_full_disk_that_also_holds_the_store_still_gives_the_disk_line(
     assert line.startswith("flexbench: error: no space left on ")
 
 
+def test_a_dataloader_workers_death_during_the_end_record_does_not_leave_the_run_running(
+    capsys,
+):
+    """A signal to the whole process group kills the DataLoader workers too; torch's SIGCHLD
+    handler raises their deaths into the write that records the run's end. That write is
+    tried again, so the run is closed, not left `running` with a warning."""
+    from types import SimpleNamespace
+
+    from benchmark.record import tracking
+
+    calls = []
+
+    def end() -> None:
+        calls.append(1)
+        if len(calls) <= 2:  # two workers, two deaths
+            raise RuntimeError("DataLoader worker (pid 14060) is killed by signal: Terminated.")
+
+    tracking.CellRun._record_end(SimpleNamespace(run_id="r"), end)
+    assert len(calls) == 3 and "could not be marked" not in capsys.readouterr().err
+
+
 def test_a_full_disk_while_writing_the_cells_artifacts_is_one_line_and_resume_finishes(
     tracking_uri, client, tmp_path, capsys, monkeypatch
 ):

@@ -366,19 +366,34 @@ class CellRun:
         """Record how the run ended; a store that cannot take it (the full disk that ended the
         cell often holds the SQLite database too) costs a warning, never the error that ended
         the run (the grid and `--resume` treat the run left `running` as interrupted). MLflow's
-        own traceback of the failed write is silenced: the warning says it in one line."""
+        own traceback of the failed write is silenced: the warning says it in one line.
+
+        The end is tried up to END_ATTEMPTS times (its writes are idempotent): a signal sent to
+        the whole process group (Ctrl-C, `timeout`, a job scheduler) also kills the DataLoader
+        workers, and torch's SIGCHLD handler raises their death into whatever the main process
+        runs then, i.e. into this write."""
         db_log = logging.getLogger("mlflow.store.db.utils")
         was, db_log.disabled = db_log.disabled, True
         try:
-            end()
-        except Exception as exc:  # noqa: BLE001 - whatever the store raises
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(
-                f"warning: MLflow run {self.run_id} could not be marked as ended ({first})",
-                file=sys.stderr,
-            )
+            for attempt in range(END_ATTEMPTS):
+                try:
+                    end()
+                    return
+                except Exception as exc:  # noqa: BLE001 - whatever the store raises
+                    if attempt == END_ATTEMPTS - 1:
+                        text = str(exc).strip()
+                        first = text.splitlines()[0] if text else type(exc).__name__
+                        print(
+                            f"warning: MLflow run {self.run_id} could not be marked as ended "
+                            f"({first})",
+                            file=sys.stderr,
+                        )
         finally:
             db_log.disabled = was
+
+
+# tries to record a run's end (`CellRun._record_end`): each dead DataLoader worker may raise once
+END_ATTEMPTS = 4
 
 
 class SilentRun:
