@@ -28,6 +28,14 @@ _PALETTE = [
     "#44AA99",  # teal
     "#AA4499",  # magenta
     "#DDCC77",  # sand
+    "#117733",  # dark green
+    "#661100",  # dark red
+    "#6699CC",  # steel blue
+    "#AA4466",  # rose
+    "#4477AA",  # mid blue
+    "#997700",  # ochre
+    "#BBBBBB",  # light grey
+    "#EE99AA",  # pink
 ]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h"]
 
@@ -59,7 +67,7 @@ def declared_slots() -> dict[str, int]:
 
 
 def slot_style(slot: int) -> dict[str, str]:
-    """Colour and marker of a slot; past the palette (16 colours) the marker shifts, so slot 16
+    """Colour and marker of a slot; past the palette (24 colours) the marker shifts, so slot 24
     (black squares) still differs from slot 0 (black circles)."""
     n = len(_PALETTE)
     return {"color": _PALETTE[slot % n], "marker": _MARKERS[(slot + slot // n) % len(_MARKERS)]}

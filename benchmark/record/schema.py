@@ -216,6 +216,14 @@ BUDGETED_AUC = "test/budgeted_auc"
 EARLY_EXIT = "early_exit/{name}"
 
 
+def is_wall_time(key: str) -> bool:
+    """Whether a parent-run metric is a measured wall time (per-sub-model latency, real early
+    exiting's ms per image), which no rerun reproduces exactly, unlike every other metric."""
+    return key.startswith("latency_ms/") or (
+        key.startswith("early_exit/") and "ms_per_image" in key
+    )
+
+
 def short_dataset(name: str) -> str:
     """A dataset's short name, as grid labels and reports show it: a file-backed dataset by
     its file name (`imagefolder:/any/dir/cifar10-jpeg.zip` -> `imagefolder:cifar10-jpeg.zip`),
