@@ -71,6 +71,17 @@ def _ensemble(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(logits).sum(0).float().softmax(1)
 
 
+def _val_and_test(seed: int) -> tuple[list[TensorSet], Normalizer]:
+    """A 60-image validation and a 40-image test split of random images, and a normaliser."""
+    g = torch.Generator().manual_seed(seed)
+    sets = [
+        TensorSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                  torch.randint(0, 10, (n,), generator=g))
+        for n in (60, 40)
+    ]  # fmt: skip
+    return sets, Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
+
+
 def test_real_early_exiting_decides_on_the_methods_exit_outputs():
     """boosted's exits predict with the sums of the earlier exits (`exit_outputs`): real early
     exiting decides on those sums too, so it takes the exits and reaches the top-1 the
@@ -79,13 +90,7 @@ def test_real_early_exiting_decides_on_the_methods_exit_outputs():
 
     model = _smoke_model("msdnet")
     method = make_method(resolve("msdnet", "synthetic", "boosted", 0, "smoke"), 3)
-    g = torch.Generator().manual_seed(1)
-    sets = [
-        TensorSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
-                  torch.randint(0, 10, (n,), generator=g))
-        for n in (60, 40)
-    ]  # fmt: skip
-    norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
+    sets, norm = _val_and_test(seed=1)
     spec = EvalSpec(16, norm, outputs=method.exit_outputs)
     val, test = (evaluate(model, s, spec, True) for s in sets)
     raw = evaluate(model, sets[1], EvalSpec(16, norm), True)
@@ -103,13 +108,7 @@ def test_real_early_exiting_decides_on_the_methods_exit_outputs():
 @pytest.mark.parametrize("rule", [max_softmax, _ensemble])
 def test_real_early_exiting_takes_the_exits_the_budgeted_simulation_predicts(rule):
     model = _smoke_model("msdnet")
-    g = torch.Generator().manual_seed(0)
-    sets = [
-        TensorSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
-                  torch.randint(0, 10, (n,), generator=g))
-        for n in (60, 40)
-    ]  # fmt: skip
-    norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
+    sets, norm = _val_and_test(seed=0)
     spec = EvalSpec(16, norm)
     val, test = (evaluate(model, s, spec, True, rule) for s in sets)
     # the confidences are the rule's, exit k reading exits 0..k of the same pass
