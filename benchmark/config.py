@@ -410,6 +410,11 @@ def _validate_arch(cfg: dict[str, Any]) -> None:
     method_cls.check_model(model, cfg["arch"]["name"])
     method_cls.check_params(model, cfg["arch"]["name"], cfg["method"])
     _check_early_exit(cfg, model)
+    if method_cls.owns_step and cfg["runtime"]["compile"]:
+        raise ConfigError(
+            f"method {cfg['method']['name']} runs its own training step, which torch.compile "
+            f"does not wrap: runtime.compile must be false, {got(cfg['runtime']['compile'])}"
+        )
     bcb = cfg["train"]["bn_calib_batches"]
     if model.caps.bn_recalibration and bcb < 1:
         raise ConfigError(

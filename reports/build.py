@@ -25,7 +25,7 @@ from reports.cd_diagram import cd_diagram
 from reports.load import CELL, PANEL, Experiment, histories, load_experiment
 from reports.output import MARKER, check_out, relocate, staging
 from reports.references import Reference, compare, load_references, sources_frame
-from reports.stats import AUC, MEAN, paired, scores, summarize
+from reports.stats import AUC, EE_AUC, MEAN, SUMMARIES, paired, scores, summarize
 from reports.style import method_order, method_styles
 
 FORMATS = ("md", "html", "tex", "csv")
@@ -100,13 +100,13 @@ def method_summaries(summary: pd.DataFrame, pairs: pd.DataFrame, order: list[str
     rows = []
     if summary.empty:
         return pd.DataFrame()
-    s = summary[summary["key"].isin([MEAN, AUC])].set_index([*PANEL, "method", "key"])
+    s = summary[summary["key"].isin(SUMMARIES)].set_index([*PANEL, "method", "key"])
     p = pairs.set_index([*PANEL, "method", "key"]) if not pairs.empty else None
     for panel, g in summary.groupby(PANEL, sort=True):
         unit = UNITS[g["cost_axis"].iloc[0]]
         for m in [m for m in order if m in set(g["method"])]:
             row = {**dict(zip(PANEL, panel)), "method": m, "AUC over": unit}
-            for key, label in ((MEAN, "top-1 mean"), (AUC, "AUC")):
+            for key, label in ((MEAN, "top-1 mean"), (AUC, "AUC"), (EE_AUC, EE_AUC)):
                 idx = (*panel, m, key)
                 if idx in s.index:
                     r = s.loc[idx]
@@ -125,6 +125,8 @@ def method_summaries(summary: pd.DataFrame, pairs: pd.DataFrame, order: list[str
                     row[f"Δ {label}"] = ""
             rows.append(row)
     cols = [*PANEL, "method", "n", "top-1 mean", "Δ top-1 mean", "AUC over", "AUC", "Δ AUC"]
+    if EE_AUC in set(summary["key"]):  # only panels with early exiting have the column
+        cols += [EE_AUC, f"Δ {EE_AUC}"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 

@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from benchmark.costs.axis import UNITS  # noqa: E402
-from reports.stats import AUC, MEAN  # noqa: E402
+from reports.stats import AUC, MEAN, SUMMARIES  # noqa: E402
 from reports.style import COLUMN_WIDTH, PAGE_WIDTH, RC  # noqa: E402
 from reports.tables import COST_DEFINITION, fmt_cost, panel_slug, panel_title  # noqa: E402
 
@@ -210,7 +210,7 @@ def gain(pairs: pd.DataFrame, summary: pd.DataFrame, ctx: PanelPlot) -> Figure |
     labels = []
     for k in keys:
         f = cost.get(k, math.nan)
-        labels.append(k if k in (MEAN, AUC) or math.isnan(f) else f"{k}\n{fmt_cost(f)}")
+        labels.append(k if k in SUMMARIES or math.isnan(f) else f"{k}\n{fmt_cost(f)}")
     width = 0.8 / len(methods)
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8), layout="constrained")
@@ -219,7 +219,7 @@ def gain(pairs: pd.DataFrame, summary: pd.DataFrame, ctx: PanelPlot) -> Figure |
             x = np.arange(len(keys)) + (i - (len(methods) - 1) / 2) * width
             _gain_bars(ax, x, h, m, styles[m], width)
         ax.axhline(0, color="black", linewidth=0.8)
-        summaries = [i for i, k in enumerate(keys) if k in (MEAN, AUC)]
+        summaries = [i for i, k in enumerate(keys) if k in SUMMARIES]
         if summaries and summaries[0] > 0:
             ax.axvline(summaries[0] - 0.5, color="grey", linestyle=":", linewidth=0.8)
         ax.set_xticks(np.arange(len(keys)), labels=labels, fontsize=6)

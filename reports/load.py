@@ -227,12 +227,14 @@ def _tidy_rows(
                 col = "metrics." + f.parent_key(sub, SPLIT)
                 row[f.name] = float(run[col]) if col in run.index and pd.notna(run[col]) else None
             row["submodel_index"] = order.get((cell.run_id, sub))
+            auc = run.get("metrics." + schema.BUDGETED_AUC)
+            row["budgeted_auc"] = float(auc) if auc is not None and pd.notna(auc) else None
             rows.append(row)
-    cols = [*CELL, "submodel", "submodel_index", "run_id", *SUB_METRICS, "cost_axis", "cost"]
-    tidy = pd.DataFrame(rows, columns=cols)
+    cols = [*CELL, "submodel", "submodel_index", "run_id", *SUB_METRICS, "budgeted_auc"]
+    tidy = pd.DataFrame(rows, columns=[*cols, "cost_axis", "cost"])
     if tidy.empty:
         return tidy, incomplete
-    for name in SUB_METRICS:
+    for name in (*SUB_METRICS, "budgeted_auc"):
         tidy[name] = pd.to_numeric(tidy[name])
     tidy = _with_cost(tidy)
     # Sub-models without a child run: order by cost (sub-models are smallest first).

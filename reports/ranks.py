@@ -29,7 +29,7 @@ import scikit_posthocs as sp
 from scipy import stats as st
 
 from reports.load import PANEL
-from reports.stats import ALPHA, AUC, MEAN
+from reports.stats import ALPHA, SUMMARIES
 
 CASE = [*PANEL, "key", "seed"]
 POWER = 0.8  # target power of the seed-count estimate
@@ -61,7 +61,7 @@ class RankTest:
 def case_matrix(sc: pd.DataFrame) -> pd.DataFrame:
     """Test top-1 as cases (rows: panel, sub-model, seed) x methods; summaries left out so
     that no cell counts twice."""
-    subs = sc[~sc["key"].isin([MEAN, AUC])]
+    subs = sc[~sc["key"].isin(SUMMARIES)]
     if subs.empty:
         return pd.DataFrame()
     return subs.pivot_table(index=CASE, columns="method", values="value", aggfunc="first")
@@ -154,7 +154,7 @@ def win_tie_loss(pairs: pd.DataFrame, baseline: str | None, order: list[str]) ->
     cols = ["method", "cells", "wins", "ties", "losses", "ties with < 3 pairs"]
     if baseline is None or pairs.empty:
         return pd.DataFrame(columns=cols)
-    subs = pairs[~pairs["key"].isin([MEAN, AUC]) & (pairs["n"] > 0)]
+    subs = pairs[~pairs["key"].isin(SUMMARIES) & (pairs["n"] > 0)]
     rows = []
     for m in [m for m in order if m in set(subs["method"])]:
         g = subs[subs["method"] == m]

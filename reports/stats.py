@@ -2,9 +2,11 @@
 
 Everything works on a long `scores` table: one row per (arch, dataset, profile, method, seed, key)
 where `key` is a sub-model name or one of the per-cell summaries `MEAN` (mean top-1 over the
-sub-models) and `AUC` (normalised area under top-1 vs the panel's `cost`: MFLOPs, or GBitOps
-where only bit-widths separate the sub-models, see `reports.load`). So a summary gets exactly the
-same treatment (CIs, paired tests, tables) as a sub-model. Rows carry the panel's `cost_axis`.
+sub-models), `AUC` (normalised area under top-1 vs the panel's `cost`: MFLOPs, or GBitOps
+where only bit-widths separate the sub-models, see `reports.load`) and, for cells that ran
+early exiting, `EE_AUC` (the cell's `test/budgeted_auc`: the area under its early-exit curve).
+So a summary gets exactly the same treatment (CIs, paired tests, tables) as a sub-model.
+Rows carry the panel's `cost_axis`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from reports.load import PANEL
 
 MEAN = "top-1 mean"
 AUC = "AUC"
+EE_AUC = "early-exit AUC"
+SUMMARIES = (MEAN, AUC, EE_AUC)  # the per-cell summary keys, after the sub-models
 ALPHA = 0.05
 MIN_N_SIGNIFICANCE = 3  # never mark significance with fewer paired seeds
 MIN_N_WILCOXON = 6  # below 6 pairs the exact two-sided Wilcoxon p cannot reach 0.05
@@ -29,7 +33,7 @@ COSTS = ("mflops", "gbitops", "cost_axis", "cost")
 
 
 def scores(tidy: pd.DataFrame) -> pd.DataFrame:
-    """Long table: per cell, one row per sub-model (top-1) plus the MEAN and AUC summaries."""
+    """Long table: per cell, one row per sub-model (top-1) plus the summaries (`SUMMARIES`)."""
     cols = [*PANEL, "method", "seed", "key", "key_index", *COSTS, "value"]
     if tidy.empty:
         return pd.DataFrame(columns=cols)
@@ -45,6 +49,9 @@ def scores(tidy: pd.DataFrame) -> pd.DataFrame:
         if g["cost"].notna().all():
             value = auc_top1(g["cost"].tolist(), g["top1"].tolist())
             rows.append({**base, "key": AUC, "key_index": 1001, "value": value})
+        if "budgeted_auc" in g and g["budgeted_auc"].notna().any():
+            value = float(g["budgeted_auc"].dropna().iloc[0])
+            rows.append({**base, "key": EE_AUC, "key_index": 1002, "value": value})
     out = pd.concat([subs, pd.DataFrame(rows, columns=cols)], ignore_index=True)
     out["key_index"] = out["key_index"].astype(int)
     return out

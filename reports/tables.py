@@ -19,7 +19,7 @@ import pandas as pd
 
 from benchmark.costs.axis import UNITS
 from reports.load import PANEL
-from reports.stats import ALPHA, AUC, MEAN, MIN_N_SIGNIFICANCE
+from reports.stats import ALPHA, AUC, EE_AUC, MEAN, MIN_N_SIGNIFICANCE
 
 
 def fmt_num(x: float, digits: int = 2) -> str:
@@ -81,7 +81,7 @@ class TableEntry:
 @dataclass
 class ResultTable:
     panel: tuple[str, str, str]
-    keys: list[str]  # column keys: sub-models (smallest first), then MEAN, AUC
+    keys: list[str]  # column keys: sub-models (smallest first), then the SUMMARIES present
     cost_axis: str  # "mflops" or "gbitops": the unit of `cost` and of the AUC
     cost: dict[str, float]
     methods: list[str]  # row order, baseline first
@@ -104,6 +104,13 @@ class ResultTable:
             f"{self.unit} divided by the {self.unit} range.",
             "Bold: best mean in the column.",
         ]
+        if EE_AUC in self.keys:
+            parts.insert(
+                2,
+                f"'{EE_AUC}' is the cell's test/budgeted_auc: the area under its early-exit curve "
+                "(test top-1 vs average MFLOPs per image, thresholds fitted on the validation "
+                "split) divided by the MFLOPs from the first exit to the last.",
+            )
         if self.baseline in self.methods:
             parts.append(
                 f"* / **: paired t-test against {self.baseline} over the seeds both finished, "

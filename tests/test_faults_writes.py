@@ -154,7 +154,7 @@ def test_a_dataloader_workers_death_during_the_end_record_does_not_leave_the_run
         if len(calls) <= 2:  # two workers, two deaths
             raise RuntimeError("DataLoader worker (pid 14060) is killed by signal: Terminated.")
 
-    tracking.CellRun._record_end(SimpleNamespace(run_id="r"), end)
+    tracking.CellRun.record_end(SimpleNamespace(run_id="r"), end)
     assert len(calls) == 3 and "could not be marked" not in capsys.readouterr().err
 
 

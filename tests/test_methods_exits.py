@@ -300,8 +300,22 @@ def test_methods_refuse_models_without_exits(name, sets, match, tmp_path):
         ("msdnet", "boosted", {"method.r": -1}, r"r \(the ensemble reweight\) must be >= 0"),
         ("msdnet", "l2w", {"method.eps": -0.5}, "eps must be >= 0, got -0.5"),
         ("msdnet", "l2w", {"method.hidden": 1.5}, "hidden must be an integer >= 1"),
+        ("msdnet", "l2w", {"runtime.compile": True}, "runtime.compile must be false, got True"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line(arch, name, sets, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         smoke_cfg(arch, name, tmp_path, **sets)
+
+
+def test_l2w_on_several_devices_is_refused_before_any_process(tmp_path):
+    """L2W's look-ahead step cannot run under DDP: `--nproc-per-node 2` (or a grid's
+    devices_per_cell) is one ConfigError before torchrun starts."""
+    from benchmark.training.distributed import check_world
+
+    cfg = smoke_cfg("msdnet", "l2w", tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"method l2w runs its own training step.*got world size 2"
+    ):
+        check_world(cfg, 2)
+    assert check_world(cfg, 1) == 1

@@ -113,6 +113,9 @@ def _finished_cell(
             Metric(f"latency_ms/{s}", 1.0 + i, ts, epochs),
         ]
     final.append(Metric("test/top1_mean", sum(top1) / len(top1), ts, epochs))
+    if arch == ARCH:  # the area under the early-exit curve: 58 + seed (+1 for ipkd)
+        ee_auc = 58.0 + seed + (method == "ipkd")
+        final.append(Metric("test/budgeted_auc", ee_auc, ts, epochs))
     tags = [RunTag("flexbench.status", "finished")]
     if gbitops is not None:  # the trainer's own rule and AUC (benchmark/costs/axis.py)
         from benchmark.costs.axis import auc_top1, cost_axis
@@ -281,6 +284,22 @@ def test_means_stds_and_cis_by_hand(report):
     assert r["mean"] == pytest.approx(sum(auc.values()) / 3)
     sc = report.scores
     assert _row(sc, method="joint", seed=0, key="AUC")["value"] == pytest.approx(auc[0])
+    # the early-exit curve's area is the cell's own test/budgeted_auc, summarised over seeds
+    r = _row(s, method="ipkd", key="early-exit AUC")
+    assert r["n"] == 3 and r["mean"] == pytest.approx(60.0) and r["std"] == pytest.approx(1.0)
+    assert _row(sc, method="joint", seed=2, key="early-exit AUC")["value"] == 60.0
+
+
+def test_tables_show_the_early_exit_area_with_its_paired_test(report):
+    """The early-exit panel's table has the 'early-exit AUC' column, defined in its caption, and
+    the paired test against the baseline (ipkd - joint = +1 at every seed)."""
+    (t,) = [t for t in report.tables if t.panel[0] == ARCH]
+    assert t.keys[-3:] == ["top-1 mean", "AUC", "early-exit AUC"]
+    assert "'early-exit AUC' is the cell's test/budgeted_auc" in t.caption
+    r = _row(report.pairs, method="ipkd", key="early-exit AUC")
+    assert r["diff_mean"] == pytest.approx(1.0) and r["n"] == 3
+    m = report.methods.set_index("method").loc["ipkd"]
+    assert m["early-exit AUC"].startswith("60.00") and m["Δ early-exit AUC"].startswith("+1.00")
 
 
 def test_paired_tests_by_hand(report):

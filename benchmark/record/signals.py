@@ -35,12 +35,20 @@ def _raise_once(signum: int, frame: FrameType | None) -> None:
     (closing MLflow runs, stopping workers) is not itself interrupted. Inside a `deferred()`
     block the interruption waits for the block's end."""
     _held["received"] = _held["received"] or signum
-    for sig in (*HANDLED, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_further()
     if _held["depth"]:
         _held["pending"] = signum
         return
     _interrupt(signum)
+
+
+def ignore_further() -> None:
+    """From now on ignore the handled signals and SIGINT (main thread only): an interruption is
+    being cleaned up, e.g. another rank's loss (`RankLost`), which torchrun follows with SIGTERM
+    to this rank a moment later; that signal must not cut the run's `interrupted` record."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (*HANDLED, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _interrupt(signum: int) -> None:

@@ -352,17 +352,17 @@ class CellRun:
         try:
             yield
         except KeyboardInterrupt:
-            self._record_end(self.interrupted)
+            self.record_end(self.interrupted)
             raise
         except CellPruned:
-            self._record_end(self.pruned)
+            self.record_end(self.pruned)
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            self._record_end(lambda: self.fail(reason))
+            self.record_end(lambda: self.fail(reason))
             raise
 
-    def _record_end(self, end: Callable[[], None]) -> None:
+    def record_end(self, end: Callable[[], None]) -> None:
         """Record how the run ended; a store that cannot take it (the full disk that ended the
         cell often holds the SQLite database too) costs a warning, never the error that ended
         the run (the grid and `--resume` treat the run left `running` as interrupted). MLflow's
@@ -392,7 +392,7 @@ class CellRun:
             db_log.disabled = was
 
 
-# tries to record a run's end (`CellRun._record_end`): each dead DataLoader worker may raise once
+# tries to record a run's end (`CellRun.record_end`): each dead DataLoader worker may raise once
 END_ATTEMPTS = 4
 
 

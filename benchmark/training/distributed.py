@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from benchmark import data as datasets
 from benchmark.data.pipeline import Shard
 from benchmark.errors import ConfigError, TrainingError, WriteError, got
+from benchmark.methods import METHODS
+from benchmark.record import schema, signals
 
 if TYPE_CHECKING:
     from benchmark.training.final import CellResult
@@ -154,6 +156,7 @@ def peers_lost_interrupt(d: Dist) -> Iterator[None]:
     except (dist.DistError, RuntimeError) as exc:
         text = str(exc)
         if d.world > 1 and (isinstance(exc, dist.DistError) or any(s in text for s in _PEER_GONE)):
+            signals.ignore_further()
             raise RankLost(
                 f"another rank of the cell stopped ({text.splitlines()[0][:160]})"
             ) from exc
@@ -191,6 +194,12 @@ def check_world(
         if not (isinstance(v, int) and v >= 1):
             raise ConfigError(f"{name} must be an integer >= 1, {got(v)}")
     world = nproc * nnodes
+    if world > 1 and METHODS.get(cfg["method"]["name"]).owns_step:
+        raise ConfigError(
+            f"method {cfg['method']['name']} runs its own training step (a look-ahead meta "
+            f"update), which DistributedDataParallel cannot wrap: it runs on one device; "
+            f"valid: {flag} 1, got world size {world}"
+        )
     batch = cfg["train"]["batch_size"]
     if batch % world:
         valid = ", ".join(str(w) for w in range(1, batch + 1) if batch % w == 0)
@@ -240,10 +249,13 @@ def launch_cell(
     with tempfile.TemporaryDirectory(prefix="flexbench-ddp-") as tmp:
         spec, outcome = Path(tmp) / "cell.json", Path(tmp) / "outcome.json"
         options = {k: v for k, v in asdict(opts).items() if k != "epoch_callback"}
+        options["run_id_file"] = str(Path(tmp) / "run_id")
         spec.write_text(json.dumps({"cfg": cfg, "opts": options, "outcome": str(outcome)}))
         cmd = _torchrun(spec, nproc, nnodes, node_rank, master_addr, master_port)
         code = _run(cmd, _rank_env(cfg, nproc))
-        return _outcome(outcome, code)
+        if not outcome.exists():
+            raise RankLost(_rank0_lost(code, Path(options["run_id_file"]), opts))
+        return _outcome(outcome)
 
 
 def _torchrun(
@@ -295,11 +307,27 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
         raise
 
 
-def _outcome(path: Path, code: int) -> CellResult:
+def _rank0_lost(code: int, run_id_file: Path, opts: CellOptions) -> str:
+    """Rank 0 died without reporting (SIGKILLed: the OOM killer, or torchrun's SIGKILL 30 s
+    after its SIGTERM): the run it left `running` is marked `interrupted` here, so that the
+    record says what happened; returns the message of the RankLost to raise."""
+    from benchmark.record import tracking
+
+    why = f"rank 0 ended without a result (torchrun exit code {code})"
+    if not run_id_file.exists():  # it died before its run was open: there is nothing to mark
+        return why
+    uri = tracking.resolve_uri(opts.tracking_uri)
+    run = tracking.CellRun(uri, opts.experiment or tracking.DEFAULT_EXPERIMENT)
+    run.run_id = run_id_file.read_text().strip()
+    status = run.client.get_run(run.run_id).data.tags.get(schema.STATUS)
+    if status == "running":
+        run.record_end(run.interrupted)
+    return f"{why}; its run {run.run_id} is marked interrupted"
+
+
+def _outcome(path: Path) -> CellResult:
     from benchmark.training.final import CellResult
 
-    if not path.exists():
-        raise RankLost(f"rank 0 ended without a result (torchrun exit code {code})")
     out = json.loads(path.read_text())
     errors = {"config": ConfigError, "training": TrainingError, "write": WriteError}
     if out["status"] == "cannot_resume":

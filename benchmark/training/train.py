@@ -63,7 +63,9 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 class CellOptions:
     """How to run a cell. `evaluate_test=False` seals the test split (studies: final metrics on
     val only); `epoch_callback(global epoch, metrics)` runs after every epoch's checkpoint and
-    may raise CellPruned (run marked `pruned`) or anything else (run marked `failed`)."""
+    may raise CellPruned (run marked `pruned`) or anything else (run marked `failed`).
+    `run_id_file`: where rank 0 writes the MLflow run id once the run is open (set by
+    `distributed.launch_cell`, which marks the run `interrupted` if rank 0 dies unreported)."""
 
     tracking_uri: str | None = None
     experiment: str | None = None
@@ -73,6 +75,7 @@ class CellOptions:
     epoch_callback: EpochCallback | None = None
     progress: bool = True
     extra_tags: dict[str, str] = field(default_factory=dict)
+    run_id_file: str | None = None
 
 
 @dataclass
@@ -203,6 +206,8 @@ def prepare(cfg: dict[str, Any], opts: CellOptions, dist: Dist = SINGLE) -> Prep
     tags[schema.WORLD_SIZE] = str(dist.world)
     run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
     run.run_id = dist.from_main(run.run_id)
+    if opts.run_id_file and dist.main:
+        Path(opts.run_id_file).write_text(str(run.run_id))
     calibrate = calibrator(model, batches.epoch, cfg["train"]["bn_calib_batches"])
     spec = EvalSpec(
         cfg["train"]["eval_batch_size"], norm, fast, calibrate, dist, method.exit_outputs
