@@ -24,11 +24,13 @@ demo: venv
 sysdeps:
 	bash scripts/install_system_deps.sh
 
+# One pytest worker per core (pytest-xdist); each test file stays on one worker, so a file's
+# module fixtures (servers, stores) are started once.
 test: venv sysdeps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-all: venv sysdeps
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n auto --dist loadfile -m ''
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -57,6 +57,8 @@ class Report:
     win_tie_loss: pd.DataFrame = field(default_factory=pd.DataFrame)
     separation: pd.DataFrame = field(default_factory=pd.DataFrame)  # seeds needed per cell
     study_figures: list[figs.Figure] = field(default_factory=list)
+    # accuracy vs MFLOPs across architectures, per (dataset, profile) shared by >= 2 of them
+    family_figures: list[figs.Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     run_id: str | None = None
@@ -306,13 +308,15 @@ def _analyse(exp: Experiment, refs: list[Reference], base: str | None, out: Path
         ref_unrelated=unrelated,
     )
     report.figures = panel_figures(report, styles)
+    report.family_figures = figs.families(report.summary, report.order, styles, report.out)
     add_rankings(report, styles)
     return report
 
 
 def _all_figures(r: Report) -> list[figs.Figure]:
     panel = [f for fs in r.figures.values() for f in fs]
-    return [*panel, *r.rank_figures, *(f for _, _, f in r.panel_ranks), *r.study_figures]
+    ranks = [*r.rank_figures, *(f for _, _, f in r.panel_ranks)]
+    return [*panel, *r.family_figures, *ranks, *r.study_figures]
 
 
 def _add_study_figures(report: Report, studies: list) -> None:

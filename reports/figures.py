@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from benchmark.costs.axis import UNITS  # noqa: E402
 from reports.stats import AUC, MEAN, SUMMARIES  # noqa: E402
@@ -304,3 +304,57 @@ def draw_band_line(ax, x, g: pd.DataFrame, style: dict, label: str | None) -> No
     if ok.any():
         lo, hi = (g["mean"] - g["std"]).to_numpy(), (g["mean"] + g["std"]).to_numpy()
         ax.fill_between(x[ok], lo[ok], hi[ok], color=style["color"], alpha=0.15, linewidth=0)
+
+
+ARCH_LINES = ("-", "--", ":", "-.")  # one line style per architecture of a families figure
+
+
+def families(summary: pd.DataFrame, order: list[str], styles: dict, out: Path) -> list[Figure]:
+    """Accuracy vs MFLOPs across architectures: per (dataset, profile) that two or more
+    architectures with an MFLOPs axis share, one line per (architecture, method) through its
+    sub-models' mean test top-1 (±1 std bars), colour and marker the method's, line style the
+    architecture's; log MFLOPs axis. So flexible families of different kinds (e.g. a nested ViT
+    and a slimmable CNN) are read off one plot; panels on GBitOps stay out (another unit)."""
+    made: list[Figure] = []
+    g = summary[summary["cost"].notna() & (summary["cost_axis"] == "mflops")]
+    for (dataset, profile), d in g.groupby(["dataset", "profile"], sort=True):
+        archs = sorted(set(d["arch"]))
+        if len(archs) < 2:
+            continue
+        methods = [m for m in order if m in set(d["method"])]
+        with plt.rc_context(RC):
+            fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.2), layout="constrained")
+            for a_i, arch in enumerate(archs):
+                for m in methods:
+                    h = d[(d["arch"] == arch) & (d["method"] == m)].sort_values("key_index")
+                    if h.empty:
+                        continue
+                    ax.errorbar(
+                        h["cost"],
+                        h["mean"],
+                        yerr=h["std"].to_numpy() if (h["n"] > 1).any() else None,
+                        color=styles[m]["color"],
+                        marker=styles[m]["marker"],
+                        ls=ARCH_LINES[a_i % len(ARCH_LINES)],
+                        capsize=2,
+                        elinewidth=0.8,
+                        label=f"{arch} · {m} (n={int(h['n'].max())})",
+                    )
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(X_LABEL["mflops"])
+            ax.set_ylabel("test top-1 (%)")
+            ax.set_title(f"{dataset} ({profile}): families side by side")
+            fig.legend(frameon=False, loc="outside lower center", ncol=1, fontsize=6)
+            stem = f"figures/families_{panel_slug((dataset, profile))}"
+            files = save(fig, out, stem)
+        cap = (
+            f"Test top-1 at the last epoch vs {COST_DEFINITION['mflops']} of each sub-model, "
+            f"on {dataset} ({profile}), for every architecture with an MFLOPs axis: one line per "
+            f"architecture (line style) and method (colour, marker), mean over seeds (n in the "
+            f"legend), error bars ±1 std (none with n = 1); log MFLOPs axis."
+        )
+        made.append(Figure(stem, f"Families side by side — {dataset} ({profile})", cap, files))
+    return made

@@ -340,6 +340,10 @@ def _results_html(r) -> list[str]:
         parts.append("<div class='figs'>")
         parts += [_figure_html(f) for f in r.figures.get(t.panel, [])]
         parts.append("</div>")
+    if r.family_figures:
+        parts.append("<h3 id='families'>Families side by side</h3><div class='figs'>")
+        parts += [_figure_html(f) for f in r.family_figures]
+        parts.append("</div>")
     return parts
 
 
@@ -435,6 +439,10 @@ def render_markdown(r) -> str:
         lines += [f"### {tb.panel_title(t.panel)}", "", t.caption, "", tb.markdown(t)]
         for f in r.figures.get(t.panel, []):
             lines += [f"![{f.title}]({f.stem}.png)", "", f"*{f.title}.* {f.caption}", ""]
+    if r.family_figures:
+        lines += ["### Families side by side", ""]
+    for f in r.family_figures:
+        lines += [f"![{f.title}]({f.stem}.png)", "", f"*{f.title}.* {f.caption}", ""]
     lines += ["## One-number summaries per method", "", tb.frame_markdown(r.methods)]
     if not r.methods_bestval.empty:
         lines += ["### Selected on val", "", BESTVAL_CAPTION, ""]
@@ -483,6 +491,7 @@ def write(r, formats: set[str]) -> list[Path]:
         files.append(path)
     for figs in r.figures.values():
         files += [p for f in figs for p in f.files]
+    files += [p for f in r.family_figures for p in f.files]
     files += [p for f in r.rank_figures for p in f.files]
     files += [p for _, _, f in r.panel_ranks for p in f.files]
     files += [p for f in r.study_figures for p in f.files]

@@ -963,3 +963,27 @@ def test_selected_on_val_summaries_sit_beside_the_last_epoch(report):
         text = (report.out / page).read_text()
         assert "Selected on val" in text and "nothing is ever chosen on test" in text.lower()
     assert (report.out / "tables" / "summary_bestval.csv").exists()
+
+
+def test_families_figure_puts_architectures_of_one_dataset_side_by_side(tmp_path, mixed):
+    """Two architectures on MFLOPs sharing (dataset, profile) -> one families figure, files
+    written; a lone MFLOPs architecture, or one next to a GBitOps panel (another unit), none."""
+    from reports.figures import families
+    from reports.style import method_styles
+
+    rows = [
+        {"arch": a, "dataset": "cifar10", "profile": "mini", "method": m, "key": f"s{i}",
+         "key_index": i, "cost": c * (i + 1), "cost_axis": "mflops", "n": 2,
+         "mean": 40.0 + 10 * i, "std": 1.0}
+        for a, c in (("flex_vit", 3.0), ("slimmable_mobilenet_v1", 5.0))
+        for m in ("joint", "sandwich")
+        for i in range(3)
+    ]  # fmt: skip
+    summary = pd.DataFrame(rows)
+    styles = method_styles(["joint", "sandwich"])
+    (fig,) = families(summary, ["joint", "sandwich"], styles, tmp_path)
+    assert fig.stem == "figures/families_cifar10_mini"
+    assert {p.suffix for p in fig.files} == {".png", ".pdf"} and all(p.exists() for p in fig.files)
+    assert "one line per architecture (line style) and method (colour, marker)" in fig.caption
+    assert families(summary[summary["arch"] == "flex_vit"], ["joint"], styles, tmp_path) == []
+    assert mixed.family_figures == []  # msdnet on MFLOPs, the bit-width panel on GBitOps
