@@ -11,7 +11,7 @@ import sys
 from typing import Any, TypeVar
 
 from benchmark.errors import ConfigError, TrainingError, WriteError
-from benchmark.record import signals
+from benchmark.record import schema, signals
 
 T = TypeVar("T")
 
@@ -167,13 +167,32 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.master_port,
         )  # fmt: skip
     print(f"cell {result.key}: MLflow run {result.run_id}")
+    width = max((len(row["name"]) for row in result.rows), default=10)
     for row in result.rows:  # width-spectrum points have no latency
         latency = "" if row.get("latency_ms") is None else f"  {row['latency_ms']:.2f} ms"
         print(
-            f"  {row['name']:10s} top1 {row['top1']:6.2f}%  top5 {row['top5']:6.2f}%  "
+            f"  {row['name']:{width}s} top1 {row['top1']:6.2f}%  top5 {row['top5']:6.2f}%  "
             f"{row['mflops']:9.3f} MFLOPs  {row['params_m']:.4f} M params{latency}"
         )
+    _print_early_exit(result.metrics)
     return 0
+
+
+def _print_early_exit(m: dict[str, float]) -> None:
+    """The early-exit summary of a cell whose sub-models are exits of one pass: the area of
+    its budgeted curve and real early exiting at batch 1 (docs/mlflow-schema.md)."""
+    if schema.BUDGETED_AUC in m:
+        print(f"  early exit: budgeted AUC {m[schema.BUDGETED_AUC]:.2f}% (thresholds from val)")
+    ee = {
+        k: m.get(schema.EARLY_EXIT.format(name=k))
+        for k in ("ms_per_image", "full_ms_per_image", "mflops", "top1", "q")
+    }
+    if ee["ms_per_image"] is not None:
+        print(
+            f"  real early exiting (batch 1, q={ee['q']:g}): {ee['ms_per_image']:.2f} ms/image "
+            f"vs {ee['full_ms_per_image']:.2f} ms through every exit, {ee['mflops']:.2f} MFLOPs "
+            f"on average, top1 {ee['top1']:.2f}%"
+        )
 
 
 RESUME_HINT = "the cell's checkpoint is kept; rerun with --resume to continue"

@@ -147,7 +147,8 @@ def acc_vs_cost(
 def _sub_model_axis(ax, xs, names: list[str], log: bool) -> None:
     """The sub-model names on a top axis at their costs."""
     top = ax.secondary_xaxis("top")
-    top.set_xticks(xs, labels=names, fontsize=6)
+    tilt = {"rotation": 30, "ha": "left"} if len(names) > 4 else {}
+    top.set_xticks(xs, labels=names, fontsize=6, **tilt)
     top.tick_params(length=2, pad=1)
     if log:
         top.minorticks_off()
@@ -177,8 +178,9 @@ def _gain_bars(ax, x, h: pd.DataFrame, m: str, style: dict, width: float) -> Non
     """One method's bars of paired gains (`h`: its rows by sub-model) with 95% CI bars and the
     significance marks above (or below) them."""
     y = h["diff_mean"].to_numpy(dtype=float)
-    err = h["diff_ci95"].to_numpy(dtype=float)
     n = int(h["n"].max()) if h["n"].notna().any() else 0
+    # with 2 pairs the interval is +-12.7 sd (t with 1 dof): it would flatten every bar
+    err = h["diff_ci95"].to_numpy(dtype=float) if n >= 3 else np.full(len(y), np.nan)
     ax.bar(
         x,
         np.nan_to_num(y),
@@ -208,9 +210,10 @@ def gain(pairs: pd.DataFrame, summary: pd.DataFrame, ctx: PanelPlot) -> Figure |
     cost = summary.drop_duplicates("key").set_index("key")["cost"]
     unit = UNITS[summary["cost_axis"].iloc[0]]
     labels = []
+    sep = " " if len(keys) > 5 else "\n"  # tilted labels (many keys) on one line each
     for k in keys:
         f = cost.get(k, math.nan)
-        labels.append(k if k in SUMMARIES or math.isnan(f) else f"{k}\n{fmt_cost(f)}")
+        labels.append(k if k in SUMMARIES or math.isnan(f) else f"{k}{sep}{fmt_cost(f)}")
     width = 0.8 / len(methods)
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8), layout="constrained")
@@ -222,7 +225,8 @@ def gain(pairs: pd.DataFrame, summary: pd.DataFrame, ctx: PanelPlot) -> Figure |
         summaries = [i for i, k in enumerate(keys) if k in SUMMARIES]
         if summaries and summaries[0] > 0:
             ax.axvline(summaries[0] - 0.5, color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xticks(np.arange(len(keys)), labels=labels, fontsize=6)
+        tilt = {"rotation": 40, "ha": "right"} if len(keys) > 5 else {}
+        ax.set_xticks(np.arange(len(keys)), labels=labels, fontsize=6, **tilt)
         ax.set_xlabel(f"sub-model and its cost ({unit})", fontsize=7)
         ax.set_ylabel(f"top-1 gain over {baseline} (pp)")
         ax.grid(axis="x", visible=False)
@@ -233,7 +237,8 @@ def gain(pairs: pd.DataFrame, summary: pd.DataFrame, ctx: PanelPlot) -> Figure |
     cap = (
         f"Gain in test top-1 (percentage points) over {baseline}, {panel_title(panel)}: mean "
         f"of the paired differences over the seeds both methods finished (n in the legend), "
-        f"error bars = 95% t-interval of that mean (n ≥ 2). * / ** mark paired t-test "
+        f"error bars = 95% t-interval of that mean (n ≥ 3; with 2 pairs it spans ±12.7 sd and "
+        f"is left out). * / ** mark paired t-test "
         f"p < 0.05 / 0.01, only with n ≥ 3 pairs. Under each sub-model: its cost in {unit}. "
         f"Right of the dotted line: the per-cell summaries ('{MEAN}', '{AUC}' over {unit})."
     )
@@ -306,15 +311,16 @@ def draw_band_line(ax, x, g: pd.DataFrame, style: dict, label: str | None) -> No
         ax.fill_between(x[ok], lo[ok], hi[ok], color=style["color"], alpha=0.15, linewidth=0)
 
 
-ARCH_LINES = ("-", "--", ":", "-.")  # one line style per architecture of a families figure
-
-
 def families(summary: pd.DataFrame, order: list[str], styles: dict, out: Path) -> list[Figure]:
     """Accuracy vs MFLOPs across architectures: per (dataset, profile) that two or more
     architectures with an MFLOPs axis share, one line per (architecture, method) through its
-    sub-models' mean test top-1 (±1 std bars), colour and marker the method's, line style the
-    architecture's; log MFLOPs axis. So flexible families of different kinds (e.g. a nested ViT
-    and a slimmable CNN) are read off one plot; panels on GBitOps stay out (another unit)."""
+    sub-models' mean test top-1 (±1 std bars): colour = architecture, marker = the method's;
+    log MFLOPs axis. So flexible families of different kinds (e.g. a nested ViT and a slimmable
+    CNN) are read off one plot; panels on GBitOps stay out (another unit)."""
+    from matplotlib.lines import Line2D
+
+    from reports.style import slot_style
+
     made: list[Figure] = []
     g = summary[summary["cost"].notna() & (summary["cost_axis"] == "mflops")]
     for (dataset, profile), d in g.groupby(["dataset", "profile"], sort=True):
@@ -322,9 +328,10 @@ def families(summary: pd.DataFrame, order: list[str], styles: dict, out: Path) -
         if len(archs) < 2:
             continue
         methods = [m for m in order if m in set(d["method"])]
+        colour = {a: slot_style(i)["color"] for i, a in enumerate(archs)}
         with plt.rc_context(RC):
-            fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.2), layout="constrained")
-            for a_i, arch in enumerate(archs):
+            fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.0), layout="constrained")
+            for arch in archs:
                 for m in methods:
                     h = d[(d["arch"] == arch) & (d["method"] == m)].sort_values("key_index")
                     if h.empty:
@@ -333,12 +340,12 @@ def families(summary: pd.DataFrame, order: list[str], styles: dict, out: Path) -
                         h["cost"],
                         h["mean"],
                         yerr=h["std"].to_numpy() if (h["n"] > 1).any() else None,
-                        color=styles[m]["color"],
+                        color=colour[arch],
                         marker=styles[m]["marker"],
-                        ls=ARCH_LINES[a_i % len(ARCH_LINES)],
+                        markersize=4,
                         capsize=2,
                         elinewidth=0.8,
-                        label=f"{arch} · {m} (n={int(h['n'].max())})",
+                        linewidth=1.0,
                     )
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -347,14 +354,21 @@ def families(summary: pd.DataFrame, order: list[str], styles: dict, out: Path) -
             ax.set_xlabel(X_LABEL["mflops"])
             ax.set_ylabel("test top-1 (%)")
             ax.set_title(f"{dataset} ({profile}): families side by side")
-            fig.legend(frameon=False, loc="outside lower center", ncol=1, fontsize=6)
+            n = d.groupby(["arch", "method"])["n"].max()
+            handles = [Line2D([], [], color=colour[a], label=a) for a in archs] + [
+                Line2D([], [], color="grey", marker=styles[m]["marker"], ls="none",
+                       label=f"{m} (n={int(n.xs(m, level='method').max())})")
+                for m in methods
+            ]  # fmt: skip
+            fig.legend(handles=handles, frameon=False, loc="outside lower center", ncol=2)
             stem = f"figures/families_{panel_slug((dataset, profile))}"
             files = save(fig, out, stem)
         cap = (
             f"Test top-1 at the last epoch vs {COST_DEFINITION['mflops']} of each sub-model, "
             f"on {dataset} ({profile}), for every architecture with an MFLOPs axis: one line per "
-            f"architecture (line style) and method (colour, marker), mean over seeds (n in the "
-            f"legend), error bars ±1 std (none with n = 1); log MFLOPs axis."
+            f"architecture (colour) and method (marker), mean over seeds (n in the legend: the "
+            f"most seeds of any architecture), error bars ±1 std (none with n = 1); log MFLOPs "
+            f"axis."
         )
         made.append(Figure(stem, f"Families side by side — {dataset} ({profile})", cap, files))
     return made

@@ -638,7 +638,7 @@ def test_bitwidth_figures_draw_gbitops(mixed, monkeypatch, tmp_path):
     (top,) = acc.child_axes  # sub-model names sit exactly at their cost
     assert list(top.get_xticks()) == pytest.approx(BIT_GBITOPS)
     labels = [t.get_text() for t in gain.get_xticklabels()]
-    assert labels[:2] == ["b2\n0.04", "b4\n0.16"] and "(GBitOps)" in gain.get_xlabel()
+    assert labels[:2] == ["b2 0.04", "b4 0.16"] and "(GBitOps)" in gain.get_xlabel()
     assert msd.get_xlabel() == "MFLOPs per image (forward)"
     assert list(msd.get_lines()[0].get_xdata()) == pytest.approx(MFLOPS, rel=0.02)
 
@@ -984,6 +984,6 @@ def test_families_figure_puts_architectures_of_one_dataset_side_by_side(tmp_path
     (fig,) = families(summary, ["joint", "sandwich"], styles, tmp_path)
     assert fig.stem == "figures/families_cifar10_mini"
     assert {p.suffix for p in fig.files} == {".png", ".pdf"} and all(p.exists() for p in fig.files)
-    assert "one line per architecture (line style) and method (colour, marker)" in fig.caption
+    assert "one line per architecture (colour) and method (marker)" in fig.caption
     assert families(summary[summary["arch"] == "flex_vit"], ["joint"], styles, tmp_path) == []
     assert mixed.family_figures == []  # msdnet on MFLOPs, the bit-width panel on GBitOps
