@@ -335,7 +335,7 @@ def ic_positions(fractions: list[float], ics: object, backbone: str) -> list[int
             "schedule": "multistep",
             "milestones": [0.35, 0.6, 0.85],
             "gamma": 0.1,
-        }
+        },
     },
 )
 def build_sdn(
