@@ -266,3 +266,26 @@ def test_world_size_is_the_launchers(tmp_path, tracking_uri):
     cfg = smoke_cfg("msdnet", "joint", tmp_path, runtime__world_size=2)
     with pytest.raises(ConfigError, match=r"runtime.world_size 2 is set by the launcher"):
         train_cell(cfg, CellOptions(tracking_uri))
+
+
+def test_a_rank_0_lost_unreported_leaves_a_true_record(tmp_path, tracking_uri, client):
+    """The launcher's side of a rank 0 gone without an outcome: a run left `running` becomes
+    `interrupted`; a run rank 0 did close keeps its status; a store that cannot be opened
+    is said, and the RankLost message still comes."""
+    from benchmark.record import schema
+    from benchmark.training.distributed import _rank0_lost
+    from benchmark.training.train import CellOptions
+
+    exp = client.create_experiment("lost")
+    rid = client.create_run(exp, tags={schema.STATUS: "running"}).info.run_id
+    (tmp_path / "run_id").write_text(rid)
+    opts = CellOptions(tracking_uri=tracking_uri, experiment="lost")
+    msg = _rank0_lost(1, tmp_path / "run_id", opts)
+    lost = "rank 0 ended without a result (torchrun exit code 1)"
+    assert msg == f"{lost}; its run {rid} is marked interrupted"
+    assert client.get_run(rid).data.tags[schema.STATUS] == "interrupted"
+    assert client.get_run(rid).info.status == "KILLED"
+    assert _rank0_lost(1, tmp_path / "run_id", opts).endswith(f"its run {rid} is interrupted")
+    assert _rank0_lost(1, tmp_path / "none", opts).endswith("(torchrun exit code 1)")
+    gone = CellOptions(tracking_uri=f"sqlite:///{tmp_path}/no/such/dir/m.db", experiment="lost")
+    assert "could not be marked interrupted" in _rank0_lost(1, tmp_path / "run_id", gone)

@@ -362,11 +362,12 @@ class CellRun:
             self.record_end(lambda: self.fail(reason))
             raise
 
-    def record_end(self, end: Callable[[], None]) -> None:
-        """Record how the run ended; a store that cannot take it (the full disk that ended the
-        cell often holds the SQLite database too) costs a warning, never the error that ended
-        the run (the grid and `--resume` treat the run left `running` as interrupted). MLflow's
-        own traceback of the failed write is silenced: the warning says it in one line.
+    def record_end(self, end: Callable[[], None]) -> bool:
+        """Record how the run ended (True: recorded); a store that cannot take it (the full
+        disk that ended the cell often holds the SQLite database too) costs a warning, never
+        the error that ended the run (the grid and `--resume` treat the run left `running` as
+        interrupted). MLflow's own traceback of the failed write is silenced: the warning says
+        it in one line.
 
         The end is tried up to END_ATTEMPTS times (its writes are idempotent): a signal sent to
         the whole process group (Ctrl-C, `timeout`, a job scheduler) also kills the DataLoader
@@ -378,7 +379,7 @@ class CellRun:
             for attempt in range(END_ATTEMPTS):
                 try:
                     end()
-                    return
+                    return True
                 except Exception as exc:  # noqa: BLE001 - whatever the store raises
                     if attempt == END_ATTEMPTS - 1:
                         text = str(exc).strip()
@@ -390,6 +391,7 @@ class CellRun:
                         )
         finally:
             db_log.disabled = was
+        return False
 
 
 # tries to record a run's end (`CellRun.record_end`): each dead DataLoader worker may raise once

@@ -316,13 +316,26 @@ def _rank0_lost(code: int, run_id_file: Path, opts: CellOptions) -> str:
     why = f"rank 0 ended without a result (torchrun exit code {code})"
     if not run_id_file.exists():  # it died before its run was open: there is nothing to mark
         return why
-    uri = tracking.resolve_uri(opts.tracking_uri)
-    run = tracking.CellRun(uri, opts.experiment or tracking.DEFAULT_EXPERIMENT)
-    run.run_id = run_id_file.read_text().strip()
-    status = run.client.get_run(run.run_id).data.tags.get(schema.STATUS)
-    if status == "running":
-        run.record_end(run.interrupted)
-    return f"{why}; its run {run.run_id} is marked interrupted"
+    rid = run_id_file.read_text().strip()
+    try:
+        uri = tracking.resolve_uri(opts.tracking_uri)
+        run = tracking.CellRun(uri, opts.experiment or tracking.DEFAULT_EXPERIMENT)
+    except Exception as exc:  # noqa: BLE001 - the store is gone too: say so, raise RankLost
+        return f"{why}; its run {rid} could not be marked interrupted ({type(exc).__name__})"
+    run.run_id = rid
+
+    found: dict[str, str | None] = {}
+
+    def end() -> None:  # a run rank 0 did close keeps its status
+        found["status"] = run.client.get_run(rid).data.tags.get(schema.STATUS)
+        if found["status"] == "running":
+            run.interrupted()
+
+    if not run.record_end(end):  # the store cannot take it: a warning, the run says running
+        return f"{why}; its run {rid} could not be marked interrupted"
+    if found["status"] == "running":
+        return f"{why}; its run {rid} is marked interrupted"
+    return f"{why}; its run {rid} is {found['status']}"
 
 
 def _outcome(path: Path) -> CellResult:

@@ -206,8 +206,10 @@ def prepare(cfg: dict[str, Any], opts: CellOptions, dist: Dist = SINGLE) -> Prep
     tags[schema.WORLD_SIZE] = str(dist.world)
     run.start(cfg, key, flatten(cfg), tags, run_id=state["run_id"] if state else None)
     run.run_id = dist.from_main(run.run_id)
-    if opts.run_id_file and dist.main:
-        Path(opts.run_id_file).write_text(str(run.run_id))
+    if opts.run_id_file and dist.main:  # whole or absent: written aside, then renamed
+        tmp = Path(opts.run_id_file + ".tmp")
+        tmp.write_text(str(run.run_id))
+        tmp.replace(opts.run_id_file)
     calibrate = calibrator(model, batches.epoch, cfg["train"]["bn_calib_batches"])
     spec = EvalSpec(
         cfg["train"]["eval_batch_size"], norm, fast, calibrate, dist, method.exit_outputs
