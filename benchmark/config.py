@@ -116,6 +116,8 @@ KEY_NEUTRAL: dict[tuple[str, str], Any] = {
     ("arch", "variant"): "cifar",  # the ImageNet-size networks' switch (issue 22)
     ("arch", "block"): "basic",  # ddnn_resnet's ImageNet block; the CIFAR one is basic
     ("arch", "cascade"): False,  # Zero-Time-Waste's cascade (msdnet, byot_resnet, sdn), off
+    ("arch", "resolutions"): [],  # the input-resolution axis (us_mobilenet_v1, issue 25), off
+    ("method", "resolution"): "full",  # sandwich's drawn widths at the image size, as before
     **{("method", name): spec.default for name, spec in DIVERGENCE.items()},
 }
 

@@ -2,7 +2,8 @@
 
 One cell, one seed: each sub-model is a marker on its cost (MFLOPs, or GBitOps for bit-width
 networks, see `benchmark.costs.axis`); early-exit cells add the budgeted-batch curve, universally
-slimmable cells their width spectrum (rows with `spectrum` = "true") as a line.
+slimmable cells their width spectrum (rows with `spectrum` = "true") as a line, and cells with a
+resolution axis one spectrum (or one line of fixed sub-models) per input resolution.
 """
 
 from __future__ import annotations
@@ -24,6 +25,32 @@ AXIS_LABEL = {
 }
 
 
+def _by_resolution(rows: list[dict[str, Any]]) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """(resolution, its rows) per input resolution, largest first; one group (None) for a cell
+    without a resolution axis."""
+    found = sorted({r.get("resolution") for r in rows}, key=lambda v: -(v or 0))
+    return [(res, [r for r in rows if r.get("resolution") == res]) for res in found]
+
+
+def _draw_resolution(
+    ax, res, rows: list[dict[str, Any]], axis: str, several: bool, line_label: str | None
+) -> None:
+    """One resolution's width spectrum (rows with `spectrum` = "true") as a line and its fixed
+    sub-models as markers (a line through them, `line_label`, when there is no spectrum)."""
+    spectrum = [r for r in rows if r.get("spectrum") == "true"]
+    fixed = [r for r in rows if r.get("spectrum") != "true"]
+    at, color = (f" at {res} px" if several else ""), None
+    if spectrum:
+        label = f"width spectrum{at}" + ("" if several else " (BN recalibrated)")
+        xs, ys = [r[axis] for r in spectrum], [r["top1"] for r in spectrum]
+        color = ax.plot(xs, ys, lw=1, label=label)[0].get_color()
+    xs, ys = [r[axis] for r in fixed], [r["top1"] for r in fixed]
+    if spectrum:
+        ax.plot(xs, ys, ls="", marker="o", color=color, label=f"evaluation widths{at}")
+    else:
+        ax.plot(xs, ys, marker="o", label=f"{res} px" if several else line_label)
+
+
 def draw_cell_figure(
     path: Path,
     title: str,
@@ -33,22 +60,13 @@ def draw_cell_figure(
     budgeted: list[dict[str, float]] | None = None,
 ) -> Path:
     """Write the PNG of `rows` (one dict per sub-model with `name`, `top1` and `axis`) to
-    `path`; `budgeted`: points with `mflops` and `top1` (thresholds fitted on val)."""
+    `path`; `budgeted`: points with `mflops` and `top1` (thresholds fitted on val). A cell with
+    a resolution axis (rows with a `resolution`) gets one curve per input resolution."""
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=150)
-    spectrum = [r for r in rows if r.get("spectrum") == "true"]
-    rows = [r for r in rows if r.get("spectrum") != "true"]
-    xs, ys = [r[axis] for r in rows], [r["top1"] for r in rows]
-    if spectrum:
-        ax.plot(
-            [r[axis] for r in spectrum],
-            [r["top1"] for r in spectrum],
-            lw=1,
-            label="width spectrum (BN recalibrated)",
-        )
-        ax.plot(xs, ys, ls="", marker="o", label="evaluation widths")
-        ax.legend(fontsize=7)
-    else:
-        ax.plot(xs, ys, marker="o", label="anytime (each exit)" if budgeted else None)
+    groups = _by_resolution(rows)
+    several = len(groups) > 1
+    for res, group in groups:
+        _draw_resolution(ax, res, group, axis, several, "anytime (each exit)" if budgeted else None)
     if budgeted:
         ax.plot(
             [p["mflops"] for p in budgeted],
@@ -56,8 +74,9 @@ def draw_cell_figure(
             lw=1,
             label="budgeted batch (thresholds from val)",
         )
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    for r in rows:
+    for r in (r for r in rows if r.get("spectrum") != "true"):
         ax.annotate(
             r["name"], (r[axis], r["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=7
         )

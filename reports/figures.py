@@ -67,24 +67,50 @@ def _legend_label(method: str, n: int, baseline: str | None) -> str:
     return f"{method}{base}, n={n}"
 
 
+# line styles of the resolutions of a panel's curves: the image size solid, then lower ones
+RESOLUTION_STYLES = ("-", "--", ":", "-.")
+
+
+def _resolution_style(spectrum: pd.DataFrame) -> dict:
+    """Line style per resolution of the curve points (NaN, the image size, first: solid)."""
+    found = sorted(spectrum["resolution"].dropna().unique(), reverse=True)
+    style = {r: RESOLUTION_STYLES[(i + 1) % len(RESOLUTION_STYLES)] for i, r in enumerate(found)}
+    return {math.nan: "-", **style}
+
+
+def _curve(h: pd.DataFrame) -> pd.DataFrame:
+    """Mean cost and top-1 (±1 std over seeds) per width of one method at one resolution: its
+    spectrum points, else its fixed sub-models at that resolution."""
+    pts = h[~h["listed"]] if (~h["listed"]).any() else h
+    g = pts.groupby("width").agg(cost=("cost", "mean"), mean=("top1", "mean"), std=("top1", "std"))
+    return g.sort_values("cost")
+
+
 def _spectrum_lines(ax, spectrum: pd.DataFrame, methods: list[str], styles: dict) -> set[str]:
     """Each method's width spectrum (mean top-1 over seeds per width vs mean cost) as a line,
-    with a ±1 std band over seeds; returns the methods drawn."""
+    with a ±1 std band over seeds, one line per input resolution (`_resolution_style`; its fixed
+    sub-models at a lower resolution as open markers); returns the methods drawn."""
     drawn = set()
+    ls = _resolution_style(spectrum)
+    res = spectrum["resolution"].astype(float)
     for m in methods:
-        h = spectrum[spectrum["method"] == m]
-        if h.empty:
-            continue
-        g = h.groupby("width").agg(
-            cost=("cost", "mean"), mean=("top1", "mean"), std=("top1", "std")
-        )
-        g = g.sort_values("cost")
-        color = styles[m]["color"]
-        ax.plot(g["cost"], g["mean"], color=color, lw=1.2, zorder=1)
-        if h["seed"].nunique() > 1:
-            ax.fill_between(g["cost"], g["mean"] - g["std"], g["mean"] + g["std"], color=color,
-                            alpha=0.15, lw=0, zorder=0)  # fmt: skip
-        drawn.add(m)
+        for r in ls:
+            at = res.isna() if math.isnan(r) else res == r
+            h = spectrum[(spectrum["method"] == m) & at]
+            if h.empty:
+                continue
+            g, color = _curve(h), styles[m]["color"]
+            ax.plot(g["cost"], g["mean"], color=color, lw=1.2, ls=ls[r], zorder=1)
+            if h["seed"].nunique() > 1:
+                ax.fill_between(g["cost"], g["mean"] - g["std"], g["mean"] + g["std"],
+                                color=color, alpha=0.15, lw=0, zorder=0)  # fmt: skip
+            if not math.isnan(r) and h["listed"].any():
+                fx = h[h["listed"]].groupby("width")[["cost", "top1"]].mean()
+                ax.plot(fx["cost"], fx["top1"], ls="none", marker=styles[m]["marker"],
+                        mfc="none", color=color, ms=4, zorder=2)  # fmt: skip
+            drawn.add(m)
+    for r in list(ls)[1:]:  # a legend entry per lower resolution's line style
+        ax.plot([], [], color="0.35", ls=ls[r], label=f"at {int(r)} px (resized input)")
     return drawn
 
 
@@ -140,7 +166,9 @@ def acc_vs_cost(
         ax.set_title(panel_title(panel), pad=14)
         stem = f"figures/acc_vs_{axis}_{panel_slug(panel)}"
         files = save(fig, out, stem)
-    cap = _acc_caption(summary, panel, axis, spectrum is not None and not spectrum.empty)
+    has_spectrum = spectrum is not None and not spectrum.empty
+    lower = has_spectrum and spectrum["resolution"].notna().any()
+    cap = _acc_caption(summary, panel, axis, has_spectrum, lower)
     return Figure(stem, f"Accuracy vs {unit} — {panel_title(panel)}", cap, files)
 
 
@@ -154,7 +182,9 @@ def _sub_model_axis(ax, xs, names: list[str], log: bool) -> None:
         top.minorticks_off()
 
 
-def _acc_caption(summary: pd.DataFrame, panel, axis: str, spectrum: bool) -> str:
+def _acc_caption(
+    summary: pd.DataFrame, panel, axis: str, spectrum: bool, lower_resolutions: bool = False
+) -> str:
     """The caption of `acc_vs_cost`: what is averaged over how many seeds, what the bars are."""
     ns = sorted(set(int(n) for n in summary["n"]))
     n_text = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
@@ -170,6 +200,12 @@ def _acc_caption(summary: pd.DataFrame, panel, axis: str, spectrum: bool) -> str
             " Lines without markers: width spectra of universally slimmable networks (mean "
             "over seeds per width, each width after BN recalibration, band ±1 std); markers "
             "on them: the fixed evaluation widths."
+        )
+    if spectrum and lower_resolutions:
+        cap += (
+            " Cells with a resolution axis add one curve per lower input resolution (dashed, "
+            "dotted: the images resized to that size, BN recalibrated at it, costs counted at "
+            "it); open markers: the fixed evaluation widths at that resolution."
         )
     return cap
 

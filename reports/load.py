@@ -15,8 +15,11 @@
   costs, the trainer's rule) and `cost` (that metric's value). Every figure, table and AUC of a
   panel uses this one column, so bit-width sub-models, which share their MFLOPs, stay apart.
 - `spectrum`: the width-spectrum points of universally slimmable cells (sub-models named
-  `spectrum/w<width>`, `benchmark.training.spectrum`), in the columns of `tidy` plus `width`;
-  they are not in `tidy`, so tables, ranks and means cover the fixed sub-models only.
+  `spectrum/w<width>`, `benchmark.training.spectrum`) and, in cells with a resolution axis,
+  every point and fixed sub-model at a lower input resolution (`spectrum/w0.30-r16`,
+  `w0.25-r16`), in the columns of `tidy` plus `width`, `resolution` (px; NaN: the data's image
+  size) and `listed` (a fixed sub-model's width, not a spectrum point); they are not in `tidy`,
+  so tables, ranks and means cover the fixed sub-models at the image size only.
 
 Runs tagged `flexbench.kind` (e.g. `report`), runs without `flexbench.cell`, child runs and cells
 whose final metrics are on the validation split (study trials, `flexbench.test_evaluated=false`)
@@ -26,7 +29,9 @@ are not cells of the benchmark and are only counted in `ignored`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -391,13 +396,30 @@ def dataset_names(datasets: Iterable[str]) -> dict[str, str]:
     return {name: name if uses[s] > 1 else s for name, s in short.items()}
 
 
+_LOWER = re.compile(re.escape(schema.RESOLUTION_NAME_SEP) + r"(\d+)$")  # `w0.25-r16`
+
+
+def _width_of(name: str) -> float:
+    """The width of a curve point's name (`spectrum/w0.30-r16` -> 0.3, `w0.25` -> 0.25)."""
+    base = _LOWER.sub("", name.removeprefix(schema.SPECTRUM_NAME_PREFIX))
+    try:
+        return float(base.removeprefix("w"))
+    except ValueError:
+        return math.nan
+
+
 def _split_spectrum(tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(fixed sub-models, width-spectrum points with their `width`)."""
-    is_spec = tidy["submodel"].astype(str).str.startswith(schema.SPECTRUM_NAME_PREFIX)
-    spectrum = tidy[is_spec].copy()
-    prefix = len(schema.SPECTRUM_NAME_PREFIX) + 1  # "spectrum/w"
-    spectrum["width"] = [float(s[prefix:]) for s in spectrum["submodel"]]
-    return tidy[~is_spec].reset_index(drop=True), spectrum.reset_index(drop=True)
+    """(fixed sub-models at the image size, curve points: width-spectrum points and rows at a
+    lower resolution, with their `width`, `resolution` and `listed`)."""
+    names = tidy["submodel"].astype(str)
+    is_spec = names.str.startswith(schema.SPECTRUM_NAME_PREFIX)
+    lower = names.str.extract(_LOWER, expand=False)
+    curve = is_spec | lower.notna()
+    points = tidy[curve].copy()
+    points["width"] = [_width_of(s) for s in points["submodel"]]
+    points["resolution"] = pd.to_numeric(lower[curve])
+    points["listed"] = ~is_spec[curve]
+    return tidy[~curve].reset_index(drop=True), points.reset_index(drop=True)
 
 
 def histories(

@@ -64,6 +64,7 @@ def ref_losses(method: str, T: float, a: float) -> list[float]:
     teacher = {
         "ipkd": lambda k: last,
         "sandwich": lambda k: last,  # over the step's drawn widths (test_uslim: the draws)
+        "mutualnet": lambda k: last,  # over the drawn (width, resolution)s (test_mutualnet)
         "ipkd_ta": lambda k: k + 1,
         "takd": lambda k: k + 1,
         "hsd": lambda k: k + 1,
@@ -148,7 +149,8 @@ FEATS = _feats(7, [(4, 2, 3, 2), (4, 3, 2, 2)])
 
 
 @pytest.mark.parametrize(
-    "name", ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd", "imta", "sandwich"]
+    "name",
+    ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd", "imta", "sandwich", "mutualnet"],
 )
 @pytest.mark.parametrize("T,a", CASES)
 def test_loss_matches_hand_computed(name, T, a):
@@ -343,7 +345,7 @@ def test_loss_regression_fixture():
 
 
 # --- teachers get no gradient from students' KD terms ----------------------------------------
-@pytest.mark.parametrize("name", ["ipkd", "ipkd_ta", "takd", "hsd", "sandwich"])
+@pytest.mark.parametrize("name", ["ipkd", "ipkd_ta", "takd", "hsd", "sandwich", "mutualnet"])
 @pytest.mark.parametrize("student", range(K - 1))
 def test_kd_term_gives_no_gradient_to_teacher_logits(name, student):
     method = METHODS.get(name)({"T": 2.0, "a": 1.0})
@@ -352,7 +354,7 @@ def test_kd_term_gives_no_gradient_to_teacher_logits(name, student):
     loss, terms = method.loss(student, z[student], teachers, torch.tensor(LABELS), K)
     assert set(terms) == {"ce", "kd"}
     loss.backward()
-    teacher = K - 1 if name in ("ipkd", "sandwich") else student + 1
+    teacher = K - 1 if name in ("ipkd", "sandwich", "mutualnet") else student + 1
     assert z[teacher].grad is None
     assert z[student].grad is not None and z[student].grad.abs().sum() > 0
 

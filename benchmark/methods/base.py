@@ -184,6 +184,15 @@ DIVERGENCE: dict[str, ParamSpec] = {
 }  # fmt: skip
 
 
+# The input-resolution option of the methods that draw widths (`**RESOLUTION` in their PARAMS;
+# `Method.draw_resolutions`): full, every drawn width at the data's image size (US-Nets); random,
+# every drawn width but the largest at a resolution drawn uniformly from the network's
+# `arch.resolutions` (MutualNet, Yang et al., ECCV 2020; taoyang1122/MutualNet `train.py`).
+RESOLUTION: dict[str, ParamSpec] = {
+    "resolution": choice("full", "resolution", ("full", "random")),
+}
+
+
 @dataclass(frozen=True)
 class Stage:
     """Sub-models trained in one stage and frozen teachers they distill from (offline KD).
@@ -300,6 +309,15 @@ class Method(nn.Module):
         step trains them with `model.forward_width` (the model declares `caps.widths`) and
         `loss` sees the drawn widths as sub-models 0..n-1."""
         raise NotImplementedError(f"method {self.name} draws no sub-models")
+
+    def draw_resolutions(
+        self, g: torch.Generator, model: FlexibleModel, n: int
+    ) -> list[int | None]:
+        """The input resolution of each of the n widths `draw_submodels` drew (same order, the
+        largest last), drawn from `g` after the widths: None runs a width on the batch as it is
+        (the data's image size); an int r on the batch resized to r x r px (`resize`). Default:
+        None for every width."""
+        return [None] * n
 
     name: ClassVar[str] = ""
 

@@ -17,8 +17,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, got
 
 # What sub-models can differ in (`Capabilities.axes`), in the field's terms.
 AXES = ("exit", "width", "depth", "bits", "channels", "heads", "ffn", "resolution")
@@ -79,6 +80,77 @@ class WidthRange:
 
 
 @dataclass(frozen=True)
+class ResolutionAxis:
+    """Input resolution as a sub-model axis (MutualNet, Yang et al., ECCV 2020): a network that
+    runs inputs of any size that is a multiple of `stride` (its total downsampling; a fully
+    convolutional trunk with global pooling). `listed`: the input sizes (px) a cell evaluates
+    every width at and methods may draw from (`arch.resolutions`), the data's image size first,
+    strictly decreasing; empty: the axis is off (every input at the data's image size)."""
+
+    stride: int
+    listed: tuple[int, ...] = ()
+
+    @property
+    def on(self) -> bool:
+        return bool(self.listed)
+
+    @property
+    def lower(self) -> tuple[int, ...]:
+        """The listed resolutions below the data's image size (each one extra row per width)."""
+        return self.listed[1:]
+
+
+AUTO_RESOLUTION_STEPS = 3  # "auto": the image size and 3 strides below it, as MutualNet's lists
+
+
+def resolution_axis(value: object, image_size: int, stride: int) -> ResolutionAxis:
+    """The `arch.resolutions` setting of a network of total stride `stride` on images of
+    `image_size` px: [] (off), `auto` (the image size, then up to 3 smaller multiples of the
+    stride: [224, 192, 160, 128] at stride 32, [32, 28, 24, 20] at stride 4, MutualNet's
+    ImageNet and CIFAR lists, taoyang1122/MutualNet `apps/*.yml`), or an explicit list: the
+    image size first, then strictly decreasing multiples of the stride. ConfigError otherwise,
+    with the valid values."""
+    below = [r for r in range(image_size - 1, 0, -1) if r % stride == 0]
+    if value == "auto":
+        if not below:
+            raise ConfigError(
+                f"resolutions auto: no multiple of the network's stride {stride} is below the "
+                f"image size {image_size}; valid: [] (no resolution axis)"
+            )
+        return ResolutionAxis(stride, (image_size, *below[:AUTO_RESOLUTION_STEPS]))
+    valid = (
+        f"[], auto, or a list: the image size {image_size}, then strictly decreasing multiples "
+        f"of the network's stride {stride} below it ({', '.join(map(str, below)) or 'none'})"
+    )
+    ints = isinstance(value, list) and all(
+        isinstance(r, int) and not isinstance(r, bool) for r in value
+    )
+    ok = ints and (
+        not value
+        or (
+            len(value) >= 2
+            and value[0] == image_size
+            and all(r in below for r in value[1:])
+            and all(b < a for a, b in zip(value, value[1:]))
+        )
+    )
+    if not ok:
+        raise ConfigError(f"resolutions must be {valid}, {got(value)}")
+    if not value:
+        return ResolutionAxis(stride)
+    return ResolutionAxis(stride, tuple(value))
+
+
+def resize(x: Tensor, resolution: int | None) -> Tensor:
+    """The batch x (N, 3, H, W) at `resolution` x `resolution` px, bilinear with aligned corners
+    (MutualNet's `F.interpolate` in `train.py` and `utils/transforms.py` `InputList`); x itself
+    when `resolution` is None or already its size."""
+    if resolution is None or tuple(x.shape[-2:]) == (resolution, resolution):
+        return x
+    return F.interpolate(x, (resolution, resolution), mode="bilinear", align_corners=True)
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a flexible model can be asked, declared by each architecture (`FlexibleModel.caps`).
 
@@ -93,6 +165,8 @@ class Capabilities:
       after training: every evaluated sub-model is recalibrated first (`train.bn_calib_batches`
       >= 1 is required).
     - `widths`: sub-models can be drawn from a continuous width range (`forward_width`).
+    - `resolutions`: the network runs other input sizes (`ResolutionAxis`: its stride and the
+      resolutions the cell evaluates and methods may draw; `resize` scales a batch).
     - `reranks_channels`: `rerank(k, scores)` re-chooses sub-model k's channels (hsd).
     - `stops_at_exit`: `forward_exits(x)` yields the exits' logits in turn and runs the trunk
       only as far as the exits consumed (real early exiting, timed at batch 1).
@@ -107,6 +181,7 @@ class Capabilities:
     exit_features: bool = False
     bn_recalibration: bool = False
     widths: WidthRange | None = None
+    resolutions: ResolutionAxis | None = None
     reranks_channels: bool = False
     stops_at_exit: bool = False
     cascade: bool = False

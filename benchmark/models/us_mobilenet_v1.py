@@ -12,17 +12,30 @@ recalibrate every evaluated width, listed or not, so fixed and spectrum widths a
 
 Sub-models (what every method sees) are the fixed evaluation widths `widths`; `forward_width`
 runs any width of the range (the sandwich rule's random widths and the width spectrum), declared
-as `caps.widths` (a `WidthRange`) with `caps.bn_recalibration`.
+as `caps.widths` (a `WidthRange`) with `caps.bn_recalibration`. The trunk is fully convolutional
+with global average pooling, so any input size runs; `caps.resolutions` declares its total
+stride (16 with the CIFAR stem, 32 with `stem_stride=2`) and the resolutions of
+`arch.resolutions` ([] by default: off; `auto` or a list, `benchmark.models.base.resolution_axis`)
+at which every width is also evaluated (MutualNet's width x resolution sub-models).
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from benchmark.errors import ConfigError
 from benchmark.models import register_arch
-from benchmark.models.base import Capabilities, FlexibleModel, SubModel, WidthRange
+from benchmark.models.base import (
+    Capabilities,
+    FlexibleModel,
+    ResolutionAxis,
+    SubModel,
+    WidthRange,
+    resolution_axis,
+)
 from benchmark.models.slimmable_mobilenet_v1 import (
     STAGES,
     make_divisible,
@@ -136,13 +149,15 @@ class USMobileNetV1(FlexibleModel):
         stem_stride,
         divisor,
         spectrum_step=0.0,
+        resolutions: ResolutionAxis | None = None,
     ):
         super().__init__()
         self.widths = list(widths)
         lo, w_max = width_range
+        res = resolutions or ResolutionAxis(stem_stride * math.prod(s for _, _, s in STAGES))
         self.caps = Capabilities(
-            ("width",), bn_recalibration=True,
-            widths=WidthRange(lo, w_max, tuple(self.widths), spectrum_step),
+            ("width", "resolution") if res.on else ("width",), bn_recalibration=True,
+            widths=WidthRange(lo, w_max, tuple(self.widths), spectrum_step), resolutions=res,
         )  # fmt: skip
 
         def alloc(c: int) -> tuple[int, float]:  # allocated channels, base (width 1.0)
@@ -247,6 +262,8 @@ def _validate(p: dict) -> tuple[list[float], tuple[float, float]]:
         "width_mult": 1.0,
         "stage_blocks": [1, 2, 2, 6, 2],
         "stem_stride": 1,
+        # input resolutions every width is also evaluated at: [] (off), auto, or a list
+        "resolutions": [],
     },
     profiles={
         "smoke": {"width_mult": 0.25, "stage_blocks": [1, 1, 1, 1, 1], "spectrum_step": 0.25},
@@ -288,6 +305,8 @@ def build_us_mobilenet_v1(num_classes: int, image_size: int, **p) -> USMobileNet
         raise ConfigError(f"stage_blocks must be {len(STAGES)} integers >= 1, got {blocks!r}")
     if p["stem_stride"] not in (1, 2):
         raise ConfigError(f"stem_stride must be 1 or 2, got {p['stem_stride']!r}")
+    stride = p["stem_stride"] * math.prod(s for _, _, s in STAGES)  # total: stem x stages
+    resolutions = resolution_axis(p["resolutions"], image_size, stride)
     return USMobileNetV1(
         num_classes,
         widths,
@@ -297,4 +316,5 @@ def build_us_mobilenet_v1(num_classes: int, image_size: int, **p) -> USMobileNet
         p["stem_stride"],
         p["divisor"],
         float(p["spectrum_step"]),
+        resolutions,
     )

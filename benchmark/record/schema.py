@@ -56,6 +56,7 @@ CPU_CAPABILITY = PREFIX + "cpu_capability"  # e.g. AVX2, AVX512+bf16+amx (benchm
 SUBMODEL = PREFIX + "submodel"
 SUBMODEL_INDEX = PREFIX + "submodel_index"
 SPECTRUM = PREFIX + "spectrum"  # "true" on a width-spectrum point, "false" on a fixed sub-model
+RESOLUTION = PREFIX + "resolution"  # input size (px) of a row of a cell with a resolution axis
 # --- study and report runs ---------------------------------------------------------------------
 KIND = PREFIX + "kind"  # study | report: not a cell
 STUDY = PREFIX + "study"
@@ -77,11 +78,16 @@ CELL_TAGS = (CELL, ARCH, DATASET, METHOD, SEED, PROFILE)
 
 # Name prefix of a width-spectrum point (`spectrum/w0.30`), a sub-model row beside the fixed ones.
 SPECTRUM_NAME_PREFIX = "spectrum/"
+# Name suffix of a row below the data's image size (`w0.25-r16`, `spectrum/w0.30-r16`): the
+# axes of a name are joined by dashes (flex_vit's `h3-f0.25`); MLflow refuses `@` in metric keys.
+RESOLUTION_NAME_SEP = "-r"
 
 TAGS: tuple[str, ...] = tuple(
     v
     for k, v in dict(globals()).items()
-    if k.isupper() and isinstance(v, str) and k not in ("PREFIX", "SPECTRUM_NAME_PREFIX")
+    if k.isupper()
+    and isinstance(v, str)
+    and k not in ("PREFIX", "SPECTRUM_NAME_PREFIX", "RESOLUTION_NAME_SEP")
 )
 """Every tag name above (patterns keep their `{placeholder}`), for the documentation test."""
 
@@ -101,6 +107,13 @@ class Measurement:
     top1_bestval: float | None = None
     latency_ms: float | None = None
     latency_iqr_ms: float | None = None
+    resolution: int | None = None  # input size (px), in cells with a resolution axis only
+
+
+def at_resolution(name: str, resolution: int | None) -> str:
+    """The name of sub-model (or spectrum point) `name` run at `resolution` px below the data's
+    image size, e.g. `w0.25-r16`; `name` itself for None (the image size)."""
+    return name if resolution is None else f"{name}{RESOLUTION_NAME_SEP}{resolution}"
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,14 @@ SUBMODEL_FIELDS: tuple[SubmodelField, ...] = (
         "spectrum",
         "",
         "true for a width-spectrum point (spectrum/w0.30) of a universally slimmable network",
+    ),
+    SubmodelField(
+        "resolution",
+        None,
+        RESOLUTION,
+        "resolution",
+        "px",
+        "input size of the row in a cell with a resolution axis (arch.resolutions); else empty",
     ),
     SubmodelField("top1", "{split}/top1/{sub}", "top1", "top1", "%", "top-1 accuracy"),
     SubmodelField("top5", "{split}/top5/{sub}", "top5", "top5", "%", "top-5 accuracy"),
@@ -256,10 +277,15 @@ def child_metrics(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def child_tags(row: Mapping[str, Any]) -> dict[str, str]:
-    """The tags that identify one sub-model's child run: its name, index and spectrum flag
-    (rows without a flag are fixed sub-models: "false")."""
+    """The tags that identify one sub-model's child run: its name, index, spectrum flag (rows
+    without a flag are fixed sub-models: "false") and, with a resolution axis, its resolution
+    (a None identity value is left out)."""
     row = {"spectrum": "false", **row}
-    return {f.child: str(row[f.name]) for f in SUBMODEL_FIELDS if not f.is_metric}
+    return {
+        f.child: str(row[f.name])
+        for f in SUBMODEL_FIELDS
+        if not f.is_metric and row.get(f.name) is not None
+    }
 
 
 def csv_columns() -> list[str]:

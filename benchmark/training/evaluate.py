@@ -16,6 +16,7 @@ from benchmark.costs.speed import Speed
 from benchmark.data.pipeline import ImageSet, Normalizer
 from benchmark.methods.base import max_softmax
 from benchmark.models import FlexibleModel
+from benchmark.models.base import resize
 from benchmark.training.distributed import SINGLE, Dist
 
 # forward(x) -> logits of the evaluated sub-models [(N, C), ...]
@@ -106,11 +107,13 @@ def evaluate(
     spec: EvalSpec,
     confidences: bool = False,
     rule: ExitRule = max_softmax,
+    resolution: int | None = None,
 ) -> Accuracy:
     """Evaluate every sub-model on the split `data` (`Splits.val`, `Splits.test()`; in memory
     or streamed) in eval mode, on the normaliser's device; the model's train/eval mode is
     restored afterwards. With `confidences`, also each sample's confidence and correctness
-    under the exit `rule` (`Method.exit_probabilities`).
+    under the exit `rule` (`Method.exit_probabilities`). With `resolution`, every image (and
+    every BN calibration image) is resized to it first (`resize`; None: as it is).
 
     With `spec.calibrate`, sub-models are evaluated one at a time, each right after its BN
     recalibration (the rule then sees each sub-model's logits alone); else all of them in one
@@ -119,9 +122,9 @@ def evaluate(
     k = model.num_submodels
     if spec.calibrate is None:
         post = spec.outputs or (lambda outs: outs)
-        fwd = [lambda x: post(model.forward_all(x))]
+        fwd = [lambda x: post(model.forward_all(resize(x, resolution)))]
         return run_eval(model, fwd, [k], data, spec, confidences, rule)
-    forwards = [lambda x, j=j: [model.forward_sub(x, j)] for j in range(k)]
+    forwards = [lambda x, j=j: [model.forward_sub(resize(x, resolution), j)] for j in range(k)]
     return run_eval(model, forwards, [1] * k, data, spec, confidences, rule)
 
 

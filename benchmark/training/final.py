@@ -22,7 +22,7 @@ import csv
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from benchmark.costs.axis import auc_top1, cost_axis
-from benchmark.costs.flops import latency_profile
+from benchmark.costs.flops import LatencyProfile, latency_profile
 from benchmark.data.pipeline import ImageSet
 from benchmark.files import disk_errors
 from benchmark.record import schema
 from benchmark.record.schema import Measurement
 from benchmark.training.early_exit import EarlyExitResult, evaluate_early_exit
 from benchmark.training.evaluate import evaluate
-from benchmark.training.spectrum import measure_spectrum
+from benchmark.training.spectrum import lower_resolutions, measure_resolutions, measure_spectrum
 
 if TYPE_CHECKING:
     from benchmark.training.train import PreparedCell
@@ -81,19 +81,21 @@ def artifact_hooks() -> tuple[ArtifactHook, ...]:
 
 @dataclass
 class FinalEvaluation:
-    """What `evaluate_final` measured: the split, one measurement per sub-model (`fixed`) and
-    per spectrum width, the early-exit evaluation (None: not an early-exit model, or test
-    sealed), and the latency tags."""
+    """What `evaluate_final` measured: the split, one measurement per sub-model (`fixed`), per
+    spectrum point, the early-exit evaluation (None: not an early-exit model, or test sealed),
+    the latency tags and, with a resolution axis, one per sub-model at each lower resolution
+    (`at_resolutions`, `benchmark.training.spectrum.measure_resolutions`)."""
 
     split: str
     fixed: list[Measurement]
     spectrum: list[Measurement]
     early_exit: EarlyExitResult | None
     latency_tags: dict[str, str]
+    at_resolutions: list[Measurement] = field(default_factory=list)
 
     @property
     def measurements(self) -> list[Measurement]:
-        return self.fixed + self.spectrum
+        return self.fixed + self.at_resolutions + self.spectrum
 
     @property
     def budgeted(self) -> list[dict[str, float]]:
@@ -117,27 +119,38 @@ def evaluate_final(cell: PreparedCell) -> FinalEvaluation:
     early = None
     if cell.model.caps.early_exit and split == "test":
         early = evaluate_early_exit(cell, data, acc)
-    r = cell.cfg["runtime"]
-    lat = None  # measured by rank 0 alone (the other ranks wait for its numbers)
-    if cell.dist.main:
-        lat = latency_profile(
-            cell.model, plan.image_size, cell.device,
-            r["latency_batch"], r["latency_warmup"], r["latency_repeats"],
-        )  # fmt: skip
-    lat = cell.dist.from_main(lat)
+    lat = _latency(cell, plan.image_size)
+    res = plan.image_size if lower_resolutions(cell.model) else None  # a resolution axis
     fixed = [
-        Measurement(i, c.name, False, a1, a5, c, None, med, iqr)
+        Measurement(i, c.name, False, a1, a5, c, None, med, iqr, res)
         for i, (c, a1, a5, med, iqr) in enumerate(
             zip(plan.costs, acc.top1, acc.top5, lat.median_ms, lat.iqr_ms)
         )
     ]
-    spectrum = measure_spectrum(cell.model, data, spec, plan.image_size, len(fixed))
+    lower = measure_resolutions(
+        cell.model, data, spec, len(fixed), lambda size: _latency(cell, size)
+    )
+    start = len(fixed) + len(lower)
+    spectrum = measure_spectrum(cell.model, data, spec, plan.image_size, start)
     if split == "test" and cell.best.model is not None:  # selected on val, reported on test
         cell.model.load_state_dict(cell.best.model)
         best = evaluate(cell.model, data, spec)
         for m, a1 in zip(fixed, best.top1):
             m.top1_bestval = a1
-    return FinalEvaluation(split, fixed, spectrum, early, lat.tags())
+    return FinalEvaluation(split, fixed, spectrum, early, lat.tags(), lower)
+
+
+def _latency(cell: PreparedCell, image_size: int) -> LatencyProfile:
+    """Every sub-model's latency at input size `image_size`, measured by rank 0 alone (the
+    other ranks wait for its numbers)."""
+    r = cell.cfg["runtime"]
+    lat = None
+    if cell.dist.main:
+        lat = latency_profile(
+            cell.model, image_size, cell.device,
+            r["latency_batch"], r["latency_warmup"], r["latency_repeats"],
+        )  # fmt: skip
+    return cell.dist.from_main(lat)
 
 
 def finish(cell: PreparedCell) -> CellResult:

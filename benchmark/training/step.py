@@ -6,8 +6,10 @@ A step runs in one of three shapes, picked when it is built:
 - per sub-model (widths, depths, bit-widths, separate networks): one forward per sub-model,
   largest first, each back-propagated at once so memory holds one sub-model's graph;
 - drawn widths (`method.draws_submodels`, e.g. the sandwich rule): the method draws this step's
-  widths from the step's generator (`step_generator`, seeded by seed, epoch and step only) and
-  each runs through `model.forward_width`, largest first, like the per-sub-model shape;
+  widths from the step's generator (`step_generator`, seeded by seed, epoch and step only), then
+  their input resolutions (`Method.draw_resolutions`; MutualNet's: the batch resized on the
+  device), and each runs through `model.forward_width`, largest first, like the per-sub-model
+  shape;
 - the method's own (`method.owns_step`, l2w): `Method.train_step` runs the whole step (its
   look-ahead needs the step's learning rate), with the model's own forwards (no DDP, no
   compile).
@@ -31,6 +33,7 @@ from torch import Tensor
 from benchmark.costs.speed import Speed
 from benchmark.methods import Method, Stage
 from benchmark.models import FlexibleModel
+from benchmark.models.base import resize
 
 
 class SubOut(NamedTuple):
@@ -139,7 +142,9 @@ class Step:
         if self.method.draws_submodels:
             if g is None:
                 raise ValueError(f"method {self.method.name} draws widths: pass the generator")
-            return self._drawn(x, y, self.method.draw_submodels(g, self.model))
+            widths = self.method.draw_submodels(g, self.model)
+            resolutions = self.method.draw_resolutions(g, self.model, len(widths))
+            return self._drawn(x, y, widths, resolutions)
         if self.model.caps.single_pass:
             return self._single_pass(x, y)
         return self._per_submodel(x, y)
@@ -174,18 +179,22 @@ class Step:
             self._record(terms, tk, self.model.submodels[k].name)
         return StepResult(total, terms, {k: teachers[k].logits for k in self.order})
 
-    def _drawn(self, x: Tensor, y: Tensor, widths: list[float]) -> StepResult:
-        """One forward and backward per drawn width (smallest first in `widths`), largest first;
-        the method's loss sees them as sub-models 0..n-1. Logits are returned for the drawn
-        widths that are one of the model's listed sub-models (for its training accuracy)."""
+    def _drawn(
+        self, x: Tensor, y: Tensor, widths: list[float], resolutions: list[int | None]
+    ) -> StepResult:
+        """One forward and backward per drawn width (smallest first in `widths`), largest first,
+        width i on x resized to `resolutions[i]` (None: x as it is); the method's loss sees them
+        as sub-models 0..n-1. Logits are returned for the drawn widths that are one of the
+        model's listed sub-models (its training accuracy, at the resolution the step drew)."""
         n, names, rng = len(widths), drawn_names(len(widths)), self.model.caps.widths
         teachers: dict[int, SubOut] = {}
         total = torch.zeros((), device=x.device)
         terms: dict[str, Tensor] = {}
         logits: dict[int, Tensor] = {}
         for i in range(n - 1, -1, -1):
+            xi = resize(x, resolutions[i])  # float32, before autocast
             with self.speed.autocast():
-                out = SubOut.of(self._width(x, widths[i]))
+                out = SubOut.of(self._width(xi, widths[i]))
             loss_i, ti = self._loss(i, out, teachers, y, n)
             loss_i.backward()
             teachers[i] = out.detach()
