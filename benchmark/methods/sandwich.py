@@ -22,7 +22,7 @@ from torch import nn
 
 from benchmark.dim import Dim
 from benchmark.methods import register_method
-from benchmark.methods.base import integer
+from benchmark.methods.base import StepBatch, integer
 from benchmark.methods.ipkd import IPKD
 from benchmark.models import FlexibleModel
 
@@ -39,7 +39,9 @@ class Sandwich(IPKD):
         need = "a network that runs any width of a range (forward_width)"
         cls.require(model, arch, "widths", need)
 
-    def draw_submodels(self, g: torch.Generator, model: FlexibleModel) -> list[float]:
+    def draw_submodels(
+        self, g: torch.Generator, model: FlexibleModel, batch: StepBatch | None = None
+    ) -> list[float]:
         """[w_min, n-2 uniform draws in [w_min, w_max] (ascending), w_max]: the largest last."""
         lo, hi = model.caps.widths.low, model.caps.widths.high
         n = int(self.params["n"])

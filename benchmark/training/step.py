@@ -7,7 +7,9 @@ A step runs in one of three shapes, picked when it is built:
   largest first, each back-propagated at once so memory holds one sub-model's graph;
 - drawn widths (`method.draws_submodels`, e.g. the sandwich rule): the method draws this step's
   widths from the step's generator (`step_generator`, seeded by seed, epoch and step only) and
-  each runs through `model.forward_width`, largest first, like the per-sub-model shape;
+  each runs through `model.forward_width`, largest first, like the per-sub-model shape; a draw
+  may read the step's batch (`StepBatch`: attentive scores candidate widths on it without
+  gradient, ieb runs its EMA teacher on it);
 - the method's own (`method.owns_step`, l2w): `Method.train_step` runs the whole step (its
   look-ahead needs the step's learning rate), with the model's own forwards (no DDP, no
   compile).
@@ -26,11 +28,14 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from benchmark.costs.speed import Speed
 from benchmark.methods import Method, Stage
+from benchmark.methods.base import StepBatch
 from benchmark.models import FlexibleModel
+from benchmark.models.base import buffers_kept
 
 
 class SubOut(NamedTuple):
@@ -94,6 +99,7 @@ class Step:
     ) -> None:
         self.model, self.method, self.stage = model, method, stage
         self.speed = speed or Speed()
+        self.distributed = ddp is not None
         feats = method.uses_features
         sub, every = (
             ("forward_sub_features", "forward_all_features")
@@ -139,7 +145,8 @@ class Step:
         if self.method.draws_submodels:
             if g is None:
                 raise ValueError(f"method {self.method.name} draws widths: pass the generator")
-            return self._drawn(x, y, self.method.draw_submodels(g, self.model))
+            batch = StepBatch(x, y, self.speed.autocast, partial(self._width_losses, x, y))
+            return self._drawn(x, y, self.method.draw_submodels(g, self.model, batch))
         if self.model.caps.single_pass:
             return self._single_pass(x, y)
         return self._per_submodel(x, y)
@@ -194,6 +201,25 @@ class Step:
             if (k := rng.submodel_of(widths[i])) is not None:
                 logits[k] = teachers[i].logits
         return StepResult(total, terms, logits)
+
+    def _width_losses(
+        self,
+        x: Tensor,
+        y: Tensor,
+        widths: list[float],
+        criterion: Callable[[Tensor, Tensor], Tensor],
+    ) -> Tensor:
+        """`StepBatch.losses`: criterion(z_w, y) of each width, no gradient, train mode, the
+        model's buffers restored; the mean over the ranks of a distributed cell (its own
+        forward, outside DDP: no gradient to synchronise)."""
+        with torch.no_grad(), buffers_kept(self.model), self.speed.autocast():
+            out = torch.stack(
+                [criterion(self.model.forward_width(x, w).float(), y) for w in widths]
+            )
+        if self.distributed and dist.is_initialized():
+            dist.all_reduce(out)
+            out /= dist.get_world_size()
+        return out
 
     def _owned(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """The method's own step (`Method.train_step`), its terms named like the others'."""
