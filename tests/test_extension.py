@@ -114,10 +114,11 @@ def test_worked_example_method_is_everywhere_once_registered(my_kd, tmp_path):
     doc.update(datasets=["synthetic"], methods="all", seeds=[0])
     grid.write_text(yaml.safe_dump(doc))
     spec = load_grid(grid)
-    # hsd needs re-rankable channels, sandwich and mutualnet a width range, imta an MSDNet, byot
-    # exit features, ztw / boosted / l2w / sdn / pl_distill early exits: left out of this grid
-    left_out = ("hsd", "sandwich", "mutualnet", "imta", "byot", "ztw", "boosted", "l2w", "sdn")
-    left_out += ("pl_distill",)
+    # hsd needs re-rankable channels, sandwich / attentive / bignas / ieb / mutualnet a width
+    # range, imta an MSDNet, byot exit features, ztw / boosted / l2w / sdn / pl_distill early
+    # exits: left out of this grid
+    left_out = ("hsd", "sandwich", "attentive", "bignas", "ieb", "mutualnet", "imta", "byot",
+                "ztw", "boosted", "l2w", "sdn", "pl_distill")  # fmt: skip
     assert [c.method for c in spec.cells] == [m for m in METHODS.names() if m not in left_out]
     cfg = next(c.cfg for c in spec.cells if c.method == "my_kd")
     assert cfg["method"] == {"name": "my_kd", "T": 4.0, "a": 0.5}

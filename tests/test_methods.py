@@ -55,6 +55,15 @@ def ref_kd(zs: list[list[float]], zt: list[list[float]], T: float) -> float:
     return T * T * total / len(zs)
 
 
+def ref_ce_smoothed(z: list[list[float]], y: list[int], eps: float) -> float:
+    """(1 - eps) CE + eps x the mean over classes of -log p (torch's label smoothing)."""
+    total = 0.0
+    for row, t in zip(z, y):
+        logp = [math.log(p) for p in softmax_row(row)]
+        total += (1 - eps) * -logp[t] + eps * -sum(logp) / len(logp)
+    return total / len(y)
+
+
 def ref_losses(method: str, T: float, a: float) -> list[float]:
     """Per-sub-model loss of `method` on LOGITS/LABELS, straight from the definitions."""
     z, y, last = LOGITS, LABELS, K - 1
@@ -69,7 +78,11 @@ def ref_losses(method: str, T: float, a: float) -> list[float]:
         "takd": lambda k: k + 1,
         "hsd": lambda k: k + 1,
         "imta": lambda k: last,
+        "bignas": lambda k: last,  # the largest: CE with label smoothing 0.1
+        "attentive": lambda k: last,  # bignas's loss over attentively drawn widths
     }[method]
+    if method in ("bignas", "attentive"):
+        ce[last] = ref_ce_smoothed(z[last], y, 0.1)
     return [
         ce[k] if k == last else (1 - a) * ce[k] + a * ref_kd(z[k], z[teacher(k)], T)
         for k in range(K)
@@ -113,6 +126,8 @@ def run_losses(
     method = METHODS.get(name)(params)
     method.bind(len(logits))
     z = [torch.tensor(v, dtype=torch.float64) for v in logits]
+    if hasattr(method, "guides"):  # ieb's EMA teacher at the first step: a copy of the model,
+        method.guides = {j: zj.clone() for j, zj in enumerate(z)}  # so its logits are these
     f = [[torch.tensor(m, dtype=torch.float64) for m in sub] for sub in feats or []]
     y = torch.tensor(labels)
     out: dict[int, float] = {}
@@ -150,8 +165,9 @@ FEATS = _feats(7, [(4, 2, 3, 2), (4, 3, 2, 2)])
 
 @pytest.mark.parametrize(
     "name",
-    ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd", "imta", "sandwich", "mutualnet"],
-)
+    ["joint", "independent", "ipkd", "ipkd_ta", "takd", "hsd", "imta", "sandwich", "mutualnet",
+     "bignas", "attentive"],
+)  # fmt: skip
 @pytest.mark.parametrize("T,a", CASES)
 def test_loss_matches_hand_computed(name, T, a):
     got = run_losses(name, method_params(name, {"T": T, "a": a}), LOGITS, LABELS)
@@ -222,6 +238,46 @@ def test_pl_distill_loss_matches_hand_computed(T, a):
         if k < last:
             want += a * ref_kd(LOGITS[k], LOGITS[last], T)
         assert got[k] == pytest.approx(want, rel=1e-10), k
+
+
+# The EMA teacher's logits at the 3 drawn widths (smallest first), unlike the model's own.
+GUIDES = [[[0.5, 0.1, -0.2, 1.0, 0.3], [0.0, 0.2, -0.5, 0.4, 0.9], [-0.1, 1.1, 0.4, 0.0, -0.6],
+           [0.2, 0.1, 0.3, -0.2, 0.5]],
+          [[1.2, -0.3, 0.1, 1.9, 0.2], [0.1, 0.5, -1.0, 0.3, 1.4], [-0.4, 1.8, 0.6, 0.2, -0.9],
+           [0.4, 0.0, 0.7, -0.6, 1.1]],
+          [[2.2, -0.8, 0.0, 2.4, -0.1], [-0.2, 0.9, -1.2, 0.8, 2.1], [-0.7, 2.6, 0.1, 0.3, -0.8],
+           [0.9, -0.1, 1.0, -1.1, 1.9]]]  # fmt: skip
+
+
+def ref_kd_to_probs(zs: list[list[float]], p: list[list[float]]) -> float:
+    """mean_b KL(p_b || softmax(zs_b)) for target probabilities p."""
+    total = 0.0
+    for rs, pt in zip(zs, p):
+        ps = softmax_row(rs)
+        total += sum(t * (math.log(t) - math.log(s)) for s, t in zip(ps, pt))
+    return total / len(zs)
+
+
+@pytest.mark.parametrize("ensemble", ["on", "off"])
+def test_ieb_loss_matches_hand_computed(ensemble):
+    """The largest: CE with label smoothing 0.1; the random width: KL to the EMA's largest; the
+    smallest: KL to the mean of the EMA's softmaxes at the largest and the random width (on),
+    or to the EMA's largest (off). The model's own logits of larger widths teach nothing."""
+    method = METHODS.get("ieb")({"ensemble": ensemble})
+    method.guides = {j: torch.tensor(g, dtype=torch.float64) for j, g in enumerate(GUIDES)}
+    z = [torch.tensor(v, dtype=torch.float64) for v in LOGITS]
+    y = torch.tensor(LABELS)
+    got = [method.loss(k, z[k], {j: z[j] for j in range(k + 1, K)}, y, K)[0].item()
+           for k in range(K)]  # fmt: skip
+    p_max = [softmax_row(r) for r in GUIDES[2]]
+    mean = [[(a + b) / 2 for a, b in zip(softmax_row(r1), softmax_row(r2))]
+            for r1, r2 in zip(GUIDES[1], GUIDES[2])]  # fmt: skip
+    want = [
+        ref_kd_to_probs(LOGITS[0], mean if ensemble == "on" else p_max),
+        ref_kd_to_probs(LOGITS[1], p_max),
+        ref_ce_smoothed(LOGITS[2], LABELS, 0.1),
+    ]
+    assert got == pytest.approx(want, rel=1e-10)
 
 
 def test_kd_is_batchmean_kl_times_t_squared():

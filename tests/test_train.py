@@ -97,6 +97,10 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
     k_all = model.num_submodels
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     stages = [s for s in method.stages(k_all) if not s.fit]  # fitting stages take no step
+    if name == "attentive":  # its cost curve is counted once, on a copy: not a training pass
+        method.cost_curve(model, 32)
+    if name == "ieb":  # its EMA teacher: a copy of the network, made before the log wraps it
+        method.ensure_teacher(model)
     for stage in stages:
         log = ForwardLog(model)
         step = Step(model, method, stage)
@@ -108,9 +112,17 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
         assert torch.isfinite(loss)
         assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
         if method.draws_submodels:  # the sandwich rule: drawn widths, largest first
-            widths = method.draw_submodels(step_generator(0, 0, 0), model)
-            assert log.calls == [("forward_width", w, True) for w in widths[::-1]]
-            assert log.parts == {"features": len(widths)}
+            trained = [c for c in log.calls if c[2]]
+            widths = [w for _, w, _ in trained][::-1]
+            if name != "attentive":  # attentive's draw reads the batch (tests/test_supernet_..)
+                assert widths == METHODS.get("sandwich").draw_submodels(
+                    method, step_generator(0, 0, 0), model
+                )
+            # attentive: first, without gradient, its candidates for the n - 2 middle widths
+            scored = (len(widths) - 2) * 3 if name == "attentive" else 0
+            assert log.calls[scored:] == [("forward_width", w, True) for w in widths[::-1]]
+            assert [c[0] for c in log.calls[:scored] if not c[2]] == ["forward_width"] * scored
+            assert log.parts == {"features": len(widths) + scored}
             assert sorted(outs) == [0, k_all - 1]  # w_min and w_max are evaluation widths
             continue
         assert sorted(outs) == sorted(stage.train)

@@ -191,8 +191,8 @@ def _record_draws(monkeypatch) -> list[list[float]]:
     seen: list[list[float]] = []
     real = METHODS.get("sandwich").draw_submodels
 
-    def spy(self, g, model):
-        widths = real(self, g, model)
+    def spy(self, g, model, batch=None):
+        widths = real(self, g, model, batch)
         seen.append(widths)
         return widths
 

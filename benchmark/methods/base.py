@@ -194,6 +194,21 @@ RESOLUTION: dict[str, ParamSpec] = {
 
 
 @dataclass(frozen=True)
+class StepBatch:
+    """This step's batch, for methods whose draw reads it (`draw_submodels(g, model, batch)`):
+    x (N, 3, H, W) normalised, y (N,), the step's autocast, and `losses(widths, criterion)`:
+    criterion(z_w, y) () of each width w on x, no gradient, the model in train mode (batch
+    statistics, as a trained forward sees them) and its buffers left as they were (BN running
+    statistics), averaged over the ranks of a distributed cell so every rank draws alike;
+    a tensor (len(widths),) on x's device. Built by `benchmark.training.step.Step`."""
+
+    x: Tensor
+    y: Tensor
+    autocast: Callable[[], AbstractContextManager]
+    losses: Callable[[list[float], Callable[[Tensor, Tensor], Tensor]], Tensor]
+
+
+@dataclass(frozen=True)
 class Stage:
     """Sub-models trained in one stage and frozen teachers they distill from (offline KD).
 
@@ -302,12 +317,16 @@ class Method(nn.Module):
             student, teacher, T, p["alpha_minus"], p["alpha_plus"], p["alpha_clip"]
         )
 
-    def draw_submodels(self, g: torch.Generator, model: nn.Module) -> list[float]:
+    def draw_submodels(
+        self, g: torch.Generator, model: nn.Module, batch: StepBatch | None = None
+    ) -> list[float]:
         """Widths to train this step, smallest first (the largest last, the teacher), drawn
         from `g` (seeded by seed, epoch and step: `benchmark.training.step.step_generator`), by
         methods that set `draws_submodels` (the others train the stage's fixed sub-models). The
         step trains them with `model.forward_width` (the model declares `caps.widths`) and
-        `loss` sees the drawn widths as sub-models 0..n-1."""
+        `loss` sees the drawn widths as sub-models 0..n-1. `batch`: this step's batch, which
+        the step always passes (attentive scores candidate widths on it, ieb runs its EMA
+        teacher on it); draws that do not read it may be called without."""
         raise NotImplementedError(f"method {self.name} draws no sub-models")
 
     def draw_resolutions(
@@ -401,6 +420,10 @@ class Method(nn.Module):
         logits (K, N, C) of the validation split and its labels (N,), the network frozen;
         `seed` is the cell's. Returns metrics; `loss` is logged as the epoch's train/loss."""
         raise NotImplementedError(f"method {self.name} has no fitting stage")
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step of training, once the model's weights are the
+        updated ones (ieb's EMA teacher follows them here); default: nothing."""
 
     def epoch_start(self, ctx: EpochContext) -> None:
         """Called before every training epoch, also the first one after a resume; methods whose

@@ -30,7 +30,7 @@ from torch import nn
 from benchmark.dim import Dim
 from benchmark.errors import ConfigError
 from benchmark.methods import register_method
-from benchmark.methods.base import RESOLUTION, integer
+from benchmark.methods.base import RESOLUTION, StepBatch, integer
 from benchmark.methods.ipkd import IPKD
 from benchmark.models import FlexibleModel
 
@@ -65,7 +65,9 @@ class Sandwich(IPKD):
                 f"first, then multiples of the stride {model.caps.resolutions.stride}), got []"
             )
 
-    def draw_submodels(self, g: torch.Generator, model: FlexibleModel) -> list[float]:
+    def draw_submodels(
+        self, g: torch.Generator, model: FlexibleModel, batch: StepBatch | None = None
+    ) -> list[float]:
         """[w_min, n-2 uniform draws in [w_min, w_max] (ascending), w_max]: the largest last."""
         lo, hi = model.caps.widths.low, model.caps.widths.high
         n = int(self.params["n"])

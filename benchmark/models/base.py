@@ -444,6 +444,20 @@ def forward_hooks(
             h.remove()
 
 
+@contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Every buffer of `module` (BN running statistics and counters) restored, in place, when
+    the block exits: forwards in train mode that must not move the statistics (attentive's
+    candidate scoring, ieb's EMA teacher) run inside it."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 def count_active_params(model: nn.Module, run: Callable[[], object]) -> int:
     """Number of parameters used by `run()`: every leaf module that executes, counted once;
     a `SlicedLayer` counts its active slice, any other leaf all its own parameters."""

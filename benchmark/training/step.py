@@ -9,7 +9,8 @@ A step runs in one of three shapes, picked when it is built:
   widths from the step's generator (`step_generator`, seeded by seed, epoch and step only), then
   their input resolutions (`Method.draw_resolutions`; MutualNet's: the batch resized on the
   device), and each runs through `model.forward_width`, largest first, like the per-sub-model
-  shape;
+  shape; a draw may read the step's batch (`StepBatch`: attentive scores candidate widths on it
+  without gradient, ieb runs its EMA teacher on it);
 - the method's own (`method.owns_step`, l2w): `Method.train_step` runs the whole step (its
   look-ahead needs the step's learning rate), with the model's own forwards (no DDP, no
   compile).
@@ -28,12 +29,14 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from benchmark.costs.speed import Speed
 from benchmark.methods import Method, Stage
+from benchmark.methods.base import StepBatch
 from benchmark.models import FlexibleModel
-from benchmark.models.base import resize
+from benchmark.models.base import buffers_kept, resize
 
 
 class SubOut(NamedTuple):
@@ -97,6 +100,7 @@ class Step:
     ) -> None:
         self.model, self.method, self.stage = model, method, stage
         self.speed = speed or Speed()
+        self.distributed = ddp is not None
         feats = method.uses_features
         sub, every = (
             ("forward_sub_features", "forward_all_features")
@@ -142,7 +146,8 @@ class Step:
         if self.method.draws_submodels:
             if g is None:
                 raise ValueError(f"method {self.method.name} draws widths: pass the generator")
-            widths = self.method.draw_submodels(g, self.model)
+            batch = StepBatch(x, y, self.speed.autocast, partial(self._width_losses, x, y))
+            widths = self.method.draw_submodels(g, self.model, batch)
             resolutions = self.method.draw_resolutions(g, self.model, len(widths))
             return self._drawn(x, y, widths, resolutions)
         if self.model.caps.single_pass:
@@ -203,6 +208,25 @@ class Step:
             if (k := rng.submodel_of(widths[i])) is not None:
                 logits[k] = teachers[i].logits
         return StepResult(total, terms, logits)
+
+    def _width_losses(
+        self,
+        x: Tensor,
+        y: Tensor,
+        widths: list[float],
+        criterion: Callable[[Tensor, Tensor], Tensor],
+    ) -> Tensor:
+        """`StepBatch.losses`: criterion(z_w, y) of each width, no gradient, train mode, the
+        model's buffers restored; the mean over the ranks of a distributed cell (its own
+        forward, outside DDP: no gradient to synchronise)."""
+        with torch.no_grad(), buffers_kept(self.model), self.speed.autocast():
+            out = torch.stack(
+                [criterion(self.model.forward_width(x, w).float(), y) for w in widths]
+            )
+        if self.distributed and dist.is_initialized():
+            dist.all_reduce(out)
+            out /= dist.get_world_size()
+        return out
 
     def _owned(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """The method's own step (`Method.train_step`), its terms named like the others'."""

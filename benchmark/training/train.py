@@ -374,6 +374,7 @@ def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, floa
         average_grads(cell.method.parameters(), cell.dist)  # the model's: DDP averaged them
         trained.update({k: len(z) / len(yb) for k, z in out.logits.items()})
         cell.optimizer.step()
+        cell.method.after_optimizer_step(cell.model)
         cell.optimizer.zero_grad(set_to_none=True)
         loss_sum += out.loss
         for name, v in out.terms.items():
