@@ -312,7 +312,7 @@ class OFAMobileNetV3(FlexibleModel):
         return self._head(self._trunk(x, s)[0])
 
     def forward_sub(self, x: Tensor, k: int) -> Tensor:
-        return self.forward_subnet(x, self.space.listed[k])
+        return self._head(self._trunk(x, self.space.listed[k])[0])
 
     def forward_sub_features(self, x: Tensor, k: int) -> tuple[Tensor, list[Tensor]]:
         """Logits of named sub-network k and the output of each of its five stages."""
