@@ -114,7 +114,7 @@ def fresh_db(schema_db: Path, folder: Path) -> tuple[Path, str]:
 BAD = [
     (
         {"archs": ["msdnet", "resnet"]},
-        ["unknown architecture 'resnet'", "msdnet, saliency_vgg, sdn, slimmable"],
+        ["unknown architecture 'resnet'", "msdnet, ofa_mobilenet_v3, saliency_vgg, sdn, slimmable"],
     ),
     ({"methods": ["joint", "kd"]}, ["unknown method 'kd'", "independent, ipkd"]),
     ({"datasets": ["cifar11"]}, ["unknown dataset 'cifar11'", "cifar10, cifar100"]),

@@ -164,6 +164,7 @@ IMAGENET_SELECTION = {
     "ddnn_resnet": {"variant": "imagenet", "block": "basic"},
     "flex_vit": {"patch": 16, "dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
     "msdnet": {"preset": "imagenet_step4", "variant": "imagenet", "n_blocks": 5, "step": 4},
+    "ofa_mobilenet_v3": {"stem_stride": 2, "strides": [2, 2, 2, 1, 2]},
     "saliency_vgg": {"variant": "imagenet", "depth": 16},
     "sdn": {"backbone": "vgg16_bn"},
     "slimmable_mobilenet_v1": {"stem_stride": 2},

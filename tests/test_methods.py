@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from benchmark.methods import METHODS, Stage
+from benchmark.methods.base import OWN_TEACHER
 from benchmark.models import ARCHS, build_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "method_losses.json"
@@ -131,8 +132,13 @@ def run_losses(
     f = [[torch.tensor(m, dtype=torch.float64) for m in sub] for sub in feats or []]
     y = torch.tensor(labels)
     out: dict[int, float] = {}
-    for stage in method.stages(len(z)):
+    stages = method.stages(len(z))
+    if method.own_teacher:  # ofa_ps: its last phase, the largest logits as its frozen teacher
+        stages = stages[-1:]
+    for stage in stages:
         teachers = {t: z[t] for t in stage.frozen_teachers}
+        if method.own_teacher:
+            teachers[OWN_TEACHER] = z[-1].detach()
         if method.reads_earlier_exits:
             teachers.update({j: z[j].detach() for j in stage.train})
         for k in sorted(stage.train, reverse=True):
@@ -278,6 +284,24 @@ def test_ieb_loss_matches_hand_computed(ensemble):
         ref_ce_smoothed(LOGITS[2], LABELS, 0.1),
     ]
     assert got == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("b,eps", [(1.0, 0.1), (0.5, 0.0), (2.0, 0.3)])
+def test_ofa_ps_loss_matches_hand_computed(b, eps):
+    """Progressive shrinking: CE_ls(z_k, y) + b KL(softmax(t) || softmax(z_k)) with t the frozen
+    teacher's logits (here the largest's, at OWN_TEACHER); in the teacher phase (no teacher
+    logits) CE_ls alone."""
+    method = METHODS.get("ofa_ps")({"b": b}, label_smoothing=eps)
+    z = [torch.tensor(v, dtype=torch.float64) for v in LOGITS]
+    y = torch.tensor(LABELS)
+    for k in range(K):
+        loss, terms = method.loss(k, z[k], {OWN_TEACHER: z[-1]}, y, K)
+        want = ref_ce_smoothed(LOGITS[k], LABELS, eps) + b * ref_kd(LOGITS[k], LOGITS[-1], 1.0)
+        assert loss.item() == pytest.approx(want, rel=1e-10), k
+        assert set(terms) == {"ce", "kd"}
+        alone, terms = method.loss(k, z[k], {}, y, K)
+        assert alone.item() == pytest.approx(ref_ce_smoothed(LOGITS[k], LABELS, eps), rel=1e-10)
+        assert set(terms) == {"ce"}
 
 
 def test_kd_is_batchmean_kl_times_t_squared():

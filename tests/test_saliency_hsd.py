@@ -312,10 +312,11 @@ def test_hsd_needs_rerankable_channels_and_other_methods_run_on_saliency_vgg(tmp
     assert msg in str(err.value)
     over = {f"arch.{k}": v for k, v in TINY.items()}
     # imta needs an MSDNet, byot exit features (tests/test_exits.py), sandwich, attentive,
-    # bignas and ieb a width range, sdn, pl_distill, ztw, boosted and l2w exits of one trunk
-    # (tests/test_sdn.py, tests/test_methods_exits.py)
+    # bignas, ieb and mutualnet a width range, sdn, pl_distill, ztw, boosted and l2w exits of
+    # one trunk (tests/test_sdn.py, tests/test_methods_exits.py), ofa_ps an elastic network
+    # (tests/test_ofa.py)
     other_families = {"imta", "byot", "sandwich", "sdn", "pl_distill", "ztw", "boosted", "l2w",
-                      "attentive", "bignas", "ieb"}  # fmt: skip
+                      "attentive", "bignas", "ieb", "mutualnet", "ofa_ps"}  # fmt: skip
     for name in sorted(set(METHODS.names()) - other_families):
         assert (
             resolve("saliency_vgg", "synthetic", name, 0, "smoke", over)["method"]["name"] == name

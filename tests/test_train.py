@@ -20,7 +20,7 @@ from conftest import FAST, all_runs, smoke_cfg
 from benchmark import cli
 from benchmark.config import cell_key, resolve
 from benchmark.errors import IncompatibleError
-from benchmark.methods import METHODS
+from benchmark.methods import METHODS, EpochContext
 from benchmark.models import ARCHS, IndependentModel
 from benchmark.record import schema
 from benchmark.training import checkpoint
@@ -62,6 +62,7 @@ class ForwardLog:
             "forward_sub_features",
             "forward_all_features",
             "forward_width",
+            "forward_subnet",
         ):
             real = getattr(model, fn, None)
             if real is None:  # forward_width: only universally slimmable networks
@@ -105,12 +106,23 @@ def test_every_method_trains_every_architecture_with_one_forward_per_submodel(ar
         log = ForwardLog(model)
         step = Step(model, method, stage)
         before = [p.detach().clone() for p in model.parameters()]
+        if method.own_teacher:  # ofa_ps: the stage's phase; the teacher after phase 0
+            ctx = EpochContext(model, stage, 0, 1, lambda e: iter(()), torch.autocast)
+            method.epoch_start(ctx)
         out = step(x, y, step_generator(0, 0, 0), 0.1)
+        if method.own_teacher:
+            method.epoch_end(ctx)
         loss, outs = out.loss, out.logits
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         model.zero_grad(set_to_none=True)
         assert torch.isfinite(loss)
         assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        if method.draws_subnets:  # progressive shrinking: drawn sub-networks, in order
+            draws = method.draw_submodels(step_generator(0, 0, 0), model)
+            assert log.calls == [("forward_subnet", s, True) for s in draws]
+            listed = {model.caps.elastic.submodel_of(s) for s in draws} - {None}
+            assert set(outs) == listed
+            continue
         if method.draws_submodels:  # the sandwich rule: drawn widths, largest first
             trained = [c for c in log.calls if c[2]]
             widths = [w for _, w, _ in trained][::-1]

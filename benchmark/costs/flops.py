@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmark.models.base import (
     FlexibleModel,
     QuantizedLayer,
+    SubNet,
     count_active_params,
     forward_hooks,
 )
@@ -98,6 +99,16 @@ def width_costs(
     like `count_costs` (the width spectrum's points)."""
     m, x = _counting_copy(model, image_size)
     return [_cost(m, lambda w=w: m.forward_width(x, w), n) for w, n in zip(widths, names)]
+
+
+def subnet_costs(
+    model: FlexibleModel, subnets: list[SubNet], names: list[str], image_size: int
+) -> list[SubCost]:
+    """Costs of arbitrary sub-networks of an elastic model (`caps.elastic`, `forward_subnet`),
+    counted like `count_costs`: the MACs and parameters of the sub-network as deployed (an
+    elastic kernel counts its k x k filters, not the transformation matrices)."""
+    m, x = _counting_copy(model, image_size)
+    return [_cost(m, lambda s=s: m.forward_subnet(x, s), n) for s, n in zip(subnets, names)]
 
 
 def _counting_copy(model: FlexibleModel, image_size: int) -> tuple[FlexibleModel, torch.Tensor]:

@@ -37,6 +37,9 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("saliency_vgg", "hsd"),
     ("byot_resnet", "byot"),
     ("flex_vit", "ipkd_ta"),  # attention through scaled_dot_product_attention (fused on GPU)
+    # the elastic layers on the named sub-networks, one forward each: ofa_ps's drawn
+    # sub-networks have no plain-loop counterpart (nor a step without the step's generator)
+    ("ofa_mobilenet_v3", "ipkd"),
 )
 
 

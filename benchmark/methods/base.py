@@ -208,18 +208,29 @@ class StepBatch:
     losses: Callable[[list[float], Callable[[Tensor, Tensor], Tensor]], Tensor]
 
 
+# The key of a method's own teacher's logits in `Method.loss`'s `teachers` (`teacher_logits`)
+OWN_TEACHER = -1
+
+
 @dataclass(frozen=True)
 class Stage:
     """Sub-models trained in one stage and frozen teachers they distill from (offline KD).
 
     `epochs`: the stage's length (None: the cell's `train.epochs`). `fit`: a fitting stage,
     which trains no sub-model: each of its epochs hands the frozen network's exit logits on the
-    validation split to `Method.fit` (ZTW's ensemble; the test split is never read)."""
+    validation split to `Method.fit` (ZTW's ensemble; the test split is never read).
+    `share`: instead of `epochs`, the stage's share of `train.epochs`, split among the stages
+    with a share in proportion (`benchmark.training.plan.split_epochs`; ofa_ps's phases).
+    `lr_scale`: the stage's learning rate is `train.lr` times this (its schedule runs over the
+    stage's own epochs). `name`: what the stage is (ofa_ps's phases), for the method and logs."""
 
     train: tuple[int, ...]
     frozen_teachers: tuple[int, ...] = ()
     epochs: int | None = None
     fit: bool = False
+    share: float | None = None
+    lr_scale: float = 1.0
+    name: str = ""
 
 
 class Method(nn.Module):
@@ -253,6 +264,12 @@ class Method(nn.Module):
     # True for methods that run the whole training step themselves (`train_step`; l2w's
     # look-ahead on a held-out half batch); the step then needs the step's learning rate
     owns_step: ClassVar[bool] = False
+    # True for drawing methods whose draws are sub-networks of an elastic model
+    # (`caps.elastic`, run by `forward_subnet`) rather than widths (ofa_ps)
+    draws_subnets: ClassVar[bool] = False
+    # True for methods that distill from a teacher network of their own (`teacher_logits`:
+    # ofa_ps's frozen copy of the full network); the step puts its logits at OWN_TEACHER
+    own_teacher: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any] | None = None, label_smoothing: float = 0.0):
         super().__init__()
@@ -317,6 +334,12 @@ class Method(nn.Module):
             student, teacher, T, p["alpha_minus"], p["alpha_plus"], p["alpha_clip"]
         )
 
+    def teacher_logits(self, x: Tensor) -> Tensor | None:
+        """Logits (N, C) of the method's own teacher on the batch x (N, 3, H, W), without
+        gradient, or None where it has none (yet); methods with `own_teacher`. The step hands
+        them to `loss` as `teachers[OWN_TEACHER]`."""
+        return None
+
     def draw_submodels(
         self, g: torch.Generator, model: nn.Module, batch: StepBatch | None = None
     ) -> list[float]:
@@ -326,7 +349,8 @@ class Method(nn.Module):
         step trains them with `model.forward_width` (the model declares `caps.widths`) and
         `loss` sees the drawn widths as sub-models 0..n-1. `batch`: this step's batch, which
         the step always passes (attentive scores candidate widths on it, ieb runs its EMA
-        teacher on it); draws that do not read it may be called without."""
+        teacher on it); draws that do not read it may be called without. With `draws_subnets`:
+        `SubNet`s of `caps.elastic`, run by `model.forward_subnet`, in the order drawn."""
         raise NotImplementedError(f"method {self.name} draws no sub-models")
 
     def draw_resolutions(

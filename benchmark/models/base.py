@@ -22,7 +22,9 @@ from torch.nn import functional as F
 from benchmark.errors import ConfigError, got
 
 # What sub-models can differ in (`Capabilities.axes`), in the field's terms.
-AXES = ("exit", "width", "depth", "bits", "channels", "heads", "ffn", "resolution")
+AXES = (
+    "exit", "width", "depth", "bits", "channels", "heads", "ffn", "resolution", "kernel", "expand",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,75 @@ def resize(x: Tensor, resolution: int | None) -> Tensor:
 
 
 @dataclass(frozen=True)
+class SubNet:
+    """One sub-network of an elastic network (Once-for-All, Cai et al., ICLR 2020): `kernel[b]`
+    and `expand[b]` for every elastic block b (skipped blocks included, as the reference's
+    `set_active_subnet` takes them), `depth[s]` the blocks run in stage s (its first ones)."""
+
+    kernel: tuple[int, ...]
+    depth: tuple[int, ...]
+    expand: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ElasticSpace:
+    """The choices of an elastic network (`Capabilities.elastic`): kernel sizes, depths per
+    stage and expand ratios (each sorted ascending), `stages` stages of up to max(depths)
+    blocks; `listed`: the named sub-networks (the model's sub-models), smallest first. Any
+    SubNet of the space runs through `FlexibleModel.forward_subnet`."""
+
+    kernels: tuple[int, ...]
+    depths: tuple[int, ...]
+    expands: tuple[float, ...]
+    stages: int
+    listed: tuple[SubNet, ...]
+
+    @property
+    def blocks(self) -> int:
+        """Elastic blocks in all: `stages` x max(depths)."""
+        return self.stages * max(self.depths)
+
+    def uniform(self, kernel: int, depth: int, expand: float) -> SubNet:
+        """The sub-network with one kernel size, depth and expand ratio everywhere."""
+        return SubNet((kernel,) * self.blocks, (depth,) * self.stages, (expand,) * self.blocks)
+
+    def sample(
+        self,
+        g: torch.Generator,
+        kernels: tuple[int, ...],
+        depths: tuple[int, ...],
+        expands: tuple[float, ...],
+    ) -> SubNet:
+        """A sub-network drawn from `g`: each block's kernel and expand ratio and each stage's
+        depth uniformly from the given choices, independently (the reference's
+        `sample_active_subnet`: one `random.choice` per block and per stage)."""
+
+        def pick(choices: tuple, n: int) -> tuple:
+            idx = torch.randint(len(choices), (n,), generator=g).tolist()
+            return tuple(choices[i] for i in idx)
+
+        k = pick(kernels, self.blocks)
+        e = pick(expands, self.blocks)
+        return SubNet(k, pick(depths, self.stages), e)
+
+    def submodel_of(self, s: SubNet) -> int | None:
+        """Index of the listed sub-network that runs exactly like `s`, None if none does (the
+        settings of blocks that `s` skips do not matter)."""
+        for k, listed in enumerate(self.listed):
+            if listed.depth == s.depth and all(
+                (listed.kernel[b], listed.expand[b]) == (s.kernel[b], s.expand[b])
+                for b in self.active_blocks(s)
+            ):
+                return k
+        return None
+
+    def active_blocks(self, s: SubNet) -> list[int]:
+        """The elastic blocks `s` runs (the first depth[i] of each stage i)."""
+        per = max(self.depths)
+        return [i * per + j for i, d in enumerate(s.depth) for j in range(d)]
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a flexible model can be asked, declared by each architecture (`FlexibleModel.caps`).
 
@@ -173,6 +244,8 @@ class Capabilities:
     - `cascade`: an early-exit model whose architecture has the bool option `cascade`: built
       with it on, exit k's logits also read exit k-1's detached logits (`CascadeLinks`,
       Zero-Time-Waste's cascade connection).
+    - `elastic`: an elastic network (`ElasticSpace`: kernel sizes, depths, expand ratios) whose
+      every sub-network runs through `forward_subnet` (Once-for-All's progressive shrinking).
     """
 
     axes: tuple[str, ...]
@@ -185,6 +258,7 @@ class Capabilities:
     reranks_channels: bool = False
     stops_at_exit: bool = False
     cascade: bool = False
+    elastic: ElasticSpace | None = None
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.axes if a not in AXES]
@@ -250,6 +324,10 @@ class FlexibleModel(nn.Module):
     def forward_width(self, x: Tensor, w: float) -> Tensor:
         """Logits (N, num_classes) of width w of `caps.widths` (models declaring `widths`)."""
         raise NotImplementedError(f"{type(self).__name__} declares no continuous width range")
+
+    def forward_subnet(self, x: Tensor, s: SubNet) -> Tensor:
+        """Logits (N, num_classes) of sub-network s of `caps.elastic` (elastic models)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no elastic sub-networks")
 
     def rerank(self, k: int, scores: list[Tensor]) -> float:
         """Re-choose sub-model k's channels from per-channel scores; returns the fraction that
@@ -411,7 +489,7 @@ class IndependentModel(FlexibleModel):
         # not continue copy k-1's computation); the budgeted curve is kept (architectures.md)
         self.caps = replace(
             shared.caps, single_pass=False, exit_features=False, widths=None,
-            reranks_channels=False, stops_at_exit=False, cascade=False,
+            reranks_channels=False, stops_at_exit=False, cascade=False, elastic=None,
         )  # fmt: skip
         self.members = nn.ModuleList(copy.deepcopy(shared) for _ in shared.submodels)
 

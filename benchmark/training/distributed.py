@@ -99,8 +99,9 @@ class Forwards(nn.Module):
         self.model = model
 
     def forward(self, mode: str, *args: Any) -> Any:
-        if mode not in (*MODES, "forward_width"):
-            raise ValueError(f"unknown forward {mode!r}; valid: {', '.join(MODES)}, forward_width")
+        drawn = ("forward_width", "forward_subnet")
+        if mode not in (*MODES, *drawn):
+            raise ValueError(f"unknown forward {mode!r}; valid: {', '.join((*MODES, *drawn))}")
         return getattr(self.model, mode)(*args)
 
 

@@ -4,11 +4,13 @@ compute estimate and the studies share, so they cannot disagree."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from benchmark import data as datasets
 from benchmark.costs.flops import SubCost, count_costs
+from benchmark.errors import ConfigError
 from benchmark.methods import METHODS, Method, Stage
 from benchmark.models import FlexibleModel
 from benchmark.training.build import make_method, make_model
@@ -42,10 +44,24 @@ class CellPlan:
     def num_submodels(self) -> int:
         return len(self.names)
 
+    def __post_init__(self) -> None:
+        shares = [s.share for s in self.stages if s.share is not None]
+        split = iter(split_epochs(shares, self.epochs) if shares else [])
+        self._shared = [next(split) if s.share is not None else None for s in self.stages]
+
     def stage_epochs(self, stage: int) -> int:
-        """Number of epochs of stage `stage`."""
-        own = self.stages[stage].epochs
-        return self.epochs if own is None else own
+        """Number of epochs of stage `stage`: its own `epochs`, its part of `train.epochs`
+        (a `share`), else `train.epochs`."""
+        s = self.stages[stage]
+        if s.share is not None:
+            return self._shared[stage]
+        return self.epochs if s.epochs is None else s.epochs
+
+    def stage_train(self, stage: int, t: dict[str, Any]) -> dict[str, Any]:
+        """The train settings stage `stage`'s learning-rate schedule runs with
+        (`benchmark.training.build.lr_at`): its epochs, lr x its `lr_scale`."""
+        scale = self.stages[stage].lr_scale
+        return {**t, "epochs": self.stage_epochs(stage), "lr": t["lr"] * scale}
 
     @property
     def total_epochs(self) -> int:
@@ -73,6 +89,28 @@ class CellPlan:
             n = self.stage_epochs(stage)
             out.append(Position(g, stage, epoch, epoch == n - 1, g == last))
         return out
+
+
+def split_epochs(shares: list[float], total: int) -> list[int]:
+    """`total` epochs split in proportion to `shares` (stages, in order), each stage at least
+    one: every stage gets max(1, floor(total x share / sum)), then the epochs still missing go
+    one each to the stages with the largest remainders (ties: the earlier stage), or, where the
+    minimum of one took too many, come off the longest stages. ConfigError when `total` is
+    fewer than the stages."""
+    if total < len(shares):
+        raise ConfigError(
+            f"train.epochs must be at least {len(shares)}, one per stage of the method's "
+            f"{len(shares)} stages (they split train.epochs in the proportion "
+            f"{':'.join(f'{v:g}' for v in shares)}), got {total}"
+        )
+    exact = [total * v / sum(shares) for v in shares]
+    out = [max(1, math.floor(e)) for e in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    for i in by_remainder[: max(0, total - sum(out))]:
+        out[i] += 1
+    while sum(out) > total:
+        out[max(range(len(out)), key=lambda i: (out[i], -i))] -= 1
+    return out
 
 
 def _costs(cfg: dict[str, Any], model: FlexibleModel, described: tuple[int, int]) -> list[SubCost]:

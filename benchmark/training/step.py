@@ -10,15 +10,17 @@ A step runs in one of three shapes, picked when it is built:
   their input resolutions (`Method.draw_resolutions`; MutualNet's: the batch resized on the
   device), and each runs through `model.forward_width`, largest first, like the per-sub-model
   shape; a draw may read the step's batch (`StepBatch`: attentive scores candidate widths on it
-  without gradient, ieb runs its EMA teacher on it);
+  without gradient, ieb runs its EMA teacher on it); or (`method.draws_subnets`, ofa_ps)
+  sub-networks of an elastic model, each through `model.forward_subnet`, in the order drawn;
 - the method's own (`method.owns_step`, l2w): `Method.train_step` runs the whole step (its
   look-ahead needs the step's learning rate), with the model's own forwards (no DDP, no
   compile).
 
 Every shape builds the same `SubOut`s and calls `Method.loss` the same way: teachers are this
 step's outputs of larger sub-models (or of a stage's frozen teachers), detached, never
-recomputed (DESIGN.md §3, "one step, teachers from the same forward"). Gradients are left in
-`.grad`; the caller steps the optimizer.
+recomputed (DESIGN.md §3, "one step, teachers from the same forward"), plus a method's own
+frozen teacher (`Method.teacher_logits`, at `OWN_TEACHER`). Gradients are left in `.grad`; the
+caller steps the optimizer.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from torch import Tensor
 
 from benchmark.costs.speed import Speed
 from benchmark.methods import Method, Stage
-from benchmark.methods.base import StepBatch
+from benchmark.methods.base import OWN_TEACHER, StepBatch
 from benchmark.models import FlexibleModel
-from benchmark.models.base import buffers_kept, resize
+from benchmark.models.base import SubNet, buffers_kept, resize
 
 
 class SubOut(NamedTuple):
@@ -81,6 +83,11 @@ def drawn_names(n: int) -> list[str]:
     return ["min", *(f"rand{i}" for i in range(1, n - 1)), "max"]
 
 
+def subnet_names(n: int) -> list[str]:
+    """Names of the n drawn sub-networks in loss terms, in the order drawn: net1.., netn."""
+    return [f"net{i}" for i in range(1, n + 1)]
+
+
 class Step:
     """The step of one stage: `step(x, y, g) -> StepResult` with x (N, 3, H, W) normalised,
     y (N,) int64 and g the step's generator (`step_generator`; required by methods that draw
@@ -109,25 +116,30 @@ class Step:
         )
         # trained forwards: the model's own, or (a distributed cell) through DDP's
         # `forward(mode, *args)` (`benchmark.training.distributed.Forwards`)
+        drawn = "forward_subnet" if method.draws_subnets else "forward_width"
         if ddp is None:
-            fwd_sub, fwd_all, fwd_width = (
+            fwd_sub, fwd_all, fwd_drawn = (
                 getattr(model, sub),
                 getattr(model, every),
-                model.forward_width,
+                getattr(model, drawn),
             )
         else:
             fwd_sub, fwd_all = partial(ddp, sub), partial(ddp, every)
-            fwd_width = partial(ddp, "forward_width")
+            fwd_drawn = partial(ddp, drawn)
         if self.speed.compile:
             fwd_sub, fwd_all = torch.compile(fwd_sub), torch.compile(fwd_all)
-            fwd_width = torch.compile(fwd_width)
+            fwd_drawn = torch.compile(fwd_drawn)
         self._sub: Callable = fwd_sub
         self._all: Callable = fwd_all
-        self._width: Callable = fwd_width
+        self._drawn_forward: Callable = fwd_drawn
         # frozen teachers run without gradient, outside DDP
         self._teacher: Callable = fwd_sub if ddp is None else getattr(model, sub)
-        if method.draws_submodels and (model.caps.widths is None or feats):
+        if method.draws_submodels and feats:
+            raise ValueError(f"method {method.name} draws sub-models: no stage features")
+        if method.draws_submodels and not method.draws_subnets and model.caps.widths is None:
             raise ValueError(f"method {method.name} draws widths: it needs caps.widths")
+        if method.draws_subnets and model.caps.elastic is None:
+            raise ValueError(f"method {method.name} draws sub-networks: it needs caps.elastic")
         if method.reads_earlier_exits and not model.caps.single_pass:
             raise ValueError(f"method {method.name} reads earlier exits: it needs one pass")
         if method.owns_step and (ddp is not None or self.speed.compile):
@@ -185,27 +197,34 @@ class Step:
         return StepResult(total, terms, {k: teachers[k].logits for k in self.order})
 
     def _drawn(
-        self, x: Tensor, y: Tensor, widths: list[float], resolutions: list[int | None]
+        self,
+        x: Tensor,
+        y: Tensor,
+        draws: list[float] | list[SubNet],
+        resolutions: list[int | None],
     ) -> StepResult:
-        """One forward and backward per drawn width (smallest first in `widths`), largest first,
-        width i on x resized to `resolutions[i]` (None: x as it is); the method's loss sees them
-        as sub-models 0..n-1. Logits are returned for the drawn widths that are one of the
-        model's listed sub-models (its training accuracy, at the resolution the step drew)."""
-        n, names, rng = len(widths), drawn_names(len(widths)), self.model.caps.widths
-        teachers: dict[int, SubOut] = {}
+        """One forward and backward per drawn width (smallest first in `draws`), largest first,
+        or per drawn sub-network, in the order drawn; draw i on x resized to `resolutions[i]`
+        (None: x as it is). The method's loss sees them as sub-models 0..n-1. Logits are
+        returned for the draws that are one of the model's listed sub-models (its training
+        accuracy, at the resolution the step drew)."""
+        n, subnets = len(draws), self.method.draws_subnets
+        names = subnet_names(n) if subnets else drawn_names(n)
+        space = self.model.caps.elastic if subnets else self.model.caps.widths
+        teachers = self._frozen_teachers(x)
         total = torch.zeros((), device=x.device)
         terms: dict[str, Tensor] = {}
         logits: dict[int, Tensor] = {}
-        for i in range(n - 1, -1, -1):
+        for i in range(n) if subnets else range(n - 1, -1, -1):
             xi = resize(x, resolutions[i])  # float32, before autocast
             with self.speed.autocast():
-                out = SubOut.of(self._width(xi, widths[i]))
+                out = SubOut.of(self._drawn_forward(xi, draws[i]))
             loss_i, ti = self._loss(i, out, teachers, y, n)
             loss_i.backward()
             teachers[i] = out.detach()
             total = total + loss_i.detach()
             self._record(terms, ti, names[i])
-            if (k := rng.submodel_of(widths[i])) is not None:
+            if (k := space.submodel_of(draws[i])) is not None:
                 logits[k] = teachers[i].logits
         return StepResult(total, terms, logits)
 
@@ -250,9 +269,13 @@ class Step:
         return self.method.loss(k, out.logits, logits, y, num, feats)
 
     def _frozen_teachers(self, x: Tensor) -> dict[int, SubOut]:
-        """Outputs of an offline stage's frozen teachers (TAKD), without gradient."""
+        """Outputs of an offline stage's frozen teachers (TAKD) and of the method's own teacher
+        (ofa_ps, at OWN_TEACHER), without gradient."""
         with torch.no_grad(), self.speed.autocast():
-            return {t: SubOut.of(self._teacher(x, t)) for t in self.stage.frozen_teachers}
+            out = {t: SubOut.of(self._teacher(x, t)) for t in self.stage.frozen_teachers}
+            if self.method.own_teacher and (z := self.method.teacher_logits(x)) is not None:
+                out[OWN_TEACHER] = SubOut.of(z)
+        return out
 
     @staticmethod
     def _record(terms: dict[str, Tensor], tk: dict[str, Tensor], name: str) -> None:

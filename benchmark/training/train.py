@@ -362,12 +362,13 @@ def train_epoch(cell: PreparedCell, step: Step, pos: Position) -> dict[str, floa
         desc=f"epoch {pos.index + 1}/{cell.plan.total_epochs}",
         leave=False,
     )
-    lr = cell.cfg["train"]["lr"]
+    schedule = cell.plan.stage_train(pos.stage, cell.cfg["train"])  # the stage's own schedule
+    lr = schedule["lr"]
     # sub-models this epoch's steps trained (drawn widths: a subset), each with the fraction of
     # the batch its logits cover (the leading rows: l2w trains on the first half of each batch)
     trained: dict[int, float] = {}
     for i, (xb, yb) in enumerate(cell.batches.epoch(pos.epoch)):
-        lr = lr_at(cell.cfg["train"], pos.epoch, i, steps)
+        lr = lr_at(schedule, pos.epoch, i, steps)
         set_lr(cell.optimizer, lr)
         with synced(cell.cfg["train"]["sync_bn"]):
             out = step(xb, yb, step_generator(cell.cfg["seed"], pos.index, i), lr)
