@@ -128,3 +128,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def draws_whole_and_resumed(
+    seen: list, tracking_uri: str, workdir: Path, arch: str, method: str, epochs: int = 3
+) -> tuple[list, list]:
+    """The draws `seen` records (a spy the caller installed) over a smoke cell trained whole,
+    and over the same cell killed after its first epoch and resumed: (whole, resumed)."""
+    from benchmark.errors import CellPruned
+    from benchmark.training.train import CellOptions, train_cell
+
+    cfg = smoke_cfg(arch, method, workdir / "full", train__epochs=epochs)
+    train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
+    whole = list(seen)
+    seen.clear()
+
+    def stop_after_first(epoch, _metrics):
+        if epoch == 0:
+            raise CellPruned("killed")
+
+    cfg = smoke_cfg(arch, method, workdir / "killed", train__epochs=epochs)
+    with pytest.raises(CellPruned):
+        train_cell(cfg, CellOptions(tracking_uri, epoch_callback=stop_after_first, progress=False))
+    train_cell(cfg, CellOptions(tracking_uri, resume=True, progress=False))
+    return whole, list(seen)

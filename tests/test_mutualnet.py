@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, smoke_cfg
+from conftest import FAST, draws_whole_and_resumed, smoke_cfg
 from torch.nn import functional as F
 
 from benchmark.config import cell_key, resolve
@@ -115,23 +115,11 @@ def _record_resolution_draws(monkeypatch) -> list[list]:
 def test_resolution_draws_after_a_kill_and_resume_are_the_uninterrupted_ones(
     tracking_uri, tmp_path, monkeypatch
 ):
-    from benchmark.errors import CellPruned
-
     seen = _record_resolution_draws(monkeypatch)
-    cfg = smoke_cfg("us_mobilenet_v1", "mutualnet", tmp_path / "full", train__epochs=3)
-    train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
-    full = list(seen)
-    seen.clear()
-
-    def stop_after_first(epoch, _metrics):
-        if epoch == 0:
-            raise CellPruned("killed")
-
-    cfg = smoke_cfg("us_mobilenet_v1", "mutualnet", tmp_path / "killed", train__epochs=3)
-    with pytest.raises(CellPruned):
-        train_cell(cfg, CellOptions(tracking_uri, epoch_callback=stop_after_first, progress=False))
-    train_cell(cfg, CellOptions(tracking_uri, resume=True, progress=False))
-    assert seen == full and len(full) == 3 * 4
+    full, resumed = draws_whole_and_resumed(
+        seen, tracking_uri, tmp_path, "us_mobilenet_v1", "mutualnet"
+    )
+    assert resumed == full and len(full) == 3 * 4
     assert {16, 32} <= {r for drawn in full for r in drawn[:-1]}
 
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, smoke_cfg
+from conftest import FAST, draws_whole_and_resumed, smoke_cfg
 from torch.nn import functional as F
 
 from benchmark.config import cell_key, resolve
@@ -217,23 +217,11 @@ def test_same_seed_same_draws_across_methods_and_divergences(tracking_uri, tmp_p
 def test_draws_after_a_kill_and_resume_are_the_uninterrupted_ones(
     tracking_uri, tmp_path, monkeypatch
 ):
-    from benchmark.errors import CellPruned
-
     seen = _record_draws(monkeypatch)
-    cfg = smoke_cfg("us_mobilenet_v1", "sandwich", tmp_path / "full", train__epochs=3)
-    train_cell(cfg, CellOptions(tracking_uri=tracking_uri, progress=False))
-    full = list(seen)
-    seen.clear()
-
-    def stop_after_first(epoch, _metrics):
-        if epoch == 0:
-            raise CellPruned("killed")
-
-    cfg = smoke_cfg("us_mobilenet_v1", "sandwich", tmp_path / "killed", train__epochs=3)
-    with pytest.raises(CellPruned):
-        train_cell(cfg, CellOptions(tracking_uri, epoch_callback=stop_after_first, progress=False))
-    train_cell(cfg, CellOptions(tracking_uri, resume=True, progress=False))
-    assert seen == full and len(full) == 3 * 4
+    full, resumed = draws_whole_and_resumed(
+        seen, tracking_uri, tmp_path, "us_mobilenet_v1", "sandwich"
+    )
+    assert resumed == full and len(full) == 3 * 4
 
 
 # --- BN recalibration -----------------------------------------------------------------------

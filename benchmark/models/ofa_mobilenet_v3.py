@@ -403,6 +403,20 @@ def subnet_name(k: int, d: int, e: float) -> str:
     return f"k{k}-d{d}-e{e:g}"
 
 
+# OFA's training settings (train_ofa_net.py), shared by the paper and imagenet profiles, which
+# differ only in the epochs ofa_ps splits over its phases (see the train= comment below)
+OFA_RECIPE = {
+    "batch_size": 64,
+    "lr": 3e-2,
+    "nesterov": True,
+    "weight_decay": 3e-5,
+    "weight_decay_on": "matrices",
+    "schedule": "cosine",
+    "label_smoothing": 0.1,
+    "bn_calib_batches": 20,
+}
+
+
 @register_arch(
     "ofa_mobilenet_v3",
     defaults={
@@ -434,28 +448,8 @@ def subnet_name(k: int, d: int, e: float) -> str:
     train={
         "smoke": {"epochs": 6, "bn_calib_batches": 2, "label_smoothing": 0.1},
         "mini": {"epochs": 12, "bn_calib_batches": 10, "label_smoothing": 0.1},
-        "paper": {
-            "epochs": 300,
-            "batch_size": 64,
-            "lr": 3e-2,
-            "nesterov": True,
-            "weight_decay": 3e-5,
-            "weight_decay_on": "matrices",
-            "schedule": "cosine",
-            "label_smoothing": 0.1,
-            "bn_calib_batches": 20,
-        },
-        "imagenet": {
-            "epochs": 530,
-            "batch_size": 64,
-            "lr": 3e-2,
-            "nesterov": True,
-            "weight_decay": 3e-5,
-            "weight_decay_on": "matrices",
-            "schedule": "cosine",
-            "label_smoothing": 0.1,
-            "bn_calib_batches": 20,
-        },
+        "paper": {"epochs": 300, **OFA_RECIPE},
+        "imagenet": {"epochs": 530, **OFA_RECIPE},
     },
     description="Once-for-All elastic MobileNetV3 (CIFAR strides): kernel 3/5/7, depth 2-4, "
     "expand 3/4/6; named sub-networks, BN recalibration",
