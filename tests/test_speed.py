@@ -78,6 +78,17 @@ def test_amp_auto_follows_native_bf16_and_false_keeps_fp32(monkeypatch):
     assert not speed.choose(cfg, cpu).amp
 
 
+def test_mini_trains_in_fp32_even_where_bf16_is_native(monkeypatch):
+    """mini's small models are slower in bf16 on a CPU (profiles.md): the profile turns it off,
+    so a mini cell never depends on the CPU's flags; --set still turns it on."""
+    monkeypatch.setattr(speed, "native_bf16", lambda d: True)
+    cpu = torch.device("cpu")
+    for arch in ("flex_vit", "us_mobilenet_v1", "ofa_mobilenet_v3"):
+        assert not speed.choose(resolve(arch, "synthetic", "joint", 0, "mini", {}), cpu).amp
+    forced = resolve("flex_vit", "synthetic", "joint", 0, "mini", {"runtime.amp": True})
+    assert speed.choose(forced, cpu).amp
+
+
 def test_native_bf16_on_cpu_needs_avx512_bf16_or_amx(monkeypatch):
     speed.cpu_capability.cache_clear()
     monkeypatch.setattr(speed, "_cpu_flags", lambda: {"avx2", "avx512f"})
