@@ -494,11 +494,12 @@ DEIT_B_SHAPE = {"patch": 16, "dim": 768, "depth": 12, "num_heads": 12, "mlp_rati
     # ViT-CIFAR's recipe (omihub777/ViT-CIFAR README and main.py): Adam lr 1e-3 with L2 weight
     # decay 5e-5 on every parameter, 200 epochs, batch 128, 5 warm-up epochs + cosine, label
     # smoothing 0.1, AutoAugment's CIFAR-10 policy. smoke / mini keep its optimizer but not the
-    # policy (8 to 18 epochs are too few for it to pay); mini trains 18 epochs (at the profile's 8,
-    # and at 12, the KD methods' smallest sub-model stayed near 30 %). DeiT's ImageNet recipe (facebookresearch/deit
-    # main.py): AdamW lr 5e-4 x batch / 512, weight decay 0.05 on matrices only, 300 epochs,
-    # batch 1024, 5 warm-up epochs + cosine, label smoothing 0.1 (its RandAugment, mixup /
-    # cutmix, repeated augmentation and stochastic depth are not in flexbench).
+    # policy (8 to 18 epochs are too few for it to pay); mini trains 18 epochs (at the profile's
+    # 8, and at 12, the KD methods' smallest sub-model stayed near 30 %). DeiT's ImageNet recipe
+    # (facebookresearch/deit main.py): AdamW lr 5e-4 x batch / 512, weight decay 0.05 on
+    # matrices only, 300 epochs, batch 1024, 5 warm-up epochs + cosine, label smoothing 0.1 (its
+    # RandAugment, mixup / cutmix, repeated augmentation and stochastic depth are not in
+    # flexbench).
     train={
         "smoke": {
             "optimizer": "adam",
