@@ -154,8 +154,8 @@ def test_ge_isc_imta_byot_on_the_wrong_architecture_name_the_valid_ones():
     assert cfg["arch"]["ge"] is True and cfg["arch"]["isc"] is True
     with pytest.raises(
         ConfigError,
-        match="method byot needs exit features.*architecture slimmable_mobilenet_v1 has none; "
-        "use byot_resnet or msdnet",
+        match="method byot needs exit features.*architecture slimmable_mobilenet_v1 has none "
+        "with these settings; use byot_resnet or msdnet",
     ):
         resolve("slimmable_mobilenet_v1", "synthetic", "byot", 0, "smoke")
     with pytest.raises(ConfigError, match="byot_resnet depth must be one of 18, 50, got 34"):

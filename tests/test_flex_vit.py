@@ -177,15 +177,21 @@ def _refusal(method: str, **sets) -> str | None:
 def test_methods_that_cannot_apply_are_refused_with_their_reason():
     assert "needs saliency-ranked channels" in _refusal("hsd")
     assert "is not one; use msdnet" in _refusal("imta")
-    assert "byot needs" in _refusal("byot")  # no exit features on the width axes
-    assert _refusal("byot", **{"arch.preset": "exits"}) is None
-    assert "needs a network that runs any width" in _refusal("sandwich", **{"arch.preset": "exits"})
+    # byot's L2 hint needs exit features of the exits' own; flex_vit's exits share the class
+    # token (the hint collapsed it), so byot is refused on every preset, naming the CNNs
+    for preset in SPEC.presets:
+        assert "use byot_resnet or msdnet" in _refusal("byot", **{"arch.preset": preset})
+    # sdn's refusal on the width axes names the preset that has one-pass exits
+    assert "flex_vit has it with arch.preset=exits" in _refusal("sdn")
+    on_exits = _refusal("sandwich", **{"arch.preset": "exits"})
+    assert "needs a network that runs any width" in on_exits
+    assert "use us_mobilenet_v1; flex_vit has it with its default arch.* settings" in on_exits
     # heads fractions 1/4 .. 4/4 and FFN fractions off that line: fixed sub-models only
     off_line = _refusal("sandwich", **{"arch.ffn": [0.5, 0.6, 0.8, 1.0]})
     assert "needs a network that runs any width" in off_line
 
 
-@pytest.mark.parametrize("name", ["joint", "byot"])
+@pytest.mark.parametrize("name", ["joint", "sdn"])
 def test_early_exit_methods_train_the_exits_from_one_pass(name, tmp_path):
     cfg = smoke_cfg("flex_vit", name, tmp_path, arch__preset="exits")
     model = make_model(cfg, 10, 32).train()
@@ -231,6 +237,9 @@ BAD_INPUT = [
      "widths [0.25] are outside the network's range [0.5, 1.0]"),
     ({"arch.width_range": [0.25, 1.5]},
      "width_range must be [low, high] with 0 < low < high <= 1, got [0.25, 1.5] (list)"),
+    ({"arch.width_range": [0.1, 1.0]},
+     "width_range must start at 1 / num_heads = 0.25 or above (a width below one head would "
+     "run as one head, off the width line), got [0.1, 1.0] (list)"),
     ({"arch.axes": ["heads", "depth"]},
      "axes must be a non-empty list of distinct axes from ['heads', 'ffn', 'exit'], "
      "got ['heads', 'depth'] (list)"),

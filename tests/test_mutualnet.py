@@ -274,6 +274,9 @@ def test_methods_that_draw_resolutions_need_the_axis():
         _resolve("sandwich", **{"method.resolution": "half"})
     with pytest.raises(IncompatibleError, match=r"several input resolutions.*use us_mobilenet_v1"):
         _resolve(arch="flex_vit")
+    # an architecture without either axis is pointed at the one that has both
+    with pytest.raises(IncompatibleError, match=r"resolutions; architecture msdnet .*; use us_mob"):
+        _resolve(arch="msdnet")
     ok = _resolve("sandwich", **{"method.resolution": "random", "arch.resolutions": [32, 16]})
     assert ok["method"]["resolution"] == "random"
 

@@ -307,7 +307,8 @@ def test_hsd_needs_rerankable_channels_and_other_methods_run_on_saliency_vgg(tmp
     with pytest.raises(ConfigError) as err:
         resolve("msdnet", "synthetic", "hsd", 0, "smoke")
     msg = (
-        "method hsd needs saliency-ranked channels; architecture msdnet has none; use saliency_vgg"
+        "method hsd needs saliency-ranked channels; architecture msdnet has none with these "
+        "settings; use saliency_vgg"
     )
     assert msg in str(err.value)
     over = {f"arch.{k}": v for k, v in TINY.items()}

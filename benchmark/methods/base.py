@@ -384,9 +384,16 @@ class Method(nn.Module):
         """Raise IncompatibleError unless `model` declares `capability` (a `Capabilities`
         field), naming what the method needs and the architectures that have it."""
         if not model.caps.has(capability):
+            fit = archs_having(capability)
+            others = [a for a in fit if a.split(" ")[0] != arch]
+            mine = [a for a in fit if a.split(" ")[0] == arch]
+            hint = ""
+            if mine:
+                where = mine[0].partition(" (")[2].rstrip(")") or "its default arch.* settings"
+                hint = f"; {arch} has it with {where}"
             raise IncompatibleError(
-                f"method {cls.name} needs {need}; architecture {arch} has none; use "
-                f"{' or '.join(archs_having(capability))}"
+                f"method {cls.name} needs {need}; architecture {arch} has none with these "
+                f"settings; use {' or '.join(others)}{hint}"
             )
 
     def bind(self, num_submodels: int) -> None:

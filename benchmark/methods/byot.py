@@ -48,7 +48,8 @@ class BYOT(Method):
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
         need = (
-            "exit features (an early-exit model whose exits share a feature size for the L2 hint)"
+            "exit features (an early-exit model whose exits have features of their own, of one "
+            "size, for the L2 hint)"
         )
         cls.require(model, arch, "exit_features", need)
 

@@ -52,8 +52,9 @@ class MutualNet(Sandwich):
 
     @classmethod
     def check_model(cls, model: nn.Module, arch: str) -> None:
-        super().check_model(model, arch)
+        # the resolution axis first: its refusal names the architectures that have both axes
         cls.require(model, arch, "resolutions", "a network that runs several input resolutions")
+        super().check_model(model, arch)
         cls.check_params(model, arch, {})
 
     @classmethod

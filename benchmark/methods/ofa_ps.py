@@ -124,7 +124,8 @@ class OFAProgressiveShrinking(Method):
             raise ConfigError(
                 f"method ofa_ps shrinks the kernel size, then the depth, then the expand ratio: "
                 f"it needs at least two choices of each; architecture {arch} has {got}; valid: "
-                f"e.g. --set arch.kernels=[3,5,7] arch.depths=[2,3,4] arch.expands=[3,4,6]"
+                f"two or more of kernels 3/5/7, depths 1-6, expands 1-6, e.g. the defaults "
+                f"--set arch.kernels=[3,5,7] --set arch.depths=[2,3,4] --set arch.expands=[3,4,6]"
             )
 
     def stages(self, num_submodels: int) -> list[Stage]:

@@ -146,8 +146,9 @@ def _keep(tensor, *args, **kwargs):
 
 def archs_having(capability: str) -> tuple[str, ...]:
     """Registered architectures whose default model (built on the meta device, no memory)
-    declares `capability` (a `Capabilities` field, e.g. `exit_features`): for errors that name
-    the architectures that fit."""
+    declares `capability` (a `Capabilities` field, e.g. `exit_features`), else the first of
+    their presets that does, as `flex_vit (arch.preset=exits)`: for errors that name the
+    architectures that fit."""
     return _archs_having(capability, tuple(ARCHS.names()))
 
 
@@ -155,12 +156,17 @@ def archs_having(capability: str) -> tuple[str, ...]:
 def _archs_having(capability: str, names: tuple[str, ...]) -> tuple[str, ...]:
     found = []
     for name in names:
-        try:
-            model = build_on_meta(name, ARCHS.get(name).resolve({}), 10, 32)
-        except ConfigError:
-            continue
-        if model.caps.has(capability):
-            found.append(name)
+        spec = ARCHS.get(name)
+        default = spec.defaults.get("preset")
+        for preset in [None] + [p for p in spec.presets if p != default]:
+            try:
+                params = spec.resolve({} if preset is None else {"preset": preset})
+                model = build_on_meta(name, params, 10, 32)
+            except ConfigError:
+                continue
+            if model.caps.has(capability):
+                found.append(name if preset is None else f"{name} (arch.preset={preset})")
+                break
     return tuple(found)
 
 

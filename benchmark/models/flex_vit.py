@@ -215,9 +215,12 @@ class FlexViT(FlexibleModel):
         self.exit_layers = sorted({s.depth for s in shapes})
         self.submodels = [SubModel(k, _name(s, axes, arch)) for k, s in enumerate(shapes)]
         alone = axes == ("exit",)
-        self.caps = Capabilities(
-            axes, single_pass=alone, early_exit=alone, exit_features=alone, widths=widths
-        )
+        # no exit_features (so no byot): an exit's only feature is the shared class token, and
+        # BYOT's L2 hint between exits needs features of the exits' own (the paper's bottleneck
+        # per shallow classifier); on the residual stream it pulls every layer's class token to
+        # the deepest's and collapses it (smoke: byot 17-20 % top-1 at every exit, 60-68 % with
+        # the hint weight g = 0, as joint)
+        self.caps = Capabilities(axes, single_pass=alone, early_exit=alone, widths=widths)
         grid = image_size // arch.patch
         self.features = Trunk(arch.dim, arch.depth, arch.hidden, arch.patch, grid * grid)
         self.classifiers = nn.ModuleList(ExitHead(arch.dim, num_classes) for _ in self.exit_layers)
@@ -437,6 +440,11 @@ def _width_range(p: dict, a: ViTShape, lists: dict) -> WidthRange | None:
         or not 0 < rng[0] < rng[1] <= 1
     ):
         raise ConfigError(f"width_range must be [low, high] with 0 < low < high <= 1, {got(rng)}")
+    if "heads" in lists and rng[0] < 1 / a.heads - 1e-9:  # below one head: off the width line
+        raise ConfigError(
+            f"width_range must start at 1 / num_heads = {1 / a.heads:g} or above (a width "
+            f"below one head would run as one head, off the width line), {got(rng)}"
+        )
     step = p["spectrum_step"]
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step <= 1:
         raise ConfigError(f"spectrum_step must be a number in [0, 1] (0: no spectrum), {got(step)}")
