@@ -278,6 +278,28 @@ def incompatible_pairs() -> set[tuple[str, str]]:
     return pairs
 
 
+@pytest.mark.parametrize(
+    ("name", "cells", "pairs"),
+    [
+        ("flex_vit_mini.yaml", 8, {("flex_vit", m) for m in ("joint", "ipkd_ta", "sandwich")}
+         | {("slimmable_mobilenet_v1", "joint")}),
+        ("supernet_mini.yaml", 12, {("us_mobilenet_v1", m) for m in (
+            "attentive", "bignas", "ieb", "mutualnet", "sandwich", "joint")}),
+        ("ofa_mini.yaml", 2, {("ofa_mobilenet_v3", "ofa_ps")}),
+    ],
+)  # fmt: skip
+def test_the_docs_measurement_grids_plan_their_cells(name, cells, pairs, tmp_path):
+    """The grids behind architectures.md's flex_vit numbers and methods.md's supernet numbers
+    (issues 24, 25): mini, 2 seeds, real data; planned here on synthetic data (no file needed)."""
+    raw = yaml.safe_load((REPO / "benchmark" / "configs" / name).read_text())
+    assert raw["profile"] == "mini" and raw["seeds"] == [0, 1]
+    assert raw["datasets"] == ["imagefolder:../../../shared/data/cifar10-jpeg.zip"]
+    raw["datasets"] = ["synthetic"]
+    (tmp_path / name).write_text(yaml.safe_dump(raw))
+    spec = load_grid(tmp_path / name)
+    assert len(spec.cells) == cells and {(c.arch, c.method) for c in spec.cells} == pairs
+
+
 def test_shipped_configs_are_valid():
     from benchmark.grid.spec import estimate
 
