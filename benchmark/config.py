@@ -138,7 +138,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # fp32 on any device: at mini size bf16 autocast's casts cost more than its matmuls
         # save on a CPU with native bf16 (AMD EPYC, AVX-512 BF16, 1 thread, fwd+bwd+SGD step,
         # batch 64: flex_vit 140 vs 231 ms, us_mobilenet_v1 229 vs 501 ms, ofa_mobilenet_v3
-        # 1.6 vs 2.1 s; docs/performance.md), while a ResNet-50 step at 224 px is 2.3x faster
+        # 1.6 vs 2.1 s; docs/profiles.md), while a ResNet-50 step at 224 px is 2.3x faster
         "runtime": {
             "amp": False,
             "latency_warmup": 3,

@@ -56,7 +56,9 @@ def _dense_copy(model: FlexViT, k: int) -> FlexViT:
     s, full = model.shapes[k], model.arch.dim
     d = s.heads * model.arch.d_head
     ratio = s.hidden / d
-    dense = vit(dim=d, num_heads=s.heads, mlp_ratio=ratio, preset="heads", heads=[s.heads])
+    # every head, the whole FFN: one sub-model on the FFN axis (a heads axis of one sub-model
+    # of all its heads has no width range that starts at one head below it)
+    dense = vit(dim=d, num_heads=s.heads, mlp_ratio=ratio, preset="ffn", ffn=[1.0])
     big = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in dense.named_parameters():
@@ -185,7 +187,7 @@ def test_methods_that_cannot_apply_are_refused_with_their_reason():
     assert "flex_vit has it with arch.preset=exits" in _refusal("sdn")
     on_exits = _refusal("sandwich", **{"arch.preset": "exits"})
     assert "needs a network that runs any width" in on_exits
-    assert "use us_mobilenet_v1; flex_vit has it with its default arch.* settings" in on_exits
+    assert "use us_mobilenet_v1; flex_vit has it with arch.preset=heads_ffn" in on_exits
     # heads fractions 1/4 .. 4/4 and FFN fractions off that line: fixed sub-models only
     off_line = _refusal("sandwich", **{"arch.ffn": [0.5, 0.6, 0.8, 1.0]})
     assert "needs a network that runs any width" in off_line

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from benchmark.dim import KD_WEIGHT, TEMPERATURE, Dim
 from benchmark.errors import ConfigError, IncompatibleError, got
-from benchmark.models import FlexibleModel, archs_having
+from benchmark.models import ARCHS, FlexibleModel, archs_having
 
 
 def kd_loss(student: Tensor, teacher: Tensor, T: float) -> Tensor:
@@ -389,7 +389,9 @@ class Method(nn.Module):
             mine = [a for a in fit if a.split(" ")[0] == arch]
             hint = ""
             if mine:
-                where = mine[0].partition(" (")[2].rstrip(")") or "its default arch.* settings"
+                default = ARCHS.get(arch).defaults.get("preset")
+                plain = f"arch.preset={default}" if default else "its default arch.* settings"
+                where = mine[0].partition(" (")[2].rstrip(")") or plain
                 hint = f"; {arch} has it with {where}"
             raise IncompatibleError(
                 f"method {cls.name} needs {need}; architecture {arch} has none with these "

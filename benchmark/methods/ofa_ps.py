@@ -70,6 +70,8 @@ PHASES: tuple[tuple[str, float, float, int], ...] = (
     ("expand2", 120, 7.5e-3 / KERNEL_LR, 4),
 )
 PHASE_NAMES = tuple(p[0] for p in PHASES)
+# the reference's choices, as the example of a fix for an axis with fewer than two
+EXAMPLE = {"kernels": "[3,5,7]", "depths": "[2,3,4]", "expands": "[3,4,6]"}
 
 
 def phase_choices(space: ElasticSpace, phase: str) -> tuple[tuple, tuple, tuple]:
@@ -121,11 +123,12 @@ class OFAProgressiveShrinking(Method):
         }  # fmt: skip
         if few:
             got = ", ".join(f"{k} {v}" for k, v in few.items())
+            fix = " ".join(f"--set arch.{k}={EXAMPLE[k]}" for k in few)
             raise ConfigError(
                 f"method ofa_ps shrinks the kernel size, then the depth, then the expand ratio: "
                 f"it needs at least two choices of each; architecture {arch} has {got}; valid: "
-                f"two or more of kernels 3/5/7, depths 1-6, expands 1-6, e.g. the defaults "
-                f"--set arch.kernels=[3,5,7] --set arch.depths=[2,3,4] --set arch.expands=[3,4,6]"
+                f"two or more of kernels 3/5/7, depths 1-6, expands 1-6, e.g. {fix} (with "
+                f"arch.subnets inside the choices)"
             )
 
     def stages(self, num_submodels: int) -> list[Stage]:
