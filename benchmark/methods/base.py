@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from benchmark.dim import KD_WEIGHT, TEMPERATURE, Dim
 from benchmark.errors import ConfigError, IncompatibleError, got
-from benchmark.models import ARCHS, FlexibleModel, archs_having
+from benchmark.models import FlexibleModel, use_instead
 
 
 def kd_loss(student: Tensor, teacher: Tensor, T: float) -> Tensor:
@@ -384,18 +384,9 @@ class Method(nn.Module):
         """Raise IncompatibleError unless `model` declares `capability` (a `Capabilities`
         field), naming what the method needs and the architectures that have it."""
         if not model.caps.has(capability):
-            fit = archs_having(capability)
-            others = [a for a in fit if a.split(" ")[0] != arch]
-            mine = [a for a in fit if a.split(" ")[0] == arch]
-            hint = ""
-            if mine:
-                default = ARCHS.get(arch).defaults.get("preset")
-                plain = f"arch.preset={default}" if default else "its default arch.* settings"
-                where = mine[0].partition(" (")[2].rstrip(")") or plain
-                hint = f"; {arch} has it with {where}"
             raise IncompatibleError(
                 f"method {cls.name} needs {need}; architecture {arch} has none with these "
-                f"settings; use {' or '.join(others)}{hint}"
+                f"settings; {use_instead(capability, arch)}"
             )
 
     def bind(self, num_submodels: int) -> None:

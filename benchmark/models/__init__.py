@@ -146,14 +146,33 @@ def _keep(tensor, *args, **kwargs):
 
 def archs_having(capability: str) -> tuple[str, ...]:
     """Registered architectures whose default model (built on the meta device, no memory)
-    declares `capability` (a `Capabilities` field, e.g. `exit_features`), else the first of
-    their presets that does, as `flex_vit (arch.preset=exits)`: for errors that name the
-    architectures that fit."""
-    return _archs_having(capability, tuple(ARCHS.names()))
+    declares `capability` (a `Capabilities` field, e.g. `exit_features`)."""
+    fits = _presets_having(capability, tuple(ARCHS.names()))
+    return tuple(name for name, preset in fits if preset is None)
+
+
+def use_instead(capability: str, refused: str) -> str:
+    """The tail of a refusal of architecture `refused` for lack of `capability`: `use A or B
+    (arch.preset=p)`, every other architecture whose default or one of whose presets has it,
+    plus `; <refused> has it with arch.preset=q` where another preset of its own does."""
+    fits = _presets_having(capability, tuple(ARCHS.names()))
+    others = [
+        name if p is None else f"{name} (arch.preset={p})" for name, p in fits if name != refused
+    ]
+    text = f"use {' or '.join(others)}"
+    for name, preset in fits:
+        if name == refused:
+            preset = preset or ARCHS.get(name).defaults.get("preset")
+            text += f"; {name} has it with " + (
+                f"arch.preset={preset}" if preset else "its default arch.* settings"
+            )
+    return text
 
 
 @functools.cache  # a grid asks once per cell; keyed on the registry so a new arch is seen
-def _archs_having(capability: str, names: tuple[str, ...]) -> tuple[str, ...]:
+def _presets_having(capability: str, names: tuple[str, ...]) -> tuple[tuple[str, str | None], ...]:
+    """(architecture, preset) for each architecture with `capability`: preset None where its
+    default model has it, else the first of its presets whose model does."""
     found = []
     for name in names:
         spec = ARCHS.get(name)
@@ -165,7 +184,7 @@ def _archs_having(capability: str, names: tuple[str, ...]) -> tuple[str, ...]:
             except ConfigError:
                 continue
             if model.caps.has(capability):
-                found.append(name if preset is None else f"{name} (arch.preset={preset})")
+                found.append((name, preset))
                 break
     return tuple(found)
 
@@ -181,6 +200,7 @@ __all__ = [
     "SubModel",
     "WidthRange",
     "archs_having",
+    "use_instead",
     "build_model",
     "build_on_meta",
 ]
